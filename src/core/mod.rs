@@ -1,0 +1,10 @@
+//! The protocol core: no sockets, no executor, no clock. Time comes in as a
+//! parameter, so tests drive it with simulated time over in-memory links.
+
+pub mod frame;
+pub mod session;
+pub mod streams;
+pub mod timer;
+
+#[cfg(test)]
+mod tests;

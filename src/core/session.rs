@@ -1,0 +1,319 @@
+//! Reliable, ordered packet delivery across carrier connections that may be
+//! cut at any byte.
+//!
+//! ```text
+//!  streams ──frames──▶ new packet (seq n) ──▶ unacked queue ──▶ poll_transmit ──▶ carrier
+//!                                              ▲ dropped when the peer's ack ≥ n
+//!  carrier ──▶ handle_packet: ack → trim unacked; seq == expected → frames → streams
+//! ```
+//!
+//! Every packet with frames gets a sequence number and stays in the unacked
+//! queue until the peer acknowledges it. A carrier lane sends packets in
+//! sequence order; when a lane starts afresh (a new connection, or each poll
+//! request) the driver calls [`Session::restart_transmit`] and sending goes
+//! back to the first unacknowledged packet. Because every lane sends a run of
+//! consecutive numbers that starts at or below what the peer expects next,
+//! the receiver only ever sees old packets (dropped) or the next one
+//! (accepted): no gaps, no reordering buffer, exactly-once delivery.
+//!
+//! Sans I/O: time comes in as a parameter and nothing here touches a socket.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::frame::{self, encode_header, Frames, Header, MAX_HEADER, MAX_PACKET};
+use super::streams::{Event, Side, StreamViolation, Streams};
+use super::timer::Timer;
+
+/// Bytes of unacknowledged packets a sender keeps before it stops making new
+/// ones. It bounds the resend memory per session and the data in flight;
+/// 4 MiB keeps a fast loopback or LAN path busy between acks.
+pub const SESSION_WINDOW: usize = 4 * 1024 * 1024;
+
+/// Received bytes after which an ack goes out at once rather than after
+/// [`Limits::ack_delay`], so the sender's window keeps moving.
+pub const ACK_EVERY_BYTES: usize = 256 * 1024;
+
+/// Timing a session runs with.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// No authentic packet from the peer for this long ends the session.
+    pub idle_timeout: Duration,
+    /// Nothing sent for this long sends an empty packet, so middleboxes and
+    /// the peer see the tunnel is alive.
+    pub keepalive: Duration,
+    /// How long a received packet may wait for its ack to ride on data.
+    pub ack_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            idle_timeout: Duration::from_secs(300),
+            keepalive: Duration::from_secs(25),
+            ack_delay: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What an authenticated peer sent that the protocol forbids. The session
+/// ends: the peer runs different or broken code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error(transparent)]
+    Decode(#[from] frame::DecodeError),
+    #[error(transparent)]
+    Stream(#[from] StreamViolation),
+    /// Acknowledged a packet that was never sent.
+    #[error("peer acknowledged packet {ack} but only {sent} were sent")]
+    AckFromFuture { ack: u64, sent: u64 },
+}
+
+/// Which packets a lane may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Resends, new packets with frames, and acks.
+    Data,
+    /// Acks only; for replies that must not carry sequenced packets because
+    /// another lane carries them (poll mode's push responses).
+    AckOnly,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    seq: u64,
+    frames: Vec<u8>,
+}
+
+/// One end of a session: streams plus reliable delivery.
+#[derive(Debug)]
+pub struct Session {
+    streams: Streams,
+    limits: Limits,
+    /// Sequence number the next new packet gets; starts at 1, 0 means ack-only.
+    next_seq: u64,
+    unacked: VecDeque<Unacked>,
+    unacked_bytes: usize,
+    /// Next sequence number the current lane sends.
+    send_cursor: u64,
+    /// Next sequence number expected from the peer.
+    recv_next: u64,
+    /// Bytes received since the last ack went out.
+    unacked_received: usize,
+    ack_due: Option<Instant>,
+    last_sent: Instant,
+    last_received: Instant,
+    closed: bool,
+    /// Frames buffers of acknowledged packets, reused for new ones.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Session {
+    pub fn new(side: Side, now: Instant, limits: Limits) -> Self {
+        Session {
+            streams: Streams::new(side),
+            limits,
+            next_seq: 1,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            send_cursor: 1,
+            recv_next: 1,
+            unacked_received: 0,
+            ack_due: None,
+            last_sent: now,
+            last_received: now,
+            closed: false,
+            spare: Vec::new(),
+        }
+    }
+
+    /// The stream layer: open, read, write, finish, reset streams.
+    pub fn streams(&mut self) -> &mut Streams {
+        &mut self.streams
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Bytes held for resending.
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked_bytes
+    }
+
+    /// Feeds one authentic, decrypted packet from the peer.
+    pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) -> Result<(), PeerError> {
+        if self.closed {
+            return Ok(());
+        }
+        let (header, frames) = frame::decode_header(packet)?;
+        self.last_received = now;
+        self.handle_ack(header.ack)?;
+        if header.seq == 0 {
+            return Ok(());
+        }
+        if header.seq != self.recv_next {
+            // An old packet resent after a carrier loss, or (impossible by
+            // construction, see the module docs) one from past a gap. Ack at
+            // once so the peer stops resending.
+            self.ack_due = Some(now);
+            return Ok(());
+        }
+        self.recv_next += 1;
+        for frame in Frames::new(frames) {
+            self.streams.handle_frame(frame?)?;
+        }
+        if self.streams.peer_closed() {
+            self.closed = true;
+        }
+        self.unacked_received += packet.len();
+        let delay = if self.unacked_received >= ACK_EVERY_BYTES {
+            Duration::ZERO
+        } else {
+            self.limits.ack_delay
+        };
+        let due = now + delay;
+        self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
+        Ok(())
+    }
+
+    fn handle_ack(&mut self, ack: u64) -> Result<(), PeerError> {
+        if ack >= self.next_seq {
+            return Err(PeerError::AckFromFuture { ack, sent: self.next_seq - 1 });
+        }
+        while self.unacked.front().is_some_and(|p| p.seq <= ack) {
+            let done = self.unacked.pop_front().expect("front exists");
+            self.unacked_bytes -= done.frames.len();
+            self.recycle(done.frames);
+        }
+        self.send_cursor = self.send_cursor.max(self.first_unacked());
+        Ok(())
+    }
+
+    fn recycle(&mut self, mut frames: Vec<u8>) {
+        // Keep a few full-size buffers so a busy stream allocates nothing per packet.
+        if self.spare.len() < 8 && frames.capacity() >= MAX_PACKET / 2 {
+            frames.clear();
+            self.spare.push(frames);
+        }
+    }
+
+    fn first_unacked(&self) -> u64 {
+        self.unacked.front().map_or(self.next_seq, |p| p.seq)
+    }
+
+    /// A new carrier lane starts: send again from the first unacknowledged packet.
+    pub fn restart_transmit(&mut self) {
+        self.send_cursor = self.first_unacked();
+    }
+
+    /// Writes the next packet's plaintext into `out` (cleared first).
+    /// Returns false when there is nothing to send now.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, lane: Lane, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if self.closed {
+            return false;
+        }
+        if lane == Lane::Data {
+            if self.send_cursor < self.next_seq {
+                let index = usize::try_from(self.send_cursor - self.first_unacked())
+                    .expect("cursor lies within the unacked queue");
+                let packet = &self.unacked[index];
+                let seq = packet.seq;
+                encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
+                out.extend_from_slice(&packet.frames);
+                self.send_cursor += 1;
+                self.sent(now);
+                return true;
+            }
+            if self.unacked_bytes < SESSION_WINDOW && self.streams.has_output() {
+                let mut frames = self.spare.pop().unwrap_or_default();
+                self.streams.fill(&mut frames, MAX_PACKET - MAX_HEADER);
+                if !frames.is_empty() {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
+                    out.extend_from_slice(&frames);
+                    self.unacked_bytes += frames.len();
+                    self.unacked.push_back(Unacked { seq, frames });
+                    self.send_cursor = self.next_seq;
+                    self.sent(now);
+                    return true;
+                }
+                self.spare.push(frames);
+            }
+        }
+        let ack_wanted = self.ack_due.is_some_and(|due| due <= now);
+        let keepalive_wanted = now >= self.last_sent + self.limits.keepalive;
+        if ack_wanted || keepalive_wanted {
+            self.write_ack(now, out);
+            return true;
+        }
+        false
+    }
+
+    /// Writes an ack-only packet into `out` (cleared first), whether or not
+    /// one is due: poll requests carry one to prove who sent them.
+    pub fn write_ack(&mut self, now: Instant, out: &mut Vec<u8>) {
+        out.clear();
+        encode_header(&Header { seq: 0, ack: self.recv_next - 1 }, out);
+        self.sent(now);
+    }
+
+    fn sent(&mut self, now: Instant) {
+        self.last_sent = now;
+        self.ack_due = None;
+        self.unacked_received = 0;
+    }
+
+    /// The earliest time [`Session::handle_timeout`] or
+    /// [`Session::poll_transmit`] has something to do.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        Timer::ALL.iter().filter_map(|t| self.deadline(*t)).min()
+    }
+
+    fn deadline(&self, timer: Timer) -> Option<Instant> {
+        match timer {
+            Timer::Ack => self.ack_due,
+            Timer::Keepalive => Some(self.last_sent + self.limits.keepalive),
+            Timer::Idle => Some(self.last_received + self.limits.idle_timeout),
+        }
+    }
+
+    /// Expires timers. Harmless if called early or twice.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        if self.deadline(Timer::Idle).is_some_and(|t| t <= now) {
+            let secs = self.limits.idle_timeout.as_secs();
+            self.end(&format!("no packet from the peer for {secs} s"));
+        }
+        // Ack and keepalive deadlines are served by poll_transmit.
+    }
+
+    /// Ends the session here and queues a Close frame for the peer.
+    pub fn close(&mut self, reason: &str) {
+        if !self.closed {
+            self.streams.close(reason);
+        }
+    }
+
+    /// Ends the session at once, without telling the peer.
+    pub fn end(&mut self, reason: &str) {
+        if !self.closed {
+            self.closed = true;
+            self.streams.clear(reason);
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.streams.poll_event()
+    }
+}

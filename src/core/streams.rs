@@ -1,0 +1,593 @@
+//! Many byte streams multiplexed over one session, with per-stream credit.
+//!
+//! Each stream has a bounded send buffer (filled by the local socket, drained
+//! into packets) and a bounded receive buffer (filled from packets, drained by
+//! the local socket). A sender may only send bytes the receiver has granted
+//! credit for, so a stream whose reader is slow fills its own window and
+//! stops, while every other stream keeps moving. Memory per stream is at most
+//! [`SEND_BUFFER`] + [`STREAM_WINDOW`] whatever the peer does.
+//!
+//! This module does no I/O and keeps no time. The session layer below it
+//! makes delivery of frames reliable and ordered, so nothing here resends.
+
+use std::collections::{BTreeMap, VecDeque};
+
+pub use super::frame::StreamId;
+use super::frame::{self, encode_frame, Frame, FRAME_OVERHEAD, MAX_NAME, MAX_REASON};
+
+/// Bytes a receiver accepts on one stream beyond what its local socket has
+/// taken. 256 KiB keeps a 100 ms cellular round trip at about 2.5 MB/s per
+/// stream while a station with hundreds of streams stays within tens of MiB.
+pub const STREAM_WINDOW: u64 = 256 * 1024;
+
+/// Bytes a stream buffers from its local socket before the socket waits.
+/// Two full packets, so a packet can be filled while the socket refills.
+pub const SEND_BUFFER: usize = 128 * 1024;
+
+/// Concurrent streams per session, each side counted together. Bounds the
+/// memory a peer can pin to about `MAX_STREAMS * (SEND_BUFFER + STREAM_WINDOW)`.
+pub const MAX_STREAMS: usize = 256;
+
+/// Which end of the session this is; decides stream id parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Station,
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer opened stream `id` to the named target or service.
+    Opened { id: StreamId, name: String },
+    /// Bytes or end-of-stream can be read from `id`.
+    Readable(StreamId),
+    /// Space freed in the send buffer of `id`.
+    Writable(StreamId),
+    /// Stream `id` is gone; reading and writing it fail from now on.
+    Reset { id: StreamId, reason: String },
+    /// The session ended; every stream is gone.
+    Closed { reason: String },
+}
+
+/// A stream operation the local side asked for could not be done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The stream was reset or closed (by either side) or never existed.
+    #[error("stream {0} is closed")]
+    Closed(StreamId),
+    /// [`MAX_STREAMS`] streams are open already.
+    #[error("too many streams open (limit {MAX_STREAMS})")]
+    TooMany,
+    /// The name is empty or longer than the wire format allows.
+    #[error("stream name must be 1 to {MAX_NAME} bytes")]
+    BadName,
+}
+
+/// What the authenticated peer did that its protocol forbids.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamViolation {
+    /// Opened a stream with our parity, or an id it used before.
+    #[error("peer opened stream {0} with an id it may not use")]
+    BadId(StreamId),
+    /// Sent more than the credit we granted.
+    #[error("peer overran the flow-control window of stream {0}")]
+    Overrun(StreamId),
+}
+
+/// What a read from a stream gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// `n` bytes were copied into the buffer.
+    Data(usize),
+    /// The peer finished sending; nothing more will come.
+    Fin,
+    /// Nothing yet; an [`Event::Readable`] follows when something arrives.
+    Blocked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    Open,
+    Queued,
+    Sent,
+}
+
+#[derive(Debug)]
+struct Stream {
+    send_buf: VecDeque<u8>,
+    /// Bytes of this stream put into packets so far.
+    sent: u64,
+    /// Total offset the peer lets us send up to.
+    peer_limit: u64,
+    finish: Finish,
+    writable_wanted: bool,
+    recv_buf: VecDeque<u8>,
+    /// Bytes of this stream taken by the local socket so far.
+    consumed: u64,
+    /// Total offset we let the peer send up to.
+    granted: u64,
+    credit_due: bool,
+    peer_fin: bool,
+    fin_delivered: bool,
+    readable_wanted: bool,
+    /// In the ready queue already.
+    queued: bool,
+}
+
+impl Stream {
+    fn new() -> Self {
+        Stream {
+            send_buf: VecDeque::new(),
+            sent: 0,
+            peer_limit: STREAM_WINDOW,
+            finish: Finish::Open,
+            writable_wanted: false,
+            recv_buf: VecDeque::new(),
+            consumed: 0,
+            granted: STREAM_WINDOW,
+            credit_due: false,
+            peer_fin: false,
+            fin_delivered: false,
+            // The driver learns of the first bytes through an event.
+            readable_wanted: true,
+            queued: false,
+        }
+    }
+
+    fn has_output(&self) -> bool {
+        self.credit_due
+            || (!self.send_buf.is_empty() && self.sent < self.peer_limit)
+            || (self.finish == Finish::Queued && self.send_buf.is_empty())
+    }
+
+    fn is_done(&self) -> bool {
+        self.finish == Finish::Sent && self.fin_delivered
+    }
+}
+
+/// A frame waiting to be sent that does not belong to a live stream's turn.
+#[derive(Debug)]
+enum Control {
+    Open { id: StreamId, name: String },
+    Reset { id: StreamId, reason: String },
+    Close { reason: String },
+}
+
+/// The stream layer of one session.
+#[derive(Debug)]
+pub struct Streams {
+    side: Side,
+    streams: BTreeMap<StreamId, Stream>,
+    next_local_id: StreamId,
+    /// Highest id the peer has opened; ids only grow, so a reopened id is a violation.
+    peer_id_floor: StreamId,
+    /// Streams with something to send, served round-robin so none starves.
+    ready: VecDeque<StreamId>,
+    control: VecDeque<Control>,
+    events: VecDeque<Event>,
+    peer_closed: bool,
+}
+
+impl Streams {
+    pub fn new(side: Side) -> Self {
+        Streams {
+            side,
+            streams: BTreeMap::new(),
+            next_local_id: match side {
+                Side::Agent => 1,
+                Side::Station => 2,
+            },
+            peer_id_floor: 0,
+            ready: VecDeque::new(),
+            control: VecDeque::new(),
+            events: VecDeque::new(),
+            peer_closed: false,
+        }
+    }
+
+    /// Number of streams open now.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Opens a stream to the peer's target or service `name`.
+    pub fn open(&mut self, name: &str) -> Result<StreamId, StreamError> {
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(StreamError::BadName);
+        }
+        if self.streams.len() >= MAX_STREAMS {
+            return Err(StreamError::TooMany);
+        }
+        let id = self.next_local_id;
+        // 2^31 streams per session; a session that lives that long is ended
+        // by the caller, which treats TooMany as "open a new session".
+        self.next_local_id = id.checked_add(2).ok_or(StreamError::TooMany)?;
+        self.streams.insert(id, Stream::new());
+        self.control.push_back(Control::Open { id, name: name.to_owned() });
+        Ok(id)
+    }
+
+    /// Copies as much of `bytes` as the send buffer takes; 0 means full, and
+    /// an [`Event::Writable`] follows when space frees.
+    pub fn write(&mut self, id: StreamId, bytes: &[u8]) -> Result<usize, StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        if stream.finish != Finish::Open {
+            return Err(StreamError::Closed(id));
+        }
+        let room = SEND_BUFFER - stream.send_buf.len();
+        let n = room.min(bytes.len());
+        stream.send_buf.extend(&bytes[..n]);
+        if n < bytes.len() {
+            stream.writable_wanted = true;
+        }
+        self.mark_ready(id);
+        Ok(n)
+    }
+
+    /// The local socket sent its last byte (half-close).
+    pub fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        if stream.finish == Finish::Open {
+            stream.finish = Finish::Queued;
+            self.mark_ready(id);
+        }
+        Ok(())
+    }
+
+    /// Copies received bytes into `buf`.
+    pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<Read, StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        if !stream.recv_buf.is_empty() {
+            let n = copy_out(&mut stream.recv_buf, buf);
+            stream.consumed += n as u64;
+            // Grant more once half the window is used, so credit frames are
+            // rare but the sender never waits for a full round trip.
+            if stream.granted - stream.consumed <= STREAM_WINDOW / 2 && !stream.peer_fin {
+                stream.granted = stream.consumed + STREAM_WINDOW;
+                stream.credit_due = true;
+                self.mark_ready(id);
+            }
+            return Ok(Read::Data(n));
+        }
+        if stream.peer_fin {
+            stream.fin_delivered = true;
+            self.remove_if_done(id);
+            return Ok(Read::Fin);
+        }
+        stream.readable_wanted = true;
+        Ok(Read::Blocked)
+    }
+
+    /// Ends the stream on both sides at once; `reason` reaches the peer's log.
+    pub fn reset(&mut self, id: StreamId, reason: &str) {
+        if self.streams.remove(&id).is_some() {
+            let reason = frame::truncate(reason, MAX_REASON).to_owned();
+            self.control.push_back(Control::Reset { id, reason });
+        }
+    }
+
+    /// Queues the frame that ends the session at the peer.
+    pub fn close(&mut self, reason: &str) {
+        let reason = frame::truncate(reason, MAX_REASON).to_owned();
+        self.control.push_back(Control::Close { reason });
+    }
+
+    /// Drops every stream (the session ended) and tells the driver.
+    pub fn clear(&mut self, reason: &str) {
+        self.streams.clear();
+        self.ready.clear();
+        self.control.clear();
+        self.events.push_back(Event::Closed { reason: reason.to_owned() });
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The peer sent a Close frame.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// Whether [`Streams::fill`] would write anything.
+    pub fn has_output(&self) -> bool {
+        !self.control.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Applies one frame from the peer.
+    pub fn handle_frame(&mut self, frame: Frame<'_>) -> Result<(), StreamViolation> {
+        match frame {
+            Frame::Open { id, name } => self.peer_open(id, name)?,
+            Frame::Data { id, bytes } => {
+                let Some(stream) = self.streams.get_mut(&id) else {
+                    // Reset here while the bytes were on their way.
+                    return Ok(());
+                };
+                let end = stream.consumed + (stream.recv_buf.len() + bytes.len()) as u64;
+                if end > stream.granted {
+                    self.reset(id, "flow-control window overrun");
+                    return Err(StreamViolation::Overrun(id));
+                }
+                stream.recv_buf.extend(bytes);
+                self.wake_reader(id);
+            }
+            Frame::Fin { id } => {
+                if let Some(stream) = self.streams.get_mut(&id) {
+                    stream.peer_fin = true;
+                    stream.credit_due = false;
+                    self.wake_reader(id);
+                }
+            }
+            Frame::Reset { id, reason } => {
+                if self.streams.remove(&id).is_some() {
+                    self.events.push_back(Event::Reset { id, reason: reason.to_owned() });
+                }
+            }
+            Frame::Credit { id, limit } => {
+                if let Some(stream) = self.streams.get_mut(&id) {
+                    stream.peer_limit = stream.peer_limit.max(limit);
+                    if stream.has_output() {
+                        self.mark_ready(id);
+                    }
+                }
+            }
+            Frame::Close { reason } => {
+                self.peer_closed = true;
+                self.clear(&format!("peer closed the session: {reason}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn peer_open(&mut self, id: StreamId, name: &str) -> Result<(), StreamViolation> {
+        let peer_parity = match self.side {
+            Side::Agent => 0,
+            Side::Station => 1,
+        };
+        if id % 2 != peer_parity || id <= self.peer_id_floor {
+            return Err(StreamViolation::BadId(id));
+        }
+        self.peer_id_floor = id;
+        if self.streams.len() >= MAX_STREAMS {
+            let reason = format!("too many streams open (limit {MAX_STREAMS})");
+            self.control.push_back(Control::Reset { id, reason });
+            return Ok(());
+        }
+        self.streams.insert(id, Stream::new());
+        self.events.push_back(Event::Opened { id, name: name.to_owned() });
+        Ok(())
+    }
+
+    /// Encodes frames into `out` until it holds `capacity` bytes or nothing
+    /// is left to send. Control frames go first so an Open precedes its data.
+    pub fn fill(&mut self, out: &mut Vec<u8>, capacity: usize) {
+        while let Some(control) = self.control.front() {
+            let frame = match control {
+                Control::Open { id, name } => Frame::Open { id: *id, name },
+                Control::Reset { id, reason } => Frame::Reset { id: *id, reason },
+                Control::Close { reason } => Frame::Close { reason },
+            };
+            if out.len() + FRAME_OVERHEAD + MAX_NAME.max(MAX_REASON) > capacity {
+                return;
+            }
+            encode_frame(&frame, out);
+            self.control.pop_front();
+        }
+        // Each ready stream gets one turn per pass; a stream with more to send
+        // goes to the back of the queue.
+        let mut turns = self.ready.len();
+        while turns > 0 && out.len() + 2 * FRAME_OVERHEAD < capacity {
+            turns -= 1;
+            let Some(id) = self.ready.pop_front() else { break };
+            let Some(stream) = self.streams.get_mut(&id) else { continue };
+            stream.queued = false;
+            if stream.credit_due {
+                stream.credit_due = false;
+                encode_frame(&Frame::Credit { id, limit: stream.granted }, out);
+            }
+            let credit = usize::try_from(stream.peer_limit - stream.sent).unwrap_or(usize::MAX);
+            let mut n = stream.send_buf.len().min(credit);
+            let freed = n > 0;
+            while n > 0 && out.len() + 2 * FRAME_OVERHEAD < capacity {
+                let (head, _) = stream.send_buf.as_slices();
+                let take = n.min(head.len()).min(capacity - out.len() - FRAME_OVERHEAD);
+                encode_frame(&Frame::Data { id, bytes: &head[..take] }, out);
+                stream.send_buf.drain(..take);
+                stream.sent += take as u64;
+                n -= take;
+            }
+            if stream.finish == Finish::Queued && stream.send_buf.is_empty() {
+                encode_frame(&Frame::Fin { id }, out);
+                stream.finish = Finish::Sent;
+            }
+            if freed && stream.writable_wanted {
+                stream.writable_wanted = false;
+                self.events.push_back(Event::Writable(id));
+            }
+            if stream.has_output() {
+                stream.queued = true;
+                self.ready.push_back(id);
+            }
+            self.remove_if_done(id);
+        }
+    }
+
+    fn mark_ready(&mut self, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            if !stream.queued && stream.has_output() {
+                stream.queued = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn wake_reader(&mut self, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            if stream.readable_wanted {
+                stream.readable_wanted = false;
+                self.events.push_back(Event::Readable(id));
+            }
+        }
+    }
+
+    fn remove_if_done(&mut self, id: StreamId) {
+        if self.streams.get(&id).is_some_and(Stream::is_done) {
+            self.streams.remove(&id);
+        }
+    }
+}
+
+fn copy_out(from: &mut VecDeque<u8>, to: &mut [u8]) -> usize {
+    let (head, tail) = from.as_slices();
+    let first = head.len().min(to.len());
+    to[..first].copy_from_slice(&head[..first]);
+    let second = tail.len().min(to.len() - first);
+    to[first..first + second].copy_from_slice(&tail[..second]);
+    from.drain(..first + second);
+    first + second
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::frame::Frames;
+
+    /// Moves every frame `from` has to `to`, as a perfect link would.
+    fn deliver(from: &mut Streams, to: &mut Streams) {
+        loop {
+            let mut packet = Vec::new();
+            from.fill(&mut packet, frame::MAX_PACKET);
+            if packet.is_empty() {
+                return;
+            }
+            for frame in Frames::new(&packet) {
+                to.handle_frame(frame.unwrap()).unwrap();
+            }
+        }
+    }
+
+    fn drain_events(s: &mut Streams) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    #[test]
+    fn open_data_and_half_close_each_way() {
+        let mut agent = Streams::new(Side::Agent);
+        let mut station = Streams::new(Side::Station);
+        let id = agent.open("collector").unwrap();
+        assert_eq!(agent.write(id, b"hello").unwrap(), 5);
+        agent.finish(id).unwrap();
+        deliver(&mut agent, &mut station);
+        assert_eq!(
+            drain_events(&mut station),
+            vec![Event::Opened { id, name: "collector".into() }, Event::Readable(id)]
+        );
+        let mut buf = [0u8; 16];
+        assert_eq!(station.read(id, &mut buf).unwrap(), Read::Data(5));
+        assert_eq!(&buf[..5], b"hello");
+        assert_eq!(station.read(id, &mut buf).unwrap(), Read::Fin);
+        // The station's direction is still open after the agent's FIN.
+        assert_eq!(station.write(id, b"reply").unwrap(), 5);
+        station.finish(id).unwrap();
+        deliver(&mut station, &mut agent);
+        assert_eq!(station.len(), 0, "both FINs done: the station forgets the stream");
+        assert_eq!(agent.read(id, &mut buf).unwrap(), Read::Data(5));
+        assert_eq!(agent.read(id, &mut buf).unwrap(), Read::Fin);
+        assert_eq!(agent.len(), 0);
+    }
+
+    #[test]
+    fn a_slow_reader_stops_its_own_stream_only() {
+        let mut agent = Streams::new(Side::Agent);
+        let mut station = Streams::new(Side::Station);
+        let slow = agent.open("a").unwrap();
+        let fast = agent.open("b").unwrap();
+        let chunk = vec![1u8; 64 * 1024];
+        let (mut slow_sent, mut fast_got) = (0u64, 0u64);
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..200 {
+            slow_sent += agent.write(slow, &chunk).unwrap() as u64;
+            agent.write(fast, &chunk).unwrap();
+            deliver(&mut agent, &mut station);
+            // Nobody reads `slow` at the station; `fast` is read at once.
+            while let Read::Data(n) = station.read(fast, &mut buf).unwrap() {
+                fast_got += n as u64;
+            }
+            deliver(&mut station, &mut agent);
+        }
+        assert!(fast_got > 10 * STREAM_WINDOW, "fast stream moved {fast_got} bytes");
+        // The slow stream filled the window plus the sender's buffer, no more.
+        assert_eq!(slow_sent, STREAM_WINDOW + SEND_BUFFER as u64);
+    }
+
+    #[test]
+    fn overrunning_credit_resets_the_stream() {
+        let mut station = Streams::new(Side::Station);
+        station.handle_frame(Frame::Open { id: 1, name: "t" }).unwrap();
+        let big = vec![0u8; STREAM_WINDOW as usize + 1];
+        assert_eq!(
+            station.handle_frame(Frame::Data { id: 1, bytes: &big }),
+            Err(StreamViolation::Overrun(1))
+        );
+        assert_eq!(station.len(), 0);
+    }
+
+    #[test]
+    fn peer_ids_must_have_its_parity_and_grow() {
+        let mut station = Streams::new(Side::Station);
+        assert_eq!(
+            station.handle_frame(Frame::Open { id: 2, name: "t" }),
+            Err(StreamViolation::BadId(2))
+        );
+        station.handle_frame(Frame::Open { id: 3, name: "t" }).unwrap();
+        assert_eq!(
+            station.handle_frame(Frame::Open { id: 1, name: "t" }),
+            Err(StreamViolation::BadId(1))
+        );
+    }
+
+    #[test]
+    fn stream_limit_refuses_with_a_reset() {
+        let mut agent = Streams::new(Side::Agent);
+        let mut station = Streams::new(Side::Station);
+        for _ in 0..MAX_STREAMS {
+            agent.open("t").unwrap();
+        }
+        assert_eq!(agent.open("t"), Err(StreamError::TooMany));
+        // A peer that ignores the limit has its extra stream reset.
+        for id in (1..).step_by(2).take(MAX_STREAMS + 1) {
+            station.handle_frame(Frame::Open { id, name: "t" }).unwrap();
+        }
+        assert_eq!(station.len(), MAX_STREAMS);
+        let mut packet = Vec::new();
+        station.fill(&mut packet, frame::MAX_PACKET);
+        let frames: Vec<_> = Frames::new(&packet).map(Result::unwrap).collect();
+        assert!(matches!(frames[0], Frame::Reset { id, .. } if id == 2 * MAX_STREAMS as u32 + 1));
+    }
+
+    #[test]
+    fn reset_reaches_the_peer_with_its_reason() {
+        let mut agent = Streams::new(Side::Agent);
+        let mut station = Streams::new(Side::Station);
+        let id = agent.open("collector").unwrap();
+        deliver(&mut agent, &mut station);
+        drain_events(&mut station);
+        station.reset(id, "target collector (127.0.0.1:9): connection refused");
+        deliver(&mut station, &mut agent);
+        assert_eq!(
+            drain_events(&mut agent),
+            vec![Event::Reset {
+                id,
+                reason: "target collector (127.0.0.1:9): connection refused".into()
+            }]
+        );
+        assert_eq!(agent.write(id, b"x"), Err(StreamError::Closed(id)));
+    }
+}

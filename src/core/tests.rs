@@ -1,0 +1,231 @@
+//! Session and streams together, two ends over in-memory lanes with
+//! simulated time: carriers are cut at random points, stale connections keep
+//! delivering after a new one started, and every byte must arrive once.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::session::{Lane, Limits, Session};
+use super::streams::{Event, Read, Side, StreamId};
+
+/// Deterministic xorshift, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Packets in flight one way: the live connection, plus an older connection
+/// that was replaced but still has packets in the network.
+#[derive(Default)]
+struct Link {
+    live: VecDeque<Vec<u8>>,
+    stale: VecDeque<Vec<u8>>,
+}
+
+impl Link {
+    /// Cuts the live connection after a random number of its packets; the
+    /// survivors may still arrive later, interleaved with the next connection.
+    fn cut(&mut self, rng: &mut Rng) {
+        let keep = rng.below(self.live.len() as u64 + 1) as usize;
+        self.live.truncate(keep);
+        self.stale.extend(self.live.drain(..));
+    }
+
+    fn pop(&mut self, rng: &mut Rng) -> Option<Vec<u8>> {
+        if !self.stale.is_empty() && rng.below(3) == 0 {
+            return self.stale.pop_front();
+        }
+        self.live.pop_front().or_else(|| self.stale.pop_front())
+    }
+}
+
+struct End {
+    session: Session,
+    out: Link,
+}
+
+impl End {
+    fn new(side: Side, now: Instant) -> Self {
+        End { session: Session::new(side, now, Limits::default()), out: Link::default() }
+    }
+
+    fn transmit(&mut self, now: Instant, max: usize) {
+        let mut buf = Vec::new();
+        for _ in 0..max {
+            if !self.session.poll_transmit(now, Lane::Data, &mut buf) {
+                break;
+            }
+            self.out.live.push_back(buf.clone());
+        }
+    }
+}
+
+fn pattern(offset: u64) -> u8 {
+    (offset.wrapping_mul(2654435761) >> 13) as u8
+}
+
+/// Appends what stream `id` has to `got`; true once the peer's FIN is read.
+fn read_available(session: &mut Session, id: StreamId, buf: &mut [u8], got: &mut Vec<u8>) -> bool {
+    loop {
+        match session.streams().read(id, buf) {
+            Ok(Read::Data(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Read::Fin) => return true,
+            Ok(Read::Blocked) => return false,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Sends `total` bytes agent → station over links cut with the given odds,
+/// and returns what the station's reader got.
+fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64) {
+    let mut rng = Rng(seed);
+    let start = Instant::now();
+    let mut now = start;
+    let mut agent = End::new(Side::Agent, now);
+    let mut station = End::new(Side::Station, now);
+    let id: StreamId = agent.session.streams().open("collector").unwrap();
+    let mut written = 0u64;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 50_000];
+    let mut cuts = 0;
+    let mut opened = false;
+    for _ in 0..200_000 {
+        if written < total {
+            let n = (rng.below(40_000) + 1).min(total - written);
+            let chunk: Vec<u8> = (written..written + n).map(pattern).collect();
+            written += agent.session.streams().write(id, &chunk).unwrap() as u64;
+            if written == total {
+                agent.session.streams().finish(id).unwrap();
+            }
+        }
+        agent.transmit(now, 1 + rng.below(4) as usize);
+        station.transmit(now, 2);
+        if rng.below(cut_one_in) == 0 {
+            cuts += 1;
+            agent.out.cut(&mut rng);
+            agent.session.restart_transmit();
+        }
+        if rng.below(cut_one_in) == 0 {
+            station.out.cut(&mut rng);
+            station.session.restart_transmit();
+        }
+        for _ in 0..rng.below(5) {
+            if let Some(p) = agent.out.pop(&mut rng) {
+                station.session.handle_packet(now, &p).unwrap();
+            }
+        }
+        for _ in 0..rng.below(5) {
+            if let Some(p) = station.out.pop(&mut rng) {
+                agent.session.handle_packet(now, &p).unwrap();
+            }
+        }
+        while let Some(ev) = station.session.poll_event() {
+            assert!(matches!(ev, Event::Opened { .. } | Event::Readable(_)), "{ev:?}");
+            opened |= matches!(ev, Event::Opened { .. });
+        }
+        if opened && read_available(&mut station.session, id, &mut buf, &mut got) {
+            return (got, cuts);
+        }
+        now += Duration::from_millis(rng.below(10));
+        agent.session.handle_timeout(now);
+        station.session.handle_timeout(now);
+        assert!(!agent.session.is_closed() && !station.session.is_closed());
+    }
+    panic!("transfer did not finish: {} of {total} bytes", got.len());
+}
+
+#[test]
+fn every_byte_exactly_once_across_cut_carriers() {
+    let mut all_cuts = 0;
+    for seed in 1..=12u64 {
+        let total = 3 * 1024 * 1024 + seed * 777;
+        let (got, cuts) = transfer(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), total, 20);
+        all_cuts += cuts;
+        assert_eq!(got.len() as u64, total, "seed {seed}");
+        assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)), "seed {seed}");
+    }
+    assert!(all_cuts > 50, "the test must actually cut carriers: {all_cuts}");
+}
+
+#[test]
+fn clean_link_delivers_without_resends() {
+    let (got, cuts) = transfer(7, 8 * 1024 * 1024, u64::MAX);
+    assert_eq!(cuts, 0);
+    assert_eq!(got.len(), 8 * 1024 * 1024);
+}
+
+#[test]
+fn unacked_memory_is_bounded_when_the_peer_is_silent() {
+    let now = Instant::now();
+    let mut agent = End::new(Side::Agent, now);
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(agent.session.streams().open("t").unwrap());
+    }
+    let chunk = vec![9u8; 64 * 1024];
+    for _ in 0..100 {
+        for id in &ids {
+            let _ = agent.session.streams().write(*id, &chunk).unwrap();
+        }
+        agent.transmit(now, 1000);
+        agent.out.live.clear();
+    }
+    let bound = super::session::SESSION_WINDOW + super::frame::MAX_PACKET;
+    assert!(agent.session.unacked_bytes() <= bound, "{}", agent.session.unacked_bytes());
+    assert!(agent.session.unacked_bytes() >= super::session::SESSION_WINDOW);
+}
+
+#[test]
+fn idle_session_times_out_and_keepalives_prevent_it() {
+    let start = Instant::now();
+    let limits = Limits::default();
+    let mut agent = End::new(Side::Agent, start);
+    let mut station = End::new(Side::Station, start);
+    // Both sides idle but connected: keepalives flow and nobody times out.
+    let mut now = start;
+    while now < start + 3 * limits.idle_timeout {
+        now = agent.session.poll_timeout().unwrap().min(station.session.poll_timeout().unwrap());
+        agent.session.handle_timeout(now);
+        station.session.handle_timeout(now);
+        agent.transmit(now, 10);
+        station.transmit(now, 10);
+        while let Some(p) = agent.out.live.pop_front() {
+            station.session.handle_packet(now, &p).unwrap();
+        }
+        while let Some(p) = station.out.live.pop_front() {
+            agent.session.handle_packet(now, &p).unwrap();
+        }
+    }
+    assert!(!agent.session.is_closed());
+    // Now the carrier is gone: the station hears nothing and gives up.
+    while let Some(t) = station.session.poll_timeout() {
+        station.session.handle_timeout(t);
+        station.transmit(t, 10);
+    }
+    assert!(station.session.is_closed());
+    assert_eq!(
+        station.session.poll_event(),
+        Some(Event::Closed { reason: "no packet from the peer for 300 s".into() })
+    );
+    assert!(station.session.poll_timeout().is_none());
+}
+
+#[test]
+fn acking_an_unsent_packet_is_a_peer_error() {
+    use super::frame::{encode_header, Header};
+    let now = Instant::now();
+    let mut station = Session::new(Side::Station, now, Limits::default());
+    let mut packet = Vec::new();
+    encode_header(&Header { seq: 0, ack: 5 }, &mut packet);
+    assert!(station.handle_packet(now, &packet).is_err());
+}

@@ -1,4 +1,24 @@
 //! postern: TCP and serial byte streams through firewalls that only let HTTP out.
+//!
+//! ```text
+//!  device process ─tcp─▶ endpoint ─▶ streams ─▶ session ─▶ crypto ─▶ carrier ══HTTP══▶ station …
+//!                        (agent)    credit     seq/ack    Noise IK   stream | poll
+//! ```
+//!
+//! The [`core`] (streams and session) does no I/O and takes time as a
+//! parameter; [`tunnel`] drives it with smol; [`agent`] and [`station`] own
+//! the sockets, the carrier connections and the tasks.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "agent")]
+pub mod agent;
+pub mod carrier;
+pub mod config;
 pub mod core;
+pub mod crypto;
+pub mod keys;
+pub mod logger;
+#[cfg(feature = "station")]
+pub mod station;
+pub mod task;
+pub mod tunnel;

@@ -73,11 +73,11 @@ pub enum PeerError {
 /// Which packets a lane may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
-    /// Resends, new packets with frames, and acks.
+    /// Resends, new packets with frames, and acks and keepalives when due.
     Data,
-    /// Acks only; for replies that must not carry sequenced packets because
-    /// another lane carries them (poll mode's push responses).
-    AckOnly,
+    /// Resends and new packets only: a poll-shape lane, where each request
+    /// costs a round trip and acks ride on the requests going the other way.
+    Sequenced,
 }
 
 #[derive(Debug)]
@@ -216,7 +216,7 @@ impl Session {
         if self.closed {
             return false;
         }
-        if lane == Lane::Data {
+        {
             if self.send_cursor < self.next_seq {
                 let index = usize::try_from(self.send_cursor - self.first_unacked())
                     .expect("cursor lies within the unacked queue");
@@ -244,6 +244,9 @@ impl Session {
                 }
                 self.spare.push(frames);
             }
+        }
+        if lane == Lane::Sequenced {
+            return false;
         }
         let ack_wanted = self.ack_due.is_some_and(|due| due <= now);
         let keepalive_wanted = now >= self.last_sent + self.limits.keepalive;

@@ -193,6 +193,11 @@ impl Streams {
         self.streams.len()
     }
 
+    /// Whether stream `id` is still open in either direction.
+    pub fn contains(&self, id: StreamId) -> bool {
+        self.streams.contains_key(&id)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.streams.is_empty()
     }

@@ -1,0 +1,136 @@
+//! The HTTP/1.1 carrier: how sealed packets ride in requests and responses.
+//!
+//! Every carrier request is `POST {prefix}p1/{session id}/{verb}`, where the
+//! prefix is whatever path the agent's `station` URL has (a reverse proxy
+//! may mount the station anywhere; the station matches on the tail), and the
+//! session id in the path lets a load balancer hash or stick on it.
+//!
+//! | verb    | request body              | response body                          | shape  |
+//! |---------|---------------------------|----------------------------------------|--------|
+//! | `hello` | Noise message 1           | Noise message 2                        | both   |
+//! | `down`  | sealed ack (proves owner) | chunked, sealed packets, long-lived    | stream |
+//! | `up`    | chunked sealed packets    | empty, when the body ends              | stream |
+//! | `poll`  | sealed ack                | sealed packets, held up to [`POLL_WAIT`] | poll |
+//! | `push`  | sealed packets            | sealed ack                             | poll   |
+//!
+//! Bodies are sequences of records (see [`crate::crypto::RecordReader`]),
+//! independent of chunk boundaries, so a proxy may rechunk freely.
+
+pub mod conn;
+pub mod http;
+
+use std::time::Duration;
+
+use crate::crypto::{SessionId, SESSION_ID_LEN};
+
+/// Longest time the station holds a poll request waiting for data. Under
+/// the 30 s and 60 s idle timeouts common in proxies and load balancers.
+pub const POLL_WAIT: Duration = Duration::from_secs(20);
+
+/// Largest body of a poll-shape request or response, under nginx's default
+/// 1 MiB `client_max_body_size` with room for the records' overhead.
+pub const POLL_BODY_MAX: usize = 512 * 1024;
+
+/// Largest body a `down` request may carry: a few sealed acks.
+pub const DOWN_BODY_MAX: u64 = 4096;
+
+/// Sealed bytes gathered into one chunk of a stream-shape body; one write
+/// syscall per this many bytes.
+pub const STREAM_CHUNK: usize = 256 * 1024;
+
+/// Protocol marker in every carrier path; a new wire format gets a new one.
+const PATH_MARKER: &str = "p1";
+
+/// What a carrier request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Hello,
+    Down,
+    Up,
+    Poll,
+    Push,
+}
+
+impl Verb {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Hello => "hello",
+            Verb::Down => "down",
+            Verb::Up => "up",
+            Verb::Poll => "poll",
+            Verb::Push => "push",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Verb> {
+        [Verb::Hello, Verb::Down, Verb::Up, Verb::Poll, Verb::Push]
+            .into_iter()
+            .find(|v| v.as_str() == text)
+    }
+}
+
+/// The path of a carrier request under `prefix` (which starts and ends with '/').
+pub fn path(prefix: &str, session: &SessionId, verb: Verb) -> String {
+    format!("{prefix}{PATH_MARKER}/{}/{}", hex(session), verb.as_str())
+}
+
+/// Finds session and verb in a request target, whatever prefix precedes
+/// them and whether the target is in origin or absolute form.
+pub fn parse_path(target: &str) -> Option<(SessionId, Verb)> {
+    let path = target.split(['?', '#']).next()?;
+    let mut segments = path.rsplit('/');
+    let verb = Verb::parse(segments.next()?)?;
+    let session = unhex(segments.next()?)?;
+    (segments.next()? == PATH_MARKER).then_some((session, verb))
+}
+
+/// Short form of a session id for logs.
+pub fn short(session: &SessionId) -> String {
+    hex(&session[..4])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<SessionId> {
+    if text.len() != 2 * SESSION_ID_LEN || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; SESSION_ID_LEN];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_round_trip_under_any_prefix() {
+        let sid = [0xab; SESSION_ID_LEN];
+        for prefix in ["/", "/tunnel/", "/a/b/c/"] {
+            let p = path(prefix, &sid, Verb::Poll);
+            assert_eq!(parse_path(&p), Some((sid, Verb::Poll)));
+            assert_eq!(parse_path(&format!("http://station:8080{p}")), Some((sid, Verb::Poll)));
+            assert_eq!(parse_path(&format!("{p}?x=1")), Some((sid, Verb::Poll)));
+        }
+    }
+
+    #[test]
+    fn other_paths_are_not_carrier_requests() {
+        for target in [
+            "/",
+            "/index.html",
+            "/p1/zz/hello",
+            "/p1/abababababababababababababababab/nope",
+            "/p2/abababababababababababababababab/hello",
+            "/abababababababababababababababab/hello",
+            "/p1/ababababababababababababababab\u{e9}b/up",
+        ] {
+            assert_eq!(parse_path(target), None, "{target}");
+        }
+    }
+}

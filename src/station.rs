@@ -1,0 +1,562 @@
+//! The station: serves the HTTP carrier, authenticates devices, and
+//! connects their streams to the targets they are allowed to open.
+//!
+//! ```text
+//! TCP accept ─▶ connection task ─▶ carrier request (hello/down/up/poll/push)
+//!                                        │
+//!   sessions: id ─▶ Live { device, Tunnel, scope } ─▶ stream opened ─▶ allow? ─▶ connect target ─▶ pump
+//! ```
+//!
+//! Unauthenticated requests get a status code and cost nothing lasting: a
+//! session exists only after a handshake with a known device key, and a
+//! carrier request is served only if its body holds an authentic packet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_lite::future;
+use smol::net::{TcpListener, TcpStream};
+
+use crate::carrier::conn::HttpConn;
+use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
+use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, POLL_WAIT, STREAM_CHUNK};
+use crate::config::StationConfig;
+use crate::core::session::{Lane, Limits};
+use crate::core::streams::Side;
+use crate::crypto::{self, RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::task::Scope;
+use crate::tunnel::{Incoming, LaneEnd, Tunnel};
+
+/// Time a client has to send a complete request head once it connected or
+/// finished its previous request. Agents send at once; 10 s is generous.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Idle time allowed between requests on a kept-alive connection: longer
+/// than an agent's longest pause between polls.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// Time to read a bounded body (handshake, poll, push).
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time a target has to accept a connection before the stream is refused.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Concurrent carrier connections; past it new ones get a 503.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Distinct unknown device keys remembered so each is logged once.
+const UNKNOWN_KEYS_LOGGED: usize = 1024;
+
+/// Why the station could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+struct Device {
+    name: String,
+    allow: HashSet<String>,
+}
+
+/// A device's live session.
+struct Live {
+    id: SessionId,
+    device: PublicKey,
+    name: String,
+    tunnel: Arc<Tunnel>,
+    /// Target connections and pumps of this session.
+    scope: Scope,
+    /// An authentic packet arrived, so this is not a replayed handshake.
+    confirmed: AtomicBool,
+}
+
+struct Shared {
+    key: PrivateKey,
+    devices: HashMap<PublicKey, Device>,
+    targets: BTreeMap<String, String>,
+    sessions: Mutex<HashMap<SessionId, Arc<Live>>>,
+    unknown_logged: Mutex<HashSet<PublicKey>>,
+    connections: Mutex<usize>,
+    limits: Limits,
+    /// Owns every connection and session task of the station.
+    scope: Scope,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A bound station, ready to run.
+pub struct Station {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Station {
+    pub async fn bind(config: StationConfig) -> Result<Station, Error> {
+        Self::bind_with(config, Limits::default()).await
+    }
+
+    /// As [`Station::bind`], with session timing chosen by the caller.
+    pub async fn bind_with(config: StationConfig, limits: Limits) -> Result<Station, Error> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let devices = config
+            .devices
+            .into_iter()
+            .map(|d| (d.public_key, Device { name: d.name, allow: d.allow.into_iter().collect() }))
+            .collect();
+        let shared = Shared {
+            key: config.private_key,
+            devices,
+            targets: config.targets,
+            sessions: Mutex::new(HashMap::new()),
+            unknown_logged: Mutex::new(HashSet::new()),
+            connections: Mutex::new(0),
+            limits,
+            scope: Scope::new(),
+        };
+        Ok(Station { listener, shared: Arc::new(shared) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until the future is dropped; then every connection and
+    /// session of this station ends.
+    pub async fn run(self) {
+        log::info!("station listening on {} (HTTP carrier)", self.local_addr());
+        let shared = self.shared;
+        let _stop_all = StopOnDrop(shared.clone());
+        loop {
+            let (socket, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    log::warn!("accept failed: {e}");
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = ConnectionSlot::take(&shared) else {
+                log::warn!("{peer}: {MAX_CONNECTIONS} connections open, answering 503");
+                let mut conn = HttpConn::new(socket);
+                let _ = conn.write_all(&http::error_response(503)).await;
+                continue;
+            };
+            let _ = socket.set_nodelay(true);
+            let task_shared = shared.clone();
+            shared.scope.spawn(async move {
+                let _slot = slot;
+                serve_connection(task_shared, socket, peer).await;
+            });
+        }
+    }
+}
+
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.scope.stop();
+        for live in lock(&self.0.sessions).drain().map(|(_, live)| live) {
+            live.tunnel.end("station stopping");
+            live.scope.stop();
+        }
+    }
+}
+
+/// Counts a connection while it lives.
+struct ConnectionSlot(Arc<Shared>);
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>) -> Option<ConnectionSlot> {
+        let mut count = lock(&shared.connections);
+        if *count >= MAX_CONNECTIONS {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot(shared.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        *lock(&self.0.connections) -= 1;
+    }
+}
+
+async fn deadline<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, HttpError>>,
+) -> Result<T, HttpError> {
+    future::or(work, async {
+        smol::Timer::after(limit).await;
+        Err(HttpError::Timeout)
+    })
+    .await
+}
+
+/// How a request ended, for the connection loop.
+enum Outcome {
+    /// Answered in full; the connection may serve another request.
+    Done,
+    /// Refused with this status; the connection closes after it.
+    Refuse(u16),
+    /// Nothing more can be written (the peer left or a stream response ended).
+    Close,
+}
+
+async fn serve_connection(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+    let mut conn = HttpConn::new(socket);
+    let mut first = true;
+    loop {
+        let wait = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+        first = false;
+        let head = match deadline(wait, conn.read_request()).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("{peer}: bad request: {e}");
+                if !matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof) {
+                    let _ = conn.write_all(&http::error_response(e.status())).await;
+                }
+                return;
+            }
+        };
+        let keep_alive = head.keep_alive;
+        let outcome = match handle(&shared, &mut conn, &head, peer).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                log::debug!("{peer}: {} {}: {e}", head.method, head.target);
+                Outcome::Refuse(e.status())
+            }
+        };
+        match outcome {
+            Outcome::Done if keep_alive => continue,
+            Outcome::Done | Outcome::Close => return,
+            Outcome::Refuse(status) => {
+                let _ = conn.write_all(&http::error_response(status)).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    peer: SocketAddr,
+) -> Result<Outcome, HttpError> {
+    let Some((session, verb)) = carrier::parse_path(&head.target) else {
+        log::debug!("{peer}: {} {}: not a carrier path", head.method, head.target);
+        return Ok(Outcome::Refuse(404));
+    };
+    if head.method != "POST" {
+        return Ok(Outcome::Refuse(405));
+    }
+    if verb == Verb::Hello {
+        return hello(shared, conn, head, session, peer).await;
+    }
+    let Some(live) = lock(&shared.sessions).get(&session).cloned() else {
+        log::debug!("{peer}: {verb:?} for unknown session {}", carrier::short(&session));
+        return Ok(Outcome::Refuse(404));
+    };
+    match verb {
+        Verb::Hello => unreachable!("handled above"),
+        Verb::Down => down(shared, conn, head, &live).await,
+        Verb::Up => up(shared, conn, head, &live).await,
+        Verb::Poll => poll(shared, conn, head, &live).await,
+        Verb::Push => push(shared, conn, head, &live).await,
+    }
+}
+
+async fn read_body(
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    max: u64,
+) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    deadline(BODY_TIMEOUT, conn.body(head.body, Some(max)).read_to_end(&mut body)).await?;
+    Ok(body)
+}
+
+async fn respond(
+    conn: &mut HttpConn<TcpStream>,
+    keep_alive: bool,
+    body: &[u8],
+) -> Result<Outcome, HttpError> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    let kind = BodyKind::Length(body.len() as u64);
+    let headers = [("Content-Type", "application/octet-stream"), ("Cache-Control", "no-store")];
+    http::write_response_head(&mut out, 200, "OK", &headers, kind, keep_alive);
+    out.extend_from_slice(body);
+    conn.write_all(&out).await?;
+    Ok(Outcome::Done)
+}
+
+async fn hello(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    session: SessionId,
+    peer: SocketAddr,
+) -> Result<Outcome, HttpError> {
+    let msg = read_body(conn, head, MAX_HANDSHAKE as u64).await?;
+    let responder = match crypto::respond(&shared.key, &msg) {
+        Ok(responder) => responder,
+        Err(e) => {
+            log::debug!("{peer}: handshake rejected: {e}");
+            return Ok(Outcome::Refuse(400));
+        }
+    };
+    let Some(device) = shared.devices.get(&responder.device) else {
+        log_unknown_key(shared, &responder.device, peer);
+        return Ok(Outcome::Refuse(403));
+    };
+    if responder.session_id != session || lock(&shared.sessions).contains_key(&session) {
+        log::debug!("{peer}: handshake for a session id it does not own");
+        return Ok(Outcome::Refuse(400));
+    }
+    let device_key = responder.device;
+    let (reply, transport) = match responder.accept() {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            log::warn!("{peer}: handshake with device {} failed: {e}", device.name);
+            return Ok(Outcome::Refuse(400));
+        }
+    };
+    let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits);
+    let live = Arc::new(Live {
+        id: session,
+        device: device_key,
+        name: device.name.clone(),
+        tunnel,
+        scope: Scope::new(),
+        confirmed: AtomicBool::new(false),
+    });
+    lock(&shared.sessions).insert(session, live.clone());
+    log::info!(
+        "device {} handshake from {peer} (session {})",
+        device.name,
+        carrier::short(&session)
+    );
+    let task_shared = shared.clone();
+    shared.scope.spawn(drive_session(task_shared, live, incoming));
+    respond(conn, head.keep_alive, &reply).await
+}
+
+fn log_unknown_key(shared: &Shared, key: &PublicKey, peer: SocketAddr) {
+    let mut logged = lock(&shared.unknown_logged);
+    if logged.len() >= UNKNOWN_KEYS_LOGGED {
+        logged.clear();
+    }
+    if logged.insert(*key) {
+        log::warn!(
+            "{peer}: unknown device key {} refused; add it to [[devices]] to let it in",
+            key.to_base64()
+        );
+    }
+}
+
+/// Runs a session until it ends: its timers, and a target connection for
+/// every stream the device opens.
+async fn drive_session(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    incoming: smol::channel::Receiver<Incoming>,
+) {
+    let opens = async {
+        while let Ok(stream) = incoming.recv().await {
+            let (shared, live2) = (shared.clone(), live.clone());
+            live.scope.spawn(open_target(shared, live2, stream));
+        }
+    };
+    let (reason, ()) = future::zip(live.tunnel.run_timers(), opens).await;
+    live.scope.stop();
+    let mut sessions = lock(&shared.sessions);
+    if sessions.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, &live)) {
+        sessions.remove(&live.id);
+    }
+    drop(sessions);
+    log::info!("device {} session {} ended: {reason}", live.name, carrier::short(&live.id));
+}
+
+async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
+    let Incoming { id, name } = stream;
+    let allowed = shared.devices.get(&live.device).is_some_and(|d| d.allow.contains(&name));
+    let address = shared.targets.get(&name).filter(|_| allowed);
+    let Some(address) = address else {
+        log::warn!("device {}: target {name:?} refused: not in its allow list", live.name);
+        live.tunnel.reset(id, &format!("target {name:?} is not allowed for this device"));
+        return;
+    };
+    let connect = async { TcpStream::connect(address.as_str()).await.map_err(|e| e.to_string()) };
+    let timeout = async {
+        smol::Timer::after(CONNECT_TIMEOUT).await;
+        Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))
+    };
+    match future::or(connect, timeout).await {
+        Ok(socket) => {
+            let _ = socket.set_nodelay(true);
+            log::debug!("device {}: stream {id} to {name} ({address})", live.name);
+            live.tunnel.pump(id, socket).await;
+        }
+        Err(e) => {
+            log::warn!("device {}: target {name} ({address}): {e}", live.name);
+            live.tunnel.reset(id, &format!("target {name}: {e}"));
+        }
+    }
+}
+
+/// The first authentic packet of a session proves the handshake was not a
+/// replay, so older sessions of the same device can go.
+fn confirm(shared: &Shared, live: &Arc<Live>) {
+    if live.confirmed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let older: Vec<Arc<Live>> = lock(&shared.sessions)
+        .values()
+        .filter(|l| l.device == live.device && !Arc::ptr_eq(l, live))
+        .cloned()
+        .collect();
+    for old in older {
+        old.tunnel.end("the device started a new session");
+    }
+}
+
+/// Feeds a bounded body of records to the session; false if it held no
+/// authentic packet, in which case the request must get nothing.
+fn receive_body(shared: &Shared, live: &Arc<Live>, body: &[u8]) -> bool {
+    let mut reader = RecordReader::default();
+    let mut scratch = Vec::new();
+    let authentic = live.tunnel.receive(body, &mut reader, &mut scratch).unwrap_or(0);
+    if authentic > 0 && reader.is_clean() {
+        confirm(shared, live);
+        return true;
+    }
+    false
+}
+
+async fn down(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    live: &Arc<Live>,
+) -> Result<Outcome, HttpError> {
+    let body = read_body(conn, head, DOWN_BODY_MAX).await?;
+    if !receive_body(shared, live, &body) {
+        return Ok(Outcome::Refuse(403));
+    }
+    let lane = live.tunnel.begin_lane(Lane::Data);
+    let mut out = Vec::with_capacity(STREAM_CHUNK + MAX_RECORD + 64);
+    let headers = [("Content-Type", "application/octet-stream"), ("Cache-Control", "no-store")];
+    http::write_response_head(&mut out, 200, "OK", &headers, BodyKind::Chunked, false);
+    conn.write_all(&out).await?;
+    loop {
+        out.clear();
+        // Room for a fixed-width size line, filled in once the size is known.
+        out.extend_from_slice(b"00000000\r\n");
+        match live.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await {
+            Ok(()) => {
+                let size = format!("{:08x}", out.len() - 10);
+                out[..8].copy_from_slice(size.as_bytes());
+                out.extend_from_slice(CHUNK_END);
+                conn.write_all(&out).await?;
+            }
+            Err(end) => {
+                if let LaneEnd::Closed(reason) = &end {
+                    log::debug!("device {}: downlink ends: {reason}", live.name);
+                }
+                conn.write_all(LAST_CHUNK).await?;
+                return Ok(Outcome::Close);
+            }
+        }
+    }
+}
+
+async fn up(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    live: &Arc<Live>,
+) -> Result<Outcome, HttpError> {
+    let mut reader = RecordReader::default();
+    let mut scratch = Vec::new();
+    let mut proven = false;
+    {
+        let mut body = conn.body(head.body, None);
+        // The first bytes must come promptly; after that an uplink may idle
+        // as long as the session does (keepalives arrive well within it).
+        let mut wait = HEAD_TIMEOUT;
+        while let Some(bytes) = deadline(wait, body.next()).await? {
+            wait = shared.limits.idle_timeout;
+            let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::debug!("device {}: uplink: {e}", live.name);
+                    return Ok(Outcome::Refuse(400));
+                }
+            };
+            if authentic > 0 && !proven {
+                proven = true;
+                confirm(shared, live);
+            }
+            if !proven && !reader.is_clean() {
+                continue;
+            }
+            if !proven {
+                return Ok(Outcome::Refuse(403));
+            }
+        }
+    }
+    respond(conn, head.keep_alive, &[]).await
+}
+
+async fn poll(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    live: &Arc<Live>,
+) -> Result<Outcome, HttpError> {
+    let body = read_body(conn, head, POLL_BODY_MAX as u64).await?;
+    if !receive_body(shared, live, &body) {
+        return Ok(Outcome::Refuse(403));
+    }
+    let lane = live.tunnel.begin_lane(Lane::Sequenced);
+    let mut out = Vec::new();
+    let wait = async {
+        smol::Timer::after(POLL_WAIT).await;
+        Ok(())
+    };
+    // Superseded or closed: answer with just an ack; the agent moves on.
+    let _ = future::or(live.tunnel.transmit(lane, &mut out, POLL_BODY_MAX), wait).await;
+    if out.is_empty() {
+        live.tunnel.seal_ack(&mut out);
+    }
+    respond(conn, head.keep_alive, &out).await
+}
+
+async fn push(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    live: &Arc<Live>,
+) -> Result<Outcome, HttpError> {
+    let body = read_body(conn, head, POLL_BODY_MAX as u64 + MAX_RECORD as u64).await?;
+    if !receive_body(shared, live, &body) {
+        return Ok(Outcome::Refuse(403));
+    }
+    let mut out = Vec::new();
+    live.tunnel.seal_ack(&mut out);
+    respond(conn, head.keep_alive, &out).await
+}

@@ -1,0 +1,87 @@
+//! Task ownership: every spawned task belongs to a [`Scope`], and dropping
+//! or stopping the scope ends all of its tasks at their next await point.
+//! A station's scope owns its connections; a session's scope owns its
+//! streams; nothing outlives its owner.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use event_listener::Event;
+use futures_lite::future;
+
+#[derive(Default)]
+struct Signal {
+    stopped: AtomicBool,
+    event: Event,
+}
+
+/// Owns a group of tasks; they stop when it is stopped or dropped.
+#[derive(Default)]
+pub struct Scope {
+    signal: Arc<Signal>,
+}
+
+impl Scope {
+    pub fn new() -> Self {
+        Scope::default()
+    }
+
+    /// Runs `work` on the executor until it finishes or the scope stops.
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let stopped = Self::stopped_signal(self.signal.clone());
+        smol::spawn(future::or(work, stopped)).detach();
+    }
+
+    /// A future that resolves once the scope stops.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        Self::stopped_signal(self.signal.clone())
+    }
+
+    async fn stopped_signal(signal: Arc<Signal>) {
+        loop {
+            let listener = signal.event.listen();
+            if signal.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Ends every task of this scope.
+    pub fn stop(&self) {
+        self.signal.stopped.store(true, Ordering::Release);
+        self.signal.event.notify(usize::MAX);
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn dropping_the_scope_ends_its_tasks() {
+        smol::block_on(async {
+            let scope = Scope::new();
+            let (tx, rx) = smol::channel::bounded::<()>(1);
+            scope.spawn(async move {
+                let _keep = tx;
+                smol::Timer::after(Duration::from_secs(3600)).await;
+            });
+            drop(scope);
+            // The task dropped its sender: the channel closes promptly.
+            let closed = future::or(async { rx.recv().await.is_err() }, async {
+                smol::Timer::after(Duration::from_secs(5)).await;
+                false
+            });
+            assert!(closed.await);
+        });
+    }
+}

@@ -1,0 +1,432 @@
+//! A live session: the sans-I/O core under a lock, its keys, and the
+//! wakeups that connect it to carrier tasks and stream tasks.
+//!
+//! ```text
+//!  carrier reader ─records─▶ receive() ─open─▶ Session::handle_packet ─events─▶ stream wakeups
+//!  carrier writer ◀─records─ transmit() ◀─seal─ Session::poll_transmit ◀─ pump (socket ⇄ stream)
+//!                          timer task ─▶ Session::handle_timeout
+//! ```
+//!
+//! Encryption and decryption run outside the lock, so a carrier writer
+//! sealing a packet never blocks a socket feeding its stream.
+
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use event_listener::Event as Notify;
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use smol::channel;
+use smol::net::TcpStream;
+
+use crate::core::frame::MAX_PACKET;
+use crate::core::session::{Lane, Limits, Session};
+use crate::core::streams::{Event, Read, Side, StreamError, StreamId};
+use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
+
+/// Bytes one socket read moves into a stream at most: one packet's worth.
+const SOCKET_READ: usize = 64 * 1024;
+
+/// A stream the peer opened, waiting for the driver to connect it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub id: StreamId,
+    pub name: String,
+}
+
+/// Why a session is over.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("session closed: {0}")]
+pub struct Closed(pub String);
+
+/// Why a lane may send no more.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaneEnd {
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// A newer lane took over sending; this one must stop so the two never
+    /// interleave sequence numbers.
+    #[error("a newer carrier connection took over")]
+    Superseded,
+}
+
+/// The right to send sequenced packets, held by one carrier lane at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneToken {
+    generation: u64,
+    kind: Lane,
+}
+
+/// Counters for reports and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Plaintext packet bytes sent and received.
+    pub sent: u64,
+    pub received: u64,
+    /// Records that failed authentication or were replays.
+    pub rejected: u64,
+}
+
+struct State {
+    session: Session,
+    replay: ReplayWindow,
+    wakers: HashMap<StreamId, Arc<Notify>>,
+    incoming: channel::Sender<Incoming>,
+    closed: Option<String>,
+    stats: Stats,
+    /// Generation of the lane that may send sequenced packets now.
+    lane: u64,
+}
+
+pub struct Tunnel {
+    state: Mutex<State>,
+    transport: Transport,
+    /// Something may be ready to send.
+    transmit: Notify,
+    /// The session's earliest deadline moved earlier.
+    timer: Notify,
+}
+
+impl Tunnel {
+    /// A session on fresh keys; the receiver yields streams the peer opens.
+    pub fn new(
+        side: Side,
+        transport: Transport,
+        limits: Limits,
+    ) -> (Arc<Tunnel>, channel::Receiver<Incoming>) {
+        let (tx, rx) = channel::unbounded();
+        let state = State {
+            session: Session::new(side, Instant::now(), limits),
+            replay: ReplayWindow::default(),
+            wakers: HashMap::new(),
+            incoming: tx,
+            closed: None,
+            stats: Stats::default(),
+            lane: 0,
+        };
+        let tunnel = Tunnel {
+            state: Mutex::new(state),
+            transport,
+            transmit: Notify::new(),
+            timer: Notify::new(),
+        };
+        (Arc::new(tunnel), rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; keep serving the other
+        // sessions rather than poisoning the whole station.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.lock().stats
+    }
+
+    pub fn closed(&self) -> Option<String> {
+        self.lock().closed.clone()
+    }
+
+    pub fn stream_count(&self) -> usize {
+        self.lock().session.streams().len()
+    }
+
+    /// Ends the session here without telling the peer.
+    pub fn end(&self, reason: &str) {
+        let mut state = self.lock();
+        state.session.end(reason);
+        self.settle(&mut state);
+    }
+
+    /// Routes the core's events to whoever waits on them. Call after every
+    /// operation on the session, with the lock held.
+    fn settle(&self, state: &mut State) {
+        while let Some(event) = state.session.poll_event() {
+            match event {
+                Event::Opened { id, name } => {
+                    state.wakers.insert(id, Arc::new(Notify::new()));
+                    // The receiver lives as long as the driver that owns us.
+                    let _ = state.incoming.try_send(Incoming { id, name });
+                }
+                Event::Readable(id) | Event::Writable(id) => {
+                    if let Some(waker) = state.wakers.get(&id) {
+                        waker.notify(usize::MAX);
+                    }
+                }
+                Event::Reset { id, reason } => {
+                    log::info!("stream {id} reset by peer: {reason}");
+                    if let Some(waker) = state.wakers.get(&id) {
+                        waker.notify(usize::MAX);
+                    }
+                }
+                Event::Closed { reason } => {
+                    log::info!("session closed: {reason}");
+                    state.closed = Some(reason);
+                    state.incoming.close();
+                    for waker in state.wakers.values() {
+                        waker.notify(usize::MAX);
+                    }
+                    self.timer.notify(usize::MAX);
+                }
+            }
+        }
+        self.transmit.notify(usize::MAX);
+    }
+
+    /// Feeds carrier body bytes. Returns how many records were authentic
+    /// and fresh; forged and replayed ones are counted and dropped.
+    pub fn receive(
+        &self,
+        body: &[u8],
+        reader: &mut RecordReader,
+        scratch: &mut Vec<u8>,
+    ) -> Result<usize, BadRecord> {
+        let mut authentic = 0;
+        reader.feed(body, |counter, ciphertext| {
+            let opened = self.transport.open(counter, ciphertext, scratch);
+            let mut state = self.lock();
+            if opened.is_err() || !state.replay.accept(counter) {
+                state.stats.rejected += 1;
+                return;
+            }
+            authentic += 1;
+            state.stats.received += scratch.len() as u64;
+            let before = state.session.poll_timeout();
+            if let Err(e) = state.session.handle_packet(Instant::now(), scratch) {
+                log::error!("peer broke the protocol, ending the session: {e}");
+                state.session.end(&e.to_string());
+            }
+            if state.session.poll_timeout() < before || before.is_none() {
+                self.timer.notify(1);
+            }
+            self.settle(&mut state);
+        })?;
+        Ok(authentic)
+    }
+
+    /// A new carrier lane starts: it sends from the first unacknowledged
+    /// packet, and any older lane stops.
+    pub fn begin_lane(&self, kind: Lane) -> LaneToken {
+        let mut state = self.lock();
+        state.lane += 1;
+        state.session.restart_transmit();
+        self.settle(&mut state);
+        LaneToken { generation: state.lane, kind }
+    }
+
+    /// Waits until the session has something for `lane`, then appends
+    /// sealed records to `out` until it holds about `max` bytes.
+    pub async fn transmit(
+        &self,
+        lane: LaneToken,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<(), LaneEnd> {
+        let mut plain = Vec::with_capacity(MAX_PACKET);
+        loop {
+            let listener = self.transmit.listen();
+            if self.transmit_ready(lane, out, max, &mut plain)? {
+                return Ok(());
+            }
+            listener.await;
+        }
+    }
+
+    /// Like [`Tunnel::transmit`] but returns at once, possibly with nothing.
+    pub fn transmit_now(
+        &self,
+        lane: LaneToken,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<bool, LaneEnd> {
+        let mut plain = Vec::with_capacity(MAX_PACKET);
+        self.transmit_ready(lane, out, max, &mut plain)
+    }
+
+    fn transmit_ready(
+        &self,
+        lane: LaneToken,
+        out: &mut Vec<u8>,
+        max: usize,
+        plain: &mut Vec<u8>,
+    ) -> Result<bool, LaneEnd> {
+        let start = out.len();
+        while out.len() - start < max {
+            {
+                let mut state = self.lock();
+                if let Some(reason) = &state.closed {
+                    return Err(Closed(reason.clone()).into());
+                }
+                if state.lane != lane.generation {
+                    return Err(LaneEnd::Superseded);
+                }
+                if !state.session.poll_transmit(Instant::now(), lane.kind, plain) {
+                    break;
+                }
+                state.stats.sent += plain.len() as u64;
+                self.settle(&mut state);
+            }
+            self.transport.seal(plain, out);
+        }
+        Ok(out.len() > start)
+    }
+
+    /// Appends one sealed ack-only packet to `out`: poll requests carry one
+    /// to prove who sent them.
+    pub fn seal_ack(&self, out: &mut Vec<u8>) {
+        let mut plain = Vec::new();
+        self.lock().session.write_ack(Instant::now(), &mut plain);
+        self.transport.seal(&plain, out);
+    }
+
+    /// Serves the session's deadlines until it closes. The owner of the
+    /// tunnel runs this; it returns the reason the session ended.
+    pub async fn run_timers(&self) -> String {
+        loop {
+            let listener = self.timer.listen();
+            let deadline = {
+                let mut state = self.lock();
+                state.session.handle_timeout(Instant::now());
+                self.settle(&mut state);
+                if let Some(reason) = &state.closed {
+                    return reason.clone();
+                }
+                state.session.poll_timeout()
+            };
+            match deadline {
+                Some(at) => {
+                    future::or(
+                        async {
+                            smol::Timer::at(at).await;
+                        },
+                        listener,
+                    )
+                    .await
+                }
+                None => listener.await,
+            }
+        }
+    }
+
+    /// Opens a stream to the peer's target or service `name`.
+    pub fn open(&self, name: &str) -> Result<StreamId, StreamError> {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return Err(StreamError::Closed(0));
+        }
+        let id = state.session.streams().open(name)?;
+        state.wakers.insert(id, Arc::new(Notify::new()));
+        self.settle(&mut state);
+        Ok(id)
+    }
+
+    /// Ends stream `id` on both sides; `reason` goes to the peer's log.
+    pub fn reset(&self, id: StreamId, reason: &str) {
+        let mut state = self.lock();
+        state.session.streams().reset(id, reason);
+        if let Some(waker) = state.wakers.get(&id) {
+            waker.notify(usize::MAX);
+        }
+        self.settle(&mut state);
+    }
+
+    fn waker(&self, id: StreamId) -> Option<Arc<Notify>> {
+        self.lock().wakers.get(&id).cloned()
+    }
+
+    /// Carries bytes between `socket` and stream `id` both ways, with
+    /// half-close, until both directions finish or either side resets.
+    pub async fn pump(&self, id: StreamId, socket: TcpStream) {
+        let Some(waker) = self.waker(id) else { return };
+        let up = self.socket_to_stream(id, socket.clone(), &waker);
+        let down = self.stream_to_socket(id, socket, &waker);
+        let both = async {
+            if let Err(reason) = future::try_zip(up, down).await {
+                self.reset(id, &reason);
+            }
+        };
+        future::or(both, self.gone(id, &waker)).await;
+        self.lock().wakers.remove(&id);
+    }
+
+    /// Resolves when stream `id` no longer exists in the session.
+    async fn gone(&self, id: StreamId, waker: &Notify) {
+        loop {
+            let listener = waker.listen();
+            {
+                let mut state = self.lock();
+                if state.closed.is_some() || !state.session.streams().contains(id) {
+                    return;
+                }
+            }
+            listener.await;
+        }
+    }
+
+    async fn socket_to_stream(
+        &self,
+        id: StreamId,
+        mut socket: TcpStream,
+        waker: &Notify,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; SOCKET_READ];
+        loop {
+            let n = socket.read(&mut buf).await.map_err(|e| format!("local read failed: {e}"))?;
+            if n == 0 {
+                let mut state = self.lock();
+                let _ = state.session.streams().finish(id);
+                self.settle(&mut state);
+                return Ok(());
+            }
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let listener = waker.listen();
+                let written = {
+                    let mut state = self.lock();
+                    let written = state.session.streams().write(id, rest);
+                    self.settle(&mut state);
+                    written
+                };
+                match written {
+                    Ok(0) => listener.await,
+                    Ok(k) => rest = &rest[k..],
+                    // Reset while we read: the gone() branch ends the pump.
+                    Err(_) => return Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn stream_to_socket(
+        &self,
+        id: StreamId,
+        mut socket: TcpStream,
+        waker: &Notify,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; SOCKET_READ];
+        loop {
+            let listener = waker.listen();
+            let read = {
+                let mut state = self.lock();
+                let read = state.session.streams().read(id, &mut buf);
+                self.settle(&mut state);
+                read
+            };
+            match read {
+                Ok(Read::Data(n)) => {
+                    socket
+                        .write_all(&buf[..n])
+                        .await
+                        .map_err(|e| format!("local write failed: {e}"))?;
+                }
+                Ok(Read::Fin) => {
+                    let _ = socket.shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                Ok(Read::Blocked) => listener.await,
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}

@@ -22,7 +22,7 @@ use smol::net::{TcpListener, TcpStream};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, ResponseHead, CHUNK_END};
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, POLL_WAIT, STREAM_CHUNK};
-use crate::config::{self, AgentConfig, CarrierKind, ForwardSource, ProxyUrl, Service, StationUrl};
+use crate::config::{AgentConfig, CarrierKind, ForwardSource, ProxyUrl, Service, StationUrl};
 use crate::core::session::{Lane, Limits};
 use crate::core::streams::Side;
 use crate::crypto::{self, RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
@@ -52,8 +52,6 @@ pub enum Error {
     Bind { addr: SocketAddr, target: String, source: std::io::Error },
     #[error("forward to {target}: serial lines are not supported yet ({path})")]
     SerialUnsupported { target: String, path: String },
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
 }
 
 /// Why one carrier request failed.
@@ -270,10 +268,7 @@ impl Agent {
 
     /// As [`Agent::bind`], with session timing chosen by the caller.
     pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
-        let proxy = match config.proxy {
-            Some(proxy) => Some(proxy),
-            None => config::proxy_from_env(&config.station.host)?,
-        };
+        let proxy = config.proxy;
         let mut forwards = Vec::new();
         for forward in config.forwards {
             match forward.source {

@@ -122,7 +122,8 @@ pub struct AgentConfig {
     /// This device's static Noise key.
     pub private_key: PrivateKey,
     /// The forward proxy from the file. `None` means the file names none;
-    /// the agent then asks [`proxy_from_env`].
+    /// the command line then asks [`proxy_from_env`] (the library itself
+    /// never reads the environment, so tests and the demo go direct).
     pub proxy: Option<ProxyUrl>,
     /// Which HTTP carrier shape to use.
     pub carrier: CarrierKind,

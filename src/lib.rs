@@ -16,6 +16,8 @@ pub mod carrier;
 pub mod config;
 pub mod core;
 pub mod crypto;
+#[cfg(all(feature = "agent", feature = "station"))]
+pub mod demo;
 pub mod keys;
 pub mod logger;
 #[cfg(feature = "station")]

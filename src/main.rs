@@ -1,1 +1,258 @@
-fn main() {}
+//! The `postern` command line: parse arguments, load config, call the library.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use lexopt::prelude::*;
+use log::LevelFilter;
+
+use postern::config::{self, CarrierKind};
+use postern::keys::PrivateKey;
+
+const HELP: &str = "\
+postern — carries TCP and serial byte streams through firewalls that only let HTTP out
+
+Usage:
+  postern genkey                 print a new base64 private key
+  postern pubkey < KEY           print the base64 public key of a private key
+  postern station -c FILE.toml   run the station (central side)
+  postern agent -c FILE.toml     run the agent (device side)
+  postern check -c FILE.toml     validate a station or agent config; non-zero exit with the reason
+  postern demo [--once] [--carrier auto|stream|poll] [--bytes N]
+                                 station + agent + echo target on loopback, nothing to configure
+
+Options:
+  -c, --config FILE   config file (station, agent, check)
+  -v, --verbose       more log output (-v debug, -vv trace)
+  -q, --quiet         less log output (-q warnings, -qq errors only)
+  -h, --help          this text
+  -V, --version       the version
+
+Logs go to stderr; POSTERN_LOG=error|warn|info|debug|trace overrides -v/-q.
+The agent uses HTTP_PROXY/http_proxy (honouring NO_PROXY) when its config
+names no proxy. See README.md for the config files.
+";
+
+enum Command {
+    Genkey,
+    Pubkey,
+    Station(PathBuf),
+    Agent(PathBuf),
+    Check(PathBuf),
+    Demo { once: bool, carrier: CarrierKind, bytes: u64 },
+}
+
+/// A command line that cannot be run, with the reason to print.
+struct Usage(String);
+
+impl From<lexopt::Error> for Usage {
+    fn from(e: lexopt::Error) -> Self {
+        Usage(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let (command, level) = match parse_args() {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(Usage(reason)) => {
+            eprintln!("postern: {reason}\nTry 'postern --help'.");
+            return ExitCode::from(2);
+        }
+    };
+    postern::logger::init(level);
+    match run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("postern: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Ok(None)` when `--help` or `--version` was answered.
+fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
+    let mut parser = lexopt::Parser::from_env();
+    let mut subcommand: Option<String> = None;
+    let mut config: Option<PathBuf> = None;
+    let mut verbosity: i32 = 0;
+    let mut once = false;
+    let mut carrier = CarrierKind::Auto;
+    let mut bytes = postern::demo::DEFAULT_BYTES;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => {
+                print!("{HELP}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("postern {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            Short('v') | Long("verbose") => verbosity += 1,
+            Short('q') | Long("quiet") => verbosity -= 1,
+            Short('c') | Long("config") => config = Some(parser.value()?.into()),
+            Long("once") => once = true,
+            Long("carrier") => {
+                carrier = match parser.value()?.string()?.as_str() {
+                    "auto" => CarrierKind::Auto,
+                    "stream" => CarrierKind::Stream,
+                    "poll" => CarrierKind::Poll,
+                    other => {
+                        return Err(Usage(format!(
+                            "--carrier {other:?}: expected auto, stream or poll"
+                        )))
+                    }
+                }
+            }
+            Long("bytes") => {
+                let text = parser.value()?.string()?;
+                bytes = text
+                    .parse()
+                    .map_err(|_| Usage(format!("--bytes {text:?}: expected a number of bytes")))?;
+            }
+            Value(value) if subcommand.is_none() => subcommand = Some(value.string()?),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let level = match verbosity {
+        i32::MIN..=-2 => LevelFilter::Error,
+        -1 => LevelFilter::Warn,
+        0 => LevelFilter::Info,
+        1 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    };
+    let Some(name) = subcommand else {
+        return Err(Usage("no command given".into()));
+    };
+    let needs_config =
+        |what: &str| config.clone().ok_or_else(|| Usage(format!("{what} needs -c FILE.toml")));
+    let demo_only = once || carrier != CarrierKind::Auto || bytes != postern::demo::DEFAULT_BYTES;
+    if demo_only && name != "demo" {
+        return Err(Usage(format!("--once, --carrier and --bytes apply only to demo, not {name}")));
+    }
+    let command = match name.as_str() {
+        "genkey" => Command::Genkey,
+        "pubkey" => Command::Pubkey,
+        "station" => Command::Station(needs_config("station")?),
+        "agent" => Command::Agent(needs_config("agent")?),
+        "check" => Command::Check(needs_config("check")?),
+        "demo" => Command::Demo { once, carrier, bytes },
+        other => return Err(Usage(format!("unknown command {other:?}"))),
+    };
+    if config.is_some()
+        && matches!(command, Command::Genkey | Command::Pubkey | Command::Demo { .. })
+    {
+        return Err(Usage(format!("{name} takes no config file")));
+    }
+    Ok(Some((command, level)))
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Genkey => {
+            println!("{}", PrivateKey::generate().to_base64());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut text = String::new();
+            // A key is 44 characters; read a little more to say "too long".
+            std::io::stdin()
+                .take(4096)
+                .read_to_string(&mut text)
+                .map_err(|e| format!("cannot read a private key from stdin: {e}"))?;
+            let key = PrivateKey::from_base64(&text)
+                .map_err(|e| format!("stdin is not a private key: {e}"))?;
+            println!("{}", key.public_key().to_base64());
+            Ok(())
+        }
+        Command::Check(path) => match config::load_any(&path).map_err(|e| e.to_string())? {
+            config::AnyConfig::Station(station) => {
+                println!(
+                    "{}: station config OK ({} devices, {} targets)",
+                    path.display(),
+                    station.devices.len(),
+                    station.targets.len()
+                );
+                Ok(())
+            }
+            config::AnyConfig::Agent(agent) => {
+                println!(
+                    "{}: agent config OK ({} forwards, {} services)",
+                    path.display(),
+                    agent.forwards.len(),
+                    agent.services.len()
+                );
+                Ok(())
+            }
+        },
+        Command::Station(path) => station(path),
+        Command::Agent(path) => agent(path),
+        Command::Demo { once, carrier, bytes } => demo(once, carrier, bytes),
+    }
+}
+
+#[cfg(feature = "station")]
+fn station(path: PathBuf) -> Result<(), String> {
+    let config = config::StationConfig::load(&path).map_err(|e| e.to_string())?;
+    smol::block_on(async {
+        let station = postern::station::Station::bind(config).await.map_err(|e| e.to_string())?;
+        station.run().await;
+        Ok(())
+    })
+}
+
+#[cfg(not(feature = "station"))]
+fn station(_: PathBuf) -> Result<(), String> {
+    Err("this build has no station (built without the `station` feature)".into())
+}
+
+#[cfg(feature = "agent")]
+fn agent(path: PathBuf) -> Result<(), String> {
+    let mut config = config::AgentConfig::load(&path).map_err(|e| e.to_string())?;
+    if config.proxy.is_none() {
+        config.proxy = config::proxy_from_env(&config.station.host).map_err(|e| e.to_string())?;
+    }
+    smol::block_on(async {
+        let agent = postern::agent::Agent::bind(config).await.map_err(|e| e.to_string())?;
+        agent.run().await;
+        Ok(())
+    })
+}
+
+#[cfg(not(feature = "agent"))]
+fn agent(_: PathBuf) -> Result<(), String> {
+    Err("this build has no agent (built without the `agent` feature)".into())
+}
+
+#[cfg(all(feature = "agent", feature = "station"))]
+fn demo(once: bool, carrier: CarrierKind, bytes: u64) -> Result<(), String> {
+    use postern::demo::Lab;
+    smol::block_on(async {
+        let lab = Lab::start(carrier).await.map_err(|e| e.to_string())?;
+        println!(
+            "station on {}, agent forwarding {} to the echo target; sending {} bytes...",
+            lab.station, lab.forward, bytes
+        );
+        let report = lab.round_trip(bytes).await.map_err(|e| e.to_string())?;
+        println!("{report}");
+        if !report.verified() {
+            return Err("the bytes that came back differ from the bytes sent".into());
+        }
+        if once {
+            return Ok(());
+        }
+        println!(
+            "\nThe tunnel keeps running. Try it (type a line, it comes back):\n  nc 127.0.0.1 {}\nCtrl-C stops the demo.",
+            lab.forward.port()
+        );
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
+#[cfg(not(all(feature = "agent", feature = "station")))]
+fn demo(_: bool, _: CarrierKind, _: u64) -> Result<(), String> {
+    Err("the demo needs both the `agent` and `station` features".into())
+}

@@ -103,6 +103,12 @@ pub struct Session {
     unacked_received: usize,
     ack_due: Option<Instant>,
     last_sent: Instant,
+    /// An ack or keepalive deadline passed and `handle_timeout` saw it: the
+    /// next transmit sends one. Kept apart from the deadlines so that
+    /// `poll_timeout` never reports a deadline already handled (a driver
+    /// would wake again at once, forever, while its carrier is busy).
+    ack_pending: bool,
+    keepalive_pending: bool,
     last_received: Instant,
     closed: bool,
     /// Frames buffers of acknowledged packets, reused for new ones.
@@ -122,6 +128,8 @@ impl Session {
             unacked_received: 0,
             ack_due: None,
             last_sent: now,
+            ack_pending: false,
+            keepalive_pending: false,
             last_received: now,
             closed: false,
             spare: Vec::new(),
@@ -248,8 +256,9 @@ impl Session {
         if lane == Lane::Sequenced {
             return false;
         }
-        let ack_wanted = self.ack_due.is_some_and(|due| due <= now);
-        let keepalive_wanted = now >= self.last_sent + self.limits.keepalive;
+        let ack_wanted = self.ack_pending || self.ack_due.is_some_and(|due| due <= now);
+        let keepalive_wanted =
+            self.keepalive_pending || now >= self.last_sent + self.limits.keepalive;
         if ack_wanted || keepalive_wanted {
             self.write_ack(now, out);
             return true;
@@ -268,6 +277,8 @@ impl Session {
     fn sent(&mut self, now: Instant) {
         self.last_sent = now;
         self.ack_due = None;
+        self.ack_pending = false;
+        self.keepalive_pending = false;
         self.unacked_received = 0;
     }
 
@@ -284,7 +295,9 @@ impl Session {
     fn deadline(&self, timer: Timer) -> Option<Instant> {
         match timer {
             Timer::Ack => self.ack_due,
-            Timer::Keepalive => Some(self.last_sent + self.limits.keepalive),
+            Timer::Keepalive => {
+                (!self.keepalive_pending).then(|| self.last_sent + self.limits.keepalive)
+            }
             Timer::Idle => Some(self.last_received + self.limits.idle_timeout),
         }
     }
@@ -297,8 +310,17 @@ impl Session {
         if self.deadline(Timer::Idle).is_some_and(|t| t <= now) {
             let secs = self.limits.idle_timeout.as_secs();
             self.end(&format!("no packet from the peer for {secs} s"));
+            return;
         }
-        // Ack and keepalive deadlines are served by poll_transmit.
+        // Ack and keepalive deadlines are served by the next poll_transmit;
+        // here they only stop being deadlines.
+        if self.ack_due.is_some_and(|due| due <= now) {
+            self.ack_due = None;
+            self.ack_pending = true;
+        }
+        if self.deadline(Timer::Keepalive).is_some_and(|due| due <= now) {
+            self.keepalive_pending = true;
+        }
     }
 
     /// Ends the session here and queues a Close frame for the peer.

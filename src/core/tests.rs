@@ -229,3 +229,30 @@ fn acking_an_unsent_packet_is_a_peer_error() {
     encode_header(&Header { seq: 0, ack: 5 }, &mut packet);
     assert!(station.handle_packet(now, &packet).is_err());
 }
+
+#[test]
+fn handled_deadlines_are_not_reported_again() {
+    // A driver whose carrier is busy calls handle_timeout at each deadline
+    // and cannot transmit yet; it must then sleep, not wake at once forever.
+    let start = Instant::now();
+    let mut agent = End::new(Side::Agent, start);
+    let mut station = End::new(Side::Station, start);
+    let id = agent.session.streams().open("t").unwrap();
+    agent.session.streams().write(id, b"x").unwrap();
+    agent.transmit(start, 10);
+    for p in agent.out.live.drain(..) {
+        station.session.handle_packet(start, &p).unwrap();
+    }
+    let mut now = start;
+    // The ack deadline, then the keepalive deadline (the idle one is later).
+    for _ in 0..2 {
+        let due = station.session.poll_timeout().unwrap();
+        assert!(due > now, "deadline {:?} already handled", due - start);
+        now = due;
+        station.session.handle_timeout(now);
+    }
+    // The ack and the keepalive are still owed, and go out at the next chance.
+    let mut buf = Vec::new();
+    assert!(station.session.poll_transmit(now, Lane::Data, &mut buf));
+    assert!(!station.session.poll_transmit(now, Lane::Data, &mut buf));
+}

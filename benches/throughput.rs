@@ -78,6 +78,8 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--postern PATH]
   --repeat N     measurements per row; the median is reported (default 3)
   --only NAMES   routes to run, comma-separated: direct,httptunnel,stream,poll
   --postern PATH the postern binary (default: the one cargo built with this driver)
+  --baseline PATH another postern binary, measured beside the first (adds the
+                 routes stream-baseline and poll-baseline)
   --doc FILE     rewrite the Throughput section of this Markdown file
   --command TEXT the command line to record in the document";
 
@@ -86,6 +88,7 @@ struct Options {
     repeat: usize,
     routes: Vec<Route>,
     postern: PathBuf,
+    baseline: Option<PathBuf>,
     doc: Option<PathBuf>,
     command: String,
 }
@@ -97,6 +100,7 @@ impl Options {
             repeat: 3,
             routes: Route::ALL.to_vec(),
             postern: PathBuf::from(env!("CARGO_BIN_EXE_postern")),
+            baseline: None,
             doc: None,
             command: String::from("cargo bench --bench throughput"),
         };
@@ -123,6 +127,7 @@ impl Options {
                         .collect::<Result<_, _>>()?;
                 }
                 "--postern" => options.postern = value()?.into(),
+                "--baseline" => options.baseline = Some(value()?.into()),
                 "--doc" => options.doc = Some(value()?.into()),
                 "--command" => options.command = value()?,
                 "-h" | "--help" => {
@@ -130,6 +135,15 @@ impl Options {
                     std::process::exit(0);
                 }
                 other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        if options.baseline.is_some() {
+            for route in Route::BASELINES {
+                let carrier =
+                    if route == Route::StreamBaseline { Route::Stream } else { Route::Poll };
+                if options.routes.contains(&carrier) && !options.routes.contains(&route) {
+                    options.routes.push(route);
+                }
             }
         }
         Ok(options)
@@ -143,10 +157,15 @@ enum Route {
     Httptunnel,
     Stream,
     Poll,
+    /// The carriers again with the `--baseline` binary, for before/after
+    /// comparisons of a change measured in one run.
+    StreamBaseline,
+    PollBaseline,
 }
 
 impl Route {
     const ALL: [Route; 4] = [Route::Direct, Route::Httptunnel, Route::Stream, Route::Poll];
+    const BASELINES: [Route; 2] = [Route::StreamBaseline, Route::PollBaseline];
 
     fn name(self) -> &'static str {
         match self {
@@ -154,6 +173,8 @@ impl Route {
             Route::Httptunnel => "httptunnel",
             Route::Stream => "stream",
             Route::Poll => "poll",
+            Route::StreamBaseline => "stream-baseline",
+            Route::PollBaseline => "poll-baseline",
         }
     }
 
@@ -163,15 +184,19 @@ impl Route {
             Route::Httptunnel => "GNU httptunnel (hts/htc)",
             Route::Stream => "postern, carrier stream",
             Route::Poll => "postern, carrier poll",
+            Route::StreamBaseline => "postern --baseline build, carrier stream",
+            Route::PollBaseline => "postern --baseline build, carrier poll",
         }
     }
 
     fn named(name: &str) -> Option<Route> {
-        Route::ALL.into_iter().find(|r| r.name() == name)
+        Route::ALL.into_iter().chain(Route::BASELINES).find(|r| r.name() == name)
     }
 
     /// Starts the route's processes; the returned entries lead to `targets`.
-    fn start(self, targets: &Targets, postern: &Path) -> Result<Running, String> {
+    fn start(self, targets: &Targets, options: &Options) -> Result<Running, String> {
+        let postern = options.postern.as_path();
+        let baseline = || options.baseline.as_deref().ok_or("no --baseline binary given");
         match self {
             Route::Direct => Ok(Running {
                 up: targets.sink,
@@ -182,6 +207,8 @@ impl Route {
             Route::Httptunnel => start_httptunnel(targets),
             Route::Stream => start_postern(targets, postern, "stream"),
             Route::Poll => start_postern(targets, postern, "poll"),
+            Route::StreamBaseline => start_postern(targets, baseline()?, "stream"),
+            Route::PollBaseline => start_postern(targets, baseline()?, "poll"),
         }
     }
 }
@@ -256,7 +283,7 @@ fn run(options: &Options) -> Result<(), String> {
 
     let mut running = BTreeMap::new();
     for &route in &options.routes {
-        let started = route.start(&targets, &options.postern)?;
+        let started = route.start(&targets, options)?;
         // A short transfer each way first: sessions, connections and pools
         // are set up outside the measurement.
         let warm = Payload::new(WARM_UP);

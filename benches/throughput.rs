@@ -77,6 +77,7 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--postern PATH]
   --mib N        MiB per transfer (default 256)
   --repeat N     measurements per row; the median is reported (default 3)
   --only NAMES   routes to run, comma-separated: direct,httptunnel,stream,poll
+  --tests NAMES  tests to run, comma-separated: up,down
   --postern PATH the postern binary (default: the one cargo built with this driver)
   --baseline PATH another postern binary, measured beside the first (adds the
                  routes stream-baseline and poll-baseline)
@@ -87,6 +88,7 @@ struct Options {
     bytes: u64,
     repeat: usize,
     routes: Vec<Route>,
+    tests: Vec<Test>,
     postern: PathBuf,
     baseline: Option<PathBuf>,
     doc: Option<PathBuf>,
@@ -99,6 +101,7 @@ impl Options {
             bytes: 256 * MIB,
             repeat: 3,
             routes: Route::ALL.to_vec(),
+            tests: Test::ALL.to_vec(),
             postern: PathBuf::from(env!("CARGO_BIN_EXE_postern")),
             baseline: None,
             doc: None,
@@ -124,6 +127,12 @@ impl Options {
                     options.routes = value()?
                         .split(',')
                         .map(|name| Route::named(name).ok_or(format!("no route named {name:?}")))
+                        .collect::<Result<_, _>>()?;
+                }
+                "--tests" => {
+                    options.tests = value()?
+                        .split(',')
+                        .map(|name| Test::named(name).ok_or(format!("no test named {name:?}")))
                         .collect::<Result<_, _>>()?;
                 }
                 "--postern" => options.postern = value()?.into(),
@@ -231,6 +240,10 @@ impl Test {
             Test::Down => "down",
         }
     }
+
+    fn named(name: &str) -> Option<Test> {
+        Test::ALL.into_iter().find(|t| t.name() == name)
+    }
 }
 
 /// A started route: where a client connects for each test, and the
@@ -299,7 +312,7 @@ fn run(options: &Options) -> Result<(), String> {
     let mut failures: BTreeMap<(Route, Test), String> = BTreeMap::new();
     for round in 1..=options.repeat {
         for (&route, started) in &running {
-            for test in Test::ALL {
+            for &test in &options.tests {
                 if failures.contains_key(&(route, test)) {
                     continue;
                 }
@@ -973,7 +986,7 @@ impl Report<'_> {
         );
         let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
         for &route in &o.routes {
-            for test in Test::ALL {
+            for &test in &o.tests {
                 let key = (route, test);
                 let direction = match test {
                     Test::Up => "up (agent → station)",

@@ -81,6 +81,8 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--postern PATH]
   --postern PATH the postern binary (default: the one cargo built with this driver)
   --baseline PATH another postern binary, measured beside the first (adds the
                  routes stream-baseline and poll-baseline)
+  --pause SECS   after the warm-up, print the processes' pids and wait, e.g.
+                 to attach perf or strace before the measurements
   --doc FILE     rewrite the Throughput section of this Markdown file
   --command TEXT the command line to record in the document";
 
@@ -91,6 +93,7 @@ struct Options {
     tests: Vec<Test>,
     postern: PathBuf,
     baseline: Option<PathBuf>,
+    pause: Option<Duration>,
     doc: Option<PathBuf>,
     command: String,
 }
@@ -104,6 +107,7 @@ impl Options {
             tests: Test::ALL.to_vec(),
             postern: PathBuf::from(env!("CARGO_BIN_EXE_postern")),
             baseline: None,
+            pause: None,
             doc: None,
             command: String::from("cargo bench --bench throughput"),
         };
@@ -137,6 +141,11 @@ impl Options {
                 }
                 "--postern" => options.postern = value()?.into(),
                 "--baseline" => options.baseline = Some(value()?.into()),
+                "--pause" => {
+                    let text = value()?;
+                    let secs: f64 = text.parse().map_err(|_| format!("--pause {text:?}"))?;
+                    options.pause = Some(Duration::from_secs_f64(secs.max(0.0)));
+                }
                 "--doc" => options.doc = Some(value()?.into()),
                 "--command" => options.command = value()?,
                 "-h" | "--help" => {
@@ -307,6 +316,15 @@ fn run(options: &Options) -> Result<(), String> {
         running.insert(route, started);
     }
 
+    if let Some(pause) = options.pause {
+        for (route, started) in &running {
+            for proc in &started.procs {
+                eprintln!("{}: {} is pid {}", route.name(), proc.name, proc.child.id());
+            }
+        }
+        eprintln!("pausing {pause:?} before the measurements (--pause)");
+        thread::sleep(pause);
+    }
     let load_before = Machine::load();
     let mut samples: BTreeMap<(Route, Test), Vec<Sample>> = BTreeMap::new();
     let mut failures: BTreeMap<(Route, Test), String> = BTreeMap::new();
@@ -319,10 +337,11 @@ fn run(options: &Options) -> Result<(), String> {
                 match measure(started, test, &payload, &targets) {
                     Ok(sample) => {
                         eprintln!(
-                            "round {round}: {:<10} {:<4} {:>8.1} MB/s",
+                            "round {round}: {:<16} {:<4} {:>8.1} MB/s {:>6.2} CPU s/GiB",
                             route.name(),
                             test.name(),
-                            sample.rate / 1e6
+                            sample.rate / 1e6,
+                            sample.cpu_per_gib,
                         );
                         samples.entry((route, test)).or_default().push(sample);
                     }
@@ -980,10 +999,8 @@ impl Report<'_> {
             self.load.1
         );
         let _ = writeln!(out, "```sh\n{}\n```\n", o.command);
-        let _ = writeln!(
-            out,
-            "| route | direction | MB/s | vs direct | vs httptunnel | CPU s/GiB (tunnel processes) |"
-        );
+        let _ =
+            writeln!(out, "| route | direction | MB/s | vs direct | vs httptunnel | CPU s/GiB |");
         let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
         for &route in &o.routes {
             for &test in &o.tests {
@@ -1011,14 +1028,14 @@ impl Report<'_> {
                         .filter(|_| base != route)
                         .map_or_else(|| "".to_owned(), |b| format!("{:.2}×", rate / b))
                 };
-                let cpu = if route == Route::Direct {
-                    "–".to_owned()
-                } else {
-                    format!(
-                        "{:.2}",
-                        median(&mut samples.iter().map(|s| s.cpu_per_gib).collect::<Vec<_>>())
-                    )
+                let of_tunnel = |figure: fn(&Sample) -> f64, digits: usize| {
+                    if route == Route::Direct {
+                        return "–".to_owned();
+                    }
+                    let value = median(&mut samples.iter().map(figure).collect::<Vec<_>>());
+                    format!("{value:.digits$}")
                 };
+                let cpu = of_tunnel(|s| s.cpu_per_gib, 2);
                 let _ = writeln!(
                     out,
                     "| {} | {direction} | {:.0} ({:.0}–{:.0}) | {} | {} | {cpu} |",

@@ -11,22 +11,25 @@
 //! sealing a packet never blocks a socket feeding its stream.
 
 use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use async_io::Async;
 use event_listener::Event as Notify;
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::future;
 use smol::channel;
 use smol::net::TcpStream;
 
 use crate::core::frame::MAX_PACKET;
 use crate::core::session::{Lane, Limits, Session};
-use crate::core::streams::{Event, Read, Side, StreamError, StreamId};
+use crate::core::streams::{Event, Received, Side, StreamError, StreamId};
 use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
 
-/// Bytes one socket read moves into a stream at most: one packet's worth.
-const SOCKET_READ: usize = 64 * 1024;
+/// Bytes one socket read moves into a stream at most: the whole send
+/// buffer, so a fast local writer costs few system calls.
+const SOCKET_READ: usize = crate::core::streams::SEND_BUFFER;
 
 /// A stream the peer opened, waiting for the driver to connect it.
 #[derive(Debug)]
@@ -339,8 +342,9 @@ impl Tunnel {
     /// half-close, until both directions finish or either side resets.
     pub async fn pump(&self, id: StreamId, socket: TcpStream) {
         let Some(waker) = self.waker(id) else { return };
-        let up = self.socket_to_stream(id, socket.clone(), &waker);
-        let down = self.stream_to_socket(id, socket, &waker);
+        let socket: Arc<Async<std::net::TcpStream>> = socket.into();
+        let up = self.socket_to_stream(id, &socket, &waker);
+        let down = self.stream_to_socket(id, &socket, &waker);
         let both = async {
             if let Err(reason) = future::try_zip(up, down).await {
                 self.reset(id, &reason);
@@ -364,69 +368,98 @@ impl Tunnel {
         }
     }
 
+    /// Reads `socket` straight into the stream's send buffer (no staging
+    /// buffer, no copy), up to [`SOCKET_READ`] bytes a call.
     async fn socket_to_stream(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        socket: &Async<std::net::TcpStream>,
         waker: &Notify,
     ) -> Result<(), String> {
-        let mut buf = vec![0u8; SOCKET_READ];
         loop {
-            let n = socket.read(&mut buf).await.map_err(|e| format!("local read failed: {e}"))?;
-            if n == 0 {
+            let listener = waker.listen();
+            // Called again after each wait for readability; the lock is held
+            // only across one non-blocking read.
+            let step = socket.read_with(|mut socket| {
                 let mut state = self.lock();
-                let _ = state.session.streams().finish(id);
-                self.settle(&mut state);
-                return Ok(());
-            }
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                let listener = waker.listen();
-                let written = {
-                    let mut state = self.lock();
-                    let written = state.session.streams().write(id, rest);
-                    self.settle(&mut state);
-                    written
+                let streams = state.session.streams();
+                let (first, second) = match streams.send_space(id, SOCKET_READ) {
+                    Ok(space) => space,
+                    // Reset while we waited: the gone() branch ends the pump.
+                    Err(_) => return Ok(Step::Gone),
                 };
-                match written {
-                    Ok(0) => listener.await,
-                    Ok(k) => rest = &rest[k..],
-                    // Reset while we read: the gone() branch ends the pump.
-                    Err(_) => return Ok(()),
+                if first.is_empty() {
+                    return Ok(Step::Full);
                 }
+                let n =
+                    socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])?;
+                let step = if n == 0 {
+                    let _ = streams.finish(id);
+                    Step::End
+                } else {
+                    let _ = streams.commit_send(id, n);
+                    Step::Moved
+                };
+                self.settle(&mut state);
+                Ok(step)
+            });
+            match step.await.map_err(|e| format!("local read failed: {e}"))? {
+                Step::Moved => {}
+                Step::Full => listener.await,
+                Step::End | Step::Gone => return Ok(()),
             }
         }
     }
 
+    /// Writes the stream's received bytes straight from its receive buffer
+    /// to `socket`, then half-closes the socket at the peer's FIN.
     async fn stream_to_socket(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        socket: &Async<std::net::TcpStream>,
         waker: &Notify,
     ) -> Result<(), String> {
-        let mut buf = vec![0u8; SOCKET_READ];
         loop {
             let listener = waker.listen();
-            let read = {
+            let step = socket.write_with(|mut socket| {
                 let mut state = self.lock();
-                let read = state.session.streams().read(id, &mut buf);
+                let streams = state.session.streams();
+                let step = match streams.received(id) {
+                    Ok(Received::Data(first, second)) => {
+                        let n =
+                            socket.write_vectored(&[IoSlice::new(first), IoSlice::new(second)])?;
+                        let _ = streams.consume(id, n);
+                        Step::Moved
+                    }
+                    Ok(Received::Fin) => Step::End,
+                    Ok(Received::Blocked) => Step::Full,
+                    Err(_) => Step::Gone,
+                };
                 self.settle(&mut state);
-                read
-            };
-            match read {
-                Ok(Read::Data(n)) => {
-                    socket
-                        .write_all(&buf[..n])
-                        .await
-                        .map_err(|e| format!("local write failed: {e}"))?;
-                }
-                Ok(Read::Fin) => {
-                    let _ = socket.shutdown(Shutdown::Write);
+                Ok(step)
+            });
+            match step.await.map_err(|e| format!("local write failed: {e}"))? {
+                Step::Moved => {}
+                Step::Full => listener.await,
+                Step::End => {
+                    let _ = socket.get_ref().shutdown(Shutdown::Write);
                     return Ok(());
                 }
-                Ok(Read::Blocked) => listener.await,
-                Err(_) => return Ok(()),
+                Step::Gone => return Ok(()),
             }
         }
     }
+}
+
+/// What one non-blocking pass of a pump direction did.
+enum Step {
+    /// Bytes moved between the socket and the stream.
+    Moved,
+    /// Nothing to move until the stream wakes us: its send buffer is full,
+    /// or nothing was received yet.
+    Full,
+    /// This direction is over: the socket's EOF, or the peer's FIN.
+    End,
+    /// The stream is gone (reset or session closed).
+    Gone,
 }

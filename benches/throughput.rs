@@ -76,7 +76,11 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--postern PATH]
                   [--doc FILE] [--command TEXT]
   --mib N        MiB per transfer (default 256)
   --repeat N     measurements per row; the median is reported (default 3)
-  --only NAMES   routes to run, comma-separated: direct,httptunnel,stream,poll
+  --only NAMES   routes to run, comma-separated: direct, httptunnel, stream,
+                 poll, and the same with -rtt (e.g. poll-rtt): with --rtt-ms
+                 of latency on the hop that crosses the firewall
+  --rtt-ms N     round trip the -rtt routes add (default 20)
+  --rtt-mib N    MiB per transfer on the -rtt routes (default 16)
   --tests NAMES  tests to run, comma-separated: up,down
   --postern PATH the postern binary (default: the one cargo built with this driver)
   --baseline PATH another postern binary, measured beside the first (adds the
@@ -94,6 +98,9 @@ struct Options {
     postern: PathBuf,
     baseline: Option<PathBuf>,
     pause: Option<Duration>,
+    /// Round trip the delayed routes add, and the bytes they move per transfer.
+    rtt: Duration,
+    rtt_bytes: u64,
     doc: Option<PathBuf>,
     command: String,
 }
@@ -108,6 +115,8 @@ impl Options {
             postern: PathBuf::from(env!("CARGO_BIN_EXE_postern")),
             baseline: None,
             pause: None,
+            rtt: Duration::from_millis(20),
+            rtt_bytes: 16 * MIB,
             doc: None,
             command: String::from("cargo bench --bench throughput"),
         };
@@ -141,6 +150,16 @@ impl Options {
                 }
                 "--postern" => options.postern = value()?.into(),
                 "--baseline" => options.baseline = Some(value()?.into()),
+                "--rtt-ms" => {
+                    let text = value()?;
+                    let ms: u64 = text.parse().map_err(|_| format!("--rtt-ms {text:?}"))?;
+                    options.rtt = Duration::from_millis(ms);
+                }
+                "--rtt-mib" => {
+                    let text = value()?;
+                    let mib: u64 = text.parse().map_err(|_| format!("--rtt-mib {text:?}"))?;
+                    options.rtt_bytes = mib.max(1) * MIB;
+                }
                 "--pause" => {
                     let text = value()?;
                     let secs: f64 = text.parse().map_err(|_| format!("--pause {text:?}"))?;
@@ -179,10 +198,26 @@ enum Route {
     /// comparisons of a change measured in one run.
     StreamBaseline,
     PollBaseline,
+    /// The routes again with `--rtt` of latency on the hop that crosses the
+    /// firewall (client to target, htc to hts, agent to station), added by
+    /// a [`DelayProxy`] in this driver: what round trips cost each carrier.
+    DirectRtt,
+    HttptunnelRtt,
+    StreamRtt,
+    PollRtt,
 }
 
 impl Route {
-    const ALL: [Route; 4] = [Route::Direct, Route::Httptunnel, Route::Stream, Route::Poll];
+    const ALL: [Route; 8] = [
+        Route::Direct,
+        Route::Httptunnel,
+        Route::Stream,
+        Route::Poll,
+        Route::DirectRtt,
+        Route::HttptunnelRtt,
+        Route::StreamRtt,
+        Route::PollRtt,
+    ];
     const BASELINES: [Route; 2] = [Route::StreamBaseline, Route::PollBaseline];
 
     fn name(self) -> &'static str {
@@ -193,6 +228,25 @@ impl Route {
             Route::Poll => "poll",
             Route::StreamBaseline => "stream-baseline",
             Route::PollBaseline => "poll-baseline",
+            Route::DirectRtt => "direct-rtt",
+            Route::HttptunnelRtt => "httptunnel-rtt",
+            Route::StreamRtt => "stream-rtt",
+            Route::PollRtt => "poll-rtt",
+        }
+    }
+
+    /// Whether the route has the `--rtt` delay in it.
+    fn delayed(self) -> bool {
+        matches!(self, Route::DirectRtt | Route::HttptunnelRtt | Route::StreamRtt | Route::PollRtt)
+    }
+
+    /// The routes whose rates this one is compared with: those with the
+    /// same delay.
+    fn baselines(self) -> (Route, Route) {
+        if self.delayed() {
+            (Route::DirectRtt, Route::HttptunnelRtt)
+        } else {
+            (Route::Direct, Route::Httptunnel)
         }
     }
 
@@ -204,6 +258,10 @@ impl Route {
             Route::Poll => "postern, carrier poll",
             Route::StreamBaseline => "postern --baseline build, carrier stream",
             Route::PollBaseline => "postern --baseline build, carrier poll",
+            Route::DirectRtt => "direct, with RTT",
+            Route::HttptunnelRtt => "GNU httptunnel, with RTT",
+            Route::StreamRtt => "postern, carrier stream, with RTT",
+            Route::PollRtt => "postern, carrier poll, with RTT",
         }
     }
 
@@ -215,18 +273,27 @@ impl Route {
     fn start(self, targets: &Targets, options: &Options) -> Result<Running, String> {
         let postern = options.postern.as_path();
         let baseline = || options.baseline.as_deref().ok_or("no --baseline binary given");
+        let delay = self.delayed().then_some(options.rtt / 2);
         match self {
-            Route::Direct => Ok(Running {
-                up: targets.sink,
-                down: targets.source,
-                procs: Vec::new(),
-                _dir: None,
-            }),
-            Route::Httptunnel => start_httptunnel(targets),
-            Route::Stream => start_postern(targets, postern, "stream"),
-            Route::Poll => start_postern(targets, postern, "poll"),
-            Route::StreamBaseline => start_postern(targets, baseline()?, "stream"),
-            Route::PollBaseline => start_postern(targets, baseline()?, "poll"),
+            Route::Direct | Route::DirectRtt => {
+                let mut proxies = Vec::new();
+                let mut entry = |target: SocketAddr| match delay {
+                    Some(delay) => {
+                        let proxy = DelayProxy::start(target, delay)?;
+                        let addr = proxy.addr;
+                        proxies.push(proxy);
+                        Ok::<_, String>(addr)
+                    }
+                    None => Ok(target),
+                };
+                let (up, down) = (entry(targets.sink)?, entry(targets.source)?);
+                Ok(Running { up, down, procs: Vec::new(), _proxies: proxies, _dir: None })
+            }
+            Route::Httptunnel | Route::HttptunnelRtt => start_httptunnel(targets, delay),
+            Route::Stream | Route::StreamRtt => start_postern(targets, postern, "stream", delay),
+            Route::Poll | Route::PollRtt => start_postern(targets, postern, "poll", delay),
+            Route::StreamBaseline => start_postern(targets, baseline()?, "stream", None),
+            Route::PollBaseline => start_postern(targets, baseline()?, "poll", None),
         }
     }
 }
@@ -261,6 +328,8 @@ struct Running {
     up: SocketAddr,
     down: SocketAddr,
     procs: Vec<Proc>,
+    /// Delays on the route, stopped on drop.
+    _proxies: Vec<DelayProxy>,
     /// Config files, removed on drop.
     _dir: Option<TempDir>,
 }
@@ -277,6 +346,12 @@ impl Running {
         format!(" ({} no longer running)", gone.join(", "))
     }
 
+    /// Context switches so far (voluntary and not) of all threads of the
+    /// route's processes: each is a sleep and a wakeup.
+    fn context_switches(&self) -> u64 {
+        self.procs.iter().map(Proc::context_switches).sum()
+    }
+
     /// CPU seconds used so far by the route's processes together.
     fn cpu_seconds(&self) -> f64 {
         self.procs.iter().map(|p| p.cpu_seconds()).sum()
@@ -290,10 +365,13 @@ struct Sample {
     rate: f64,
     /// CPU seconds of the route's processes per GiB moved.
     cpu_per_gib: f64,
+    /// Context switches of the route's processes per MiB moved.
+    switches_per_mib: f64,
 }
 
 fn run(options: &Options) -> Result<(), String> {
     let payload = Payload::new(options.bytes);
+    let rtt_payload = Payload::new(options.rtt_bytes);
     let targets = Targets::start()?;
     let machine = Machine::describe();
     eprintln!(
@@ -334,14 +412,16 @@ fn run(options: &Options) -> Result<(), String> {
                 if failures.contains_key(&(route, test)) {
                     continue;
                 }
-                match measure(started, test, &payload, &targets) {
+                let payload = if route.delayed() { &rtt_payload } else { &payload };
+                match measure(started, test, payload, &targets) {
                     Ok(sample) => {
                         eprintln!(
-                            "round {round}: {:<16} {:<4} {:>8.1} MB/s {:>6.2} CPU s/GiB",
+                            "round {round}: {:<16} {:<4} {:>8.1} MB/s {:>6.2} CPU s/GiB {:>6.1} switches/MiB",
                             route.name(),
                             test.name(),
                             sample.rate / 1e6,
                             sample.cpu_per_gib,
+                            sample.switches_per_mib,
                         );
                         samples.entry((route, test)).or_default().push(sample);
                     }
@@ -386,13 +466,19 @@ fn measure(
 ) -> Result<Sample, String> {
     targets.expect(test, payload);
     let cpu_before = route.cpu_seconds();
+    let switches_before = route.context_switches();
     let elapsed = match test {
         Test::Up => send_up(route.up, payload, targets)?,
         Test::Down => receive_down(route.down, payload)?,
     };
     let cpu = route.cpu_seconds() - cpu_before;
+    let switches = route.context_switches() - switches_before;
     let secs = elapsed.as_secs_f64().max(1e-9);
-    Ok(Sample { rate: payload.len as f64 / secs, cpu_per_gib: cpu * GIB / payload.len as f64 })
+    Ok(Sample {
+        rate: payload.len as f64 / secs,
+        cpu_per_gib: cpu * GIB / payload.len as f64,
+        switches_per_mib: switches as f64 * MIB as f64 / payload.len as f64,
+    })
 }
 
 /// Writes the payload into `entry`; done when the sink has seen all of it
@@ -690,6 +776,23 @@ impl Proc {
         !matches!(state, None | Some("Z" | "X"))
     }
 
+    /// Context switches of all the process's threads so far.
+    fn context_switches(&self) -> u64 {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let Ok(tasks) = std::fs::read_dir(tasks) else { return 0 };
+        tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+            .flat_map(|status| {
+                status
+                    .lines()
+                    .filter_map(|l| l.split_once("ctxt_switches:"))
+                    .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// User plus system CPU seconds of the process so far.
     fn cpu_seconds(&self) -> f64 {
         let Some(stat) = self.stat_field("stat") else { return 0.0 };
@@ -785,8 +888,13 @@ fn parse_port(text: &str) -> Option<u16> {
     digits.parse().ok()
 }
 
-fn start_postern(targets: &Targets, postern: &Path, carrier: &str) -> Result<Running, String> {
-    let dir = TempDir::new(carrier)?;
+fn start_postern(
+    targets: &Targets,
+    postern: &Path,
+    carrier: &str,
+    delay: Option<Duration>,
+) -> Result<Running, String> {
+    let dir = TempDir::new(&format!("{carrier}-{}", delay.map_or(0, |d| d.as_micros())))?;
     let station_key = PrivateKey::generate();
     let agent_key = PrivateKey::generate();
     let station_toml = format!(
@@ -806,7 +914,13 @@ fn start_postern(targets: &Targets, postern: &Path, carrier: &str) -> Result<Run
         tx,
     )?;
     let rest = wait_for_line(&station_lines, "station listening on 127.0.0.1:", &station)?;
-    let port = parse_port(&rest).ok_or(format!("no port in station log line {rest:?}"))?;
+    let mut port = parse_port(&rest).ok_or(format!("no port in station log line {rest:?}"))?;
+    let mut proxies = Vec::new();
+    if let Some(delay) = delay {
+        let proxy = DelayProxy::start(SocketAddr::from(([127, 0, 0, 1], port)), delay)?;
+        port = proxy.addr.port();
+        proxies.push(proxy);
+    }
 
     // The config refuses two forwards on port 0, so ask for free ports.
     let (up_port, down_port) = (free_port()?, free_port()?);
@@ -843,6 +957,7 @@ fn start_postern(targets: &Targets, postern: &Path, carrier: &str) -> Result<Run
         up: entry("sink")?,
         down: entry("source")?,
         procs: vec![station, agent],
+        _proxies: proxies,
         _dir: Some(dir),
     })
 }
@@ -879,8 +994,9 @@ fn wait_listening(port: u16, proc: &Proc) -> Result<(), String> {
 
 /// One hts/htc pair per target: httptunnel carries one connection at a
 /// time to one fixed destination.
-fn start_httptunnel(targets: &Targets) -> Result<Running, String> {
+fn start_httptunnel(targets: &Targets, delay: Option<Duration>) -> Result<Running, String> {
     let mut procs = Vec::new();
+    let mut proxies = Vec::new();
     let mut entries = Vec::new();
     for target in [targets.sink, targets.source] {
         let hts_port = free_port()?;
@@ -896,23 +1012,24 @@ fn start_httptunnel(targets: &Targets) -> Result<Running, String> {
             tx,
         )?;
         wait_listening(hts_port, &hts)?;
+        let mut hts_addr = SocketAddr::from(([127, 0, 0, 1], hts_port));
+        if let Some(delay) = delay {
+            let proxy = DelayProxy::start(hts_addr, delay)?;
+            hts_addr = proxy.addr;
+            proxies.push(proxy);
+        }
         let htc_port = free_port()?;
         let (tx, _) = mpsc::channel();
         let htc = Proc::spawn(
             "htc",
-            Command::new("htc").args([
-                "-w",
-                "-F",
-                &htc_port.to_string(),
-                &format!("127.0.0.1:{hts_port}"),
-            ]),
+            Command::new("htc").args(["-w", "-F", &htc_port.to_string(), &hts_addr.to_string()]),
             tx,
         )?;
         wait_listening(htc_port, &htc)?;
         procs.extend([hts, htc]);
         entries.push(SocketAddr::from(([127, 0, 0, 1], htc_port)));
     }
-    Ok(Running { up: entries[0], down: entries[1], procs, _dir: None })
+    Ok(Running { up: entries[0], down: entries[1], procs, _proxies: proxies, _dir: None })
 }
 
 /// Where the numbers were measured.
@@ -992,12 +1109,26 @@ impl Report<'_> {
         let _ = writeln!(
             out,
             "One TCP connection, {} MiB per transfer, median of {} (min–max in brackets); \
-             MB/s is 10^6 bytes per second. Load average {} before the rounds, {} after.\n",
+             MB/s is 10^6 bytes per second. Load average {} before the rounds, {} after.",
             o.bytes / MIB,
             o.repeat,
             self.load.0,
             self.load.1
         );
+        if o.routes.iter().any(|r| r.delayed()) {
+            let _ = writeln!(
+                out,
+                "Rows \"with RTT\" add {} ms of round trip on the hop that crosses the \
+                 firewall (client–target, htc–hts, agent–station) with a relay in the bench \
+                 driver that holds each byte {} ms each way (up to 4 MiB in flight per \
+                 direction), and move {} MiB per transfer; their ratios are to the direct and \
+                 httptunnel rows with the same delay.",
+                o.rtt.as_millis(),
+                o.rtt.as_millis() / 2,
+                o.rtt_bytes / MIB
+            );
+        }
+        let _ = writeln!(out);
         let _ = writeln!(out, "```sh\n{}\n```\n", o.command);
         let _ =
             writeln!(out, "| route | direction | MB/s | vs direct | vs httptunnel | CPU s/GiB |");
@@ -1029,7 +1160,7 @@ impl Report<'_> {
                         .map_or_else(|| "".to_owned(), |b| format!("{:.2}×", rate / b))
                 };
                 let of_tunnel = |figure: fn(&Sample) -> f64, digits: usize| {
-                    if route == Route::Direct {
+                    if matches!(route, Route::Direct | Route::DirectRtt) {
                         return "–".to_owned();
                     }
                     let value = median(&mut samples.iter().map(figure).collect::<Vec<_>>());
@@ -1043,8 +1174,8 @@ impl Report<'_> {
                     rate / 1e6,
                     low / 1e6,
                     high / 1e6,
-                    ratio(Route::Direct),
-                    ratio(Route::Httptunnel),
+                    ratio(route.baselines().0),
+                    ratio(route.baselines().1),
                 );
             }
         }
@@ -1088,4 +1219,79 @@ fn write_section(doc: &Path, table: &str) -> Result<(), String> {
         }
     };
     std::fs::write(doc, updated).map_err(|e| format!("{}: {e}", doc.display()))
+}
+
+/// Bytes a [`DelayProxy`] holds per direction: about what a TCP window
+/// lets a sender have in flight on such a path.
+const DELAY_BUFFER: usize = 4 << 20;
+
+/// A TCP relay that delivers every byte `delay` after it arrived, each way:
+/// latency on one hop of a route, without touching the machine's network
+/// settings (netem on loopback would slow every other user of it). It
+/// models a path's delay, not its bandwidth or loss.
+struct DelayProxy {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DelayProxy {
+    fn start(upstream: SocketAddr, delay: Duration) -> Result<DelayProxy, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else { continue };
+                    Self::relay(from, to, delay);
+                }
+            }
+        });
+        Ok(DelayProxy { addr, stop })
+    }
+
+    /// Moves bytes from `from` to `to` `delay` late; ends with a half-close.
+    fn relay(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+        let _ = from.set_nodelay(true);
+        let _ = to.set_nodelay(true);
+        // The channel bound, in chunks of at most 64 KiB, is the relay's buffer.
+        let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(DELAY_BUFFER / (64 << 10));
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Dropping the sender tells the writer the stream ended.
+        });
+        thread::spawn(move || {
+            while let Ok((due, bytes)) = rx.recv() {
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+                if to.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
 }

@@ -22,7 +22,7 @@ use smol::net::{TcpListener, TcpStream};
 
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
-use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, POLL_WAIT, STREAM_CHUNK};
+use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::config::StationConfig;
 use crate::core::session::{Lane, Limits};
 use crate::core::streams::Side;
@@ -50,6 +50,13 @@ const MAX_CONNECTIONS: usize = 4096;
 
 /// Distinct unknown device keys remembered so each is logged once.
 const UNKNOWN_KEYS_LOGGED: usize = 1024;
+
+/// Header fields of every carrier reply.
+const REPLY_HEADERS: [(&str, &str); 3] = [
+    ("Content-Type", "application/octet-stream"),
+    ("Cache-Control", "no-store"),
+    carrier::STATION_MARK,
+];
 
 /// Why the station could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,10 +107,12 @@ pub struct Station {
 
 impl Station {
     pub async fn bind(config: StationConfig) -> Result<Station, Error> {
-        Self::bind_with(config, Limits::default()).await
+        let limits = Limits { idle_timeout: config.session_timeout, ..Limits::default() };
+        Self::bind_with(config, limits).await
     }
 
-    /// As [`Station::bind`], with session timing chosen by the caller.
+    /// As [`Station::bind`], with session timing chosen by the caller
+    /// (`config.session_timeout` is then ignored).
     pub async fn bind_with(config: StationConfig, limits: Limits) -> Result<Station, Error> {
         let listener = TcpListener::bind(config.listen)
             .await
@@ -297,8 +306,7 @@ async fn respond(
 ) -> Result<Outcome, HttpError> {
     let mut out = Vec::with_capacity(128 + body.len());
     let kind = BodyKind::Length(body.len() as u64);
-    let headers = [("Content-Type", "application/octet-stream"), ("Cache-Control", "no-store")];
-    http::write_response_head(&mut out, 200, "OK", &headers, kind, keep_alive);
+    http::write_response_head(&mut out, 200, "OK", &REPLY_HEADERS, kind, keep_alive);
     out.extend_from_slice(body);
     conn.write_all(&out).await?;
     Ok(Outcome::Done)
@@ -458,26 +466,52 @@ async fn down(
         return Ok(Outcome::Refuse(403));
     }
     let lane = live.tunnel.begin_lane(Lane::Data);
+    // An HTTP/1.0 hop (nginx's default upstream protocol) cannot take a
+    // chunked response; the body then ends when the connection closes.
+    let chunked = head.minor_version >= 1;
+    let body = if chunked { BodyKind::Chunked } else { BodyKind::UntilClose };
     let mut out = Vec::with_capacity(STREAM_CHUNK + MAX_RECORD + 64);
-    let headers = [("Content-Type", "application/octet-stream"), ("Cache-Control", "no-store")];
-    http::write_response_head(&mut out, 200, "OK", &headers, BodyKind::Chunked, false);
-    conn.write_all(&out).await?;
+    let mut headers = REPLY_HEADERS.to_vec();
+    // nginx streams a response that asks for it; other buffering proxies
+    // are found out by the agent, which then switches to poll.
+    headers.push(("X-Accel-Buffering", "no"));
+    http::write_response_head(&mut out, 200, "OK", &headers, body, false);
+    // A record at once, so the agent can tell a streaming path from one
+    // that holds back the response.
+    let mut first = true;
     loop {
-        out.clear();
-        // Room for a fixed-width size line, filled in once the size is known.
-        out.extend_from_slice(b"00000000\r\n");
-        match live.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await {
+        let frame_at = out.len();
+        if chunked {
+            // Room for a fixed-width size line, filled in once the size is known.
+            out.extend_from_slice(b"00000000\r\n");
+        }
+        let records_at = out.len();
+        let sent = if first {
+            first = false;
+            live.tunnel.seal_ack(&mut out);
+            Ok(())
+        } else {
+            live.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await
+        };
+        match sent {
             Ok(()) => {
-                let size = format!("{:08x}", out.len() - 10);
-                out[..8].copy_from_slice(size.as_bytes());
-                out.extend_from_slice(CHUNK_END);
+                if chunked {
+                    let size = format!("{:08x}", out.len() - records_at);
+                    out[frame_at..frame_at + 8].copy_from_slice(size.as_bytes());
+                    out.extend_from_slice(CHUNK_END);
+                }
                 conn.write_all(&out).await?;
+                out.clear();
             }
             Err(end) => {
                 if let LaneEnd::Closed(reason) = &end {
                     log::debug!("device {}: downlink ends: {reason}", live.name);
                 }
-                conn.write_all(LAST_CHUNK).await?;
+                out.truncate(frame_at);
+                if chunked {
+                    out.extend_from_slice(LAST_CHUNK);
+                }
+                conn.write_all(&out).await?;
                 return Ok(Outcome::Close);
             }
         }
@@ -534,8 +568,9 @@ async fn poll(
     }
     let lane = live.tunnel.begin_lane(Lane::Sequenced);
     let mut out = Vec::new();
+    let hold = carrier::poll_wait(&head.target);
     let wait = async {
-        smol::Timer::after(POLL_WAIT).await;
+        smol::Timer::after(hold).await;
         Ok(())
     };
     // Superseded or closed: answer with just an ack; the agent moves on.

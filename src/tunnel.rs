@@ -124,6 +124,23 @@ impl Tunnel {
         self.lock().stats
     }
 
+    /// How many of our packets the peer has acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.lock().session.acked()
+    }
+
+    /// Since when sent packets have waited for an ack with no progress.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.lock().session.stalled_since()
+    }
+
+    /// Sends a packet that the peer must acknowledge, to prove the path.
+    pub fn probe(&self) {
+        let mut state = self.lock();
+        state.session.probe();
+        self.settle(&mut state);
+    }
+
     pub fn closed(&self) -> Option<String> {
         self.lock().closed.clone()
     }

@@ -256,3 +256,33 @@ fn handled_deadlines_are_not_reported_again() {
     assert!(station.session.poll_transmit(now, Lane::Data, &mut buf));
     assert!(!station.session.poll_transmit(now, Lane::Data, &mut buf));
 }
+
+#[test]
+fn a_probe_is_acked_and_a_silent_path_shows_as_stalled() {
+    let start = Instant::now();
+    let mut agent = End::new(Side::Agent, start);
+    let mut station = End::new(Side::Station, start);
+    assert_eq!(agent.session.stalled_since(), None);
+    agent.session.probe();
+    agent.transmit(start, 10);
+    assert_eq!(agent.out.live.len(), 1, "a probe is one packet, with no frames");
+    assert_eq!(agent.session.stalled_since(), Some(start));
+    // A path that swallows it: the stall keeps its start time.
+    let lost = agent.out.live.pop_front().unwrap();
+    let later = start + Duration::from_secs(7);
+    agent.session.restart_transmit();
+    agent.transmit(later, 10);
+    assert_eq!(agent.session.stalled_since(), Some(start));
+    // Delivered at last (the resend): the station acks it and the stall ends.
+    drop(lost);
+    for p in agent.out.live.drain(..) {
+        station.session.handle_packet(later, &p).unwrap();
+    }
+    let acked = later + Duration::from_secs(1);
+    station.transmit(acked, 10);
+    for p in station.out.live.drain(..) {
+        agent.session.handle_packet(acked, &p).unwrap();
+    }
+    assert_eq!(agent.session.stalled_since(), None);
+    assert_eq!(agent.session.unacked_bytes(), 0);
+}

@@ -1,0 +1,286 @@
+//! The agent: keeps one session with the station over outbound HTTP and
+//! carries local connections through it.
+//!
+//! ```text
+//! forward listener ─accept─▶ wait for session ─▶ open stream(target) ─▶ pump
+//! session loop: hello ─▶ Tunnel ─▶ lanes::carry (stream or poll shape) + timers + services
+//!                 ▲ backoff with jitter ◀── session ends (idle, 404, peer close)
+//! ```
+//!
+//! Every carrier connection is opened by the agent: the device's firewall
+//! only lets traffic out. Through a forward proxy, requests use absolute
+//! form (`POST http://station/...`); CONNECT is never used.
+
+mod client;
+mod lanes;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_listener::Event as Notify;
+use futures_lite::future;
+use smol::net::{TcpListener, TcpStream};
+
+use crate::carrier::{self, Verb};
+use crate::config::{AgentConfig, CarrierKind, ForwardSource, Service};
+use crate::core::session::Limits;
+use crate::core::streams::Side;
+use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::task::Scope;
+use crate::tunnel::{Incoming, Tunnel};
+use client::{Backoff, CarrierError, Client, REPLY_TIMEOUT};
+
+/// Time a local connection waits for a session before it is closed.
+const SESSION_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("forward to {target}: cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, target: String, source: std::io::Error },
+    #[error("forward to {target}: serial lines are not supported yet ({path})")]
+    SerialUnsupported { target: String, path: String },
+}
+
+struct Shared {
+    client: Client,
+    key: PrivateKey,
+    station_key: PublicKey,
+    carrier: CarrierKind,
+    /// What `auto` learnt of the path, kept across sessions.
+    shape: lanes::ShapeMemory,
+    services: std::collections::BTreeMap<String, Service>,
+    limits: Limits,
+    current: Mutex<Option<Arc<Tunnel>>>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn set_current(&self, tunnel: Option<Arc<Tunnel>>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = tunnel;
+        self.changed.notify(usize::MAX);
+    }
+
+    /// The live session, waiting up to `limit` for one.
+    async fn session(&self, limit: Duration) -> Option<Arc<Tunnel>> {
+        let give_up = smol::Timer::after(limit);
+        let wait = async {
+            loop {
+                let listener = self.changed.listen();
+                let current = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(tunnel) = current.filter(|t| t.closed().is_none()) {
+                    return Some(tunnel);
+                }
+                listener.await;
+            }
+        };
+        future::or(wait, async {
+            give_up.await;
+            None
+        })
+        .await
+    }
+}
+
+/// A configured agent with its forward ports bound.
+pub struct Agent {
+    shared: Arc<Shared>,
+    forwards: Vec<(TcpListener, String)>,
+}
+
+impl Agent {
+    pub async fn bind(config: AgentConfig) -> Result<Agent, Error> {
+        let limits = Limits { idle_timeout: config.session_timeout, ..Limits::default() };
+        Self::bind_with(config, limits).await
+    }
+
+    /// As [`Agent::bind`], with session timing chosen by the caller
+    /// (`config.session_timeout` is then ignored).
+    pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
+        let proxy = config.proxy;
+        let mut forwards = Vec::new();
+        for forward in config.forwards {
+            match forward.source {
+                ForwardSource::Listen(addr) => {
+                    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+                        addr,
+                        target: forward.target.clone(),
+                        source,
+                    })?;
+                    forwards.push((listener, forward.target));
+                }
+                ForwardSource::Serial(serial) => {
+                    return Err(Error::SerialUnsupported {
+                        target: forward.target,
+                        path: serial.path,
+                    })
+                }
+            }
+        }
+        let shared = Shared {
+            client: Client::new(config.station, proxy),
+            key: config.private_key,
+            station_key: config.station_public_key,
+            carrier: config.carrier,
+            shape: lanes::ShapeMemory::default(),
+            services: config.services,
+            limits,
+            current: Mutex::new(None),
+            changed: Notify::new(),
+        };
+        Ok(Agent { shared: Arc::new(shared), forwards })
+    }
+
+    /// Local addresses of the forward listeners, in config order.
+    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
+        self.forwards
+            .iter()
+            .map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
+            .collect()
+    }
+
+    /// Runs until the future is dropped; then every task of the agent ends.
+    pub async fn run(self) {
+        let scope = Scope::new();
+        for (listener, target) in self.forwards {
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            log::info!("forwarding {addr} to station target {target:?}");
+            scope.spawn(accept_forward(self.shared.clone(), listener, target));
+        }
+        keep_session(&self.shared).await;
+    }
+}
+
+async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: String) {
+    let scope = Scope::new();
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                scope.spawn(carry_local(shared.clone(), socket, peer, target.clone()));
+            }
+            Err(e) => {
+                log::warn!("forward to {target}: accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, target: String) {
+    let _ = socket.set_nodelay(true);
+    let Some(tunnel) = shared.session(SESSION_WAIT).await else {
+        log::warn!("{peer} -> {target}: no session with the station; closing the connection");
+        return;
+    };
+    match tunnel.open(&target) {
+        Ok(id) => {
+            log::debug!("{peer} -> {target}: stream {id}");
+            tunnel.pump(id, socket).await;
+        }
+        Err(e) => log::warn!("{peer} -> {target}: {e}; closing the connection"),
+    }
+}
+
+/// Keeps a session with the station for as long as the agent runs.
+async fn keep_session(shared: &Arc<Shared>) {
+    let mut backoff = Backoff::new();
+    loop {
+        match handshake(shared).await {
+            Ok((tunnel, incoming, session)) => {
+                backoff.reset();
+                log::info!(
+                    "connected to the station via {} (session {}, carrier {:?})",
+                    shared.client.describe(),
+                    carrier::short(&session),
+                    shared.carrier
+                );
+                shared.set_current(Some(tunnel.clone()));
+                let reason = run_session(shared, &tunnel, session, incoming).await;
+                shared.set_current(None);
+                log::warn!("session {} ended: {reason}", carrier::short(&session));
+            }
+            Err(e) => {
+                let delay = backoff.delay();
+                log::warn!("cannot start a session: {e}; retrying in {:.1} s", delay.as_secs_f32());
+                smol::Timer::after(delay).await;
+            }
+        }
+    }
+}
+
+async fn handshake(
+    shared: &Shared,
+) -> Result<(Arc<Tunnel>, smol::channel::Receiver<Incoming>, SessionId), CarrierError> {
+    let mut session = [0u8; crypto::SESSION_ID_LEN];
+    getrandom::fill(&mut session).map_err(CarrierError::Random)?;
+    let (initiator, msg) = crypto::initiate(&shared.key, &shared.station_key, &session)
+        .map_err(CarrierError::Handshake)?;
+    let client = &shared.client;
+    let mut conn = None;
+    let path = client.path(&session, Verb::Hello, None);
+    let reply = client
+        .exchange(&mut conn, &path, &msg, REPLY_TIMEOUT, MAX_HANDSHAKE as u64)
+        .await
+        .map_err(|e| match e {
+            CarrierError::Status { status: 403, who: "the station", .. } => {
+                CarrierError::KeyRefused(shared.key.public_key().to_base64())
+            }
+            other => other,
+        })?;
+    let transport = initiator.finish(&reply).map_err(CarrierError::Handshake)?;
+    let (tunnel, incoming) = Tunnel::new(Side::Agent, transport, shared.limits);
+    Ok((tunnel, incoming, session))
+}
+
+/// Runs the session's lanes, timers and reverse streams until it ends.
+async fn run_session(
+    shared: &Arc<Shared>,
+    tunnel: &Arc<Tunnel>,
+    session: SessionId,
+    incoming: smol::channel::Receiver<Incoming>,
+) -> String {
+    let scope = Scope::new();
+    scope.spawn(lanes::carry(shared.clone(), tunnel.clone(), session));
+    let services = {
+        let (shared, tunnel) = (shared.clone(), tunnel.clone());
+        async move {
+            let streams = Scope::new();
+            while let Ok(stream) = incoming.recv().await {
+                streams.spawn(open_service(shared.clone(), tunnel.clone(), stream));
+            }
+        }
+    };
+    scope.spawn(services);
+    tunnel.run_timers().await
+}
+
+/// Serves a stream the station opened to one of our named services.
+async fn open_service(shared: Arc<Shared>, tunnel: Arc<Tunnel>, stream: Incoming) {
+    let Incoming { id, name } = stream;
+    let address = match shared.services.get(&name) {
+        Some(Service::Tcp(address)) => address.clone(),
+        Some(Service::Serial(_)) => {
+            log::warn!("station asked for serial service {name:?}: not supported yet");
+            tunnel.reset(id, &format!("service {name:?} is a serial line, not supported yet"));
+            return;
+        }
+        None => {
+            log::warn!("station asked for unknown service {name:?}; refused");
+            tunnel.reset(id, &format!("the device has no service named {name:?}"));
+            return;
+        }
+    };
+    match TcpStream::connect(address.as_str()).await {
+        Ok(socket) => {
+            let _ = socket.set_nodelay(true);
+            tunnel.pump(id, socket).await;
+        }
+        Err(e) => {
+            log::warn!("service {name} ({address}): {e}");
+            tunnel.reset(id, &format!("service {name}: {e}"));
+        }
+    }
+}

@@ -17,9 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWriteExt};
+use smol::net::TcpStream;
 
 use super::client::{deadline, Backoff, CarrierError, REPLY_TIMEOUT};
 use super::Shared;
+use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, POLL_WAIT, STREAM_CHUNK};
 use crate::config::CarrierKind;
@@ -61,8 +63,9 @@ struct StreamWatch {
 
 #[derive(Default)]
 struct DownState {
-    /// The current downlink's 200 head arrived at this time.
-    opened: Option<Instant>,
+    /// The current downlink's request went out at this time. The station
+    /// answers it at once with a head and a first record.
+    asked: Option<Instant>,
     /// A record arrived on the current downlink.
     flowing: bool,
 }
@@ -158,13 +161,13 @@ async fn run_stream(ctx: &LaneCtx) -> Verdict {
                 "the path answered the streamed uplink with {answer}"
             ));
         }
-        let (opened, flowing) = {
+        let (asked, flowing) = {
             let down = lock(&watch.down);
-            (down.opened, down.flowing)
+            (down.asked, down.flowing)
         };
-        if opened.is_some_and(|at| !flowing && now - at >= PROBE_TIMEOUT) {
+        if asked.is_some_and(|at| !flowing && now - at >= PROBE_TIMEOUT) {
             return Verdict::PathBuffers(format!(
-                "no byte of the streamed downlink arrived within {limit} s though its response was open (the path buffers responses)"
+                "nothing of the streamed downlink arrived within {limit} s of asking for it (the path buffers responses)"
             ));
         }
         let stalled = ctx.tunnel.stalled_since().is_some_and(|since| now - since >= PROBE_TIMEOUT);
@@ -244,11 +247,26 @@ async fn down_lane(
     client.head(&mut out, &path, BodyKind::Length(proof.len() as u64));
     out.extend_from_slice(&proof);
     conn.write_all(&out).await.map_err(HttpError::Io)?;
+    *lock(&watch.down) = DownState { asked: Some(Instant::now()), flowing: false };
+    let ended = read_downlink(ctx, watch, backoff, &mut conn).await;
+    let flowed = std::mem::take(&mut *lock(&watch.down)).flowing;
+    if flowed && ctx.tunnel.closed().is_none() {
+        lock(&watch.cuts).push_back(Instant::now());
+    }
+    ended
+}
+
+/// Reads the downlink's reply into the session until it ends.
+async fn read_downlink(
+    ctx: &LaneCtx,
+    watch: &StreamWatch,
+    backoff: &mut Backoff,
+    conn: &mut HttpConn<TcpStream>,
+) -> Result<(), CarrierError> {
     let head =
         deadline(REPLY_TIMEOUT, async { conn.read_response(false).await.map_err(Into::into) })
             .await?;
-    client.check(&head)?;
-    *lock(&watch.down) = DownState { opened: Some(Instant::now()), flowing: false };
+    ctx.shared.client.check(&head)?;
     let mut reader = RecordReader::default();
     let mut scratch = Vec::new();
     let mut body = conn.body(head.body, None);
@@ -256,25 +274,17 @@ async fn down_lane(
     // longer means the connection is dead even if TCP has not noticed.
     let silence = ctx.shared.limits.keepalive * 2 + Duration::from_secs(5);
     let mut flowing = false;
-    let ended = loop {
-        match deadline(silence, async { body.next().await.map_err(Into::into) }).await {
-            Ok(Some(bytes)) => {
-                receive(&ctx.tunnel, bytes, &mut reader, &mut scratch)?;
-                if !flowing {
-                    flowing = true;
-                    lock(&watch.down).flowing = true;
-                    backoff.reset();
-                }
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+    while let Some(bytes) =
+        deadline(silence, async { body.next().await.map_err(Into::into) }).await?
+    {
+        receive(&ctx.tunnel, bytes, &mut reader, &mut scratch)?;
+        if !flowing {
+            flowing = true;
+            lock(&watch.down).flowing = true;
+            backoff.reset();
         }
-    };
-    *lock(&watch.down) = DownState::default();
-    if flowing && ctx.tunnel.closed().is_none() {
-        lock(&watch.cuts).push_back(Instant::now());
     }
-    ended
+    Ok(())
 }
 
 /// Stream shape, agent to station: one long chunked request. The station

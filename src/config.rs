@@ -781,7 +781,10 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
                 }
                 let field = format!("{at}.listen");
                 let address = socket_addr(&text).map_err(|r| fail(&field, r))?;
-                if let Some(first) = listeners.insert(address, index) {
+                // Port 0 asks the system for a free port: never a clash.
+                let clash =
+                    if address.port() == 0 { None } else { listeners.insert(address, index) };
+                if let Some(first) = clash {
                     return Err(fail(&field, format!("{address} is also forward[{first}].listen")));
                 }
                 ForwardSource::Listen(address)
@@ -1998,6 +2001,14 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
              [[forward]]\nlisten = \"127.0.0.1:1\"\ntarget = \"b\"\n"
         ));
         assert_err(&err, "forward[1].listen", "127.0.0.1:1 is also forward[0].listen");
+        let ephemeral = AgentConfig::parse(
+            &format!(
+                "{head}[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"a\"\n\
+                 [[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"b\"\n"
+            ),
+            "agent.toml",
+        );
+        assert_eq!(ephemeral.expect("two port-0 forwards do not clash").forwards.len(), 2);
 
         let err = agent_err(&format!(
             "{head}[[forward]]\nserial = \"/dev/ttyS0\"\nbaud = 9600\ntarget = \"a\"\n\

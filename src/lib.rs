@@ -10,6 +10,8 @@
 //! the sockets, the carrier connections and the tasks.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "station")]
+pub mod admission;
 #[cfg(feature = "agent")]
 pub mod agent;
 pub mod carrier;

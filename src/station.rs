@@ -15,12 +15,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_lite::future;
+use futures_lite::{future, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 
-use crate::carrier::conn::HttpConn;
+use crate::admission::{
+    Full, HandshakeBudget, RejectLog, Slot, Slots, MAX_CONNECTIONS, MAX_STRANGERS,
+};
+use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::config::StationConfig;
@@ -39,14 +42,12 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// than an agent's longest pause between polls.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
-/// Time to read a bounded body (handshake, poll, push).
+/// Time to read a bounded body (poll, push) from a connection that has
+/// carried an authentic packet; strangers get [`HEAD_TIMEOUT`] for theirs.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Time a target has to accept a connection before the stream is refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Concurrent carrier connections; past it new ones get a 503.
-const MAX_CONNECTIONS: usize = 4096;
 
 /// Distinct unknown device keys remembered so each is logged once.
 const UNKNOWN_KEYS_LOGGED: usize = 1024;
@@ -89,7 +90,9 @@ struct Shared {
     targets: BTreeMap<String, String>,
     sessions: Mutex<HashMap<SessionId, Arc<Live>>>,
     unknown_logged: Mutex<HashSet<PublicKey>>,
-    connections: Mutex<usize>,
+    slots: Slots,
+    handshakes: Mutex<HandshakeBudget>,
+    rejects: Mutex<RejectLog>,
     limits: Limits,
     /// Owns every connection and session task of the station.
     scope: Scope,
@@ -128,7 +131,9 @@ impl Station {
             targets: config.targets,
             sessions: Mutex::new(HashMap::new()),
             unknown_logged: Mutex::new(HashSet::new()),
-            connections: Mutex::new(0),
+            slots: Slots::default(),
+            handshakes: Mutex::new(HandshakeBudget::new(Instant::now())),
+            rejects: Mutex::new(RejectLog::new(Instant::now())),
             limits,
             scope: Scope::new(),
         };
@@ -155,18 +160,25 @@ impl Station {
                     continue;
                 }
             };
-            let Some(slot) = ConnectionSlot::take(&shared) else {
-                log::warn!("{peer}: {MAX_CONNECTIONS} connections open, answering 503");
-                let mut conn = HttpConn::new(socket);
-                let _ = conn.write_all(&http::error_response(503)).await;
-                continue;
+            let slot = match shared.slots.take() {
+                Ok(slot) => slot,
+                Err(full) => {
+                    let why = match full {
+                        Full::Strangers => {
+                            format!("{MAX_STRANGERS} connections have not authenticated yet")
+                        }
+                        Full::Connections => format!("{MAX_CONNECTIONS} connections are open"),
+                    };
+                    refuse_log(&shared, peer, 503, &why);
+                    // The socket is fresh: its send buffer takes this at once,
+                    // so the accept loop never waits on a stranger.
+                    let mut socket = socket;
+                    let _ = socket.write(&http::error_response(503)).await;
+                    continue;
+                }
             };
             let _ = socket.set_nodelay(true);
-            let task_shared = shared.clone();
-            shared.scope.spawn(async move {
-                let _slot = slot;
-                serve_connection(task_shared, socket, peer).await;
-            });
+            shared.scope.spawn(serve_connection(shared.clone(), socket, peer, slot));
         }
     }
 }
@@ -180,26 +192,6 @@ impl Drop for StopOnDrop {
             live.tunnel.end("station stopping");
             live.scope.stop();
         }
-    }
-}
-
-/// Counts a connection while it lives.
-struct ConnectionSlot(Arc<Shared>);
-
-impl ConnectionSlot {
-    fn take(shared: &Arc<Shared>) -> Option<ConnectionSlot> {
-        let mut count = lock(&shared.connections);
-        if *count >= MAX_CONNECTIONS {
-            return None;
-        }
-        *count += 1;
-        Some(ConnectionSlot(shared.clone()))
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        *lock(&self.0.connections) -= 1;
     }
 }
 
@@ -218,14 +210,16 @@ async fn deadline<T>(
 enum Outcome {
     /// Answered in full; the connection may serve another request.
     Done,
-    /// Refused with this status; the connection closes after it.
-    Refuse(u16),
+    /// Refused with this status and reason (for the log; `None` when
+    /// logged already); the connection closes after it.
+    Refuse(u16, Option<String>),
     /// Nothing more can be written (the peer left or a stream response ended).
     Close,
 }
 
-async fn serve_connection(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
-    let mut conn = HttpConn::new(socket);
+async fn serve_connection(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, slot: Slot) {
+    let mut conn = HttpConn::with_capacity(socket, MIN_READ_BUF_BYTES);
+    let mut slot = slot;
     let mut first = true;
     loop {
         let wait = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
@@ -234,7 +228,9 @@ async fn serve_connection(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
-                log::debug!("{peer}: bad request: {e}");
+                if !matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof) || !slot.is_proven() {
+                    refuse_log(&shared, peer, e.status(), &format!("bad request: {e}"));
+                }
                 if !matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof) {
                     let _ = conn.write_all(&http::error_response(e.status())).await;
                 }
@@ -242,21 +238,33 @@ async fn serve_connection(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
             }
         };
         let keep_alive = head.keep_alive;
-        let outcome = match handle(&shared, &mut conn, &head, peer).await {
+        let outcome = match handle(&shared, &mut conn, &head, peer, &mut slot).await {
             Ok(outcome) => outcome,
-            Err(e) => {
-                log::debug!("{peer}: {} {}: {e}", head.method, head.target);
-                Outcome::Refuse(e.status())
-            }
+            Err(e) => Outcome::Refuse(e.status(), Some(e.to_string())),
         };
         match outcome {
             Outcome::Done if keep_alive => continue,
             Outcome::Done | Outcome::Close => return,
-            Outcome::Refuse(status) => {
+            Outcome::Refuse(status, reason) => {
+                if let Some(reason) = reason {
+                    let what = format!("{} {}: {reason}", head.method, head.target);
+                    refuse_log(&shared, peer, status, &what);
+                }
                 let _ = conn.write_all(&http::error_response(status)).await;
                 return;
             }
         }
+    }
+}
+
+/// Logs a refusal, within the budget of [`RejectLog`].
+fn refuse_log(shared: &Shared, peer: SocketAddr, status: u16, what: &str) {
+    let (own_line, summary) = lock(&shared.rejects).admit(Instant::now());
+    if let Some(count) = summary {
+        log::info!("{count} more requests were refused in the last minute (not logged each)");
+    }
+    if own_line {
+        log::info!("{peer}: refused with {status}: {what}");
     }
 }
 
@@ -265,27 +273,72 @@ async fn handle(
     conn: &mut HttpConn<TcpStream>,
     head: &RequestHead,
     peer: SocketAddr,
+    slot: &mut Slot,
 ) -> Result<Outcome, HttpError> {
     let Some((session, verb)) = carrier::parse_path(&head.target) else {
-        log::debug!("{peer}: {} {}: not a carrier path", head.method, head.target);
-        return Ok(Outcome::Refuse(404));
+        return Ok(refuse(404, "not a carrier path"));
     };
     if head.method != "POST" {
-        return Ok(Outcome::Refuse(405));
+        return Ok(refuse(405, "carrier requests are POST"));
     }
     if verb == Verb::Hello {
-        return hello(shared, conn, head, session, peer).await;
+        return hello(shared, conn, head, session, peer, slot).await;
     }
     let Some(live) = lock(&shared.sessions).get(&session).cloned() else {
-        log::debug!("{peer}: {verb:?} for unknown session {}", carrier::short(&session));
-        return Ok(Outcome::Refuse(404));
+        return Ok(refuse(404, "no such session (the station restarted or it timed out)"));
     };
+    let req = Request { shared, head, live: &live, slot };
     match verb {
         Verb::Hello => unreachable!("handled above"),
-        Verb::Down => down(shared, conn, head, &live).await,
-        Verb::Up => up(shared, conn, head, &live).await,
-        Verb::Poll => poll(shared, conn, head, &live).await,
-        Verb::Push => push(shared, conn, head, &live).await,
+        Verb::Down => down(req, conn).await,
+        Verb::Up => up(req, conn).await,
+        Verb::Poll => poll(req, conn).await,
+        Verb::Push => push(req, conn).await,
+    }
+}
+
+fn refuse(status: u16, reason: &str) -> Outcome {
+    Outcome::Refuse(status, Some(reason.to_owned()))
+}
+
+/// What the handlers of a known session's requests work with.
+struct Request<'a> {
+    shared: &'a Arc<Shared>,
+    head: &'a RequestHead,
+    live: &'a Arc<Live>,
+    slot: &'a mut Slot,
+}
+
+impl Request<'_> {
+    /// Time to read a bounded body: strangers get less.
+    fn body_timeout(&self) -> Duration {
+        if self.slot.is_proven() {
+            BODY_TIMEOUT
+        } else {
+            HEAD_TIMEOUT
+        }
+    }
+
+    /// Feeds a bounded body of records to the session. A body without an
+    /// authentic packet, or with a forged or replayed one, gets nothing but
+    /// the refusal this returns.
+    fn receive_body(&mut self, body: &[u8]) -> Result<(), Outcome> {
+        let mut reader = RecordReader::default();
+        let mut scratch = Vec::new();
+        match self.live.tunnel.receive(body, &mut reader, &mut scratch) {
+            Ok(authentic) if authentic > 0 && reader.is_clean() => {
+                self.proven();
+                Ok(())
+            }
+            Ok(_) => Err(refuse(403, "no authentic packet in the body")),
+            Err(e) => Err(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
+        }
+    }
+
+    /// The request carried an authentic packet.
+    fn proven(&mut self) {
+        self.slot.promote();
+        confirm(self.shared, self.live);
     }
 }
 
@@ -293,9 +346,10 @@ async fn read_body(
     conn: &mut HttpConn<TcpStream>,
     head: &RequestHead,
     max: u64,
+    limit: Duration,
 ) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
-    deadline(BODY_TIMEOUT, conn.body(head.body, Some(max)).read_to_end(&mut body)).await?;
+    deadline(limit, conn.body(head.body, Some(max)).read_to_end(&mut body)).await?;
     Ok(body)
 }
 
@@ -318,31 +372,34 @@ async fn hello(
     head: &RequestHead,
     session: SessionId,
     peer: SocketAddr,
+    slot: &mut Slot,
 ) -> Result<Outcome, HttpError> {
-    let msg = read_body(conn, head, MAX_HANDSHAKE as u64).await?;
+    let msg = read_body(conn, head, MAX_HANDSHAKE as u64, HEAD_TIMEOUT).await?;
+    // The Diffie-Hellman work below is what strangers could make us do
+    // for free: it is rationed.
+    if !lock(&shared.handshakes).take(Instant::now()) {
+        return Ok(refuse(503, "too many handshakes this second; the agent retries later"));
+    }
     let responder = match crypto::respond(&shared.key, &msg) {
         Ok(responder) => responder,
-        Err(e) => {
-            log::debug!("{peer}: handshake rejected: {e}");
-            return Ok(Outcome::Refuse(400));
-        }
+        Err(e) => return Ok(refuse(400, &format!("not a postern handshake: {e}"))),
     };
     let Some(device) = shared.devices.get(&responder.device) else {
         log_unknown_key(shared, &responder.device, peer);
-        return Ok(Outcome::Refuse(403));
+        return Ok(Outcome::Refuse(403, None));
     };
     if responder.session_id != session || lock(&shared.sessions).contains_key(&session) {
-        log::debug!("{peer}: handshake for a session id it does not own");
-        return Ok(Outcome::Refuse(400));
+        return Ok(refuse(400, "handshake for a session id it does not own"));
     }
     let device_key = responder.device;
     let (reply, transport) = match responder.accept() {
         Ok(accepted) => accepted,
         Err(e) => {
             log::warn!("{peer}: handshake with device {} failed: {e}", device.name);
-            return Ok(Outcome::Refuse(400));
+            return Ok(Outcome::Refuse(400, None));
         }
     };
+    slot.promote();
     let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits);
     let live = Arc::new(Live {
         id: session,
@@ -370,7 +427,8 @@ fn log_unknown_key(shared: &Shared, key: &PublicKey, peer: SocketAddr) {
     }
     if logged.insert(*key) {
         log::warn!(
-            "{peer}: unknown device key {} refused; add it to [[devices]] to let it in",
+            "{peer}: unknown device key {} refused (full key {}); add it to [[devices]] to let it in",
+            key.fingerprint(),
             key.to_base64()
         );
     }
@@ -442,28 +500,11 @@ fn confirm(shared: &Shared, live: &Arc<Live>) {
     }
 }
 
-/// Feeds a bounded body of records to the session; false if it held no
-/// authentic packet, in which case the request must get nothing.
-fn receive_body(shared: &Shared, live: &Arc<Live>, body: &[u8]) -> bool {
-    let mut reader = RecordReader::default();
-    let mut scratch = Vec::new();
-    let authentic = live.tunnel.receive(body, &mut reader, &mut scratch).unwrap_or(0);
-    if authentic > 0 && reader.is_clean() {
-        confirm(shared, live);
-        return true;
-    }
-    false
-}
-
-async fn down(
-    shared: &Arc<Shared>,
-    conn: &mut HttpConn<TcpStream>,
-    head: &RequestHead,
-    live: &Arc<Live>,
-) -> Result<Outcome, HttpError> {
-    let body = read_body(conn, head, DOWN_BODY_MAX).await?;
-    if !receive_body(shared, live, &body) {
-        return Ok(Outcome::Refuse(403));
+async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    let body = read_body(conn, head, DOWN_BODY_MAX, req.body_timeout()).await?;
+    if let Err(refused) = req.receive_body(&body) {
+        return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Data);
     // An HTTP/1.0 hop (nginx's default upstream protocol) cannot take a
@@ -518,53 +559,40 @@ async fn down(
     }
 }
 
-async fn up(
-    shared: &Arc<Shared>,
-    conn: &mut HttpConn<TcpStream>,
-    head: &RequestHead,
-    live: &Arc<Live>,
-) -> Result<Outcome, HttpError> {
+async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    // A long body streams through this buffer: give it the full size. The
+    // session id in the path bounds who gets this far to those who saw it.
+    conn.grow();
     let mut reader = RecordReader::default();
     let mut scratch = Vec::new();
-    let mut proven = false;
     {
         let mut body = conn.body(head.body, None);
         // The first bytes must come promptly; after that an uplink may idle
         // as long as the session does (keepalives arrive well within it).
         let mut wait = HEAD_TIMEOUT;
         while let Some(bytes) = deadline(wait, body.next()).await? {
-            wait = shared.limits.idle_timeout;
+            wait = req.shared.limits.idle_timeout;
             let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
                 Ok(n) => n,
-                Err(e) => {
-                    log::debug!("device {}: uplink: {e}", live.name);
-                    return Ok(Outcome::Refuse(400));
-                }
+                Err(e) => return Ok(refuse(400, &e.to_string())),
             };
-            if authentic > 0 && !proven {
-                proven = true;
-                confirm(shared, live);
+            if authentic > 0 && !req.slot.is_proven() {
+                req.proven();
             }
-            if !proven && !reader.is_clean() {
-                continue;
-            }
-            if !proven {
-                return Ok(Outcome::Refuse(403));
+            if !req.slot.is_proven() && reader.is_clean() {
+                return Ok(refuse(403, "no authentic packet in the uplink"));
             }
         }
     }
     respond(conn, head.keep_alive, &[]).await
 }
 
-async fn poll(
-    shared: &Arc<Shared>,
-    conn: &mut HttpConn<TcpStream>,
-    head: &RequestHead,
-    live: &Arc<Live>,
-) -> Result<Outcome, HttpError> {
-    let body = read_body(conn, head, POLL_BODY_MAX as u64).await?;
-    if !receive_body(shared, live, &body) {
-        return Ok(Outcome::Refuse(403));
+async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    let body = read_body(conn, head, POLL_BODY_MAX as u64, req.body_timeout()).await?;
+    if let Err(refused) = req.receive_body(&body) {
+        return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Sequenced);
     let mut out = Vec::new();
@@ -581,15 +609,12 @@ async fn poll(
     respond(conn, head.keep_alive, &out).await
 }
 
-async fn push(
-    shared: &Arc<Shared>,
-    conn: &mut HttpConn<TcpStream>,
-    head: &RequestHead,
-    live: &Arc<Live>,
-) -> Result<Outcome, HttpError> {
-    let body = read_body(conn, head, POLL_BODY_MAX as u64 + MAX_RECORD as u64).await?;
-    if !receive_body(shared, live, &body) {
-        return Ok(Outcome::Refuse(403));
+async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    let max = POLL_BODY_MAX as u64 + MAX_RECORD as u64;
+    let body = read_body(conn, head, max, req.body_timeout()).await?;
+    if let Err(refused) = req.receive_body(&body) {
+        return Ok(refused);
     }
     let mut out = Vec::new();
     live.tunnel.seal_ack(&mut out);

@@ -35,6 +35,16 @@ pub struct Incoming {
     pub name: String,
 }
 
+/// A carrier body held something other than authentic, fresh records.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadBody {
+    #[error(transparent)]
+    Framing(#[from] BadRecord),
+    /// Changed on the way, forged, or a replay of a captured request.
+    #[error("{0} sealed packets failed authentication or were replays")]
+    Rejected(usize),
+}
+
 /// Why a session is over.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("session closed: {0}")]
@@ -192,19 +202,23 @@ impl Tunnel {
     }
 
     /// Feeds carrier body bytes. Returns how many records were authentic
-    /// and fresh; forged and replayed ones are counted and dropped.
+    /// and fresh. Forged and replayed ones are counted and dropped, and make
+    /// this an error: the connection that carried them is not to be trusted
+    /// further, and once it is closed the session resends on a new one.
     pub fn receive(
         &self,
         body: &[u8],
         reader: &mut RecordReader,
         scratch: &mut Vec<u8>,
-    ) -> Result<usize, BadRecord> {
+    ) -> Result<usize, BadBody> {
         let mut authentic = 0;
+        let mut rejected = 0;
         reader.feed(body, |counter, ciphertext| {
             let opened = self.transport.open(counter, ciphertext, scratch);
             let mut state = self.lock();
             if opened.is_err() || !state.replay.accept(counter) {
                 state.stats.rejected += 1;
+                rejected += 1;
                 return;
             }
             authentic += 1;
@@ -219,6 +233,9 @@ impl Tunnel {
             }
             self.settle(&mut state);
         })?;
+        if rejected > 0 {
+            return Err(BadBody::Rejected(rejected));
+        }
         Ok(authentic)
     }
 

@@ -63,8 +63,8 @@ pub enum CarrierError {
     SessionGone,
     #[error("the station's handshake reply did not verify: {0}")]
     Handshake(crypto::CryptoError),
-    #[error("the station sent a body that is not sealed packets")]
-    BadBody,
+    #[error("the reply was not the station's sealed packets ({0}): changed on the way?")]
+    BadBody(crate::tunnel::BadBody),
 }
 
 /// Exponential backoff with jitter.

@@ -228,7 +228,7 @@ fn receive(
     reader: &mut RecordReader,
     scratch: &mut Vec<u8>,
 ) -> Result<usize, CarrierError> {
-    tunnel.receive(bytes, reader, scratch).map_err(|_| CarrierError::BadBody)
+    tunnel.receive(bytes, reader, scratch).map_err(CarrierError::BadBody)
 }
 
 /// Stream shape, station to agent: one long chunked (or close-delimited)

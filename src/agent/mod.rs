@@ -15,8 +15,9 @@ mod client;
 mod lanes;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_listener::Event as Notify;
 use futures_lite::future;
@@ -25,7 +26,7 @@ use smol::net::{TcpListener, TcpStream};
 use crate::carrier::{self, Verb};
 use crate::config::{AgentConfig, CarrierKind, ForwardSource, Service};
 use crate::core::session::Limits;
-use crate::core::streams::Side;
+use crate::core::streams::{Side, MAX_STREAMS};
 use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
@@ -34,6 +35,14 @@ use client::{Backoff, CarrierError, Client, REPLY_TIMEOUT};
 
 /// Time a local connection waits for a session before it is closed.
 const SESSION_WAIT: Duration = Duration::from_secs(10);
+
+/// Connections one forward carries at once. A quarter of the session's
+/// streams ([`MAX_STREAMS`]), so one local client opening hundreds cannot
+/// take every stream from the other forwards.
+const MAX_STREAMS_PER_FORWARD: usize = MAX_STREAMS / 4;
+
+/// Shortest time between two log lines about a forward at its bound.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -156,10 +165,28 @@ impl Agent {
 
 async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: String) {
     let scope = Scope::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut last_refusal_logged: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
-                scope.spawn(carry_local(shared.clone(), socket, peer, target.clone()));
+                if open.load(Ordering::Acquire) >= MAX_STREAMS_PER_FORWARD {
+                    // Logged once a minute at most: a flood must not flood the log.
+                    if !last_refusal_logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
+                        last_refusal_logged = Some(Instant::now());
+                        log::warn!(
+                            "forward to {target}: {MAX_STREAMS_PER_FORWARD} connections open \
+                             already; closing new ones from {peer} and others until some end"
+                        );
+                    }
+                    continue;
+                }
+                open.fetch_add(1, Ordering::AcqRel);
+                let (shared, target, open) = (shared.clone(), target.clone(), open.clone());
+                scope.spawn(async move {
+                    carry_local(shared, socket, peer, target).await;
+                    open.fetch_sub(1, Ordering::AcqRel);
+                });
             }
             Err(e) => {
                 log::warn!("forward to {target}: accept failed: {e}");

@@ -68,6 +68,9 @@ const REPLY_HEADERS: [(&str, &str); 3] = [
 pub enum Error {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// A `[devices.expose]` listener could not bind.
+    #[error("device {device}: cannot expose service {service:?} on {addr}: {source}")]
+    Expose { addr: SocketAddr, device: String, service: String, source: std::io::Error },
 }
 
 struct Device {
@@ -134,8 +137,12 @@ impl Station {
         for device in &config.devices {
             for (&addr, service) in &device.expose {
                 // Port 0 binds an ephemeral port; run() logs the one chosen.
-                let listener =
-                    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+                let listener = TcpListener::bind(addr).await.map_err(|source| Error::Expose {
+                    addr,
+                    device: device.name.clone(),
+                    service: service.clone(),
+                    source,
+                })?;
                 exposes.push(Expose {
                     listener,
                     device: device.public_key,

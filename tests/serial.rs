@@ -66,6 +66,56 @@ fn forward_serial_round_trip_every_byte_value() {
 }
 
 #[test]
+fn forward_serial_opens_a_new_stream_after_the_target_closes() {
+    // A target that answers one line per connection, then closes it.
+    let target = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let target_addr = target.local_addr().expect("bound");
+    let served = thread::spawn(move || {
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let (socket, _) = target.accept().expect("accept");
+            socket.set_read_timeout(Some(WAIT)).expect("timeout");
+            let mut reader = std::io::BufReader::new(socket.try_clone().expect("dup"));
+            let mut line = Vec::new();
+            std::io::BufRead::read_until(&mut reader, b'\n', &mut line).expect("a request");
+            let mut reply = b"reply:".to_vec();
+            reply.extend_from_slice(&line);
+            (&socket).write_all(&reply).expect("reply");
+            lines.push(line);
+        }
+        lines
+    });
+    let dir = TempDir::new("serial-reopen");
+    let keys = Keys::new();
+    let targets = format!("oneshot = \"{target_addr}\"");
+    let (station, station_addr) =
+        start_station(&dir, &keys.station_toml("127.0.0.1:0", &targets, "\"oneshot\"", ""));
+    let pty = PtyPair::start(dir.path(), "line");
+    // -v: the end of each stream is a debug line, and the test waits for
+    // it before the next request. Bytes the line sends before the agent
+    // learns of the close would still go to the old stream.
+    let config = dir.write(
+        "agent.toml",
+        &keys.agent_toml(station_addr, &serial_forward(&pty.agent_end, "oneshot")),
+    );
+    let mut agent = Postern::start_with("agent", "agent", &config, &["-v"]);
+    station.wait_line("device pump-17 handshake from");
+    agent.wait_line(&format!("serial {} open", pty.agent_end.display()));
+    let mut tty = pty.open_test_end();
+    for (n, request) in [&b"first\n"[..], b"\x00\xff\n", b"third\n"].into_iter().enumerate() {
+        tty.write_all(request);
+        let mut expected = b"reply:".to_vec();
+        expected.extend_from_slice(request);
+        assert_eq!(tty.read_exact(expected.len()), expected);
+        agent.wait_nth(" ended (", n + 1);
+    }
+    // Three connections, each with exactly its own request.
+    let lines = served.join().expect("target");
+    assert_eq!(lines, [&b"first\n"[..], b"\x00\xff\n", b"third\n"]);
+    assert!(agent.is_running());
+}
+
+#[test]
 fn forward_serial_line_comes_back_after_vanishing() {
     let dir = TempDir::new("serial-vanish");
     let echo = Echo::start();

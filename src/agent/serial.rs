@@ -529,3 +529,87 @@ fn copy_out(from: &mut VecDeque<u8>, to: &mut [u8]) -> usize {
     from.drain(..n);
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line() -> Arc<Line> {
+        let config = SerialConfig {
+            path: "/dev/ttyTEST".to_owned(),
+            baud: 9600,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: 1,
+            flow_control: FlowControl::None,
+        };
+        Line::new(config, "target \"t\"".to_owned())
+    }
+
+    #[test]
+    fn without_a_stream_the_backlog_keeps_the_oldest_bytes_and_counts_the_rest() {
+        let line = line();
+        let first = vec![1u8; LINE_BACKLOG - 10];
+        assert!(line.push(&first).is_empty());
+        let second = [2u8; 25];
+        // Nothing comes back to wait for: 10 kept, 15 dropped.
+        assert!(line.push(&second).is_empty());
+        {
+            let state = line.lock();
+            assert_eq!(state.backlog.len(), LINE_BACKLOG);
+            assert_eq!(state.backlog.iter().rev().take(11).copied().collect::<Vec<_>>(), {
+                let mut tail = vec![2u8; 10];
+                tail.push(1);
+                tail
+            });
+            assert_eq!(state.dropped, 15);
+        }
+        assert!(line.push(&[3u8; 100]).is_empty());
+        assert_eq!(line.lock().dropped, 115);
+        // Attaching reports the count and starts a new one.
+        line.attach();
+        assert_eq!(line.lock().dropped, 0);
+    }
+
+    #[test]
+    fn with_a_stream_attached_what_does_not_fit_is_handed_back() {
+        let line = line();
+        line.attach();
+        assert!(line.push(&vec![0u8; LINE_BACKLOG - 3]).is_empty());
+        assert_eq!(line.push(b"abcdef"), b"def");
+        assert_eq!(line.lock().dropped, 0);
+        assert_eq!(line.lock().backlog.len(), LINE_BACKLOG);
+        // Detached again, the same bytes would be dropped.
+        line.detach();
+        assert!(line.push(b"def").is_empty());
+        assert_eq!(line.lock().dropped, 3);
+    }
+
+    #[test]
+    fn a_link_fails_once_its_port_is_gone_and_keeps_the_backlog() {
+        let line = line();
+        line.push(b"kept for the next stream");
+        let generation = line.attach();
+        let mut link = LineLink::new(line.clone(), generation);
+        let mut buf = [0u8; 64];
+        let read = future::block_on(link.read(&mut buf));
+        assert_eq!(read.map_err(|e| e.kind()), Err(io::ErrorKind::BrokenPipe));
+        let written = future::block_on(futures_lite::AsyncWriteExt::write(&mut link, b"x"));
+        assert_eq!(written.map_err(|e| e.kind()), Err(io::ErrorKind::BrokenPipe));
+        assert_eq!(line.lock().backlog.len(), 24);
+    }
+
+    #[test]
+    fn settings_read_like_a_datasheet() {
+        let mut config = line().config.clone();
+        assert_eq!(describe(&config), "9600 8N1");
+        config.data_bits = 7;
+        config.parity = Parity::Even;
+        config.stop_bits = 2;
+        config.flow_control = FlowControl::Hardware;
+        assert_eq!(describe(&config), "9600 7E2 rts/cts");
+        config.parity = Parity::Odd;
+        config.flow_control = FlowControl::Software;
+        assert_eq!(describe(&config), "9600 7O2 xon/xoff");
+    }
+}

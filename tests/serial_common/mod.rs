@@ -66,10 +66,16 @@ pub struct Postern {
 impl Postern {
     /// `postern <command> -c <config>` with no proxy from the environment.
     pub fn start(label: &str, command: &str, config: &Path) -> Postern {
+        Postern::start_with(label, command, config, &[])
+    }
+
+    /// As [`Postern::start`], with more arguments (e.g. `-v`).
+    pub fn start_with(label: &str, command: &str, config: &Path, args: &[&str]) -> Postern {
         let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
             .arg(command)
             .arg("-c")
             .arg(config)
+            .args(args)
             .env_remove("HTTP_PROXY")
             .env_remove("http_proxy")
             .env_remove("POSTERN_LOG")

@@ -21,6 +21,7 @@
 //! between two users (config refuses that).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use event_listener::{Event as Notify, EventListener};
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite};
-use std::future::Future;
 
 use super::{Shared, SESSION_WAIT};
 use crate::config::{FlowControl, Parity, SerialConfig};

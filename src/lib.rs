@@ -20,6 +20,8 @@ pub mod core;
 pub mod crypto;
 #[cfg(all(feature = "agent", feature = "station"))]
 pub mod demo;
+#[cfg(feature = "agent")]
+pub mod endpoint;
 pub mod keys;
 pub mod logger;
 #[cfg(feature = "station")]

@@ -5,6 +5,10 @@
 //! TCP accept ─▶ connection task ─▶ carrier request (hello/down/up/poll/push)
 //!                                        │
 //!   sessions: id ─▶ Live { device, Tunnel, scope } ─▶ stream opened ─▶ allow? ─▶ connect target ─▶ pump
+//!
+//! expose listener (one per [devices.expose] entry) ─accept─▶ device's live session?
+//!   ├ none: close the client at once, log
+//!   └ open stream "service\nclient" ─▶ pump (the agent opens the service or resets the stream)
 //! ```
 //!
 //! Unauthenticated requests get a status code and cost nothing lasting: a
@@ -65,6 +69,9 @@ const REPLY_HEADERS: [(&str, &str); 3] = [
 pub enum Error {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// A `[devices.expose]` listener could not bind.
+    #[error("device {device}: cannot expose service {service:?} on {addr}: {source}")]
+    Expose { addr: SocketAddr, device: String, service: String, source: std::io::Error },
 }
 
 struct Device {
@@ -106,6 +113,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Station {
     listener: TcpListener,
     shared: Arc<Shared>,
+    exposes: Vec<Expose>,
+}
+
+/// A reverse listener: clients connecting here reach `service` on a device.
+struct Expose {
+    listener: TcpListener,
+    device: PublicKey,
+    device_name: String,
+    service: String,
 }
 
 impl Station {
@@ -120,6 +136,24 @@ impl Station {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let mut exposes = Vec::new();
+        for device in &config.devices {
+            for (&addr, service) in &device.expose {
+                // Port 0 binds an ephemeral port; run() logs the one chosen.
+                let listener = TcpListener::bind(addr).await.map_err(|source| Error::Expose {
+                    addr,
+                    device: device.name.clone(),
+                    service: service.clone(),
+                    source,
+                })?;
+                exposes.push(Expose {
+                    listener,
+                    device: device.public_key,
+                    device_name: device.name.clone(),
+                    service: service.clone(),
+                });
+            }
+        }
         let devices = config
             .devices
             .into_iter()
@@ -137,7 +171,7 @@ impl Station {
             limits,
             scope: Scope::new(),
         };
-        Ok(Station { listener, shared: Arc::new(shared) })
+        Ok(Station { listener, shared: Arc::new(shared), exposes })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -150,6 +184,9 @@ impl Station {
         log::info!("station listening on {} (HTTP carrier)", self.local_addr());
         let shared = self.shared;
         let _stop_all = StopOnDrop(shared.clone());
+        for expose in self.exposes {
+            shared.scope.spawn(accept_exposed(shared.clone(), expose));
+        }
         loop {
             let (socket, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -481,6 +518,65 @@ async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
             log::warn!("device {}: target {name} ({address}): {e}", live.name);
             live.tunnel.reset(id, &format!("target {name}: {e}"));
         }
+    }
+}
+
+/// The live session of a device, if it has one: the confirmed one when an
+/// unconfirmed handshake (possibly a replay) exists beside it.
+fn live_session(shared: &Shared, device: &PublicKey) -> Option<Arc<Live>> {
+    lock(&shared.sessions)
+        .values()
+        .filter(|live| live.device == *device && live.tunnel.closed().is_none())
+        .max_by_key(|live| live.confirmed.load(Ordering::Acquire))
+        .cloned()
+}
+
+/// Accepts monitoring clients on a reverse listener for as long as the
+/// station runs, and carries each to the device's service.
+async fn accept_exposed(shared: Arc<Shared>, expose: Expose) {
+    let Expose { listener, device, device_name, service } = expose;
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    log::info!("exposing service {service:?} of device {device_name} on {addr}");
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, don't spin.
+                log::warn!("{addr}: accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Offline: dropping the socket closes the client at once, rather
+        // than leaving it waiting for a device that may not come.
+        let Some(live) = live_session(&shared, &device) else {
+            log::warn!(
+                "client {peer} on {addr}: device {device_name} is offline; \
+                 closed the connection (service {service:?})"
+            );
+            continue;
+        };
+        // The client's address rides along for the agent's logs (who holds
+        // a console); names cannot contain a newline, so it splits cleanly.
+        let id = match live.tunnel.open(&format!("{service}\n{peer}")) {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("client {peer} on {addr}: device {device_name}: {e}; closed");
+                continue;
+            }
+        };
+        log::info!(
+            "client {peer} on {addr} -> device {device_name} service {service:?} (stream {id})"
+        );
+        let _ = socket.set_nodelay(true);
+        let tunnel = live.tunnel.clone();
+        let name = device_name.clone();
+        // The session's scope owns the pump, so the client is closed when
+        // the session ends.
+        live.scope.spawn(async move {
+            tunnel.pump(id, socket).await;
+            log::debug!("client {peer} -> device {name}: stream {id} ended");
+        });
     }
 }
 

@@ -11,14 +11,12 @@
 //! sealing a packet never blocks a socket feeding its stream.
 
 use std::collections::HashMap;
-use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use event_listener::Event as Notify;
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::channel;
-use smol::net::TcpStream;
 
 use crate::core::frame::MAX_PACKET;
 use crate::core::session::{Lane, Limits, Session};
@@ -371,7 +369,13 @@ impl Tunnel {
 
     /// Carries bytes between `socket` and stream `id` both ways, with
     /// half-close, until both directions finish or either side resets.
-    pub async fn pump(&self, id: StreamId, socket: TcpStream) {
+    /// `socket` is a TCP socket or anything shaped like one: clones share
+    /// one connection, and `close` ends our writing half (for TCP a
+    /// `shutdown(Write)`), which is what the peer's finish turns into.
+    pub async fn pump<S>(&self, id: StreamId, socket: S)
+    where
+        S: AsyncRead + AsyncWrite + Clone + Unpin,
+    {
         let Some(waker) = self.waker(id) else { return };
         let up = self.socket_to_stream(id, socket.clone(), &waker);
         let down = self.stream_to_socket(id, socket, &waker);
@@ -401,7 +405,7 @@ impl Tunnel {
     async fn socket_to_stream(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        mut socket: impl AsyncRead + Unpin,
         waker: &Notify,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; SOCKET_READ];
@@ -435,7 +439,7 @@ impl Tunnel {
     async fn stream_to_socket(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        mut socket: impl AsyncWrite + Unpin,
         waker: &Notify,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; SOCKET_READ];
@@ -455,7 +459,7 @@ impl Tunnel {
                         .map_err(|e| format!("local write failed: {e}"))?;
                 }
                 Ok(Read::Fin) => {
-                    let _ = socket.shutdown(Shutdown::Write);
+                    let _ = socket.close().await;
                     return Ok(());
                 }
                 Ok(Read::Blocked) => listener.await,

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! forward listener ─accept─▶ wait for session ─▶ open stream(target) ─▶ pump
+//! forward serial line ─▶ serial::keep_line (reopens) + serial::carry_line (a stream per conversation)
 //! session loop: hello ─▶ Tunnel ─▶ lanes::carry (stream or poll shape) + timers + services
+//! station opens "name" ─▶ [services] only ─▶ TCP connect ─▶ pump | serial::serve_console (one holder)
 //!                 ▲ backoff with jitter ◀── session ends (idle, 404, peer close)
 //! ```
 //!
@@ -13,7 +15,9 @@
 
 mod client;
 mod lanes;
+mod serial;
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,8 +54,6 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 pub enum Error {
     #[error("forward to {target}: cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, target: String, source: std::io::Error },
-    #[error("forward to {target}: serial lines are not supported yet ({path})")]
-    SerialUnsupported { target: String, path: String },
 }
 
 struct Shared {
@@ -61,7 +63,9 @@ struct Shared {
     carrier: CarrierKind,
     /// What `auto` learnt of the path, kept across sessions.
     shape: lanes::ShapeMemory,
-    services: std::collections::BTreeMap<String, Service>,
+    services: BTreeMap<String, Service>,
+    /// Serial services in use now, by service name.
+    consoles: Mutex<HashMap<String, serial::Holder>>,
     limits: Limits,
     current: Mutex<Option<Arc<Tunnel>>>,
     changed: Notify,
@@ -98,6 +102,9 @@ impl Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     forwards: Vec<(TcpListener, String)>,
+    /// Forward serial lines and their targets; opened when the agent runs,
+    /// since a missing device node must not stop the agent.
+    lines: Vec<(Arc<serial::Line>, String)>,
 }
 
 impl Agent {
@@ -111,6 +118,7 @@ impl Agent {
     pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
         let proxy = config.proxy;
         let mut forwards = Vec::new();
+        let mut lines = Vec::new();
         for forward in config.forwards {
             match forward.source {
                 ForwardSource::Listen(addr) => {
@@ -121,11 +129,9 @@ impl Agent {
                     })?;
                     forwards.push((listener, forward.target));
                 }
-                ForwardSource::Serial(serial) => {
-                    return Err(Error::SerialUnsupported {
-                        target: forward.target,
-                        path: serial.path,
-                    })
+                ForwardSource::Serial(config) => {
+                    let peer = format!("target {:?}", forward.target);
+                    lines.push((serial::Line::new(config, peer), forward.target));
                 }
             }
         }
@@ -136,11 +142,12 @@ impl Agent {
             carrier: config.carrier,
             shape: lanes::ShapeMemory::default(),
             services: config.services,
+            consoles: Mutex::new(HashMap::new()),
             limits,
             current: Mutex::new(None),
             changed: Notify::new(),
         };
-        Ok(Agent { shared: Arc::new(shared), forwards })
+        Ok(Agent { shared: Arc::new(shared), forwards, lines })
     }
 
     /// Local addresses of the forward listeners, in config order.
@@ -158,6 +165,11 @@ impl Agent {
             let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             log::info!("forwarding {addr} to station target {target:?}");
             scope.spawn(accept_forward(self.shared.clone(), listener, target));
+        }
+        for (line, target) in self.lines {
+            log::info!("forwarding serial {} to station target {target:?}", line.path());
+            scope.spawn(serial::keep_line(line.clone()));
+            scope.spawn(serial::carry_line(self.shared.clone(), line, target));
         }
         keep_session(&self.shared).await;
     }
@@ -285,29 +297,39 @@ async fn run_session(
 }
 
 /// Serves a stream the station opened to one of our named services.
+///
+/// The stream's name is the service name, optionally followed by a newline
+/// and who asked for it (the station's monitoring client), for our logs
+/// only: config forbids control characters in names, so the split is
+/// unambiguous. Only services from our own `[services]` are opened; the
+/// station cannot name an address.
 async fn open_service(shared: Arc<Shared>, tunnel: Arc<Tunnel>, stream: Incoming) {
     let Incoming { id, name } = stream;
-    let address = match shared.services.get(&name) {
+    let (service, who) = match name.split_once('\n') {
+        Some((service, client)) => (service, format!("station client {client} (stream {id})")),
+        None => (name.as_str(), format!("station stream {id}")),
+    };
+    let address = match shared.services.get(service) {
         Some(Service::Tcp(address)) => address.clone(),
-        Some(Service::Serial(_)) => {
-            log::warn!("station asked for serial service {name:?}: not supported yet");
-            tunnel.reset(id, &format!("service {name:?} is a serial line, not supported yet"));
+        Some(Service::Serial(config)) => {
+            serial::serve_console(&shared, &tunnel, id, service, who, config).await;
             return;
         }
         None => {
-            log::warn!("station asked for unknown service {name:?}; refused");
-            tunnel.reset(id, &format!("the device has no service named {name:?}"));
+            log::warn!("{who} asked for unknown service {service:?}; refused");
+            tunnel.reset(id, &format!("the device has no service named {service:?}"));
             return;
         }
     };
     match TcpStream::connect(address.as_str()).await {
         Ok(socket) => {
             let _ = socket.set_nodelay(true);
+            log::debug!("service {service} ({address}): {who}");
             tunnel.pump(id, socket).await;
         }
         Err(e) => {
-            log::warn!("service {name} ({address}): {e}");
-            tunnel.reset(id, &format!("service {name}: {e}"));
+            log::warn!("service {service} ({address}) for {who}: {e}");
+            tunnel.reset(id, &format!("service {service}: {e}"));
         }
     }
 }

@@ -588,7 +588,8 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         Some(text) => Some(socket_addr(&text).map_err(|r| fail("status", r))?),
         None => None,
     };
-    if status == Some(listen) {
+    // Port 0 asks the system for a free port: never a clash.
+    if status == Some(listen) && listen.port() != 0 {
         return Err(fail(
             "status",
             format!("{listen} is also the carrier listen address; give status its own port"),
@@ -650,7 +651,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
             let field = key_path(&format!("{at}.expose"), &address_text);
             let address = socket_addr(&address_text).map_err(|r| fail(&field, r))?;
             check_name(&service).map_err(|r| fail(&field, format!("service name {r}")))?;
-            if address == listen || Some(address) == status {
+            if address.port() != 0 && (address == listen || Some(address) == status) {
                 return Err(fail(
                     &field,
                     format!("{address} is already the station's listen or status address"),
@@ -1705,6 +1706,13 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             "listen = \"0.0.0.0:1\"\nprivate_key = \"{key}\"\nstatus = \"0.0.0.0:1\"\n"
         ));
         assert_err(&err, "status", "also the carrier listen address");
+        let ephemeral = StationConfig::parse(
+            &format!(
+                "listen = \"127.0.0.1:0\"\nprivate_key = \"{key}\"\nstatus = \"127.0.0.1:0\"\n"
+            ),
+            "station.toml",
+        );
+        assert!(ephemeral.is_ok(), "port 0 twice is two free ports: {ephemeral:?}");
     }
 
     #[test]

@@ -74,6 +74,12 @@ pub struct Stats {
     pub received: u64,
     /// Records that failed authentication or were replays.
     pub rejected: u64,
+    /// Stream bytes taken from local sockets, to go to the peer.
+    pub stream_out: u64,
+    /// Stream bytes from the peer handed to local sockets.
+    pub stream_in: u64,
+    /// Packets sent again after a carrier connection was lost.
+    pub resent: u64,
 }
 
 struct State {
@@ -129,7 +135,8 @@ impl Tunnel {
     }
 
     pub fn stats(&self) -> Stats {
-        self.lock().stats
+        let state = self.lock();
+        Stats { resent: state.session.resent_packets(), ..state.stats }
     }
 
     /// How many of our packets the peer has acknowledged.
@@ -155,6 +162,20 @@ impl Tunnel {
 
     pub fn stream_count(&self) -> usize {
         self.lock().session.streams().len()
+    }
+
+    /// Ends the session, telling the peer why (a Close frame); the peer
+    /// then ends it at its side.
+    pub fn close(&self, reason: &str) {
+        let mut state = self.lock();
+        state.session.close(reason);
+        self.settle(&mut state);
+    }
+
+    /// Everything queued has been sent and acknowledged by the peer.
+    pub fn all_delivered(&self) -> bool {
+        let mut state = self.lock();
+        state.session.unacked_bytes() == 0 && !state.session.streams().has_output()
     }
 
     /// Ends the session here without telling the peer.
@@ -423,6 +444,9 @@ impl Tunnel {
                 let written = {
                     let mut state = self.lock();
                     let written = state.session.streams().write(id, rest);
+                    if let Ok(k) = written {
+                        state.stats.stream_out += k as u64;
+                    }
                     self.settle(&mut state);
                     written
                 };
@@ -448,6 +472,9 @@ impl Tunnel {
             let read = {
                 let mut state = self.lock();
                 let read = state.session.streams().read(id, &mut buf);
+                if let Ok(Read::Data(n)) = read {
+                    state.stats.stream_in += n as u64;
+                }
                 self.settle(&mut state);
                 read
             };

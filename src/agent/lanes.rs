@@ -97,6 +97,16 @@ pub(super) struct ShapeMemory {
 }
 
 impl ShapeMemory {
+    /// The shape in use, for status lines.
+    pub fn describe(&self, configured: CarrierKind) -> &'static str {
+        match configured {
+            CarrierKind::Stream => "stream",
+            CarrierKind::Poll => "poll",
+            CarrierKind::Auto if self.fell_back.load(Ordering::Relaxed) => "auto (poll)",
+            CarrierKind::Auto => "auto (stream)",
+        }
+    }
+
     fn poll_wait(&self) -> Duration {
         match self.poll_wait.load(Ordering::Relaxed) {
             0 => POLL_WAIT,
@@ -209,6 +219,7 @@ async fn lane_loop(ctx: LaneCtx, verb: Verb, watch: Option<Arc<StreamWatch>>) {
                 return;
             }
             Err(e) => {
+                ctx.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.delay();
                 log::warn!(
                     "{} lane: {e}; reconnecting in {:.1} s",

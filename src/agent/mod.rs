@@ -19,7 +19,7 @@ mod serial;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ const SESSION_WAIT: Duration = Duration::from_secs(10);
 /// take every stream from the other forwards.
 const MAX_STREAMS_PER_FORWARD: usize = MAX_STREAMS / 4;
 
+/// How often the agent logs a status line at info level.
+const STATUS_EVERY: Duration = Duration::from_secs(300);
+
 /// Shortest time between two log lines about a forward at its bound.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -69,6 +72,10 @@ struct Shared {
     limits: Limits,
     current: Mutex<Option<Arc<Tunnel>>>,
     changed: Notify,
+    /// Carrier connections that failed and were made again.
+    reconnects: AtomicU64,
+    /// A graceful stop began: no new local connections or streams.
+    draining: AtomicBool,
 }
 
 impl Shared {
@@ -146,6 +153,8 @@ impl Agent {
             limits,
             current: Mutex::new(None),
             changed: Notify::new(),
+            reconnects: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         };
         Ok(Agent { shared: Arc::new(shared), forwards, lines })
     }
@@ -171,6 +180,7 @@ impl Agent {
             scope.spawn(serial::keep_line(line.clone()));
             scope.spawn(serial::carry_line(self.shared.clone(), line, target));
         }
+        scope.spawn(report_status(self.shared.clone()));
         keep_session(&self.shared).await;
     }
 }
@@ -209,6 +219,10 @@ async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: Stri
 }
 
 async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, target: String) {
+    if shared.draining.load(Ordering::Acquire) {
+        log::info!("{peer} -> {target}: the agent is stopping; closing the connection");
+        return;
+    }
     let _ = socket.set_nodelay(true);
     let Some(tunnel) = shared.session(SESSION_WAIT).await else {
         log::warn!("{peer} -> {target}: no session with the station; closing the connection");
@@ -220,6 +234,82 @@ async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, t
             tunnel.pump(id, socket).await;
         }
         Err(e) => log::warn!("{peer} -> {target}: {e}; closing the connection"),
+    }
+}
+
+/// Logs a status line every [`STATUS_EVERY`]: what an operator reading
+/// the journal wants to know without debug logging.
+async fn report_status(shared: Arc<Shared>) {
+    loop {
+        smol::Timer::after(STATUS_EVERY).await;
+        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let reconnects = shared.reconnects.load(Ordering::Relaxed);
+        match current {
+            Some(tunnel) => {
+                let stats = tunnel.stats();
+                log::info!(
+                    "status: connected via {}, carrier {}, {} streams open, {} bytes sent and \
+                     {} received this session, {} packets resent, {reconnects} carrier reconnects",
+                    shared.client.describe(),
+                    shared.shape.describe(shared.carrier),
+                    tunnel.stream_count(),
+                    stats.stream_out,
+                    stats.stream_in,
+                    stats.resent,
+                )
+            }
+            None => log::info!(
+                "status: no session with the station; {reconnects} carrier reconnects so far"
+            ),
+        }
+    }
+}
+
+/// Controls a running agent from outside its task.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+/// How often a draining agent looks whether its streams have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+impl Agent {
+    /// A handle for stopping the agent once it runs.
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
+    }
+}
+
+impl Handle {
+    /// A graceful stop: no new local connections; open streams get up to
+    /// `limit` to finish; then the session is closed, telling the station.
+    pub async fn drain(&self, limit: Duration) {
+        let shared = &self.0;
+        shared.draining.store(true, Ordering::Release);
+        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(tunnel) = current else { return };
+        let deadline = Instant::now() + limit;
+        if tunnel.stream_count() > 0 {
+            log::info!(
+                "stopping: waiting up to {} s for {} streams to end",
+                limit.as_secs(),
+                tunnel.stream_count()
+            );
+        }
+        while tunnel.stream_count() > 0 && Instant::now() < deadline {
+            smol::Timer::after(DRAIN_POLL).await;
+        }
+        if tunnel.stream_count() > 0 {
+            log::warn!(
+                "stopping: closing {} streams that did not end in time",
+                tunnel.stream_count()
+            );
+        }
+        tunnel.close("the agent is stopping");
+        // Give the close a moment to reach the station; bounded, not required.
+        let flush = Instant::now() + Duration::from_secs(1);
+        while !tunnel.all_delivered() && Instant::now() < flush {
+            smol::Timer::after(DRAIN_POLL).await;
+        }
     }
 }
 

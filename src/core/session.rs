@@ -116,6 +116,10 @@ pub struct Session {
     /// Send a sequenced packet even with no frames, so the peer's ack
     /// proves the path carries packets both ways.
     probe_wanted: bool,
+    /// Highest sequence number sent so far, to tell resends from first sends.
+    highest_sent: u64,
+    /// Packets sent more than once.
+    resent: u64,
     last_received: Instant,
     closed: bool,
     /// Frames buffers of acknowledged packets, reused for new ones.
@@ -139,6 +143,8 @@ impl Session {
             keepalive_pending: false,
             waiting_since: None,
             probe_wanted: false,
+            highest_sent: 0,
+            resent: 0,
             last_received: now,
             closed: false,
             spare: Vec::new(),
@@ -234,6 +240,12 @@ impl Session {
         self.waiting_since
     }
 
+    /// Packets sent again because a carrier lane restarted before their ack.
+    #[must_use]
+    pub fn resent_packets(&self) -> u64 {
+        self.resent
+    }
+
     /// How many of our packets the peer has acknowledged (acks are cumulative).
     #[must_use]
     pub fn acked(&self) -> u64 {
@@ -265,6 +277,10 @@ impl Session {
                     .expect("cursor lies within the unacked queue");
                 let packet = &self.unacked[index];
                 let seq = packet.seq;
+                if seq <= self.highest_sent {
+                    self.resent += 1;
+                }
+                self.highest_sent = self.highest_sent.max(seq);
                 encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
                 out.extend_from_slice(&packet.frames);
                 self.send_cursor += 1;
@@ -278,6 +294,7 @@ impl Session {
                 if probe || !frames.is_empty() {
                     let seq = self.next_seq;
                     self.next_seq += 1;
+                    self.highest_sent = seq;
                     encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
                     out.extend_from_slice(&frames);
                     self.unacked_bytes += frames.len();

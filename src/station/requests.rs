@@ -11,13 +11,14 @@
 //! counts as a stranger (see `admission`) until it carries an authentic packet.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use smol::net::TcpStream;
 
+use super::status::{LiveStatus, Shape};
 use super::{confirm, drive_session, lock, log_unknown_key, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
@@ -104,9 +105,12 @@ pub(super) async fn serve_connection(
             Outcome::Done if keep_alive => continue,
             Outcome::Done | Outcome::Close => return,
             Outcome::Refuse(status, reason) => {
-                if let Some(reason) = reason {
-                    let what = format!("{} {}: {reason}", head.method, head.target);
-                    refuse_log(&shared, peer, status, &what);
+                match reason {
+                    Some(reason) => {
+                        let what = format!("{} {}: {reason}", head.method, head.target);
+                        refuse_log(&shared, peer, status, &what);
+                    }
+                    None => shared.counters.refused(status),
                 }
                 let _ = conn.write_all(&http::error_response(status)).await;
                 return;
@@ -117,6 +121,7 @@ pub(super) async fn serve_connection(
 
 /// Logs a refusal, within the budget of [`RejectLog`].
 pub(super) fn refuse_log(shared: &Shared, peer: SocketAddr, status: u16, what: &str) {
+    shared.counters.refused(status);
     let (own_line, summary) = lock(&shared.rejects).admit(Instant::now());
     if let Some(count) = summary {
         log::info!("{count} more requests were refused in the last minute (not logged each)");
@@ -180,12 +185,12 @@ impl Request<'_> {
     /// Feeds a bounded body of records to the session. A body without an
     /// authentic packet, or with a forged or replayed one, gets nothing but
     /// the refusal this returns.
-    fn receive_body(&mut self, body: &[u8]) -> Result<(), Outcome> {
+    fn receive_body(&mut self, body: &[u8], shape: Shape) -> Result<(), Outcome> {
         let mut reader = RecordReader::default();
         let mut scratch = Vec::new();
         match self.live.tunnel.receive(body, &mut reader, &mut scratch) {
             Ok(authentic) if authentic > 0 && reader.is_clean() => {
-                self.proven();
+                self.proven(shape);
                 Ok(())
             }
             Ok(_) => Err(refuse(403, "no authentic packet in the body")),
@@ -193,9 +198,13 @@ impl Request<'_> {
         }
     }
 
-    /// The request carried an authentic packet.
-    fn proven(&mut self) {
+    /// The request carried an authentic packet over a carrier of `shape`.
+    fn proven(&mut self, shape: Shape) {
+        if !self.slot.is_proven() {
+            self.live.status.carrier_connections.fetch_add(1, Ordering::Relaxed);
+        }
         self.slot.promote();
+        self.live.status.seen(shape);
         confirm(self.shared, self.live);
     }
 }
@@ -233,6 +242,9 @@ async fn hello(
     slot: &mut Slot,
 ) -> Result<Outcome, HttpError> {
     let msg = read_body(conn, head, MAX_HANDSHAKE as u64, HEAD_TIMEOUT).await?;
+    if shared.draining.load(Ordering::Acquire) {
+        return Ok(refuse(503, "the station is stopping"));
+    }
     // The Diffie-Hellman work below is what strangers could make us do
     // for free: it is rationed.
     if !lock(&shared.handshakes).take(Instant::now()) {
@@ -240,9 +252,13 @@ async fn hello(
     }
     let responder = match crypto::respond(&shared.key, &msg) {
         Ok(responder) => responder,
-        Err(e) => return Ok(refuse(400, &format!("not a postern handshake: {e}"))),
+        Err(e) => {
+            shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+            return Ok(refuse(400, &format!("not a postern handshake: {e}")));
+        }
     };
-    let Some(device) = shared.devices.get(&responder.device) else {
+    let roster = shared.roster();
+    let Some(device) = roster.devices.get(&responder.device) else {
         log_unknown_key(shared, &responder.device, peer);
         return Ok(Outcome::Refuse(403, None));
     };
@@ -266,7 +282,9 @@ async fn hello(
         tunnel,
         scope: Scope::new(),
         confirmed: AtomicBool::new(false),
+        status: LiveStatus::new(),
     });
+    shared.counters.handshakes.fetch_add(1, Ordering::Relaxed);
     lock(&shared.sessions).insert(session, live.clone());
     log::info!(
         "device {} handshake from {peer} (session {})",
@@ -281,7 +299,7 @@ async fn hello(
 async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     let body = read_body(conn, head, DOWN_BODY_MAX, req.body_timeout()).await?;
-    if let Err(refused) = req.receive_body(&body) {
+    if let Err(refused) = req.receive_body(&body, Shape::Stream) {
         return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Data);
@@ -355,8 +373,8 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outc
                 Ok(n) => n,
                 Err(e) => return Ok(refuse(400, &e.to_string())),
             };
-            if authentic > 0 && !req.slot.is_proven() {
-                req.proven();
+            if authentic > 0 {
+                req.proven(Shape::Stream);
             }
             if !req.slot.is_proven() && reader.is_clean() {
                 return Ok(refuse(403, "no authentic packet in the uplink"));
@@ -369,7 +387,7 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outc
 async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     let body = read_body(conn, head, POLL_BODY_MAX as u64, req.body_timeout()).await?;
-    if let Err(refused) = req.receive_body(&body) {
+    if let Err(refused) = req.receive_body(&body, Shape::Poll) {
         return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Sequenced);
@@ -391,7 +409,7 @@ async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
     let (head, live) = (req.head, req.live);
     let max = POLL_BODY_MAX as u64 + MAX_RECORD as u64;
     let body = read_body(conn, head, max, req.body_timeout()).await?;
-    if let Err(refused) = req.receive_body(&body) {
+    if let Err(refused) = req.receive_body(&body, Shape::Poll) {
         return Ok(refused);
     }
     let mut out = Vec::new();

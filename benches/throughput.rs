@@ -1086,6 +1086,16 @@ struct Report<'a> {
     rss: BTreeMap<Route, Vec<(String, u64)>>,
 }
 
+/// A rate in MB/s, with a decimal where the number is small.
+fn megabytes(rate: f64) -> String {
+    let mb = rate / 1e6;
+    if mb < 100.0 {
+        format!("{mb:.1}")
+    } else {
+        format!("{mb:.0}")
+    }
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
@@ -1169,11 +1179,11 @@ impl Report<'_> {
                 let cpu = of_tunnel(|s| s.cpu_per_gib, 2);
                 let _ = writeln!(
                     out,
-                    "| {} | {direction} | {:.0} ({:.0}–{:.0}) | {} | {} | {cpu} |",
+                    "| {} | {direction} | {} ({}–{}) | {} | {} | {cpu} |",
                     route.label(),
-                    rate / 1e6,
-                    low / 1e6,
-                    high / 1e6,
+                    megabytes(rate),
+                    megabytes(low),
+                    megabytes(high),
                     ratio(route.baselines().0),
                     ratio(route.baselines().1),
                 );

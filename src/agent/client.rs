@@ -273,6 +273,29 @@ mod tests {
     }
 
     #[test]
+    fn backoff_doubles_to_its_cap_and_a_fleet_spreads_out() {
+        let mut one = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| one.delay()).collect();
+        assert!(delays[0] >= BACKOFF_FIRST / 2 && delays[0] < BACKOFF_FIRST * 3 / 2);
+        assert!(delays.iter().all(|d| *d < BACKOFF_LAST * 3 / 2), "{delays:?}");
+        assert!(delays[11] >= BACKOFF_LAST / 2, "{delays:?}");
+        one.reset();
+        assert!(one.delay() < BACKOFF_FIRST * 3 / 2);
+        // A thousand devices that lost the station at once come back over
+        // the whole jitter range, not in one instant: no 10 ms slot holds
+        // more than a few percent of them.
+        let mut slots = [0u32; 100];
+        for _ in 0..1000 {
+            let first = Backoff::new().delay();
+            slots[(first.as_millis() / 10).min(99) as usize] += 1;
+        }
+        let busiest = slots.iter().max().copied().unwrap_or(0);
+        assert!(busiest < 50, "{busiest} of 1000 devices in one 10 ms slot");
+        // The first delay spans 0.25 s to 0.75 s: fifty 10 ms slots.
+        assert!(slots.iter().filter(|n| **n > 0).count() >= 45, "{slots:?}");
+    }
+
+    #[test]
     fn cookies_are_kept_replaced_and_sent_back() {
         let c = client(None);
         c.check(&response(

@@ -4,11 +4,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -186,7 +187,6 @@ fn half_close(carrier: &str) {
         "target closed its socket\n{}",
         logs()
     );
-    socket.write_all(b"late").expect("the device's direction is still open to write");
     drop(socket);
 
     // None of these ends was a reset, on either side.
@@ -204,6 +204,90 @@ fn half_close_each_way_stream() {
 #[test]
 fn half_close_each_way_poll() {
     half_close("poll");
+}
+
+// ---------------------------------------------------------------------------
+// Aborts.
+
+/// How soon an abort at one end must reach the other. Loopback takes
+/// milliseconds; the bound is for a busy shared machine.
+const ABORT_BOUND: Duration = Duration::from_secs(5);
+
+/// A socket closed with unread data sends a reset; the tunnel carries it as
+/// a stream reset, and the far end's socket fails instead of hanging.
+#[test]
+fn abort_at_either_end_resets_the_other() {
+    // The target floods the device, which reads a little and aborts.
+    let (tx, flood_ended) = report::<(Instant, Option<ErrorKind>)>();
+    let tx = Mutex::new(tx);
+    let flood = Server::start(move |mut socket| {
+        let written = AtomicU64::new(0);
+        let _ = socket.set_write_timeout(Some(IO_STALL));
+        let result = send_pattern(&mut socket, 1, 1 << 30, &written);
+        let _ =
+            tx.lock().expect("report lock").send((Instant::now(), result.err().map(|e| e.kind())));
+    });
+    // The target reads a little and aborts while the device floods it.
+    let sink = Server::start(|mut socket| {
+        let mut some = vec![0u8; 100_000];
+        let _ = socket.read_exact(&mut some);
+    });
+    let targets = [("flood", flood.target()), ("sink", sink.target())];
+    let tunnel = Tunnel::start("stream", &targets, &["flood", "sink"], &["flood", "sink"]);
+
+    let mut socket = TcpStream::connect(tunnel.forward("flood")).expect("connect to forward");
+    let mut some = vec![0u8; 100_000];
+    socket.read_exact(&mut some).expect("the flood reaches the device");
+    let aborted = Instant::now();
+    drop(socket);
+    let (ended, error) = flood_ended.within("the flood to fail", ABORT_BOUND);
+    assert!(
+        matches!(error, Some(ErrorKind::ConnectionReset | ErrorKind::BrokenPipe)),
+        "the target's writes end in a reset after the device aborted, not {error:?}\n{}",
+        tunnel.describe()
+    );
+    assert!(
+        ended - aborted < ABORT_BOUND,
+        "target learnt of the abort after {:?}",
+        ended - aborted
+    );
+    // The agent saw the abort reading or writing the device socket.
+    tunnel.station.wait_log(&["reset by peer: local ", "Connection reset"]);
+
+    let mut socket = TcpStream::connect(tunnel.forward("sink")).expect("connect to forward");
+    socket.set_write_timeout(Some(ABORT_BOUND)).expect("set a write timeout");
+    let written = AtomicU64::new(0);
+    let result = send_pattern(&mut socket, 2, 1 << 30, &written);
+    let error = result.err().map(|e| e.kind());
+    assert!(
+        matches!(error, Some(ErrorKind::ConnectionReset | ErrorKind::BrokenPipe)),
+        "the device's writes end in a reset after the target aborted, not {error:?} \
+         ({} bytes written)\n{}",
+        written.load(Ordering::Acquire),
+        tunnel.describe()
+    );
+    tunnel.agent.wait_log(&["reset by peer: local ", "Connection reset"]);
+}
+
+// ---------------------------------------------------------------------------
+// Stream lifetimes.
+
+/// More connections one after another than a session may have open at
+/// once: closed streams must be freed, or connection MAX_STREAMS + 1 fails.
+#[test]
+fn closed_streams_are_freed() {
+    let connections = 2 * postern::core::streams::MAX_STREAMS as u64 + 10;
+    let echo = Server::echo();
+    let tunnel = Tunnel::start("stream", &[("echo", echo.target())], &["echo"], &["echo"]);
+    for i in 0..connections {
+        assert_eq!(
+            echo_round_trip(tunnel.forward("echo"), i, 1000),
+            Received::expected(i, 1000),
+            "connection {i} of {connections} one after another\n{}",
+            tunnel.describe()
+        );
+    }
+    assert_eq!(echo.accepts() as u64, connections);
 }
 
 // ---------------------------------------------------------------------------

@@ -190,7 +190,7 @@ impl Client {
             head.header(STATION_MARK.0).is_some_and(|v| v == STATION_MARK.1.as_bytes());
         match head.status {
             200 => Ok(()),
-            404 if from_station => Err(CarrierError::SessionGone),
+            410 if from_station => Err(CarrierError::SessionGone),
             407 => Err(CarrierError::ProxyAuth(self.describe())),
             status => Err(CarrierError::Status {
                 who: match (from_station, &self.proxy) {
@@ -338,9 +338,15 @@ mod tests {
     #[test]
     fn replies_say_who_answered() {
         let c = client(None);
+        let gone = "HTTP/1.1 410 Gone\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(c.check(&response(gone)), Err(CarrierError::SessionGone)));
+        // The station's own 404 means a wrong or garbled path, not a lost session.
         let station_404 =
             "HTTP/1.1 404 Not Found\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";
-        assert!(matches!(c.check(&response(station_404)), Err(CarrierError::SessionGone)));
+        assert_eq!(
+            c.check(&response(station_404)).unwrap_err().to_string(),
+            "the station answered 404 Not Found"
+        );
         let other_404 = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
             c.check(&response(other_404)).unwrap_err().to_string(),

@@ -106,7 +106,7 @@ fn malformed_and_oversized_requests_get_exact_statuses() {
         (
             "unknown session".into(),
             format!("POST /p1/{SID}/poll HTTP/1.1\r\nContent-Length: 0\r\n\r\n").into_bytes(),
-            "HTTP/1.1 404 ",
+            "HTTP/1.1 410 ",
         ),
     ];
     for (what, request, expected) in &cases {

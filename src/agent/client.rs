@@ -190,7 +190,7 @@ impl Client {
             head.header(STATION_MARK.0).is_some_and(|v| v == STATION_MARK.1.as_bytes());
         match head.status {
             200 => Ok(()),
-            404 if from_station => Err(CarrierError::SessionGone),
+            410 if from_station => Err(CarrierError::SessionGone),
             407 => Err(CarrierError::ProxyAuth(self.describe())),
             status => Err(CarrierError::Status {
                 who: match (from_station, &self.proxy) {
@@ -273,6 +273,29 @@ mod tests {
     }
 
     #[test]
+    fn backoff_doubles_to_its_cap_and_a_fleet_spreads_out() {
+        let mut one = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| one.delay()).collect();
+        assert!(delays[0] >= BACKOFF_FIRST / 2 && delays[0] < BACKOFF_FIRST * 3 / 2);
+        assert!(delays.iter().all(|d| *d < BACKOFF_LAST * 3 / 2), "{delays:?}");
+        assert!(delays[11] >= BACKOFF_LAST / 2, "{delays:?}");
+        one.reset();
+        assert!(one.delay() < BACKOFF_FIRST * 3 / 2);
+        // A thousand devices that lost the station at once come back over
+        // the whole jitter range, not in one instant: no 10 ms slot holds
+        // more than a few percent of them.
+        let mut slots = [0u32; 100];
+        for _ in 0..1000 {
+            let first = Backoff::new().delay();
+            slots[(first.as_millis() / 10).min(99) as usize] += 1;
+        }
+        let busiest = slots.iter().max().copied().unwrap_or(0);
+        assert!(busiest < 50, "{busiest} of 1000 devices in one 10 ms slot");
+        // The first delay spans 0.25 s to 0.75 s: fifty 10 ms slots.
+        assert!(slots.iter().filter(|n| **n > 0).count() >= 45, "{slots:?}");
+    }
+
+    #[test]
     fn cookies_are_kept_replaced_and_sent_back() {
         let c = client(None);
         c.check(&response(
@@ -315,9 +338,15 @@ mod tests {
     #[test]
     fn replies_say_who_answered() {
         let c = client(None);
+        let gone = "HTTP/1.1 410 Gone\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(c.check(&response(gone)), Err(CarrierError::SessionGone)));
+        // The station's own 404 means a wrong or garbled path, not a lost session.
         let station_404 =
             "HTTP/1.1 404 Not Found\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";
-        assert!(matches!(c.check(&response(station_404)), Err(CarrierError::SessionGone)));
+        assert_eq!(
+            c.check(&response(station_404)).unwrap_err().to_string(),
+            "the station answered 404 Not Found"
+        );
         let other_404 = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
             c.check(&response(other_404)).unwrap_err().to_string(),

@@ -42,7 +42,7 @@ pub const STREAM_CHUNK: usize = 256 * 1024;
 const PATH_MARKER: &str = "p1";
 
 /// A header field on every reply of the station, error pages included, so
-/// the agent can tell the station's 404 ("no such session") from a proxy's
+/// the agent can tell the station's 410 ("no such session") from a proxy's
 /// or load balancer's page. Proxies pass unknown fields through.
 pub const STATION_MARK: (&str, &str) = ("X-Postern", "station");
 

@@ -148,7 +148,9 @@ async fn handle(
         return hello(shared, conn, head, session, peer, slot).await;
     }
     let Some(live) = lock(&shared.sessions).get(&session).cloned() else {
-        return Ok(refuse(404, "no such session (the station restarted or it timed out)"));
+        // 410, not 404: the agent must tell "start a new session" apart
+        // from a path that is wrong or was garbled on the way.
+        return Ok(refuse(410, "no such session (the station restarted or it timed out)"));
     };
     let req = Request { shared, head, live: &live, slot };
     match verb {

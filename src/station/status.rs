@@ -55,6 +55,7 @@ fn reason(status: u16) -> &'static str {
         403 => "not_authentic",
         404 => "not_found",
         405 => "method",
+        410 => "unknown_session",
         408 => "timeout",
         413 | 431 => "too_large",
         503 => "overload",

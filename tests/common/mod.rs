@@ -687,8 +687,13 @@ pub struct Reports<T>(mpsc::Receiver<T>);
 impl<T> Reports<T> {
     /// The next report, waiting at most [`LOG_WAIT`] + [`IO_STALL`].
     pub fn next(&self, what: &str) -> T {
+        self.within(what, LOG_WAIT + IO_STALL)
+    }
+
+    /// The next report, waiting at most `limit`.
+    pub fn within(&self, what: &str, limit: Duration) -> T {
         self.0
-            .recv_timeout(LOG_WAIT + IO_STALL)
-            .unwrap_or_else(|e| panic!("no report of {what}: {e}"))
+            .recv_timeout(limit)
+            .unwrap_or_else(|e| panic!("no report of {what} within {limit:?}: {e}"))
     }
 }

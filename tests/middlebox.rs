@@ -49,14 +49,30 @@ impl Path {
         middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
         route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
     ) -> Path {
+        Self::start_with(label, carrier, stations, None, middlebox, route)
+    }
+
+    /// As [`Path::start`], with `session_timeout` (seconds) in both configs.
+    fn start_with(
+        label: &str,
+        carrier: &str,
+        stations: usize,
+        session_timeout: Option<u64>,
+        middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
+        route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
+    ) -> Path {
         let dir = TempDir::new(label);
         let keys = Keys::new();
         let echo = Server::echo();
-        let toml = station_toml(
+        let mut toml = station_toml(
             &keys.station,
             &[("echo", echo.target())],
             &[("test-device", keys.device.public_key(), &["echo"])],
         );
+        let timeout_line = session_timeout.map(|secs| format!("session_timeout = {secs}\n"));
+        if let Some(line) = &timeout_line {
+            toml = toml.replacen('\n', &format!("\n{line}"), 1);
+        }
         let (procs, addrs): (Vec<Proc>, Vec<SocketAddr>) = (0..stations)
             .map(|i| {
                 let sub = TempDir::new(&format!("{label}-station{i}"));
@@ -75,6 +91,9 @@ impl Path {
         );
         if let Some(proxy) = proxy {
             agent_toml.push_str(&format!("proxy = \"{proxy}\"\n"));
+        }
+        if let Some(line) = &timeout_line {
+            agent_toml.push_str(line);
         }
         agent_toml.push_str("\n[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n");
         let (agent, forwards) = start_agent(&dir, "agent", &agent_toml, &["echo"]);
@@ -394,4 +413,123 @@ fn direct_auto_stays_on_stream() {
     path.agent.wait_log(&["connected to the station"]);
     path.round_trip(9, TRANSFER);
     assert_eq!(path.agent.stderr.count("switching to poll"), 0, "{}", path.describe());
+}
+
+/// A relay between agent and station that can be unplugged: every
+/// connection through it is cut and new ones are closed at once, as when a
+/// cellular link drops, until it is plugged in again.
+struct Plug {
+    addr: SocketAddr,
+    plugged: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Plug {
+    fn start(upstream: SocketAddr) -> Plug {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the plug");
+        let addr = listener.local_addr().expect("plug address");
+        let plugged = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (on, sockets) = (plugged.clone(), live.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !on.load(Ordering::Acquire) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                let mut held = sockets.lock().unwrap_or_else(|p| p.into_inner());
+                for (from, to) in
+                    [(client.try_clone(), server.try_clone()), (Ok(server), Ok(client))]
+                {
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                    if let Ok(copy) = from.try_clone() {
+                        held.push(copy);
+                    }
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Plug { addr, plugged, live }
+    }
+
+    fn unplug(&self) {
+        self.plugged.store(false, Ordering::Release);
+        for socket in self.live.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn plug(&self) {
+        self.plugged.store(true, Ordering::Release);
+    }
+}
+
+/// Station and agent with `session_timeout = 10` through a [`Plug`], and a
+/// local connection to an echo target that has already carried a line.
+fn unpluggable(label: &str) -> (Path, Arc<Plug>, TcpStream) {
+    let plug: Arc<Mutex<Option<Arc<Plug>>>> = Arc::default();
+    let keep = plug.clone();
+    let path = Path::start_with(
+        label,
+        "stream",
+        1,
+        Some(10),
+        |_| None,
+        move |stations, _| {
+            let started = Arc::new(Plug::start(stations[0]));
+            let url = format!("http://{}/", started.addr);
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+            (url, None)
+        },
+    );
+    let plug = plug.lock().unwrap_or_else(|p| p.into_inner()).clone().expect("plug started");
+    path.agent.wait_log(&["connected to the station"]);
+    let mut local = TcpStream::connect(path.forward).expect("connect to the forward");
+    local.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    local.write_all(b"before\n").expect("write");
+    let mut line = [0u8; 7];
+    local.read_exact(&mut line).expect("echo before the outage");
+    assert_eq!(&line, b"before\n");
+    (path, plug, local)
+}
+
+#[test]
+fn local_connections_ride_out_an_outage_shorter_than_session_timeout() {
+    let (path, plug, mut local) = unpluggable("outage");
+    plug.unplug();
+    // Written while no carrier can exist: held and resent, not lost.
+    local.write_all(b"during the outage\n").expect("write");
+    // The outage is the condition under test: there is nothing to poll.
+    thread::sleep(Duration::from_secs(5));
+    plug.plug();
+    let mut line = [0u8; 18];
+    local.read_exact(&mut line).expect("the bytes written during the outage come back");
+    assert_eq!(&line, b"during the outage\n", "{}", path.describe());
+    local.write_all(b"after\n").expect("write");
+    let mut line = [0u8; 6];
+    local.read_exact(&mut line).expect("echo after the outage");
+    assert_eq!(&line, b"after\n");
+    assert_eq!(path.stations[0].stderr.count("handshake"), 1, "{}", path.describe());
+}
+
+#[test]
+fn past_session_timeout_local_connections_close_with_the_reason_logged() {
+    let (path, plug, mut local) = unpluggable("expiry");
+    let cut = std::time::Instant::now();
+    plug.unplug();
+    // The agent closes the local connection once the session times out.
+    let mut rest = Vec::new();
+    let _ = local.read_to_end(&mut rest);
+    let waited = cut.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(waited >= Duration::from_secs(9), "closed after {waited:?}, before the timeout");
+    path.agent.wait_log(&["session", "ended", "no packet from the peer for 10 s"]);
+    // Back online, a new session serves new connections.
+    plug.plug();
+    path.agent.wait_log_nth(&["connected to the station"], 2, Duration::from_secs(60));
+    path.round_trip(31, 1 << 20);
 }

@@ -194,12 +194,27 @@ fn run(command: Command) -> Result<(), String> {
     }
 }
 
+/// Runs the station or agent as a task of smol's executor and waits for it.
+///
+/// Every task of the program then runs on the executor's thread, which also
+/// waits for I/O when it has nothing to run. With `smol::block_on` here the
+/// main thread would drive I/O and run the top-level future (the agent's
+/// session timers) while the executor thread ran the lanes and pumps: each
+/// readiness event and timer change crossed threads with a futex wake and a
+/// context switch.
+#[cfg(any(feature = "station", feature = "agent"))]
+fn run_on_executor<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    futures_lite::future::block_on(smol::spawn(work))
+}
+
 #[cfg(feature = "station")]
 fn station(path: PathBuf) -> Result<(), String> {
     use async_signal::Signal;
     let config = config::StationConfig::load(&path).map_err(|e| e.to_string())?;
     let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
-    smol::block_on(async {
+    run_on_executor(async move {
         let station = postern::station::Station::bind(config).await.map_err(|e| e.to_string())?;
         let handle = station.handle();
         let control = async {
@@ -254,7 +269,7 @@ fn agent(path: PathBuf) -> Result<(), String> {
     }
     use async_signal::Signal;
     let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
-    smol::block_on(async {
+    run_on_executor(async move {
         let agent = postern::agent::Agent::bind(config).await.map_err(|e| e.to_string())?;
         let handle = agent.handle();
         let control = async {

@@ -10,21 +10,26 @@
 //! Encryption and decryption run outside the lock, so a carrier writer
 //! sealing a packet never blocks a socket feeding its stream.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
+use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use async_io::Async;
 use event_listener::Event as Notify;
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::channel;
 
 use crate::core::frame::MAX_PACKET;
 use crate::core::session::{Lane, Limits, Session};
-use crate::core::streams::{Event, Read, Side, StreamError, StreamId};
+use crate::core::streams::{Event, Read, Received, Side, StreamError, StreamId};
 use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
 
-/// Bytes one socket read moves into a stream at most: one packet's worth.
-const SOCKET_READ: usize = 64 * 1024;
+/// Bytes one socket read moves into a stream at most: the whole send
+/// buffer, so a fast local writer costs few system calls.
+const SOCKET_READ: usize = crate::core::streams::SEND_BUFFER;
 
 /// A stream the peer opened, waiting for the driver to connect it.
 #[derive(Debug)]
@@ -393,15 +398,31 @@ impl Tunnel {
     /// `socket` is a TCP socket or anything shaped like one: clones share
     /// one connection, and `close` ends our writing half (for TCP a
     /// `shutdown(Write)`), which is what the peer's finish turns into.
+    ///
+    /// A TCP socket (`smol::net::TcpStream`) takes the in-place path: its
+    /// bytes go straight between the kernel and the stream's rings, with no
+    /// staging buffer and no copy; anything else (a serial line) goes
+    /// through a staging buffer of [`SOCKET_READ`] bytes each way.
     pub async fn pump<S>(&self, id: StreamId, socket: S)
     where
-        S: AsyncRead + AsyncWrite + Clone + Unpin,
+        S: AsyncRead + AsyncWrite + Clone + Unpin + 'static,
     {
         let Some(waker) = self.waker(id) else { return };
-        let up = self.socket_to_stream(id, socket.clone(), &waker);
-        let down = self.stream_to_socket(id, socket, &waker);
         let both = async {
-            if let Err(reason) = future::try_zip(up, down).await {
+            let moved = match (&socket as &dyn Any).downcast_ref::<smol::net::TcpStream>() {
+                Some(tcp) => {
+                    let tcp: Arc<Async<std::net::TcpStream>> = tcp.clone().into();
+                    let up = self.tcp_to_stream(id, &tcp, &waker);
+                    let down = self.stream_to_tcp(id, &tcp, &waker);
+                    future::try_zip(up, down).await
+                }
+                None => {
+                    let up = self.socket_to_stream(id, socket.clone(), &waker);
+                    let down = self.stream_to_socket(id, socket, &waker);
+                    future::try_zip(up, down).await
+                }
+            };
+            if let Err(reason) = moved {
                 self.reset(id, &reason);
             }
         };
@@ -423,6 +444,94 @@ impl Tunnel {
         }
     }
 
+    /// Reads `socket` straight into the stream's send buffer (no staging
+    /// buffer, no copy), up to [`SOCKET_READ`] bytes a call.
+    async fn tcp_to_stream(
+        &self,
+        id: StreamId,
+        socket: &Async<std::net::TcpStream>,
+        waker: &Notify,
+    ) -> Result<(), String> {
+        loop {
+            let listener = waker.listen();
+            // Called again after each wait for readability; the lock is held
+            // only across one non-blocking read.
+            let step = socket.read_with(|mut socket| {
+                let mut state = self.lock();
+                let streams = state.session.streams();
+                let (first, second) = match streams.send_space(id, SOCKET_READ) {
+                    Ok(space) => space,
+                    // Reset while we waited: the gone() branch ends the pump.
+                    Err(_) => return Ok(Step::Gone),
+                };
+                if first.is_empty() {
+                    return Ok(Step::Full);
+                }
+                let n =
+                    socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])?;
+                let step = if n == 0 {
+                    let _ = streams.finish(id);
+                    Step::End
+                } else {
+                    if streams.commit_send(id, n).is_ok() {
+                        state.stats.stream_out += n as u64;
+                    }
+                    Step::Moved
+                };
+                self.settle(&mut state);
+                Ok(step)
+            });
+            match step.await.map_err(|e| format!("local read failed: {e}"))? {
+                Step::Moved => {}
+                Step::Full => listener.await,
+                Step::End | Step::Gone => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes the stream's received bytes straight from its receive buffer
+    /// to `socket`, then half-closes the socket at the peer's FIN.
+    async fn stream_to_tcp(
+        &self,
+        id: StreamId,
+        socket: &Async<std::net::TcpStream>,
+        waker: &Notify,
+    ) -> Result<(), String> {
+        loop {
+            let listener = waker.listen();
+            let step = socket.write_with(|mut socket| {
+                let mut state = self.lock();
+                let streams = state.session.streams();
+                let step = match streams.received(id) {
+                    Ok(Received::Data(first, second)) => {
+                        let n =
+                            socket.write_vectored(&[IoSlice::new(first), IoSlice::new(second)])?;
+                        if streams.consume(id, n).is_ok() {
+                            state.stats.stream_in += n as u64;
+                        }
+                        Step::Moved
+                    }
+                    Ok(Received::Fin) => Step::End,
+                    Ok(Received::Blocked) => Step::Full,
+                    Err(_) => Step::Gone,
+                };
+                self.settle(&mut state);
+                Ok(step)
+            });
+            match step.await.map_err(|e| format!("local write failed: {e}"))? {
+                Step::Moved => {}
+                Step::Full => listener.await,
+                Step::End => {
+                    let _ = socket.get_ref().shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                Step::Gone => return Ok(()),
+            }
+        }
+    }
+
+    /// Like [`Tunnel::tcp_to_stream`] for any byte stream, through a
+    /// staging buffer.
     async fn socket_to_stream(
         &self,
         id: StreamId,
@@ -460,6 +569,8 @@ impl Tunnel {
         }
     }
 
+    /// Like [`Tunnel::stream_to_tcp`] for any byte stream, through a
+    /// staging buffer.
     async fn stream_to_socket(
         &self,
         id: StreamId,
@@ -494,4 +605,17 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// What one non-blocking pass of a pump direction did.
+enum Step {
+    /// Bytes moved between the socket and the stream.
+    Moved,
+    /// Nothing to move until the stream wakes us: its send buffer is full,
+    /// or nothing was received yet.
+    Full,
+    /// This direction is over: the socket's EOF, or the peer's FIN.
+    End,
+    /// The stream is gone (reset or session closed).
+    Gone,
 }

@@ -44,7 +44,8 @@ pub const MAX_HANDSHAKE: usize = 256;
 
 /// Counters a receiver remembers behind the newest. Packets reorder only
 /// between the few carrier connections of one session, so 8192 is ample.
-const REPLAY_WINDOW: u64 = 8192;
+/// Public so the fuzz target can model the window's promise exactly.
+pub const REPLAY_WINDOW: u64 = 8192;
 
 /// What went wrong in the security layer.
 #[derive(Debug, thiserror::Error)]

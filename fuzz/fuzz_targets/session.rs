@@ -196,6 +196,10 @@ struct Harness {
     read: HashMap<StreamId, u64>,
     written: HashMap<StreamId, u64>,
     transmitted: HashMap<StreamId, u64>,
+    /// Per live stream: the most bytes its receive and send buffers have
+    /// held; buffers keep their capacity after draining, so this, not what
+    /// they hold now, bounds their memory.
+    high_water: HashMap<StreamId, (u64, u64)>,
     baseline: isize,
     /// Peer bytes generated so far, against GENERATE_MAX.
     generated: u64,
@@ -221,6 +225,7 @@ fuzz_target!(|input: Input| {
         read: HashMap::new(),
         written: HashMap::new(),
         transmitted: HashMap::new(),
+        high_water: HashMap::new(),
         baseline: 0,
         generated: 0,
     };
@@ -483,6 +488,7 @@ impl Harness {
         {
             books.retain(|&id, _| streams.contains(id));
         }
+        self.high_water.retain(|&id, _| streams.contains(id));
     }
 
     fn id(&self, id: Id, next_id: &mut StreamId) -> StreamId {
@@ -506,11 +512,15 @@ impl Harness {
         for id in open {
             count += 1;
             let get = |map: &HashMap<StreamId, u64>| map.get(&id).copied().unwrap_or(0);
-            held += get(&self.peer_sent).saturating_sub(get(&self.read));
-            held += get(&self.written).saturating_sub(get(&self.transmitted));
+            let received = get(&self.peer_sent).saturating_sub(get(&self.read));
+            let unsent = get(&self.written).saturating_sub(get(&self.transmitted));
+            let high = self.high_water.entry(id).or_default();
+            *high = (high.0.max(received), high.1.max(unsent));
+            held += high.0 + high.1;
         }
         held += self.session.unacked_bytes() as u64;
-        // Buffers grow by doubling: 4 times what they hold is ample.
+        // Buffers grow by doubling, so a buffer's capacity is at most twice
+        // the most it held: 4 times is ample.
         let bound = HEAP_BASE + 4 * held as isize + HEAP_PER_STREAM * count;
         assert!(
             live <= bound,

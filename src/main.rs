@@ -4,6 +4,7 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use futures_lite::{future, StreamExt};
 use lexopt::prelude::*;
 use log::LevelFilter;
 
@@ -193,14 +194,66 @@ fn run(command: Command) -> Result<(), String> {
     }
 }
 
+/// Runs the station or agent as a task of smol's executor and waits for it.
+///
+/// Every task of the program then runs on the executor's thread, which also
+/// waits for I/O when it has nothing to run. With `smol::block_on` here the
+/// main thread would drive I/O and run the top-level future (the agent's
+/// session timers) while the executor thread ran the lanes and pumps: each
+/// readiness event and timer change crossed threads with a futex wake and a
+/// context switch.
+#[cfg(any(feature = "station", feature = "agent"))]
+fn run_on_executor<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    futures_lite::future::block_on(smol::spawn(work))
+}
+
 #[cfg(feature = "station")]
 fn station(path: PathBuf) -> Result<(), String> {
+    use async_signal::Signal;
     let config = config::StationConfig::load(&path).map_err(|e| e.to_string())?;
-    smol::block_on(async {
+    let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
+    run_on_executor(async move {
         let station = postern::station::Station::bind(config).await.map_err(|e| e.to_string())?;
-        station.run().await;
+        let handle = station.handle();
+        let control = async {
+            while let Some(Ok(signal)) = signals.next().await {
+                if signal != Signal::Hup {
+                    log::info!("{signal:?}: stopping");
+                    handle.drain(DRAIN_LIMIT).await;
+                    return;
+                }
+                log::info!("SIGHUP: reloading {}", path.display());
+                let reloaded = match config::StationConfig::load(&path) {
+                    Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match reloaded {
+                    Ok(changes) if changes.is_empty() => log::info!("reloaded: nothing changed"),
+                    Ok(changes) => {
+                        for change in changes {
+                            log::info!("reloaded: {change}");
+                        }
+                    }
+                    Err(e) => log::error!("reload refused, the running config stays: {e}"),
+                }
+            }
+        };
+        future::or(station.run(), control).await;
         Ok(())
     })
+}
+
+/// Time streams get to finish after SIGTERM before they are closed.
+#[cfg(any(feature = "agent", feature = "station"))]
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Catches `which` from now on (SIGHUP would otherwise end the process).
+#[cfg(any(feature = "agent", feature = "station"))]
+fn signals(which: &[async_signal::Signal]) -> Result<async_signal::Signals, String> {
+    async_signal::Signals::new(which.iter().copied())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))
 }
 
 #[cfg(not(feature = "station"))]
@@ -214,9 +267,25 @@ fn agent(path: PathBuf) -> Result<(), String> {
     if config.proxy.is_none() {
         config.proxy = config::proxy_from_env(&config.station.host).map_err(|e| e.to_string())?;
     }
-    smol::block_on(async {
+    use async_signal::Signal;
+    let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
+    run_on_executor(async move {
         let agent = postern::agent::Agent::bind(config).await.map_err(|e| e.to_string())?;
-        agent.run().await;
+        let handle = agent.handle();
+        let control = async {
+            while let Some(Ok(signal)) = signals.next().await {
+                if signal == Signal::Hup {
+                    log::warn!(
+                        "SIGHUP: the agent does not reload its config; restart it to apply changes"
+                    );
+                    continue;
+                }
+                log::info!("{signal:?}: stopping");
+                handle.drain(DRAIN_LIMIT).await;
+                return;
+            }
+        };
+        future::or(agent.run(), control).await;
         Ok(())
     })
 }

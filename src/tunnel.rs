@@ -10,29 +10,42 @@
 //! Encryption and decryption run outside the lock, so a carrier writer
 //! sealing a packet never blocks a socket feeding its stream.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use async_io::Async;
 use event_listener::Event as Notify;
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::channel;
-use smol::net::TcpStream;
 
 use crate::core::frame::MAX_PACKET;
 use crate::core::session::{Lane, Limits, Session};
-use crate::core::streams::{Event, Read, Side, StreamError, StreamId};
+use crate::core::streams::{Event, Read, Received, Side, StreamError, StreamId};
 use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
 
-/// Bytes one socket read moves into a stream at most: one packet's worth.
-const SOCKET_READ: usize = 64 * 1024;
+/// Bytes one socket read moves into a stream at most: the whole send
+/// buffer, so a fast local writer costs few system calls.
+const SOCKET_READ: usize = crate::core::streams::SEND_BUFFER;
 
 /// A stream the peer opened, waiting for the driver to connect it.
 #[derive(Debug)]
 pub struct Incoming {
     pub id: StreamId,
     pub name: String,
+}
+
+/// A carrier body held something other than authentic, fresh records.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadBody {
+    #[error(transparent)]
+    Framing(#[from] BadRecord),
+    /// Changed on the way, forged, or a replay of a captured request.
+    #[error("{0} sealed packets failed authentication or were replays")]
+    Rejected(usize),
 }
 
 /// Why a session is over.
@@ -66,6 +79,12 @@ pub struct Stats {
     pub received: u64,
     /// Records that failed authentication or were replays.
     pub rejected: u64,
+    /// Stream bytes taken from local sockets, to go to the peer.
+    pub stream_out: u64,
+    /// Stream bytes from the peer handed to local sockets.
+    pub stream_in: u64,
+    /// Packets sent again after a carrier connection was lost.
+    pub resent: u64,
 }
 
 struct State {
@@ -121,7 +140,25 @@ impl Tunnel {
     }
 
     pub fn stats(&self) -> Stats {
-        self.lock().stats
+        let state = self.lock();
+        Stats { resent: state.session.resent_packets(), ..state.stats }
+    }
+
+    /// How many of our packets the peer has acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.lock().session.acked()
+    }
+
+    /// Since when sent packets have waited for an ack with no progress.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.lock().session.stalled_since()
+    }
+
+    /// Sends a packet that the peer must acknowledge, to prove the path.
+    pub fn probe(&self) {
+        let mut state = self.lock();
+        state.session.probe();
+        self.settle(&mut state);
     }
 
     pub fn closed(&self) -> Option<String> {
@@ -130,6 +167,20 @@ impl Tunnel {
 
     pub fn stream_count(&self) -> usize {
         self.lock().session.streams().len()
+    }
+
+    /// Ends the session, telling the peer why (a Close frame); the peer
+    /// then ends it at its side.
+    pub fn close(&self, reason: &str) {
+        let mut state = self.lock();
+        state.session.close(reason);
+        self.settle(&mut state);
+    }
+
+    /// Everything queued has been sent and acknowledged by the peer.
+    pub fn all_delivered(&self) -> bool {
+        let mut state = self.lock();
+        state.session.unacked_bytes() == 0 && !state.session.streams().has_output()
     }
 
     /// Ends the session here without telling the peer.
@@ -175,19 +226,23 @@ impl Tunnel {
     }
 
     /// Feeds carrier body bytes. Returns how many records were authentic
-    /// and fresh; forged and replayed ones are counted and dropped.
+    /// and fresh. Forged and replayed ones are counted and dropped, and make
+    /// this an error: the connection that carried them is not to be trusted
+    /// further, and once it is closed the session resends on a new one.
     pub fn receive(
         &self,
         body: &[u8],
         reader: &mut RecordReader,
         scratch: &mut Vec<u8>,
-    ) -> Result<usize, BadRecord> {
+    ) -> Result<usize, BadBody> {
         let mut authentic = 0;
+        let mut rejected = 0;
         reader.feed(body, |counter, ciphertext| {
             let opened = self.transport.open(counter, ciphertext, scratch);
             let mut state = self.lock();
             if opened.is_err() || !state.replay.accept(counter) {
                 state.stats.rejected += 1;
+                rejected += 1;
                 return;
             }
             authentic += 1;
@@ -202,6 +257,9 @@ impl Tunnel {
             }
             self.settle(&mut state);
         })?;
+        if rejected > 0 {
+            return Err(BadBody::Rejected(rejected));
+        }
         Ok(authentic)
     }
 
@@ -337,12 +395,34 @@ impl Tunnel {
 
     /// Carries bytes between `socket` and stream `id` both ways, with
     /// half-close, until both directions finish or either side resets.
-    pub async fn pump(&self, id: StreamId, socket: TcpStream) {
+    /// `socket` is a TCP socket or anything shaped like one: clones share
+    /// one connection, and `close` ends our writing half (for TCP a
+    /// `shutdown(Write)`), which is what the peer's finish turns into.
+    ///
+    /// A TCP socket (`smol::net::TcpStream`) takes the in-place path: its
+    /// bytes go straight between the kernel and the stream's rings, with no
+    /// staging buffer and no copy; anything else (a serial line) goes
+    /// through a staging buffer of [`SOCKET_READ`] bytes each way.
+    pub async fn pump<S>(&self, id: StreamId, socket: S)
+    where
+        S: AsyncRead + AsyncWrite + Clone + Unpin + 'static,
+    {
         let Some(waker) = self.waker(id) else { return };
-        let up = self.socket_to_stream(id, socket.clone(), &waker);
-        let down = self.stream_to_socket(id, socket, &waker);
         let both = async {
-            if let Err(reason) = future::try_zip(up, down).await {
+            let moved = match (&socket as &dyn Any).downcast_ref::<smol::net::TcpStream>() {
+                Some(tcp) => {
+                    let tcp: Arc<Async<std::net::TcpStream>> = tcp.clone().into();
+                    let up = self.tcp_to_stream(id, &tcp, &waker);
+                    let down = self.stream_to_tcp(id, &tcp, &waker);
+                    future::try_zip(up, down).await
+                }
+                None => {
+                    let up = self.socket_to_stream(id, socket.clone(), &waker);
+                    let down = self.stream_to_socket(id, socket, &waker);
+                    future::try_zip(up, down).await
+                }
+            };
+            if let Err(reason) = moved {
                 self.reset(id, &reason);
             }
         };
@@ -364,10 +444,98 @@ impl Tunnel {
         }
     }
 
+    /// Reads `socket` straight into the stream's send buffer (no staging
+    /// buffer, no copy), up to [`SOCKET_READ`] bytes a call.
+    async fn tcp_to_stream(
+        &self,
+        id: StreamId,
+        socket: &Async<std::net::TcpStream>,
+        waker: &Notify,
+    ) -> Result<(), String> {
+        loop {
+            let listener = waker.listen();
+            // Called again after each wait for readability; the lock is held
+            // only across one non-blocking read.
+            let step = socket.read_with(|mut socket| {
+                let mut state = self.lock();
+                let streams = state.session.streams();
+                let (first, second) = match streams.send_space(id, SOCKET_READ) {
+                    Ok(space) => space,
+                    // Reset while we waited: the gone() branch ends the pump.
+                    Err(_) => return Ok(Step::Gone),
+                };
+                if first.is_empty() {
+                    return Ok(Step::Full);
+                }
+                let n =
+                    socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])?;
+                let step = if n == 0 {
+                    let _ = streams.finish(id);
+                    Step::End
+                } else {
+                    if streams.commit_send(id, n).is_ok() {
+                        state.stats.stream_out += n as u64;
+                    }
+                    Step::Moved
+                };
+                self.settle(&mut state);
+                Ok(step)
+            });
+            match step.await.map_err(|e| format!("local read failed: {e}"))? {
+                Step::Moved => {}
+                Step::Full => listener.await,
+                Step::End | Step::Gone => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes the stream's received bytes straight from its receive buffer
+    /// to `socket`, then half-closes the socket at the peer's FIN.
+    async fn stream_to_tcp(
+        &self,
+        id: StreamId,
+        socket: &Async<std::net::TcpStream>,
+        waker: &Notify,
+    ) -> Result<(), String> {
+        loop {
+            let listener = waker.listen();
+            let step = socket.write_with(|mut socket| {
+                let mut state = self.lock();
+                let streams = state.session.streams();
+                let step = match streams.received(id) {
+                    Ok(Received::Data(first, second)) => {
+                        let n =
+                            socket.write_vectored(&[IoSlice::new(first), IoSlice::new(second)])?;
+                        if streams.consume(id, n).is_ok() {
+                            state.stats.stream_in += n as u64;
+                        }
+                        Step::Moved
+                    }
+                    Ok(Received::Fin) => Step::End,
+                    Ok(Received::Blocked) => Step::Full,
+                    Err(_) => Step::Gone,
+                };
+                self.settle(&mut state);
+                Ok(step)
+            });
+            match step.await.map_err(|e| format!("local write failed: {e}"))? {
+                Step::Moved => {}
+                Step::Full => listener.await,
+                Step::End => {
+                    let _ = socket.get_ref().shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                Step::Gone => return Ok(()),
+            }
+        }
+    }
+
+    /// Like [`Tunnel::tcp_to_stream`] for any byte stream, through a
+    /// staging buffer.
     async fn socket_to_stream(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        mut socket: impl AsyncRead + Unpin,
         waker: &Notify,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; SOCKET_READ];
@@ -385,6 +553,9 @@ impl Tunnel {
                 let written = {
                     let mut state = self.lock();
                     let written = state.session.streams().write(id, rest);
+                    if let Ok(k) = written {
+                        state.stats.stream_out += k as u64;
+                    }
                     self.settle(&mut state);
                     written
                 };
@@ -398,10 +569,12 @@ impl Tunnel {
         }
     }
 
+    /// Like [`Tunnel::stream_to_tcp`] for any byte stream, through a
+    /// staging buffer.
     async fn stream_to_socket(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        mut socket: impl AsyncWrite + Unpin,
         waker: &Notify,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; SOCKET_READ];
@@ -410,6 +583,9 @@ impl Tunnel {
             let read = {
                 let mut state = self.lock();
                 let read = state.session.streams().read(id, &mut buf);
+                if let Ok(Read::Data(n)) = read {
+                    state.stats.stream_in += n as u64;
+                }
                 self.settle(&mut state);
                 read
             };
@@ -421,7 +597,7 @@ impl Tunnel {
                         .map_err(|e| format!("local write failed: {e}"))?;
                 }
                 Ok(Read::Fin) => {
-                    let _ = socket.shutdown(Shutdown::Write);
+                    let _ = socket.close().await;
                     return Ok(());
                 }
                 Ok(Read::Blocked) => listener.await,
@@ -429,4 +605,17 @@ impl Tunnel {
             }
         }
     }
+}
+
+/// What one non-blocking pass of a pump direction did.
+enum Step {
+    /// Bytes moved between the socket and the stream.
+    Moved,
+    /// Nothing to move until the stream wakes us: its send buffer is full,
+    /// or nothing was received yet.
+    Full,
+    /// This direction is over: the socket's EOF, or the peer's FIN.
+    End,
+    /// The stream is gone (reset or session closed).
+    Gone,
 }

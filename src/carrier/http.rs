@@ -713,13 +713,14 @@ pub fn write_chunk_header(out: &mut Vec<u8>, len: usize) {
 
 /// A complete response for a request we refuse, to write before closing:
 /// status line, a one-line text body, `Connection: close`. Statuses other
-/// than 400, 403, 404, 405, 408, 413, 431, 502 and 503 give a 500, so a
+/// than 400, 403, 404, 405, 408, 410, 413, 431, 502 and 503 give a 500, so a
 /// caller's slip cannot put a status line we did not mean on the wire.
 pub fn error_response(status: u16) -> Vec<u8> {
     let (status, reason, text) = match status {
         400 => (400, "Bad Request", "bad request\n"),
         403 => (403, "Forbidden", "forbidden\n"),
         404 => (404, "Not Found", "not found\n"),
+        410 => (410, "Gone", "gone\n"),
         405 => (405, "Method Not Allowed", "method not allowed\n"),
         408 => (408, "Request Timeout", "request timeout\n"),
         413 => (413, "Content Too Large", "content too large\n"),
@@ -730,7 +731,8 @@ pub fn error_response(status: u16) -> Vec<u8> {
     };
     // 404 and 405 are cacheable by default; a proxy must not replay one to
     // the next carrier request for the same path.
-    let mut fields = vec![("Content-Type", "text/plain"), ("Cache-Control", "no-store")];
+    let mut fields =
+        vec![("Content-Type", "text/plain"), ("Cache-Control", "no-store"), super::STATION_MARK];
     // RFC 9110 requires Allow on 405; the carrier uses only these two.
     if status == 405 {
         fields.push(("Allow", "GET, POST"));
@@ -1131,12 +1133,12 @@ mod tests {
     fn error_responses_are_complete_and_parse_back() {
         assert_eq!(
             error_response(400),
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nCache-Control: no-store\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nCache-Control: no-store\r\nX-Postern: station\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
         );
-        for status in [400, 403, 404, 405, 408, 413, 431, 502, 503, 500, 418, 0, 200] {
+        for status in [400, 403, 404, 405, 408, 410, 413, 431, 502, 503, 500, 418, 0, 200] {
             let bytes = error_response(status);
             let (head, len) = parse_response(&bytes, false).unwrap().unwrap();
-            let expected = if [400, 403, 404, 405, 408, 413, 431, 502, 503].contains(&status) {
+            let expected = if [400, 403, 404, 405, 408, 410, 413, 431, 502, 503].contains(&status) {
                 status
             } else {
                 500

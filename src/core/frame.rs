@@ -43,7 +43,10 @@ pub enum Frame<'a> {
     /// Bytes of stream `id`, following the bytes sent before.
     Data {
         id: StreamId,
-        #[serde(borrow)]
+        // serde writes a plain `&[u8]` as a sequence, one call per byte;
+        // as bytes it is one copy, with the same encoding on the wire
+        // (length varint, then the bytes), and it decodes borrowed.
+        #[serde(borrow, serialize_with = "as_bytes")]
         bytes: &'a [u8],
     },
     /// The sender will write no more on stream `id` (TCP half-close).
@@ -54,6 +57,10 @@ pub enum Frame<'a> {
     Credit { id: StreamId, limit: u64 },
     /// The sender ends the session; `reason` is for logs.
     Close { reason: &'a str },
+}
+
+fn as_bytes<S: serde::Serializer>(bytes: &&[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bytes(bytes)
 }
 
 /// A packet's plaintext could not be decoded. The packet was authentic, so
@@ -158,6 +165,19 @@ mod tests {
         assert_eq!(header, Header { seq: u64::MAX, ack: 12 });
         let decoded: Vec<_> = Frames::new(rest).collect::<Result<_, _>>().unwrap();
         assert_eq!(decoded, frames);
+    }
+
+    #[test]
+    fn data_is_tag_id_length_then_the_bytes() {
+        // The wire format of postcard's byte sequences: what earlier
+        // builds sent, so both ends keep understanding each other.
+        let bytes: Vec<u8> = (0..300u16).map(|i| i as u8).collect();
+        let mut out = Vec::new();
+        encode_frame(&Frame::Data { id: 129, bytes: &bytes }, &mut out);
+        let mut expected = vec![1, 0x81, 0x01, 0xac, 0x02];
+        expected.extend_from_slice(&bytes);
+        assert_eq!(out, expected);
+        assert_eq!(Frames::new(&out).next(), Some(Ok(Frame::Data { id: 129, bytes: &bytes })));
     }
 
     #[test]

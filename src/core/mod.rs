@@ -2,6 +2,7 @@
 //! parameter, so tests drive it with simulated time over in-memory links.
 
 pub mod frame;
+pub mod ring;
 pub mod session;
 pub mod streams;
 pub mod timer;

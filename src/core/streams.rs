@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 pub use super::frame::StreamId;
 use super::frame::{self, encode_frame, Frame, FRAME_OVERHEAD, MAX_NAME, MAX_REASON};
+use super::ring::Ring;
 
 /// Bytes a receiver accepts on one stream beyond what its local socket has
 /// taken. 256 KiB keeps a 100 ms cellular round trip at about 2.5 MB/s per
@@ -82,6 +83,19 @@ pub enum StreamViolation {
     TooManyStreams,
 }
 
+/// What [`Streams::received`] found: bytes to take without a copy, the
+/// end of the stream, or nothing yet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// The received bytes, oldest first, in one or two slices (the second
+    /// may be empty); [`Streams::consume`] says how many were taken.
+    Data(&'a [u8], &'a [u8]),
+    /// The peer finished sending; nothing more will come.
+    Fin,
+    /// Nothing yet; an [`Event::Readable`] follows when something arrives.
+    Blocked,
+}
+
 /// What a read from a stream gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read {
@@ -102,14 +116,17 @@ enum Finish {
 
 #[derive(Debug)]
 struct Stream {
-    send_buf: VecDeque<u8>,
+    /// At most [`SEND_BUFFER`] bytes.
+    send_buf: Ring,
     /// Bytes of this stream put into packets so far.
     sent: u64,
     /// Total offset the peer lets us send up to.
     peer_limit: u64,
     finish: Finish,
     writable_wanted: bool,
-    recv_buf: VecDeque<u8>,
+    /// At most [`STREAM_WINDOW`] bytes: the peer may not send past the
+    /// credit, and credit is never more than a window past `consumed`.
+    recv_buf: Ring,
     /// Bytes of this stream taken by the local socket so far.
     consumed: u64,
     /// Total offset we let the peer send up to.
@@ -125,12 +142,12 @@ struct Stream {
 impl Stream {
     fn new() -> Self {
         Stream {
-            send_buf: VecDeque::new(),
+            send_buf: Ring::new(SEND_BUFFER),
             sent: 0,
             peer_limit: STREAM_WINDOW,
             finish: Finish::Open,
             writable_wanted: false,
-            recv_buf: VecDeque::new(),
+            recv_buf: Ring::new(STREAM_WINDOW as usize),
             consumed: 0,
             granted: STREAM_WINDOW,
             credit_due: false,
@@ -237,14 +254,40 @@ impl Streams {
         if stream.finish != Finish::Open {
             return Err(StreamError::Closed(id));
         }
-        let room = SEND_BUFFER - stream.send_buf.len();
-        let n = room.min(bytes.len());
-        stream.send_buf.extend(&bytes[..n]);
+        let n = stream.send_buf.push(bytes);
         if n < bytes.len() {
             stream.writable_wanted = true;
         }
         self.mark_ready(id);
         Ok(n)
+    }
+
+    /// Free space in the send buffer of `id`, at most `max` bytes in one or
+    /// two slices, for a driver to read its socket straight into; then
+    /// [`Streams::commit_send`] with the bytes it put there. Both slices
+    /// are empty when the buffer is full, and an [`Event::Writable`]
+    /// follows when space frees.
+    pub fn send_space(
+        &mut self,
+        id: StreamId,
+        max: usize,
+    ) -> Result<(&mut [u8], &mut [u8]), StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        if stream.finish != Finish::Open {
+            return Err(StreamError::Closed(id));
+        }
+        if stream.send_buf.room() == 0 {
+            stream.writable_wanted = true;
+        }
+        Ok(stream.send_buf.free_mut(max))
+    }
+
+    /// The first `n` bytes of what [`Streams::send_space`] gave were filled.
+    pub fn commit_send(&mut self, id: StreamId, n: usize) -> Result<(), StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        stream.send_buf.commit(n);
+        self.mark_ready(id);
+        Ok(())
     }
 
     /// The local socket sent its last byte (half-close).
@@ -261,24 +304,55 @@ impl Streams {
     pub fn read(&mut self, id: StreamId, buf: &mut [u8]) -> Result<Read, StreamError> {
         let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
         if !stream.recv_buf.is_empty() {
-            let n = copy_out(&mut stream.recv_buf, buf);
-            stream.consumed += n as u64;
-            // Grant more once half the window is used, so credit frames are
-            // rare but the sender never waits for a full round trip.
-            if stream.granted - stream.consumed <= STREAM_WINDOW / 2 && !stream.peer_fin {
-                stream.granted = stream.consumed + STREAM_WINDOW;
-                stream.credit_due = true;
-                self.mark_ready(id);
-            }
+            let n = stream.recv_buf.pop_into(buf);
+            self.consumed(id, n);
             return Ok(Read::Data(n));
         }
-        if stream.peer_fin {
-            stream.fin_delivered = true;
-            self.remove_if_done(id);
-            return Ok(Read::Fin);
+        Ok(match self.received(id)? {
+            Received::Data(..) => unreachable!("the receive buffer is empty"),
+            Received::Fin => Read::Fin,
+            Received::Blocked => Read::Blocked,
+        })
+    }
+
+    /// The received bytes of `id` in place, for a driver to write to its
+    /// socket without a copy; then [`Streams::consume`] with how many it
+    /// took. Like [`Streams::read`], reporting `Fin` ends this direction.
+    pub fn received(&mut self, id: StreamId) -> Result<Received<'_>, StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        if stream.recv_buf.is_empty() {
+            if stream.peer_fin {
+                stream.fin_delivered = true;
+                self.remove_if_done(id);
+                return Ok(Received::Fin);
+            }
+            stream.readable_wanted = true;
+            return Ok(Received::Blocked);
         }
-        stream.readable_wanted = true;
-        Ok(Read::Blocked)
+        let stream = self.streams.get(&id).expect("looked up above");
+        let (first, second) = stream.recv_buf.as_slices();
+        Ok(Received::Data(first, second))
+    }
+
+    /// The local socket took the `n` oldest received bytes of `id`.
+    pub fn consume(&mut self, id: StreamId, n: usize) -> Result<(), StreamError> {
+        let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
+        stream.recv_buf.consume(n);
+        self.consumed(id, n);
+        Ok(())
+    }
+
+    /// Accounts for `n` bytes the local socket took from stream `id`.
+    fn consumed(&mut self, id: StreamId, n: usize) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        stream.consumed += n as u64;
+        // Grant more once half the window is used, so credit frames are
+        // rare but the sender never waits for a full round trip.
+        if stream.granted - stream.consumed <= STREAM_WINDOW / 2 && !stream.peer_fin {
+            stream.granted = stream.consumed + STREAM_WINDOW;
+            stream.credit_due = true;
+            self.mark_ready(id);
+        }
     }
 
     /// Ends the stream on both sides at once; `reason` reaches the peer's log.
@@ -332,7 +406,8 @@ impl Streams {
                     self.reset(id, "flow-control window overrun");
                     return Err(StreamViolation::Overrun(id));
                 }
-                stream.recv_buf.extend(bytes);
+                let taken = stream.recv_buf.push(bytes);
+                debug_assert_eq!(taken, bytes.len(), "credit keeps the bytes within the window");
                 self.wake_reader(id);
             }
             Frame::Fin { id } => {
@@ -423,7 +498,7 @@ impl Streams {
                 let (head, _) = stream.send_buf.as_slices();
                 let take = n.min(head.len()).min(capacity - out.len() - FRAME_OVERHEAD);
                 encode_frame(&Frame::Data { id, bytes: &head[..take] }, out);
-                stream.send_buf.drain(..take);
+                stream.send_buf.consume(take);
                 stream.sent += take as u64;
                 n -= take;
             }
@@ -466,16 +541,6 @@ impl Streams {
             self.streams.remove(&id);
         }
     }
-}
-
-fn copy_out(from: &mut VecDeque<u8>, to: &mut [u8]) -> usize {
-    let (head, tail) = from.as_slices();
-    let first = head.len().min(to.len());
-    to[..first].copy_from_slice(&head[..first]);
-    let second = tail.len().min(to.len() - first);
-    to[first..first + second].copy_from_slice(&tail[..second]);
-    from.drain(..first + second);
-    first + second
 }
 
 #[cfg(test)]
@@ -525,6 +590,52 @@ mod tests {
         assert_eq!(agent.read(id, &mut buf).unwrap(), Read::Data(5));
         assert_eq!(agent.read(id, &mut buf).unwrap(), Read::Fin);
         assert_eq!(agent.len(), 0);
+    }
+
+    #[test]
+    fn in_place_writes_and_reads_move_the_same_bytes() {
+        let mut agent = Streams::new(Side::Agent);
+        let mut station = Streams::new(Side::Station);
+        let id = agent.open("collector").unwrap();
+        deliver(&mut agent, &mut station);
+        drain_events(&mut station);
+        let byte = |offset: usize| (offset % 251) as u8;
+        // A socket read straight into the send buffer, in odd sizes,
+        // until the buffer is full.
+        let mut written = 0;
+        loop {
+            let (first, second) = agent.send_space(id, 10_007).unwrap();
+            if first.is_empty() {
+                break;
+            }
+            let n = first.len() + second.len();
+            for (i, b) in first.iter_mut().chain(second.iter_mut()).enumerate() {
+                *b = byte(written + i);
+            }
+            agent.commit_send(id, n).unwrap();
+            written += n;
+        }
+        assert_eq!(written, SEND_BUFFER);
+        agent.finish(id).unwrap();
+        deliver(&mut agent, &mut station);
+        assert_eq!(drain_events(&mut agent), vec![Event::Writable(id)]);
+        // A socket write straight out of the receive buffer, taking part
+        // of what is offered each time.
+        let mut got = Vec::new();
+        loop {
+            match station.received(id).unwrap() {
+                Received::Data(first, second) => {
+                    let offered: Vec<u8> = first.iter().chain(second).copied().collect();
+                    let take = offered.len().min(3001);
+                    got.extend_from_slice(&offered[..take]);
+                    station.consume(id, take).unwrap();
+                }
+                Received::Fin => break,
+                Received::Blocked => panic!("everything was delivered"),
+            }
+        }
+        assert_eq!(got, (0..SEND_BUFFER).map(byte).collect::<Vec<_>>());
+        assert_eq!(agent.send_space(id, 1), Err(StreamError::Closed(id)), "finished");
     }
 
     #[test]

@@ -1,0 +1,142 @@
+//! The command line contract of DESIGN.md: genkey, pubkey, --help,
+//! --version, usage errors and `demo --once`, run as the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use postern::keys::{PrivateKey, PublicKey};
+
+/// Longest a command that does no network I/O may take.
+const QUICK: Duration = Duration::from_secs(30);
+
+/// Longest `demo --once` may take: its own transfer limit is 120 s.
+const DEMO: Duration = Duration::from_secs(150);
+
+fn genkey() -> String {
+    let out = run(&["genkey"], None, QUICK);
+    assert!(out.status.success(), "genkey failed: {}", out.stderr);
+    assert_eq!(out.stderr, "", "genkey writes nothing to stderr");
+    let key = out.stdout.strip_suffix('\n').expect("genkey ends its line").to_owned();
+    assert_eq!(key.len(), 44, "a key is 44 base64 characters: {key:?}");
+    PrivateKey::from_base64(&key).unwrap_or_else(|e| panic!("genkey printed a bad key: {e}"));
+    key
+}
+
+fn pubkey(private: &str) -> String {
+    let out = run(&["pubkey"], Some(&format!("{private}\n")), QUICK);
+    assert!(out.status.success(), "pubkey failed: {}", out.stderr);
+    out.stdout.strip_suffix('\n').expect("pubkey ends its line").to_owned()
+}
+
+#[test]
+fn genkey_pubkey_round_trip() {
+    let private = genkey();
+    assert_ne!(private, genkey(), "two genkeys gave the same key");
+    let public = pubkey(&private);
+    let expected = PrivateKey::from_base64(&private).expect("valid").public_key().to_base64();
+    assert_eq!(public, expected, "pubkey is the X25519 public key of the private key");
+    assert_eq!(pubkey(&private), public, "pubkey is deterministic");
+    PublicKey::from_base64(&public).expect("pubkey prints a valid public key");
+}
+
+#[test]
+fn keys_from_the_cli_make_a_working_tunnel() {
+    let station_private = genkey();
+    let device_private = genkey();
+    let station_public = PublicKey::from_base64(&pubkey(&station_private)).expect("valid");
+    let device_public = PublicKey::from_base64(&pubkey(&device_private)).expect("valid");
+    let station_key = PrivateKey::from_base64(&station_private).expect("valid");
+    let device_key = PrivateKey::from_base64(&device_private).expect("valid");
+
+    let echo = Server::echo();
+    let dir = TempDir::new("cli-keys");
+    let devices = [("cli-device", device_public, &["echo"][..])];
+    let (station, addr) =
+        start_station(&dir, &station_toml(&station_key, &[("echo", echo.target())], &devices));
+    let toml = agent_toml(addr, &station_public, &device_key, "stream", &["echo"]);
+    let (agent, forwards) = start_agent(&dir, "agent", &toml, &["echo"]);
+    agent.wait_log(&["connected to the station"]);
+    assert_eq!(
+        echo_round_trip(forwards["echo"], 11, 1 << 20),
+        Received::expected(11, 1 << 20),
+        "tunnel with keys from genkey/pubkey\n{}\n{}",
+        agent.describe(),
+        station.describe()
+    );
+}
+
+#[test]
+fn pubkey_rejects_what_is_not_a_key() {
+    let out = run(&["pubkey"], Some("not a key\n"), QUICK);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.stdout, "");
+    assert_eq!(out.stderr, "postern: stdin is not a private key: not valid base64\n");
+
+    let out = run(&["pubkey"], Some("AAAA\n"), QUICK);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.stderr,
+        "postern: stdin is not a private key: decodes to 3 bytes, a key is 32\n"
+    );
+}
+
+#[test]
+fn help_names_every_command() {
+    for flag in ["--help", "-h"] {
+        let out = run(&[flag], None, QUICK);
+        assert!(out.status.success(), "{flag} failed: {}", out.stderr);
+        assert_eq!(out.stderr, "");
+        for usage in [
+            "postern genkey",
+            "postern pubkey < KEY",
+            "postern station -c FILE.toml",
+            "postern agent -c FILE.toml",
+            "postern check -c FILE.toml",
+            "postern demo [--once]",
+            "--version",
+        ] {
+            assert!(out.stdout.contains(usage), "{flag} lacks {usage:?}:\n{}", out.stdout);
+        }
+    }
+}
+
+#[test]
+fn version_is_the_crate_version() {
+    for flag in ["--version", "-V"] {
+        let out = run(&[flag], None, QUICK);
+        assert!(out.status.success(), "{flag} failed: {}", out.stderr);
+        assert_eq!(out.stdout, format!("postern {}\n", env!("CARGO_PKG_VERSION")));
+        assert_eq!(out.stderr, "");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: [(&[&str], &str); 4] = [
+        (&[], "postern: no command given\nTry 'postern --help'.\n"),
+        (&["frobnicate"], "postern: unknown command \"frobnicate\"\nTry 'postern --help'.\n"),
+        (&["station"], "postern: station needs -c FILE.toml\nTry 'postern --help'.\n"),
+        (&["check"], "postern: check needs -c FILE.toml\nTry 'postern --help'.\n"),
+    ];
+    for (args, stderr) in cases {
+        let out = run(args, None, QUICK);
+        assert_eq!(out.status.code(), Some(2), "postern {args:?}");
+        assert_eq!(out.stderr, stderr, "postern {args:?}");
+        assert_eq!(out.stdout, "", "postern {args:?}");
+    }
+}
+
+#[test]
+fn demo_once_verifies() {
+    let out = run(&["demo", "--once"], None, DEMO);
+    assert!(out.status.success(), "demo --once failed:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("hash:     verified: every byte came back"),
+        "demo did not report verified bytes:\n{}",
+        out.stdout
+    );
+    let sent = format!("sent:     {} bytes", postern::demo::DEFAULT_BYTES);
+    assert!(out.stdout.contains(&sent), "demo did not send its default size:\n{}", out.stdout);
+}

@@ -24,6 +24,7 @@ use postern::core::frame::{
     decode_header, encode_frame, encode_header, Frame, Frames, Header, StreamId, MAX_HEADER,
     MAX_PACKET,
 };
+use postern::core::ring::Ring;
 use postern::core::session::{Lane, Limits, Session};
 use postern::core::streams::{Event, Read, Side, MAX_STREAMS};
 
@@ -63,8 +64,9 @@ const HEAP_BASE: isize = 4 << 20;
 /// Stream ids the harness remembers for `Id::Known` and local actions.
 const KNOWN_MAX: usize = 1024;
 
-/// Heap per live stream beyond its buffered bytes (its map entry).
-const HEAP_PER_STREAM: isize = 1024;
+/// Heap per live stream beyond its buffered bytes: its map entry, and the
+/// first allocation of each of its two rings, made before a byte is held.
+const HEAP_PER_STREAM: isize = 1024 + 2 * Ring::FIRST as isize;
 
 /// Peer bytes one input may generate (Data payloads, burst Opens at 8 bytes
 /// each). Enough to overflow any buffer many times over, while keeping an
@@ -196,8 +198,8 @@ struct Harness {
     read: HashMap<StreamId, u64>,
     written: HashMap<StreamId, u64>,
     transmitted: HashMap<StreamId, u64>,
-    /// Per live stream: the most bytes its receive and send buffers have
-    /// held; buffers keep their capacity after draining, so this, not what
+    /// Per live stream: the most bytes its receive and send rings have
+    /// held; rings keep their capacity after draining, so this, not what
     /// they hold now, bounds their memory.
     high_water: HashMap<StreamId, (u64, u64)>,
     baseline: isize,
@@ -519,8 +521,8 @@ impl Harness {
             held += high.0 + high.1;
         }
         held += self.session.unacked_bytes() as u64;
-        // Buffers grow by doubling, so a buffer's capacity is at most twice
-        // the most it held: 4 times is ample.
+        // Rings grow by doubling, so a ring's capacity is at most twice the
+        // most it held (or its first allocation): 4 times is ample.
         let bound = HEAP_BASE + 4 * held as isize + HEAP_PER_STREAM * count;
         assert!(
             live <= bound,

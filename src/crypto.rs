@@ -49,7 +49,8 @@ pub const MAX_HANDSHAKE: usize = 256;
 
 /// Counters a receiver remembers behind the newest. Packets reorder only
 /// between the few carrier connections of one session, so 8192 is ample.
-const REPLAY_WINDOW: u64 = 8192;
+/// Public so the fuzz target can model the window's promise exactly.
+pub const REPLAY_WINDOW: u64 = 8192;
 
 /// What went wrong in the security layer.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +237,11 @@ impl Default for ReplayWindow {
 impl ReplayWindow {
     /// Records `counter`; false if it was seen before or is too old to tell.
     pub fn accept(&mut self, counter: u64) -> bool {
+        // Noise reserves 2^64-1 (snow opens nothing under it), so no genuine
+        // packet has it; refusing it keeps `top`, one past the highest, in a u64.
+        if counter == u64::MAX {
+            return false;
+        }
         if counter >= self.top {
             let fresh = counter - self.top + 1;
             if fresh >= REPLAY_WINDOW {
@@ -460,6 +466,20 @@ mod tests {
         assert!(w.accept(6 + REPLAY_WINDOW / 2));
         assert!(w.accept(u64::MAX - 1));
         assert!(!w.accept(6 + REPLAY_WINDOW / 2));
+    }
+
+    /// Found by the replay_window fuzz target: `u64::MAX` overflowed `top`
+    /// (a panic with overflow checks, an endless loop without).
+    #[test]
+    fn the_reserved_counter_is_refused() {
+        let mut fresh = ReplayWindow::default();
+        assert!(!fresh.accept(u64::MAX));
+        assert!(fresh.accept(0), "the refusal recorded nothing");
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(u64::MAX - 1));
+        assert!(!w.accept(u64::MAX));
+        assert!(!w.accept(u64::MAX - 1));
+        assert!(w.accept(u64::MAX - 2));
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! a failure. Everything binds 127.0.0.1 on ephemeral ports and every wait
 //! has a deadline.
 //!
-//! `idle_rss` is a measurement, not a test: `scripts/bench-sizes` runs it.
+//! `idle_rss` is a measurement, not a test: `scripts/bench-sizes` runs it
+//! with a native agent-only build and records VmRSS, RssAnon, RssFile and
+//! VmHWM from /proc/PID/status in docs/BENCHMARKS.md.
 //!
 //! Needs both features: the station under test is this crate's own binary.
 #![cfg(all(feature = "agent", feature = "station"))]
@@ -300,34 +302,37 @@ fn idle_rss() {
     let dir = TempDir::new("rss");
     let lab = Lab::start(&dir, vec![agent.into_os_string().into_string().unwrap()]);
     let pid = lab.agent.id();
-    let (no_stream_rss, _) = settled_memory(pid);
+    print_memory(pid, "no-stream");
     let mut stream = lab.open_stream();
-    // Some traffic, so buffers that exist only once bytes flow are counted.
     let mut pattern = Pattern::new(7);
-    let mut block = vec![0u8; 64 * 1024];
-    let mut echoed = vec![0u8; block.len()];
-    for _ in 0..4 {
+    let mut echo = |bytes: usize| {
+        let mut block = vec![0u8; bytes];
+        let mut echoed = vec![0u8; bytes];
         pattern.fill(&mut block);
         stream.write_all(&block).unwrap();
         stream.read_exact(&mut echoed).unwrap();
         assert_eq!(echoed, block, "echo through the native agent");
+    };
+    echo(16);
+    print_memory(pid, "one-stream");
+    // Buffers that fill only when bytes flow in bulk are counted too.
+    for _ in 0..4 {
+        echo(64 * 1024);
     }
-    let (rss, hwm) = settled_memory(pid);
-    println!("idle-rss no-stream VmRSS={no_stream_rss} kB");
-    println!("idle-rss one-stream VmRSS={rss} kB VmHWM={hwm} kB");
-    drop(stream);
+    print_memory(pid, "one-stream-after-256KiB");
 }
 
-/// VmRSS and VmHWM in kB once VmRSS has not changed for a second (or after
-/// ten seconds, whichever is first).
-fn settled_memory(pid: u32) -> (u64, u64) {
+/// Prints `idle-rss STATE VmRSS=.. kB RssAnon=.. kB RssFile=.. kB VmHWM=.. kB`
+/// for `scripts/bench-sizes`, once VmRSS has not changed for a second (or
+/// after ten seconds, whichever is first).
+fn print_memory(pid: u32, state: &str) {
     let read = || {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let field = |name: &str| -> u64 {
-            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-            line.split_whitespace().nth(1).unwrap().parse().unwrap()
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        ["VmRSS", "RssAnon", "RssFile", "VmHWM"].map(|name| {
+            let line = status.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap();
+            let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            (name, kb)
+        })
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = read();
@@ -335,12 +340,13 @@ fn settled_memory(pid: u32) -> (u64, u64) {
     while Instant::now() < deadline && stable_since.elapsed() < Duration::from_secs(1) {
         thread::sleep(Duration::from_millis(100));
         let now = read();
-        if now.0 != last.0 {
+        if now[0] != last[0] {
             stable_since = Instant::now();
         }
         last = now;
     }
-    last
+    let fields: Vec<String> = last.iter().map(|(name, kb)| format!("{name}={kb} kB")).collect();
+    println!("idle-rss {state} {}", fields.join(" "));
 }
 
 // ---------------------------------------------------------------------------

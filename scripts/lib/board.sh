@@ -149,7 +149,10 @@ board_load() {
 
 # toolchain_for TARGET: what building and running for TARGET takes.
 #   tc_linker          the linker cargo is told to use
-#   tc_linker_package  the Debian package with it ("" when rustup ships it)
+#   tc_linker_packages the Debian packages with it and the target's libc to
+#                      link against (none when rustup ships all of it)
+#   tc_cc              the C compiler for crates that build C (ring, via the
+#                      cc crate), and tc_cc_packages, with it and its headers
 #   tc_qemu            the qemu-user emulator for the architecture
 #   tc_sysroot         where qemu finds the dynamic loader and libc ("" if static)
 #   tc_machine         the ELF machine readelf reports
@@ -157,19 +160,38 @@ board_load() {
 toolchain_for() {
     case $1 in
         armv7-unknown-linux-gnueabihf | thumbv7neon-unknown-linux-gnueabihf)
-            tc_linker=arm-linux-gnueabihf-gcc tc_linker_package=gcc-arm-linux-gnueabihf
+            tc_linker=arm-linux-gnueabihf-gcc
+            tc_linker_packages=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+            tc_cc=$tc_linker tc_cc_packages=("${tc_linker_packages[@]}")
             tc_qemu=qemu-arm-static tc_sysroot=/usr/arm-linux-gnueabihf
             tc_machine=ARM tc_arch=armv7l ;;
         aarch64-unknown-linux-gnu)
-            tc_linker=aarch64-linux-gnu-gcc tc_linker_package=gcc-aarch64-linux-gnu
+            tc_linker=aarch64-linux-gnu-gcc
+            tc_linker_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+            tc_cc=$tc_linker tc_cc_packages=("${tc_linker_packages[@]}")
             tc_qemu=qemu-aarch64-static tc_sysroot=/usr/aarch64-linux-gnu
             tc_machine=AArch64 tc_arch=aarch64 ;;
         aarch64-unknown-linux-musl)
             # rustup ships rust-lld and the musl target ships its own crt
-            # objects and libc.a, so nothing else is needed.
-            tc_linker=rust-lld tc_linker_package=""
+            # objects and libc.a, so linking needs nothing else. C code
+            # such as ring's uses no libc headers that differ from glibc's,
+            # so Debian's glibc cross gcc compiles it for musl too.
+            tc_linker=rust-lld tc_linker_packages=()
+            tc_cc=aarch64-linux-gnu-gcc tc_cc_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
             tc_qemu=qemu-aarch64-static tc_sysroot=""
             tc_machine=AArch64 tc_arch=aarch64 ;;
+        # Not boards: the native agents whose memory bench-sizes measures,
+        # linked the ways the boards are.
+        x86_64-unknown-linux-musl)
+            tc_linker=rust-lld tc_linker_packages=()
+            tc_cc=cc tc_cc_packages=()
+            tc_qemu="" tc_sysroot=""
+            tc_machine=X86-64 tc_arch=x86_64 ;;
+        x86_64-unknown-linux-gnu)
+            tc_linker=cc tc_linker_packages=()
+            tc_cc=cc tc_cc_packages=()
+            tc_qemu="" tc_sysroot=""
+            tc_machine=X86-64 tc_arch=x86_64 ;;
         *) die "no toolchain known for $1; add it to toolchain_for in scripts/lib/board.sh" ;;
     esac
 }
@@ -192,6 +214,66 @@ apt_install() {
     echo "== installing ${missing[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+# build_agent TARGET FEATURES [RUSTFLAG...]: builds the agent for TARGET
+# with the size-tuned `device` cargo profile, first adding the rust target
+# and the linker when they are missing; sets built_binary to the result.
+# CARGO_PROFILE_DEVICE_* and CARGO_TARGET_DIR from the environment apply.
+build_agent() {
+    local target=$1 features=$2
+    shift 2
+    toolchain_for "$target"
+    if ! rustup target list --installed | grep -qx "$target"; then
+        echo "== rustup target add $target" >&2
+        rustup target add "$target" >&2
+    fi
+    apt_install "${tc_linker_packages[@]}"
+    # The cc crate in the lock file means some dependency compiles C (today
+    # none does; snow's `std` feature would bring ring's C and assembly).
+    local -a c_env=()
+    if grep -qx 'name = "cc"' "$repo_root/Cargo.lock"; then
+        apt_install "${tc_cc_packages[@]}"
+        c_env=("CC_${target//-/_}=$tc_cc")
+    fi
+    if [[ -n ${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-} ]]; then
+        echo "${0##*/}: ignoring RUSTFLAGS/CARGO_ENCODED_RUSTFLAGS; board flags go in boards/*.toml" >&2
+    fi
+    local -a flags=("$@")
+    # Panic messages carry the source path of the code that panics, and for
+    # dependencies and inlined std code that is a path on this machine
+    # (/home/NAME/.cargo/registry/src/..., and with the rust-src component
+    # installed, the toolchain's). Mapped to fixed names, the binary is the
+    # same on every build machine and smaller: 4 KiB on armv7 with rust-src.
+    local sysroot index
+    sysroot=$(rustc --print sysroot)
+    flags+=("--remap-path-prefix=$sysroot/lib/rustlib/src/rust=/rustc/$(rustc -vV | sed -n 's/^commit-hash: //p')")
+    for index in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/; do
+        if [[ -d $index ]]; then flags+=("--remap-path-prefix=${index%/}=/crates"); fi
+    done
+    echo "== cargo build --profile device --target $target --no-default-features --features $features${*:+ (rustflags: $*)}" >&2
+    (
+        cd "$repo_root" || exit
+        # The encoded form keeps paths with spaces whole. With --target it
+        # applies to the agent only, not to build scripts and proc macros.
+        env -u RUSTFLAGS "$(cargo_target_var "$target" LINKER)=$tc_linker" "${c_env[@]}" \
+            CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")" \
+            cargo build --locked --profile device --target "$target" \
+            --no-default-features --features "$features" >&2
+    )
+    built_binary=${CARGO_TARGET_DIR:-$repo_root/target}/$target/device/postern
+}
+
+# linkage_of BINARY: "static", or "glibc 2.NN+" naming the newest glibc
+# symbol version the binary needs (the board's glibc must be that new).
+linkage_of() {
+    if readelf -l "$1" | grep -q 'Requesting program interpreter'; then
+        local newest
+        newest=$(readelf -V "$1" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)
+        echo "glibc ${newest#GLIBC_}+"
+    else
+        echo static
+    fi
 }
 
 # board_runner: sets the array board_run to the command prefix that runs

@@ -24,6 +24,7 @@ use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -48,6 +49,15 @@ const MAX_NAME_BYTES: usize = 64;
 
 /// The HTTP port a URL means when it names none (RFC 9110 section 4.2.1).
 const HTTP_DEFAULT_PORT: u16 = 80;
+
+/// Default of `session_timeout`: long enough to ride out a cellular
+/// handover or a proxy restart, short enough that a local connection to a
+/// device that is gone for good is closed within minutes.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Bounds of `session_timeout` in seconds: below 10 s a single slow
+/// reconnect would end sessions; above a day, dead sessions pin memory.
+const SESSION_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 10..=86_400;
 
 /// What the file is reported as when a proxy comes from the environment.
 const ENVIRONMENT: &str = "environment";
@@ -92,6 +102,9 @@ pub struct StationConfig {
     pub private_key: PrivateKey,
     /// Where `GET /metrics` and `GET /status` are served, if anywhere.
     pub status: Option<SocketAddr>,
+    /// How long a device's session (and its streams) outlives the loss of
+    /// every carrier connection.
+    pub session_timeout: Duration,
     /// Target name -> "host:port" (checked for shape; the host is resolved
     /// when a device opens the target).
     pub targets: BTreeMap<String, String>,
@@ -127,6 +140,9 @@ pub struct AgentConfig {
     pub proxy: Option<ProxyUrl>,
     /// Which HTTP carrier shape to use.
     pub carrier: CarrierKind,
+    /// How long the session (and every local connection in it) outlives
+    /// the loss of every carrier connection.
+    pub session_timeout: Duration,
     /// Local listeners and serial lines carried to station targets.
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
@@ -360,6 +376,7 @@ struct RawStation {
     private_key: Option<String>,
     private_key_file: Option<String>,
     status: Option<String>,
+    session_timeout: Option<u64>,
     #[serde(default)]
     targets: BTreeMap<String, String>,
     #[serde(default)]
@@ -387,6 +404,7 @@ struct RawAgent {
     proxy: Option<String>,
     #[serde(default)]
     carrier: CarrierKind,
+    session_timeout: Option<u64>,
     #[serde(default)]
     forward: Vec<RawForward>,
     /// Values are either a "host:port" string or a serial table; kept as
@@ -565,11 +583,13 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
     let private_key = load_private_key(raw.private_key, raw.private_key_file, file, base)?;
     let own_public = private_key.public_key();
 
+    let session_timeout = session_timeout(raw.session_timeout, file)?;
     let status = match raw.status {
         Some(text) => Some(socket_addr(&text).map_err(|r| fail("status", r))?),
         None => None,
     };
-    if status == Some(listen) {
+    // Port 0 asks the system for a free port: never a clash.
+    if status == Some(listen) && listen.port() != 0 {
         return Err(fail(
             "status",
             format!("{listen} is also the carrier listen address; give status its own port"),
@@ -631,7 +651,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
             let field = key_path(&format!("{at}.expose"), &address_text);
             let address = socket_addr(&address_text).map_err(|r| fail(&field, r))?;
             check_name(&service).map_err(|r| fail(&field, format!("service name {r}")))?;
-            if address == listen || Some(address) == status {
+            if address.port() != 0 && (address == listen || Some(address) == status) {
                 return Err(fail(
                     &field,
                     format!("{address} is already the station's listen or status address"),
@@ -649,7 +669,30 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         devices.push(DeviceConfig { name, public_key, allow: raw_device.allow, expose });
     }
 
-    Ok(StationConfig { listen, private_key, status, targets: raw.targets, devices })
+    Ok(StationConfig {
+        listen,
+        private_key,
+        status,
+        session_timeout,
+        targets: raw.targets,
+        devices,
+    })
+}
+
+fn session_timeout(seconds: Option<u64>, file: &str) -> Result<Duration, ConfigError> {
+    match seconds {
+        None => Ok(DEFAULT_SESSION_TIMEOUT),
+        Some(s) if SESSION_TIMEOUT_RANGE.contains(&s) => Ok(Duration::from_secs(s)),
+        Some(s) => Err(ConfigError::new(
+            file,
+            "session_timeout",
+            format!(
+                "{s} is out of range; give seconds from {} to {}",
+                SESSION_TIMEOUT_RANGE.start(),
+                SESSION_TIMEOUT_RANGE.end()
+            ),
+        )),
+    }
 }
 
 fn known_targets(targets: &BTreeMap<String, String>) -> String {
@@ -739,7 +782,10 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
                 }
                 let field = format!("{at}.listen");
                 let address = socket_addr(&text).map_err(|r| fail(&field, r))?;
-                if let Some(first) = listeners.insert(address, index) {
+                // Port 0 asks the system for a free port: never a clash.
+                let clash =
+                    if address.port() == 0 { None } else { listeners.insert(address, index) };
+                if let Some(first) = clash {
                     return Err(fail(&field, format!("{address} is also forward[{first}].listen")));
                 }
                 ForwardSource::Listen(address)
@@ -802,6 +848,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         private_key,
         proxy,
         carrier: raw.carrier,
+        session_timeout: session_timeout(raw.session_timeout, file)?,
         forwards,
         services,
     })
@@ -1369,6 +1416,25 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     }
 
     #[test]
+    fn session_timeout_default_given_and_bounded() {
+        let k = keys();
+        let station = StationConfig::parse(&station_example(&k), "s.toml").unwrap();
+        assert_eq!(station.session_timeout, DEFAULT_SESSION_TIMEOUT);
+        let head = agent_head(&k, "http://st/");
+        let agent = AgentConfig::parse(&format!("{head}session_timeout = 60\n"), "a.toml").unwrap();
+        assert_eq!(agent.session_timeout, Duration::from_secs(60));
+        for bad in ["5", "100000"] {
+            let err = agent_err(&format!("{head}session_timeout = {bad}\n"));
+            assert_eq!(
+                err.to_string(),
+                format!("agent.toml: session_timeout: {bad} is out of range; give seconds from 10 to 86400")
+            );
+        }
+        let err = agent_err(&format!("{head}session_timeout = \"5m\"\n"));
+        assert!(err.reason.contains("line 4"), "{err}");
+    }
+
+    #[test]
     fn agent_minimal_defaults() {
         let k = keys();
         let config = AgentConfig::parse(&agent_head(&k, "http://10.1.2.3:8080/tunnel"), "a.toml")
@@ -1640,6 +1706,13 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             "listen = \"0.0.0.0:1\"\nprivate_key = \"{key}\"\nstatus = \"0.0.0.0:1\"\n"
         ));
         assert_err(&err, "status", "also the carrier listen address");
+        let ephemeral = StationConfig::parse(
+            &format!(
+                "listen = \"127.0.0.1:0\"\nprivate_key = \"{key}\"\nstatus = \"127.0.0.1:0\"\n"
+            ),
+            "station.toml",
+        );
+        assert!(ephemeral.is_ok(), "port 0 twice is two free ports: {ephemeral:?}");
     }
 
     #[test]
@@ -1936,6 +2009,14 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
              [[forward]]\nlisten = \"127.0.0.1:1\"\ntarget = \"b\"\n"
         ));
         assert_err(&err, "forward[1].listen", "127.0.0.1:1 is also forward[0].listen");
+        let ephemeral = AgentConfig::parse(
+            &format!(
+                "{head}[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"a\"\n\
+                 [[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"b\"\n"
+            ),
+            "agent.toml",
+        );
+        assert_eq!(ephemeral.expect("two port-0 forwards do not clash").forwards.len(), 2);
 
         let err = agent_err(&format!(
             "{head}[[forward]]\nserial = \"/dev/ttyS0\"\nbaud = 9600\ntarget = \"a\"\n\

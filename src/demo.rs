@@ -24,6 +24,7 @@ use snow::resolvers::{CryptoResolver, DefaultResolver};
 use crate::agent::Agent;
 use crate::config::{
     AgentConfig, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig, StationUrl,
+    DEFAULT_SESSION_TIMEOUT,
 };
 use crate::keys::PrivateKey;
 use crate::station::Station;
@@ -169,6 +170,7 @@ impl Lab {
             listen: loopback,
             private_key: station_key.clone(),
             status: None,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
             targets: BTreeMap::from([("echo".to_owned(), echo_addr.to_string())]),
             devices: vec![DeviceConfig {
                 name: "demo-device".to_owned(),
@@ -191,6 +193,7 @@ impl Lab {
             private_key: agent_key,
             proxy: None,
             carrier,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
             forwards: vec![Forward {
                 source: ForwardSource::Listen(loopback),
                 target: "echo".to_owned(),

@@ -10,6 +10,8 @@
 //! the sockets, the carrier connections and the tasks.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "station")]
+pub mod admission;
 #[cfg(feature = "agent")]
 pub mod agent;
 pub mod carrier;
@@ -18,6 +20,8 @@ pub mod core;
 pub mod crypto;
 #[cfg(all(feature = "agent", feature = "station"))]
 pub mod demo;
+#[cfg(feature = "agent")]
+pub mod endpoint;
 pub mod keys;
 pub mod logger;
 #[cfg(feature = "station")]

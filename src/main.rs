@@ -4,6 +4,7 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use futures_lite::{future, StreamExt};
 use lexopt::prelude::*;
 use log::LevelFilter;
 
@@ -201,12 +202,49 @@ fn run(command: Command) -> Result<(), String> {
 
 #[cfg(feature = "station")]
 fn station(path: PathBuf) -> Result<(), String> {
+    use async_signal::Signal;
     let config = config::StationConfig::load(&path).map_err(|e| e.to_string())?;
+    let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
     smol::block_on(async {
         let station = postern::station::Station::bind(config).await.map_err(|e| e.to_string())?;
-        station.run().await;
+        let handle = station.handle();
+        let control = async {
+            while let Some(Ok(signal)) = signals.next().await {
+                if signal != Signal::Hup {
+                    log::info!("{signal:?}: stopping");
+                    handle.drain(DRAIN_LIMIT).await;
+                    return;
+                }
+                log::info!("SIGHUP: reloading {}", path.display());
+                let reloaded = match config::StationConfig::load(&path) {
+                    Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match reloaded {
+                    Ok(changes) if changes.is_empty() => log::info!("reloaded: nothing changed"),
+                    Ok(changes) => {
+                        for change in changes {
+                            log::info!("reloaded: {change}");
+                        }
+                    }
+                    Err(e) => log::error!("reload refused, the running config stays: {e}"),
+                }
+            }
+        };
+        future::or(station.run(), control).await;
         Ok(())
     })
+}
+
+/// Time streams get to finish after SIGTERM before they are closed.
+#[cfg(any(feature = "agent", feature = "station"))]
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Catches `which` from now on (SIGHUP would otherwise end the process).
+#[cfg(any(feature = "agent", feature = "station"))]
+fn signals(which: &[async_signal::Signal]) -> Result<async_signal::Signals, String> {
+    async_signal::Signals::new(which.iter().copied())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))
 }
 
 #[cfg(not(feature = "station"))]
@@ -220,9 +258,25 @@ fn agent(path: PathBuf) -> Result<(), String> {
     if config.proxy.is_none() {
         config.proxy = config::proxy_from_env(&config.station.host).map_err(|e| e.to_string())?;
     }
+    use async_signal::Signal;
+    let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
     smol::block_on(async {
         let agent = postern::agent::Agent::bind(config).await.map_err(|e| e.to_string())?;
-        agent.run().await;
+        let handle = agent.handle();
+        let control = async {
+            while let Some(Ok(signal)) = signals.next().await {
+                if signal == Signal::Hup {
+                    log::warn!(
+                        "SIGHUP: the agent does not reload its config; restart it to apply changes"
+                    );
+                    continue;
+                }
+                log::info!("{signal:?}: stopping");
+                handle.drain(DRAIN_LIMIT).await;
+                return;
+            }
+        };
+        future::or(agent.run(), control).await;
         Ok(())
     })
 }

@@ -11,14 +11,12 @@
 //! sealing a packet never blocks a socket feeding its stream.
 
 use std::collections::HashMap;
-use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use event_listener::Event as Notify;
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::channel;
-use smol::net::TcpStream;
 
 use crate::core::frame::MAX_PACKET;
 use crate::core::session::{Lane, Limits, Session};
@@ -33,6 +31,16 @@ const SOCKET_READ: usize = 64 * 1024;
 pub struct Incoming {
     pub id: StreamId,
     pub name: String,
+}
+
+/// A carrier body held something other than authentic, fresh records.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadBody {
+    #[error(transparent)]
+    Framing(#[from] BadRecord),
+    /// Changed on the way, forged, or a replay of a captured request.
+    #[error("{0} sealed packets failed authentication or were replays")]
+    Rejected(usize),
 }
 
 /// Why a session is over.
@@ -66,6 +74,12 @@ pub struct Stats {
     pub received: u64,
     /// Records that failed authentication or were replays.
     pub rejected: u64,
+    /// Stream bytes taken from local sockets, to go to the peer.
+    pub stream_out: u64,
+    /// Stream bytes from the peer handed to local sockets.
+    pub stream_in: u64,
+    /// Packets sent again after a carrier connection was lost.
+    pub resent: u64,
 }
 
 struct State {
@@ -121,7 +135,25 @@ impl Tunnel {
     }
 
     pub fn stats(&self) -> Stats {
-        self.lock().stats
+        let state = self.lock();
+        Stats { resent: state.session.resent_packets(), ..state.stats }
+    }
+
+    /// How many of our packets the peer has acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.lock().session.acked()
+    }
+
+    /// Since when sent packets have waited for an ack with no progress.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.lock().session.stalled_since()
+    }
+
+    /// Sends a packet that the peer must acknowledge, to prove the path.
+    pub fn probe(&self) {
+        let mut state = self.lock();
+        state.session.probe();
+        self.settle(&mut state);
     }
 
     pub fn closed(&self) -> Option<String> {
@@ -130,6 +162,20 @@ impl Tunnel {
 
     pub fn stream_count(&self) -> usize {
         self.lock().session.streams().len()
+    }
+
+    /// Ends the session, telling the peer why (a Close frame); the peer
+    /// then ends it at its side.
+    pub fn close(&self, reason: &str) {
+        let mut state = self.lock();
+        state.session.close(reason);
+        self.settle(&mut state);
+    }
+
+    /// Everything queued has been sent and acknowledged by the peer.
+    pub fn all_delivered(&self) -> bool {
+        let mut state = self.lock();
+        state.session.unacked_bytes() == 0 && !state.session.streams().has_output()
     }
 
     /// Ends the session here without telling the peer.
@@ -175,19 +221,23 @@ impl Tunnel {
     }
 
     /// Feeds carrier body bytes. Returns how many records were authentic
-    /// and fresh; forged and replayed ones are counted and dropped.
+    /// and fresh. Forged and replayed ones are counted and dropped, and make
+    /// this an error: the connection that carried them is not to be trusted
+    /// further, and once it is closed the session resends on a new one.
     pub fn receive(
         &self,
         body: &[u8],
         reader: &mut RecordReader,
         scratch: &mut Vec<u8>,
-    ) -> Result<usize, BadRecord> {
+    ) -> Result<usize, BadBody> {
         let mut authentic = 0;
+        let mut rejected = 0;
         reader.feed(body, |counter, ciphertext| {
             let opened = self.transport.open(counter, ciphertext, scratch);
             let mut state = self.lock();
             if opened.is_err() || !state.replay.accept(counter) {
                 state.stats.rejected += 1;
+                rejected += 1;
                 return;
             }
             authentic += 1;
@@ -202,6 +252,9 @@ impl Tunnel {
             }
             self.settle(&mut state);
         })?;
+        if rejected > 0 {
+            return Err(BadBody::Rejected(rejected));
+        }
         Ok(authentic)
     }
 
@@ -337,7 +390,13 @@ impl Tunnel {
 
     /// Carries bytes between `socket` and stream `id` both ways, with
     /// half-close, until both directions finish or either side resets.
-    pub async fn pump(&self, id: StreamId, socket: TcpStream) {
+    /// `socket` is a TCP socket or anything shaped like one: clones share
+    /// one connection, and `close` ends our writing half (for TCP a
+    /// `shutdown(Write)`), which is what the peer's finish turns into.
+    pub async fn pump<S>(&self, id: StreamId, socket: S)
+    where
+        S: AsyncRead + AsyncWrite + Clone + Unpin,
+    {
         let Some(waker) = self.waker(id) else { return };
         let up = self.socket_to_stream(id, socket.clone(), &waker);
         let down = self.stream_to_socket(id, socket, &waker);
@@ -367,7 +426,7 @@ impl Tunnel {
     async fn socket_to_stream(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        mut socket: impl AsyncRead + Unpin,
         waker: &Notify,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; SOCKET_READ];
@@ -385,6 +444,9 @@ impl Tunnel {
                 let written = {
                     let mut state = self.lock();
                     let written = state.session.streams().write(id, rest);
+                    if let Ok(k) = written {
+                        state.stats.stream_out += k as u64;
+                    }
                     self.settle(&mut state);
                     written
                 };
@@ -401,7 +463,7 @@ impl Tunnel {
     async fn stream_to_socket(
         &self,
         id: StreamId,
-        mut socket: TcpStream,
+        mut socket: impl AsyncWrite + Unpin,
         waker: &Notify,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; SOCKET_READ];
@@ -410,6 +472,9 @@ impl Tunnel {
             let read = {
                 let mut state = self.lock();
                 let read = state.session.streams().read(id, &mut buf);
+                if let Ok(Read::Data(n)) = read {
+                    state.stats.stream_in += n as u64;
+                }
                 self.settle(&mut state);
                 read
             };
@@ -421,7 +486,7 @@ impl Tunnel {
                         .map_err(|e| format!("local write failed: {e}"))?;
                 }
                 Ok(Read::Fin) => {
-                    let _ = socket.shutdown(Shutdown::Write);
+                    let _ = socket.close().await;
                     return Ok(());
                 }
                 Ok(Read::Blocked) => listener.await,

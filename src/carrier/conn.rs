@@ -31,13 +31,17 @@ use super::http::{
 /// device connections on a station.
 pub const READ_BUF_BYTES: usize = 64 * 1024;
 
-// A head never fills the buffer, so there is always room to read its rest.
-const _: () = assert!(READ_BUF_BYTES > MAX_HEAD_BYTES);
+/// Smallest read buffer: a whole head and as much again, so a head never
+/// fills the buffer and there is always room to read its rest.
+pub const MIN_READ_BUF_BYTES: usize = 2 * MAX_HEAD_BYTES;
+
+const _: () = assert!(READ_BUF_BYTES >= MIN_READ_BUF_BYTES);
 
 /// A buffered HTTP/1.1 connection over any byte stream.
 pub struct HttpConn<S> {
     io: S,
-    /// Fixed size; bodies are streamed through it, never collected in it.
+    /// Fixed size (until grown once); bodies are streamed through it, never
+    /// collected in it.
     buf: Box<[u8]>,
     /// `buf[start..end]` holds bytes read but not yet consumed.
     start: usize,
@@ -47,7 +51,27 @@ pub struct HttpConn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> HttpConn<S> {
     /// Wraps `io`, allocating the read buffer.
     pub fn new(io: S) -> Self {
-        HttpConn { io, buf: vec![0; READ_BUF_BYTES].into_boxed_slice(), start: 0, end: 0 }
+        Self::with_capacity(io, READ_BUF_BYTES)
+    }
+
+    /// Wraps `io` with a read buffer of `bytes` (at least
+    /// [`MIN_READ_BUF_BYTES`]): a server gives strangers a small one and
+    /// [`HttpConn::grow`]s it for peers that proved who they are.
+    pub fn with_capacity(io: S, bytes: usize) -> Self {
+        let buf = vec![0; bytes.max(MIN_READ_BUF_BYTES)].into_boxed_slice();
+        HttpConn { io, buf, start: 0, end: 0 }
+    }
+
+    /// Enlarges the read buffer to [`READ_BUF_BYTES`], keeping what it holds.
+    pub fn grow(&mut self) {
+        if self.buf.len() < READ_BUF_BYTES {
+            let mut bigger = vec![0; READ_BUF_BYTES].into_boxed_slice();
+            let held = self.end - self.start;
+            bigger[..held].copy_from_slice(&self.buf[self.start..self.end]);
+            self.buf = bigger;
+            self.start = 0;
+            self.end = held;
+        }
     }
 
     /// The underlying stream, e.g. for its peer address.
@@ -633,6 +657,22 @@ mod tests {
                 let mut conn = HttpConn::new(Peer::whole(idle));
                 assert!(conn.read_request().await.unwrap().is_none());
             }
+        });
+    }
+
+    #[test]
+    fn a_small_buffer_reads_heads_and_grows_keeping_what_it_holds() {
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut input =
+            format!("POST /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n", payload.len()).into_bytes();
+        input.extend_from_slice(&payload);
+        within_deadline(async {
+            let mut conn = HttpConn::with_capacity(Peer::random(&input, 3, 30_000), 1);
+            assert_eq!(conn.buf.len(), MIN_READ_BUF_BYTES);
+            let head = conn.read_request().await.unwrap().unwrap();
+            conn.grow();
+            assert_eq!(conn.buf.len(), READ_BUF_BYTES);
+            assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), payload);
         });
     }
 

@@ -730,7 +730,8 @@ pub fn error_response(status: u16) -> Vec<u8> {
     };
     // 404 and 405 are cacheable by default; a proxy must not replay one to
     // the next carrier request for the same path.
-    let mut fields = vec![("Content-Type", "text/plain"), ("Cache-Control", "no-store")];
+    let mut fields =
+        vec![("Content-Type", "text/plain"), ("Cache-Control", "no-store"), super::STATION_MARK];
     // RFC 9110 requires Allow on 405; the carrier uses only these two.
     if status == 405 {
         fields.push(("Allow", "GET, POST"));
@@ -1131,7 +1132,7 @@ mod tests {
     fn error_responses_are_complete_and_parse_back() {
         assert_eq!(
             error_response(400),
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nCache-Control: no-store\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nCache-Control: no-store\r\nX-Postern: station\r\nContent-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
         );
         for status in [400, 403, 404, 405, 408, 413, 431, 502, 503, 500, 418, 0, 200] {
             let bytes = error_response(status);

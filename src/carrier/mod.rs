@@ -41,6 +41,33 @@ pub const STREAM_CHUNK: usize = 256 * 1024;
 /// Protocol marker in every carrier path; a new wire format gets a new one.
 const PATH_MARKER: &str = "p1";
 
+/// A header field on every reply of the station, error pages included, so
+/// the agent can tell the station's 404 ("no such session") from a proxy's
+/// or load balancer's page. Proxies pass unknown fields through.
+pub const STATION_MARK: (&str, &str) = ("X-Postern", "station");
+
+/// Query parameter of a poll request: the longest the agent wants it held,
+/// in seconds, for paths that cut requests sooner than [`POLL_WAIT`].
+const POLL_WAIT_PARAM: &str = "w";
+
+/// The query of a poll request asking for `wait` (whole seconds, at least 1).
+pub fn poll_query(wait: Duration) -> String {
+    format!("{POLL_WAIT_PARAM}={}", wait.as_secs().max(1))
+}
+
+/// How long to hold the poll request with target `target`: what it asks
+/// for, never more than [`POLL_WAIT`].
+pub fn poll_wait(target: &str) -> Duration {
+    let asked = target
+        .split_once('?')
+        .map(|(_, query)| query)
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .find_map(|pair| pair.strip_prefix(POLL_WAIT_PARAM)?.strip_prefix('='))
+        .and_then(|secs| secs.parse::<u64>().ok());
+    asked.map_or(POLL_WAIT, |secs| Duration::from_secs(secs).min(POLL_WAIT))
+}
+
 /// What a carrier request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
@@ -52,7 +79,7 @@ pub enum Verb {
 }
 
 impl Verb {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Verb::Hello => "hello",
             Verb::Down => "down",
@@ -117,6 +144,19 @@ mod tests {
             assert_eq!(parse_path(&format!("http://station:8080{p}")), Some((sid, Verb::Poll)));
             assert_eq!(parse_path(&format!("{p}?x=1")), Some((sid, Verb::Poll)));
         }
+    }
+
+    #[test]
+    fn poll_wait_is_asked_for_and_capped() {
+        assert_eq!(poll_wait("/p1/x/poll"), POLL_WAIT);
+        assert_eq!(
+            poll_wait(&format!("/p1/x/poll?{}", poll_query(Duration::from_secs(3)))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(poll_wait("/p1/x/poll?a=b&w=0"), Duration::ZERO);
+        assert_eq!(poll_wait("/p1/x/poll?w=99999"), POLL_WAIT);
+        assert_eq!(poll_wait("/p1/x/poll?w=-1"), POLL_WAIT);
+        assert_eq!(poll_query(Duration::from_millis(10)), "w=1");
     }
 
     #[test]

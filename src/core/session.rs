@@ -50,7 +50,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             idle_timeout: Duration::from_secs(300),
-            keepalive: Duration::from_secs(25),
+            keepalive: Duration::from_secs(15),
             ack_delay: Duration::from_millis(20),
         }
     }
@@ -109,6 +109,17 @@ pub struct Session {
     /// would wake again at once, forever, while its carrier is busy).
     ack_pending: bool,
     keepalive_pending: bool,
+    /// Since when the peer has acknowledged nothing new while packets wait
+    /// for an ack; `None` when nothing waits. A driver reads it through
+    /// [`Session::stalled_since`] to tell a dead or buffering carrier.
+    waiting_since: Option<Instant>,
+    /// Send a sequenced packet even with no frames, so the peer's ack
+    /// proves the path carries packets both ways.
+    probe_wanted: bool,
+    /// Highest sequence number sent so far, to tell resends from first sends.
+    highest_sent: u64,
+    /// Packets sent more than once.
+    resent: u64,
     last_received: Instant,
     closed: bool,
     /// Frames buffers of acknowledged packets, reused for new ones.
@@ -130,6 +141,10 @@ impl Session {
             last_sent: now,
             ack_pending: false,
             keepalive_pending: false,
+            waiting_since: None,
+            probe_wanted: false,
+            highest_sent: 0,
+            resent: 0,
             last_received: now,
             closed: false,
             spare: Vec::new(),
@@ -157,7 +172,7 @@ impl Session {
         }
         let (header, frames) = frame::decode_header(packet)?;
         self.last_received = now;
-        self.handle_ack(header.ack)?;
+        self.handle_ack(now, header.ack)?;
         if header.seq == 0 {
             return Ok(());
         }
@@ -186,14 +201,21 @@ impl Session {
         Ok(())
     }
 
-    fn handle_ack(&mut self, ack: u64) -> Result<(), PeerError> {
+    fn handle_ack(&mut self, now: Instant, ack: u64) -> Result<(), PeerError> {
         if ack >= self.next_seq {
             return Err(PeerError::AckFromFuture { ack, sent: self.next_seq - 1 });
         }
+        let mut progress = false;
         while self.unacked.front().is_some_and(|p| p.seq <= ack) {
             let done = self.unacked.pop_front().expect("front exists");
             self.unacked_bytes -= done.frames.len();
             self.recycle(done.frames);
+            progress = true;
+        }
+        if self.unacked.is_empty() {
+            self.waiting_since = None;
+        } else if progress {
+            self.waiting_since = Some(now);
         }
         self.send_cursor = self.send_cursor.max(self.first_unacked());
         Ok(())
@@ -209,6 +231,31 @@ impl Session {
 
     fn first_unacked(&self) -> u64 {
         self.unacked.front().map_or(self.next_seq, |p| p.seq)
+    }
+
+    /// Since when packets have waited for an ack with no progress, if any do.
+    /// A path that buffers or has died shows as a time that grows old.
+    #[must_use]
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.waiting_since
+    }
+
+    /// Packets sent again because a carrier lane restarted before their ack.
+    #[must_use]
+    pub fn resent_packets(&self) -> u64 {
+        self.resent
+    }
+
+    /// How many of our packets the peer has acknowledged (acks are cumulative).
+    #[must_use]
+    pub fn acked(&self) -> u64 {
+        self.first_unacked() - 1
+    }
+
+    /// Makes the next transmit send a sequenced packet even if no stream
+    /// has anything to say: its ack shows the path works both ways.
+    pub fn probe(&mut self) {
+        self.probe_wanted = true;
     }
 
     /// A new carrier lane starts: send again from the first unacknowledged packet.
@@ -230,22 +277,29 @@ impl Session {
                     .expect("cursor lies within the unacked queue");
                 let packet = &self.unacked[index];
                 let seq = packet.seq;
+                if seq <= self.highest_sent {
+                    self.resent += 1;
+                }
+                self.highest_sent = self.highest_sent.max(seq);
                 encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
                 out.extend_from_slice(&packet.frames);
                 self.send_cursor += 1;
                 self.sent(now);
                 return true;
             }
-            if self.unacked_bytes < SESSION_WINDOW && self.streams.has_output() {
+            let probe = std::mem::take(&mut self.probe_wanted);
+            if self.unacked_bytes < SESSION_WINDOW && (probe || self.streams.has_output()) {
                 let mut frames = self.spare.pop().unwrap_or_default();
                 self.streams.fill(&mut frames, MAX_PACKET - MAX_HEADER);
-                if !frames.is_empty() {
+                if probe || !frames.is_empty() {
                     let seq = self.next_seq;
                     self.next_seq += 1;
+                    self.highest_sent = seq;
                     encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
                     out.extend_from_slice(&frames);
                     self.unacked_bytes += frames.len();
                     self.unacked.push_back(Unacked { seq, frames });
+                    self.waiting_since.get_or_insert(now);
                     self.send_cursor = self.next_seq;
                     self.sent(now);
                     return true;

@@ -87,7 +87,7 @@ fn read_available(session: &mut Session, id: StreamId, buf: &mut [u8], got: &mut
 
 /// Sends `total` bytes agent → station over links cut with the given odds,
 /// and returns what the station's reader got.
-fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64) {
+fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64, u64) {
     let mut rng = Rng(seed);
     let start = Instant::now();
     let mut now = start;
@@ -134,7 +134,7 @@ fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64) {
             opened |= matches!(ev, Event::Opened { .. });
         }
         if opened && read_available(&mut station.session, id, &mut buf, &mut got) {
-            return (got, cuts);
+            return (got, cuts, agent.session.resent_packets());
         }
         now += Duration::from_millis(rng.below(10));
         agent.session.handle_timeout(now);
@@ -147,20 +147,23 @@ fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64) {
 #[test]
 fn every_byte_exactly_once_across_cut_carriers() {
     let mut all_cuts = 0;
+    let mut all_resent = 0;
     for seed in 1..=12u64 {
         let total = 3 * 1024 * 1024 + seed * 777;
-        let (got, cuts) = transfer(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), total, 20);
+        let (got, cuts, resent) = transfer(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), total, 20);
         all_cuts += cuts;
+        all_resent += resent;
         assert_eq!(got.len() as u64, total, "seed {seed}");
         assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)), "seed {seed}");
     }
     assert!(all_cuts > 50, "the test must actually cut carriers: {all_cuts}");
+    assert!(all_resent > 0, "cut carriers make the session resend");
 }
 
 #[test]
 fn clean_link_delivers_without_resends() {
-    let (got, cuts) = transfer(7, 8 * 1024 * 1024, u64::MAX);
-    assert_eq!(cuts, 0);
+    let (got, cuts, resent) = transfer(7, 8 * 1024 * 1024, u64::MAX);
+    assert_eq!((cuts, resent), (0, 0));
     assert_eq!(got.len(), 8 * 1024 * 1024);
 }
 
@@ -255,4 +258,34 @@ fn handled_deadlines_are_not_reported_again() {
     let mut buf = Vec::new();
     assert!(station.session.poll_transmit(now, Lane::Data, &mut buf));
     assert!(!station.session.poll_transmit(now, Lane::Data, &mut buf));
+}
+
+#[test]
+fn a_probe_is_acked_and_a_silent_path_shows_as_stalled() {
+    let start = Instant::now();
+    let mut agent = End::new(Side::Agent, start);
+    let mut station = End::new(Side::Station, start);
+    assert_eq!(agent.session.stalled_since(), None);
+    agent.session.probe();
+    agent.transmit(start, 10);
+    assert_eq!(agent.out.live.len(), 1, "a probe is one packet, with no frames");
+    assert_eq!(agent.session.stalled_since(), Some(start));
+    // A path that swallows it: the stall keeps its start time.
+    let lost = agent.out.live.pop_front().unwrap();
+    let later = start + Duration::from_secs(7);
+    agent.session.restart_transmit();
+    agent.transmit(later, 10);
+    assert_eq!(agent.session.stalled_since(), Some(start));
+    // Delivered at last (the resend): the station acks it and the stall ends.
+    drop(lost);
+    for p in agent.out.live.drain(..) {
+        station.session.handle_packet(later, &p).unwrap();
+    }
+    let acked = later + Duration::from_secs(1);
+    station.transmit(acked, 10);
+    for p in station.out.live.drain(..) {
+        agent.session.handle_packet(acked, &p).unwrap();
+    }
+    assert_eq!(agent.session.stalled_since(), None);
+    assert_eq!(agent.session.unacked_bytes(), 0);
 }

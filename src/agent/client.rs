@@ -1,0 +1,361 @@
+//! How the agent reaches the station: a TCP connection straight to it or to
+//! a forward proxy, carrier request heads, and what a reply means.
+//!
+//! ```text
+//!  connect() ─▶ station host:port            (direct)
+//!            └▶ proxy host:port ─ POST http://station/prefix/p1/… (absolute form, no CONNECT)
+//!  head()    ─▶ request head + Cookie (kept for sticky load balancers) + Proxy-Authorization
+//!  check()   ─▶ 200, or an error that says who answered: the station (it marks its
+//!               replies) or something on the path (proxy, load balancer)
+//! ```
+//!
+//! Not here: lanes and their loops (`lanes`), sessions (`mod.rs`).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_lite::future;
+use smol::net::TcpStream;
+
+use crate::carrier::conn::HttpConn;
+use crate::carrier::http::{self, BodyKind, HttpError, ResponseHead};
+use crate::carrier::{self, Verb, STATION_MARK};
+use crate::config::{ProxyUrl, StationUrl};
+use crate::crypto::{self, SessionId};
+
+/// Time to open a TCP connection to the station or proxy.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time for a reply to a request that the station answers at once.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Cookies kept for a load balancer's stickiness. Balancers set one or two;
+/// the bound keeps a misbehaving middlebox from growing our requests.
+const MAX_COOKIES: usize = 8;
+
+/// Longest `name=value` kept; longer cookies are not stickiness cookies.
+const MAX_COOKIE_BYTES: usize = 512;
+
+/// Reconnect delays: doubling from the first to the last, each scaled by a
+/// random factor in [0.5, 1.5) so a fleet does not return in step.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_LAST: Duration = Duration::from_secs(30);
+
+/// Why one carrier request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CarrierError {
+    #[error("cannot connect to {what} {addr}: {source}")]
+    Connect { what: &'static str, addr: String, source: std::io::Error },
+    #[error("connecting to {what} {addr} timed out")]
+    ConnectTimeout { what: &'static str, addr: String },
+    #[error("no random numbers from the operating system: {0}")]
+    Random(getrandom::Error),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("{0} requires authentication (407): set user:pass in `proxy`")]
+    ProxyAuth(String),
+    #[error("the station refused our key {0} (403): add it to the station's [[devices]]")]
+    KeyRefused(String),
+    /// A non-200 reply. `who` says whether the station itself answered.
+    #[error("{who} answered {status} {reason}")]
+    Status { who: &'static str, status: u16, reason: String },
+    #[error("the station does not know this session (it restarted or timed it out)")]
+    SessionGone,
+    #[error("the station's handshake reply did not verify: {0}")]
+    Handshake(crypto::CryptoError),
+    #[error("the reply was not the station's sealed packets ({0}): changed on the way?")]
+    BadBody(crate::tunnel::BadBody),
+}
+
+/// Exponential backoff with jitter.
+pub struct Backoff {
+    next: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        let mut seed = [0u8; 8];
+        // Without OS randomness the jitter is merely less random.
+        let _ = getrandom::fill(&mut seed);
+        Backoff { next: BACKOFF_FIRST, rng: u64::from_le_bytes(seed) | 1 }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+
+    pub fn delay(&mut self) -> Duration {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let factor = 0.5 + (self.rng % 1000) as f64 / 1000.0;
+        let delay = self.next.mul_f64(factor);
+        self.next = (self.next * 2).min(BACKOFF_LAST);
+        delay
+    }
+}
+
+/// Races `work` against a deadline.
+pub async fn deadline<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, CarrierError>>,
+) -> Result<T, CarrierError> {
+    future::or(work, async {
+        smol::Timer::after(limit).await;
+        Err(CarrierError::Http(HttpError::Timeout))
+    })
+    .await
+}
+
+/// How to reach the station: directly or through a forward proxy.
+pub struct Client {
+    station: StationUrl,
+    proxy: Option<ProxyUrl>,
+    proxy_auth: Option<String>,
+    /// `name=value` pairs from `Set-Cookie`, sent back on every request so
+    /// a cookie-sticky load balancer keeps us on one station.
+    cookies: Mutex<Vec<String>>,
+}
+
+impl Client {
+    pub fn new(station: StationUrl, proxy: Option<ProxyUrl>) -> Self {
+        let proxy_auth = proxy.as_ref().and_then(ProxyUrl::authorization);
+        Client { station, proxy, proxy_auth, cookies: Mutex::new(Vec::new()) }
+    }
+
+    /// Where requests go, for log lines.
+    pub fn describe(&self) -> String {
+        match &self.proxy {
+            Some(p) => format!("proxy {}:{}", p.host, p.port),
+            None => format!("station {}", self.station.authority()),
+        }
+    }
+
+    pub async fn connect(&self) -> Result<HttpConn<TcpStream>, CarrierError> {
+        let (what, host, port) = match &self.proxy {
+            Some(p) => ("proxy", p.host.as_str(), p.port),
+            None => ("station", self.station.host.as_str(), self.station.port),
+        };
+        let addr = format!("{host}:{port}");
+        let connect = async {
+            TcpStream::connect((host, port)).await.map_err(|source| CarrierError::Connect {
+                what,
+                addr: addr.clone(),
+                source,
+            })
+        };
+        let timeout = async {
+            smol::Timer::after(CONNECT_TIMEOUT).await;
+            Err(CarrierError::ConnectTimeout { what, addr: addr.clone() })
+        };
+        let socket = future::or(connect, timeout).await?;
+        let _ = socket.set_nodelay(true);
+        Ok(HttpConn::new(socket))
+    }
+
+    /// The path of a carrier request, with `query` (without `?`) if any.
+    pub fn path(&self, session: &SessionId, verb: Verb, query: Option<&str>) -> String {
+        let mut path = carrier::path(&self.station.path_prefix, session, verb);
+        if let Some(query) = query {
+            path.push('?');
+            path.push_str(query);
+        }
+        path
+    }
+
+    /// Appends the head of a carrier request for `path`.
+    pub fn head(&self, out: &mut Vec<u8>, path: &str, body: BodyKind) {
+        let authority = self.station.authority();
+        let target = match self.proxy {
+            Some(_) => format!("http://{authority}{path}"),
+            None => path.to_owned(),
+        };
+        let cookie = lock(&self.cookies).join("; ");
+        let mut headers = vec![("Content-Type", "application/octet-stream")];
+        if !cookie.is_empty() {
+            headers.push(("Cookie", cookie.as_str()));
+        }
+        if let Some(auth) = &self.proxy_auth {
+            headers.push(("Proxy-Authorization", auth.as_str()));
+        }
+        http::write_request_head(out, "POST", &target, &authority, &headers, body);
+    }
+
+    /// Keeps the reply's cookies, then turns a non-200 reply into the error
+    /// a user can act on.
+    pub fn check(&self, head: &ResponseHead) -> Result<(), CarrierError> {
+        self.keep_cookies(head);
+        let from_station =
+            head.header(STATION_MARK.0).is_some_and(|v| v == STATION_MARK.1.as_bytes());
+        match head.status {
+            200 => Ok(()),
+            404 if from_station => Err(CarrierError::SessionGone),
+            407 => Err(CarrierError::ProxyAuth(self.describe())),
+            status => Err(CarrierError::Status {
+                who: match (from_station, &self.proxy) {
+                    (true, _) => "the station",
+                    (false, Some(_)) => "the proxy (not the station)",
+                    (false, None) => "something in front of the station (not the station itself)",
+                },
+                status,
+                reason: head.reason.clone(),
+            }),
+        }
+    }
+
+    fn keep_cookies(&self, head: &ResponseHead) {
+        let mut jar = lock(&self.cookies);
+        for value in head.headers_all("set-cookie") {
+            let Ok(text) = std::str::from_utf8(value) else { continue };
+            let pair = text.split(';').next().unwrap_or("").trim();
+            let Some((name, _)) = pair.split_once('=') else { continue };
+            if name.is_empty() || pair.len() > MAX_COOKIE_BYTES || pair.contains(['\r', '\n']) {
+                continue;
+            }
+            let prefix = format!("{name}=");
+            jar.retain(|kept| !kept.starts_with(&prefix));
+            if jar.len() < MAX_COOKIES {
+                jar.push(pair.to_owned());
+            }
+        }
+    }
+
+    /// Sends one request with a bounded body and reads the whole reply,
+    /// on `conn` if it is still open, else on a new connection, which is
+    /// kept for the next request when the reply allows.
+    pub async fn exchange(
+        &self,
+        conn: &mut Option<HttpConn<TcpStream>>,
+        path: &str,
+        body: &[u8],
+        wait: Duration,
+        max_reply: u64,
+    ) -> Result<Vec<u8>, CarrierError> {
+        let mut live = match conn.take() {
+            Some(live) => live,
+            None => self.connect().await?,
+        };
+        let mut out = Vec::with_capacity(512 + body.len());
+        self.head(&mut out, path, BodyKind::Length(body.len() as u64));
+        out.extend_from_slice(body);
+        live.write_all(&out).await.map_err(HttpError::Io)?;
+        let head =
+            deadline(wait, async { live.read_response(false).await.map_err(Into::into) }).await?;
+        self.check(&head)?;
+        let mut reply = Vec::new();
+        let reading = async {
+            live.body(head.body, Some(max_reply)).read_to_end(&mut reply).await.map_err(Into::into)
+        };
+        deadline(REPLY_TIMEOUT, reading).await?;
+        if head.keep_alive {
+            *conn = Some(live);
+        }
+        Ok(reply)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(proxy: Option<ProxyUrl>) -> Client {
+        let station = StationUrl { host: "st".into(), port: 8080, path_prefix: "/tunnel/".into() };
+        Client::new(station, proxy)
+    }
+
+    fn response(text: &str) -> ResponseHead {
+        http::parse_response(text.as_bytes(), false).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_a_fleet_spreads_out() {
+        let mut one = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|_| one.delay()).collect();
+        assert!(delays[0] >= BACKOFF_FIRST / 2 && delays[0] < BACKOFF_FIRST * 3 / 2);
+        assert!(delays.iter().all(|d| *d < BACKOFF_LAST * 3 / 2), "{delays:?}");
+        assert!(delays[11] >= BACKOFF_LAST / 2, "{delays:?}");
+        one.reset();
+        assert!(one.delay() < BACKOFF_FIRST * 3 / 2);
+        // A thousand devices that lost the station at once come back over
+        // the whole jitter range, not in one instant: no 10 ms slot holds
+        // more than a few percent of them.
+        let mut slots = [0u32; 100];
+        for _ in 0..1000 {
+            let first = Backoff::new().delay();
+            slots[(first.as_millis() / 10).min(99) as usize] += 1;
+        }
+        let busiest = slots.iter().max().copied().unwrap_or(0);
+        assert!(busiest < 50, "{busiest} of 1000 devices in one 10 ms slot");
+        // The first delay spans 0.25 s to 0.75 s: fifty 10 ms slots.
+        assert!(slots.iter().filter(|n| **n > 0).count() >= 45, "{slots:?}");
+    }
+
+    #[test]
+    fn cookies_are_kept_replaced_and_sent_back() {
+        let c = client(None);
+        c.check(&response(
+            "HTTP/1.1 200 OK\r\nSet-Cookie: SRV=s1; Path=/\r\nSet-Cookie: other=x\r\nContent-Length: 0\r\n\r\n",
+        ))
+        .unwrap();
+        c.check(&response("HTTP/1.1 200 OK\r\nSet-Cookie: SRV=s2\r\nContent-Length: 0\r\n\r\n"))
+            .unwrap();
+        let mut out = Vec::new();
+        c.head(&mut out, "/tunnel/x", BodyKind::Empty);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\r\nCookie: other=x; SRV=s2\r\n"), "{text}");
+        assert!(text.starts_with("POST /tunnel/x HTTP/1.1\r\nHost: st:8080\r\n"), "{text}");
+    }
+
+    #[test]
+    fn cookie_jar_is_bounded() {
+        let c = client(None);
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..20 {
+            text.push_str(&format!("Set-Cookie: c{i}=v\r\n"));
+        }
+        text.push_str(&format!("Set-Cookie: big={}\r\n\r\n", "x".repeat(600)));
+        c.check(&response(&text)).unwrap();
+        assert_eq!(lock(&c.cookies).len(), MAX_COOKIES);
+    }
+
+    #[test]
+    fn proxy_requests_are_absolute_and_authorized() {
+        let proxy =
+            ProxyUrl { host: "px".into(), port: 3128, auth: Some(("u".into(), "p".into())) };
+        let c = client(Some(proxy));
+        let mut out = Vec::new();
+        c.head(&mut out, "/tunnel/x", BodyKind::Length(3));
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("POST http://st:8080/tunnel/x HTTP/1.1\r\n"), "{text}");
+        assert!(text.contains("\r\nProxy-Authorization: Basic dTpw\r\n"), "{text}");
+    }
+
+    #[test]
+    fn replies_say_who_answered() {
+        let c = client(None);
+        let station_404 =
+            "HTTP/1.1 404 Not Found\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(c.check(&response(station_404)), Err(CarrierError::SessionGone)));
+        let other_404 = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            c.check(&response(other_404)).unwrap_err().to_string(),
+            "something in front of the station (not the station itself) answered 404 Not Found"
+        );
+        let proxied = client(Some(ProxyUrl { host: "px".into(), port: 3128, auth: None }));
+        let page = "HTTP/1.1 503 Service Unavailable\r\nServer: squid\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            proxied.check(&response(page)).unwrap_err().to_string(),
+            "the proxy (not the station) answered 503 Service Unavailable"
+        );
+        let auth = "HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            proxied.check(&response(auth)).unwrap_err().to_string(),
+            "proxy px:3128 requires authentication (407): set user:pass in `proxy`"
+        );
+    }
+}

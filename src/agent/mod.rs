@@ -1,0 +1,425 @@
+//! The agent: keeps one session with the station over outbound HTTP and
+//! carries local connections through it.
+//!
+//! ```text
+//! forward listener ─accept─▶ wait for session ─▶ open stream(target) ─▶ pump
+//! forward serial line ─▶ serial::keep_line (reopens) + serial::carry_line (a stream per conversation)
+//! session loop: hello ─▶ Tunnel ─▶ lanes::carry (stream or poll shape) + timers + services
+//! station opens "name" ─▶ [services] only ─▶ TCP connect ─▶ pump | serial::serve_console (one holder)
+//!                 ▲ backoff with jitter ◀── session ends (idle, 404, peer close)
+//! ```
+//!
+//! Every carrier connection is opened by the agent: the device's firewall
+//! only lets traffic out. Through a forward proxy, requests use absolute
+//! form (`POST http://station/...`); CONNECT is never used.
+
+mod client;
+mod lanes;
+mod serial;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_listener::Event as Notify;
+use futures_lite::future;
+use smol::net::{TcpListener, TcpStream};
+
+use crate::carrier::{self, Verb};
+use crate::config::{AgentConfig, CarrierKind, ForwardSource, Service};
+use crate::core::session::Limits;
+use crate::core::streams::{Side, MAX_STREAMS};
+use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::task::Scope;
+use crate::tunnel::{Incoming, Tunnel};
+use client::{Backoff, CarrierError, Client, REPLY_TIMEOUT};
+
+/// Time a local connection waits for a session before it is closed.
+const SESSION_WAIT: Duration = Duration::from_secs(10);
+
+/// Connections one forward carries at once. A quarter of the session's
+/// streams ([`MAX_STREAMS`]), so one local client opening hundreds cannot
+/// take every stream from the other forwards.
+const MAX_STREAMS_PER_FORWARD: usize = MAX_STREAMS / 4;
+
+/// How often the agent logs a status line at info level.
+const STATUS_EVERY: Duration = Duration::from_secs(300);
+
+/// Shortest time between two log lines about a forward at its bound.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("forward to {target}: cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, target: String, source: std::io::Error },
+}
+
+struct Shared {
+    client: Client,
+    key: PrivateKey,
+    station_key: PublicKey,
+    carrier: CarrierKind,
+    /// What `auto` learnt of the path, kept across sessions.
+    shape: lanes::ShapeMemory,
+    services: BTreeMap<String, Service>,
+    /// Serial services in use now, by service name.
+    consoles: Mutex<HashMap<String, serial::Holder>>,
+    limits: Limits,
+    current: Mutex<Option<Arc<Tunnel>>>,
+    changed: Notify,
+    /// Carrier connections that failed and were made again.
+    reconnects: AtomicU64,
+    /// A graceful stop began: no new local connections or streams.
+    draining: AtomicBool,
+}
+
+impl Shared {
+    fn set_current(&self, tunnel: Option<Arc<Tunnel>>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = tunnel;
+        self.changed.notify(usize::MAX);
+    }
+
+    /// The live session, waiting up to `limit` for one.
+    async fn session(&self, limit: Duration) -> Option<Arc<Tunnel>> {
+        let give_up = smol::Timer::after(limit);
+        let wait = async {
+            loop {
+                let listener = self.changed.listen();
+                let current = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(tunnel) = current.filter(|t| t.closed().is_none()) {
+                    return Some(tunnel);
+                }
+                listener.await;
+            }
+        };
+        future::or(wait, async {
+            give_up.await;
+            None
+        })
+        .await
+    }
+}
+
+/// A configured agent with its forward ports bound.
+pub struct Agent {
+    shared: Arc<Shared>,
+    forwards: Vec<(TcpListener, String)>,
+    /// Forward serial lines and their targets; opened when the agent runs,
+    /// since a missing device node must not stop the agent.
+    lines: Vec<(Arc<serial::Line>, String)>,
+}
+
+impl Agent {
+    pub async fn bind(config: AgentConfig) -> Result<Agent, Error> {
+        let limits = Limits { idle_timeout: config.session_timeout, ..Limits::default() };
+        Self::bind_with(config, limits).await
+    }
+
+    /// As [`Agent::bind`], with session timing chosen by the caller
+    /// (`config.session_timeout` is then ignored).
+    pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
+        let proxy = config.proxy;
+        let mut forwards = Vec::new();
+        let mut lines = Vec::new();
+        for forward in config.forwards {
+            match forward.source {
+                ForwardSource::Listen(addr) => {
+                    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+                        addr,
+                        target: forward.target.clone(),
+                        source,
+                    })?;
+                    forwards.push((listener, forward.target));
+                }
+                ForwardSource::Serial(config) => {
+                    let peer = format!("target {:?}", forward.target);
+                    lines.push((serial::Line::new(config, peer), forward.target));
+                }
+            }
+        }
+        let shared = Shared {
+            client: Client::new(config.station, proxy),
+            key: config.private_key,
+            station_key: config.station_public_key,
+            carrier: config.carrier,
+            shape: lanes::ShapeMemory::default(),
+            services: config.services,
+            consoles: Mutex::new(HashMap::new()),
+            limits,
+            current: Mutex::new(None),
+            changed: Notify::new(),
+            reconnects: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        };
+        Ok(Agent { shared: Arc::new(shared), forwards, lines })
+    }
+
+    /// Local addresses of the forward listeners, in config order.
+    pub fn forward_addrs(&self) -> Vec<SocketAddr> {
+        self.forwards
+            .iter()
+            .map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
+            .collect()
+    }
+
+    /// Runs until the future is dropped; then every task of the agent ends.
+    pub async fn run(self) {
+        let scope = Scope::new();
+        for (listener, target) in self.forwards {
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            log::info!("forwarding {addr} to station target {target:?}");
+            scope.spawn(accept_forward(self.shared.clone(), listener, target));
+        }
+        for (line, target) in self.lines {
+            log::info!("forwarding serial {} to station target {target:?}", line.path());
+            scope.spawn(serial::keep_line(line.clone()));
+            scope.spawn(serial::carry_line(self.shared.clone(), line, target));
+        }
+        scope.spawn(report_status(self.shared.clone()));
+        keep_session(&self.shared).await;
+    }
+}
+
+async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: String) {
+    let scope = Scope::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut last_refusal_logged: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                if open.load(Ordering::Acquire) >= MAX_STREAMS_PER_FORWARD {
+                    // Logged once a minute at most: a flood must not flood the log.
+                    if !last_refusal_logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
+                        last_refusal_logged = Some(Instant::now());
+                        log::warn!(
+                            "forward to {target}: {MAX_STREAMS_PER_FORWARD} connections open \
+                             already; closing new ones from {peer} and others until some end"
+                        );
+                    }
+                    continue;
+                }
+                open.fetch_add(1, Ordering::AcqRel);
+                let (shared, target, open) = (shared.clone(), target.clone(), open.clone());
+                scope.spawn(async move {
+                    carry_local(shared, socket, peer, target).await;
+                    open.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Err(e) => {
+                log::warn!("forward to {target}: accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, target: String) {
+    if shared.draining.load(Ordering::Acquire) {
+        log::info!("{peer} -> {target}: the agent is stopping; closing the connection");
+        return;
+    }
+    let _ = socket.set_nodelay(true);
+    let Some(tunnel) = shared.session(SESSION_WAIT).await else {
+        log::warn!("{peer} -> {target}: no session with the station; closing the connection");
+        return;
+    };
+    match tunnel.open(&target) {
+        Ok(id) => {
+            log::debug!("{peer} -> {target}: stream {id}");
+            tunnel.pump(id, socket).await;
+        }
+        Err(e) => log::warn!("{peer} -> {target}: {e}; closing the connection"),
+    }
+}
+
+/// Logs a status line every [`STATUS_EVERY`]: what an operator reading
+/// the journal wants to know without debug logging.
+async fn report_status(shared: Arc<Shared>) {
+    loop {
+        smol::Timer::after(STATUS_EVERY).await;
+        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let reconnects = shared.reconnects.load(Ordering::Relaxed);
+        match current {
+            Some(tunnel) => {
+                let stats = tunnel.stats();
+                log::info!(
+                    "status: connected via {}, carrier {}, {} streams open, {} bytes sent and \
+                     {} received this session, {} packets resent, {reconnects} carrier reconnects",
+                    shared.client.describe(),
+                    shared.shape.describe(shared.carrier),
+                    tunnel.stream_count(),
+                    stats.stream_out,
+                    stats.stream_in,
+                    stats.resent,
+                )
+            }
+            None => log::info!(
+                "status: no session with the station; {reconnects} carrier reconnects so far"
+            ),
+        }
+    }
+}
+
+/// Controls a running agent from outside its task.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+/// How often a draining agent looks whether its streams have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+impl Agent {
+    /// A handle for stopping the agent once it runs.
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
+    }
+}
+
+impl Handle {
+    /// A graceful stop: no new local connections; open streams get up to
+    /// `limit` to finish; then the session is closed, telling the station.
+    pub async fn drain(&self, limit: Duration) {
+        let shared = &self.0;
+        shared.draining.store(true, Ordering::Release);
+        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(tunnel) = current else { return };
+        let deadline = Instant::now() + limit;
+        if tunnel.stream_count() > 0 {
+            log::info!(
+                "stopping: waiting up to {} s for {} streams to end",
+                limit.as_secs(),
+                tunnel.stream_count()
+            );
+        }
+        while tunnel.stream_count() > 0 && Instant::now() < deadline {
+            smol::Timer::after(DRAIN_POLL).await;
+        }
+        if tunnel.stream_count() > 0 {
+            log::warn!(
+                "stopping: closing {} streams that did not end in time",
+                tunnel.stream_count()
+            );
+        }
+        tunnel.close("the agent is stopping");
+        // Give the close a moment to reach the station; bounded, not required.
+        let flush = Instant::now() + Duration::from_secs(1);
+        while !tunnel.all_delivered() && Instant::now() < flush {
+            smol::Timer::after(DRAIN_POLL).await;
+        }
+    }
+}
+
+/// Keeps a session with the station for as long as the agent runs.
+async fn keep_session(shared: &Arc<Shared>) {
+    let mut backoff = Backoff::new();
+    loop {
+        match handshake(shared).await {
+            Ok((tunnel, incoming, session)) => {
+                backoff.reset();
+                log::info!(
+                    "connected to the station via {} (session {}, carrier {:?})",
+                    shared.client.describe(),
+                    carrier::short(&session),
+                    shared.carrier
+                );
+                shared.set_current(Some(tunnel.clone()));
+                let reason = run_session(shared, &tunnel, session, incoming).await;
+                shared.set_current(None);
+                log::warn!("session {} ended: {reason}", carrier::short(&session));
+            }
+            Err(e) => {
+                let delay = backoff.delay();
+                log::warn!("cannot start a session: {e}; retrying in {:.1} s", delay.as_secs_f32());
+                smol::Timer::after(delay).await;
+            }
+        }
+    }
+}
+
+async fn handshake(
+    shared: &Shared,
+) -> Result<(Arc<Tunnel>, smol::channel::Receiver<Incoming>, SessionId), CarrierError> {
+    let mut session = [0u8; crypto::SESSION_ID_LEN];
+    getrandom::fill(&mut session).map_err(CarrierError::Random)?;
+    let (initiator, msg) = crypto::initiate(&shared.key, &shared.station_key, &session)
+        .map_err(CarrierError::Handshake)?;
+    let client = &shared.client;
+    let mut conn = None;
+    let path = client.path(&session, Verb::Hello, None);
+    let reply = client
+        .exchange(&mut conn, &path, &msg, REPLY_TIMEOUT, MAX_HANDSHAKE as u64)
+        .await
+        .map_err(|e| match e {
+            CarrierError::Status { status: 403, who: "the station", .. } => {
+                CarrierError::KeyRefused(shared.key.public_key().to_base64())
+            }
+            other => other,
+        })?;
+    let transport = initiator.finish(&reply).map_err(CarrierError::Handshake)?;
+    let (tunnel, incoming) = Tunnel::new(Side::Agent, transport, shared.limits);
+    Ok((tunnel, incoming, session))
+}
+
+/// Runs the session's lanes, timers and reverse streams until it ends.
+async fn run_session(
+    shared: &Arc<Shared>,
+    tunnel: &Arc<Tunnel>,
+    session: SessionId,
+    incoming: smol::channel::Receiver<Incoming>,
+) -> String {
+    let scope = Scope::new();
+    scope.spawn(lanes::carry(shared.clone(), tunnel.clone(), session));
+    let services = {
+        let (shared, tunnel) = (shared.clone(), tunnel.clone());
+        async move {
+            let streams = Scope::new();
+            while let Ok(stream) = incoming.recv().await {
+                streams.spawn(open_service(shared.clone(), tunnel.clone(), stream));
+            }
+        }
+    };
+    scope.spawn(services);
+    tunnel.run_timers().await
+}
+
+/// Serves a stream the station opened to one of our named services.
+///
+/// The stream's name is the service name, optionally followed by a newline
+/// and who asked for it (the station's monitoring client), for our logs
+/// only: config forbids control characters in names, so the split is
+/// unambiguous. Only services from our own `[services]` are opened; the
+/// station cannot name an address.
+async fn open_service(shared: Arc<Shared>, tunnel: Arc<Tunnel>, stream: Incoming) {
+    let Incoming { id, name } = stream;
+    let (service, who) = match name.split_once('\n') {
+        Some((service, client)) => (service, format!("station client {client} (stream {id})")),
+        None => (name.as_str(), format!("station stream {id}")),
+    };
+    let address = match shared.services.get(service) {
+        Some(Service::Tcp(address)) => address.clone(),
+        Some(Service::Serial(config)) => {
+            serial::serve_console(&shared, &tunnel, id, service, who, config).await;
+            return;
+        }
+        None => {
+            log::warn!("{who} asked for unknown service {service:?}; refused");
+            tunnel.reset(id, &format!("the device has no service named {service:?}"));
+            return;
+        }
+    };
+    match TcpStream::connect(address.as_str()).await {
+        Ok(socket) => {
+            let _ = socket.set_nodelay(true);
+            log::debug!("service {service} ({address}): {who}");
+            tunnel.pump(id, socket).await;
+        }
+        Err(e) => {
+            log::warn!("service {service} ({address}) for {who}: {e}");
+            tunnel.reset(id, &format!("service {service}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Reverse listeners: a monitoring client connecting to a `[devices.expose]`
+//! address is carried to the named service on that device.
+//!
+//! ```text
+//!  accept ─▶ draining? close ─▶ device's live session?
+//!    ├ none: close the client at once, log
+//!    └ open stream "service\nclient" ─▶ pump (the agent opens the service or resets the stream)
+//! ```
+//!
+//! Listeners are kept by their configured address. A reload keeps a
+//! listener whose address stays (pointing it at the new device and
+//! service), binds new addresses before anything else changes, and stops
+//! the listeners of addresses gone from the config.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use smol::net::TcpListener;
+
+use super::{live_session, lock, Error, Shared};
+use crate::config::StationConfig;
+use crate::keys::PublicKey;
+use crate::task::Scope;
+
+/// What one listener serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ExposeSpec {
+    pub addr: SocketAddr,
+    pub device: PublicKey,
+    pub device_name: String,
+    pub service: String,
+}
+
+/// Every `[devices.expose]` entry of a config.
+pub(super) fn specs(config: &StationConfig) -> Vec<ExposeSpec> {
+    config
+        .devices
+        .iter()
+        .flat_map(|device| {
+            device.expose.iter().map(|(&addr, service)| ExposeSpec {
+                addr,
+                device: device.public_key,
+                device_name: device.name.clone(),
+                service: service.clone(),
+            })
+        })
+        .collect()
+}
+
+/// A listener bound for a spec, not yet serving.
+pub(super) struct Bound {
+    spec: ExposeSpec,
+    listener: TcpListener,
+}
+
+impl Bound {
+    pub fn spec(&self) -> &ExposeSpec {
+        &self.spec
+    }
+}
+
+/// The running listeners, by configured address.
+#[derive(Default)]
+pub(super) struct Exposes(Mutex<HashMap<SocketAddr, Running>>);
+
+struct Running {
+    spec: Arc<RwLock<ExposeSpec>>,
+    /// Owns the accept loop; dropping it closes the listener.
+    _scope: Scope,
+}
+
+impl Exposes {
+    /// Binds the addresses of `specs` not served yet. Fails, binding
+    /// nothing, if one cannot be bound.
+    pub async fn bind_new(&self, specs: &[ExposeSpec]) -> Result<Vec<Bound>, Error> {
+        let mut bound = Vec::new();
+        for spec in specs {
+            if lock(&self.0).contains_key(&spec.addr) {
+                continue;
+            }
+            // Port 0 binds an ephemeral port; the accept loop logs the one chosen.
+            let listener = TcpListener::bind(spec.addr).await.map_err(|source| Error::Expose {
+                addr: spec.addr,
+                device: spec.device_name.clone(),
+                service: spec.service.clone(),
+                source,
+            })?;
+            bound.push(Bound { spec: spec.clone(), listener });
+        }
+        Ok(bound)
+    }
+
+    /// Serves `specs`: starts the `bound` listeners, points kept ones at
+    /// their new spec, and stops those whose address is gone.
+    pub fn apply(&self, shared: &Arc<Shared>, specs: &[ExposeSpec], bound: Vec<Bound>) {
+        let mut running = lock(&self.0);
+        running.retain(|addr, run| {
+            let Some(spec) = specs.iter().find(|s| s.addr == *addr) else {
+                log::info!("no longer exposing {addr}");
+                return false;
+            };
+            let mut current = run.spec.write().unwrap_or_else(|p| p.into_inner());
+            if *current != *spec {
+                log::info!(
+                    "{addr} now exposes service {:?} of device {}",
+                    spec.service,
+                    spec.device_name
+                );
+                *current = spec.clone();
+            }
+            true
+        });
+        for Bound { spec, listener } in bound {
+            let addr = spec.addr;
+            let spec = Arc::new(RwLock::new(spec));
+            let scope = Scope::new();
+            scope.spawn(accept_exposed(shared.clone(), listener, spec.clone()));
+            running.insert(addr, Running { spec, _scope: scope });
+        }
+    }
+}
+
+/// Accepts monitoring clients on a reverse listener until its owner stops
+/// it, and carries each to the device's service.
+async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<RwLock<ExposeSpec>>) {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    {
+        let spec = spec.read().unwrap_or_else(|p| p.into_inner());
+        log::info!("exposing service {:?} of device {} on {addr}", spec.service, spec.device_name);
+    }
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, don't spin.
+                log::warn!("{addr}: accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ExposeSpec { device, device_name, service, .. } =
+            spec.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if shared.draining.load(Ordering::Acquire) {
+            log::info!("client {peer} on {addr}: the station is stopping; closed");
+            continue;
+        }
+        // Offline: dropping the socket closes the client at once, rather
+        // than leaving it waiting for a device that may not come.
+        let Some(live) = live_session(&shared, &device) else {
+            log::warn!(
+                "client {peer} on {addr}: device {device_name} is offline; \
+                 closed the connection (service {service:?})"
+            );
+            continue;
+        };
+        // The client's address rides along for the agent's logs (who holds
+        // a console); names cannot contain a newline, so it splits cleanly.
+        let id = match live.tunnel.open(&format!("{service}\n{peer}")) {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("client {peer} on {addr}: device {device_name}: {e}; closed");
+                continue;
+            }
+        };
+        log::info!(
+            "client {peer} on {addr} -> device {device_name} service {service:?} (stream {id})"
+        );
+        let _ = socket.set_nodelay(true);
+        let tunnel = live.tunnel.clone();
+        // The session's scope owns the pump, so the client is closed when
+        // the session ends.
+        live.scope.spawn(async move {
+            tunnel.pump(id, socket).await;
+            log::debug!("client {peer} -> device {device_name}: stream {id} ended");
+        });
+    }
+}

@@ -1,0 +1,490 @@
+//! The station: serves the HTTP carrier, authenticates devices, and
+//! connects their streams to the targets they are allowed to open.
+//!
+//! ```text
+//! TCP accept ─▶ admission (slots) ─▶ requests: hello / down / up / poll / push
+//!                                        │
+//!   sessions: id ─▶ Live { device, Tunnel, scope } ─▶ stream opened ─▶ allow? ─▶ connect target ─▶ pump
+//!
+//! expose listener (one per [devices.expose] entry) ─▶ device's live session ─▶ stream to a service
+//! ```
+//!
+//! Unauthenticated requests get a status code and cost nothing lasting: a
+//! session exists only after a handshake with a known device key, and a
+//! carrier request is served only if its body holds an authentic packet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_lite::{future, AsyncWriteExt};
+use smol::net::{TcpListener, TcpStream};
+
+use crate::admission::{Full, HandshakeBudget, RejectLog, Slots, MAX_CONNECTIONS, MAX_STRANGERS};
+use crate::carrier::{self, http};
+use crate::config::StationConfig;
+use crate::core::session::Limits;
+use crate::crypto::SessionId;
+use crate::keys::{PrivateKey, PublicKey};
+use crate::task::Scope;
+use crate::tunnel::{Incoming, Tunnel};
+
+mod expose;
+mod requests;
+mod status;
+
+use expose::{Bound, ExposeSpec, Exposes};
+use requests::{refuse_log, serve_connection};
+pub use status::{render_metrics, render_status, DeviceStatus, Snapshot};
+use status::{Counters, LiveStatus, Totals};
+
+/// Time a target has to accept a connection before the stream is refused.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Distinct unknown device keys remembered so each is logged once.
+const UNKNOWN_KEYS_LOGGED: usize = 1024;
+
+/// Why the station could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot serve status on {addr}: {source}")]
+    Status { addr: SocketAddr, source: std::io::Error },
+    /// A `[devices.expose]` listener could not bind.
+    #[error("device {device}: cannot expose service {service:?} on {addr}: {source}")]
+    Expose { addr: SocketAddr, device: String, service: String, source: std::io::Error },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Device {
+    name: String,
+    allow: HashSet<String>,
+}
+
+/// Who may connect and what they may open: the part of the config a
+/// reload replaces whole.
+#[derive(Debug, PartialEq, Eq)]
+struct Roster {
+    devices: HashMap<PublicKey, Device>,
+    targets: BTreeMap<String, String>,
+}
+
+impl Roster {
+    fn new(config: &StationConfig) -> Roster {
+        let devices = config
+            .devices
+            .iter()
+            .map(|d| {
+                let allow = d.allow.iter().cloned().collect();
+                (d.public_key, Device { name: d.name.clone(), allow })
+            })
+            .collect();
+        Roster { devices, targets: config.targets.clone() }
+    }
+}
+
+/// A device's live session.
+struct Live {
+    id: SessionId,
+    device: PublicKey,
+    name: String,
+    tunnel: Arc<Tunnel>,
+    /// Target connections and pumps of this session.
+    scope: Scope,
+    /// An authentic packet arrived, so this is not a replayed handshake.
+    confirmed: AtomicBool,
+    status: LiveStatus,
+}
+
+impl Live {
+    /// What this session has carried so far.
+    fn totals(&self) -> Totals {
+        let stats = self.tunnel.stats();
+        Totals {
+            bytes_up: stats.stream_in,
+            bytes_down: stats.stream_out,
+            resent: stats.resent,
+            rejected_packets: stats.rejected,
+            carrier_connections: self.status.carrier_connections.load(Ordering::Relaxed),
+            sessions: 1,
+        }
+    }
+}
+
+struct Shared {
+    key: PrivateKey,
+    /// The config the station started with, for what a reload cannot change.
+    started_with: Fixed,
+    exposes: Exposes,
+    /// A graceful stop began: no new sessions or streams.
+    draining: AtomicBool,
+    roster: RwLock<Arc<Roster>>,
+    sessions: Mutex<HashMap<SessionId, Arc<Live>>>,
+    counters: Counters,
+    unknown_logged: Mutex<HashSet<PublicKey>>,
+    slots: Slots,
+    handshakes: Mutex<HandshakeBudget>,
+    rejects: Mutex<RejectLog>,
+    limits: Limits,
+    /// Owns every connection and session task of the station.
+    scope: Scope,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    /// The roster now; a reload swaps it, and holders of the old one finish
+    /// what they were deciding with it.
+    fn roster(&self) -> Arc<Roster> {
+        self.roster.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+/// A bound station, ready to run.
+pub struct Station {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    exposes: Vec<Bound>,
+    status: Option<TcpListener>,
+}
+
+/// What only a restart changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fixed {
+    listen: SocketAddr,
+    public_key: PublicKey,
+    status: Option<SocketAddr>,
+    session_timeout: Duration,
+}
+
+impl Fixed {
+    fn of(config: &StationConfig) -> Fixed {
+        Fixed {
+            listen: config.listen,
+            public_key: config.private_key.public_key(),
+            status: config.status,
+            session_timeout: config.session_timeout,
+        }
+    }
+}
+
+impl Station {
+    pub async fn bind(config: StationConfig) -> Result<Station, Error> {
+        let limits = Limits { idle_timeout: config.session_timeout, ..Limits::default() };
+        Self::bind_with(config, limits).await
+    }
+
+    /// As [`Station::bind`], with session timing chosen by the caller
+    /// (`config.session_timeout` is then ignored).
+    pub async fn bind_with(config: StationConfig, limits: Limits) -> Result<Station, Error> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        let exposes = Exposes::default();
+        let bound = exposes.bind_new(&expose::specs(&config)).await?;
+        let status = match config.status {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.map_err(|source| Error::Status { addr, source })?,
+            ),
+            None => None,
+        };
+        let shared = Shared {
+            started_with: Fixed::of(&config),
+            exposes,
+            draining: AtomicBool::new(false),
+            roster: RwLock::new(Arc::new(Roster::new(&config))),
+            key: config.private_key,
+            sessions: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            unknown_logged: Mutex::new(HashSet::new()),
+            slots: Slots::default(),
+            handshakes: Mutex::new(HandshakeBudget::new(Instant::now())),
+            rejects: Mutex::new(RejectLog::new(Instant::now())),
+            limits,
+            scope: Scope::new(),
+        };
+        Ok(Station { listener, shared: Arc::new(shared), exposes: bound, status })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until the future is dropped; then every connection and
+    /// session of this station ends.
+    pub async fn run(self) {
+        log::info!("station listening on {} (HTTP carrier)", self.local_addr());
+        let shared = self.shared;
+        let _stop_all = StopOnDrop(shared.clone());
+        let specs: Vec<ExposeSpec> = self.exposes.iter().map(|b| b.spec().clone()).collect();
+        shared.exposes.apply(&shared, &specs, self.exposes);
+        if let Some(listener) = self.status {
+            shared.scope.spawn(status::serve(shared.clone(), listener));
+        }
+        loop {
+            let (socket, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    log::warn!("accept failed: {e}");
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let slot = match shared.slots.take() {
+                Ok(slot) => slot,
+                Err(full) => {
+                    let why = match full {
+                        Full::Strangers => {
+                            format!("{MAX_STRANGERS} connections have not authenticated yet")
+                        }
+                        Full::Connections => format!("{MAX_CONNECTIONS} connections are open"),
+                    };
+                    refuse_log(&shared, peer, 503, &why);
+                    // The socket is fresh: its send buffer takes this at once,
+                    // so the accept loop never waits on a stranger.
+                    let mut socket = socket;
+                    let _ = socket.write(&http::error_response(503)).await;
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            shared.scope.spawn(serve_connection(shared.clone(), socket, peer, slot));
+        }
+    }
+}
+
+/// Controls a running station from outside its task: reload and stop.
+#[derive(Clone)]
+pub struct Handle(Arc<Shared>);
+
+/// How often a draining station looks whether its streams have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+impl Station {
+    /// A handle for reloading or stopping the station once it runs.
+    pub fn handle(&self) -> Handle {
+        Handle(self.shared.clone())
+    }
+}
+
+impl Handle {
+    /// Applies a new config to the running station: devices added are let
+    /// in, devices removed (or given a new key) lose their session, allow
+    /// lists and targets apply to new streams, expose listeners follow.
+    /// No other session is touched. Returns what changed, one line each,
+    /// including what only a restart applies; on error nothing changed.
+    pub async fn reload(&self, config: StationConfig) -> Result<Vec<String>, Error> {
+        let shared = &self.0;
+        let specs = expose::specs(&config);
+        // Binding is the step that can fail: do it before changing anything.
+        let bound = shared.exposes.bind_new(&specs).await?;
+        let mut changes = shared.started_with.restart_needed(&Fixed::of(&config));
+        let new = Arc::new(Roster::new(&config));
+        let old = std::mem::replace(
+            &mut *shared.roster.write().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            new.clone(),
+        );
+        for (key, device) in &old.devices {
+            match new.devices.get(key) {
+                None => {
+                    changes.push(format!("device {} removed; its session ends", device.name));
+                    let gone: Vec<Arc<Live>> = lock(&shared.sessions)
+                        .values()
+                        .filter(|live| live.device == *key)
+                        .cloned()
+                        .collect();
+                    for live in gone {
+                        live.tunnel.end("the device was removed from the station's config");
+                    }
+                }
+                Some(now) if now != device => {
+                    changes.push(format!("device {}: changed (applies to new streams)", now.name));
+                }
+                Some(_) => {}
+            }
+        }
+        for (key, device) in &new.devices {
+            if !old.devices.contains_key(key) {
+                changes.push(format!("device {} added", device.name));
+            }
+        }
+        if old.targets != new.targets {
+            changes.push("[targets] changed (applies to new streams)".to_owned());
+        }
+        shared.exposes.apply(shared, &specs, bound);
+        Ok(changes)
+    }
+
+    /// A graceful stop: no new sessions, streams or reverse clients; the
+    /// open streams get up to `limit` to finish; then every session is
+    /// closed, telling its agent, and the caller can exit.
+    pub async fn drain(&self, limit: Duration) {
+        let shared = &self.0;
+        shared.draining.store(true, Ordering::Release);
+        let open = || -> usize {
+            lock(&shared.sessions).values().map(|live| live.tunnel.stream_count()).sum()
+        };
+        let deadline = Instant::now() + limit;
+        let streams = open();
+        if streams > 0 {
+            log::info!(
+                "stopping: waiting up to {} s for {streams} streams to end",
+                limit.as_secs()
+            );
+        }
+        while open() > 0 && Instant::now() < deadline {
+            smol::Timer::after(DRAIN_POLL).await;
+        }
+        let left = open();
+        if left > 0 {
+            log::warn!("stopping: closing {left} streams that did not end in time");
+        }
+        let sessions: Vec<Arc<Live>> = lock(&shared.sessions).values().cloned().collect();
+        for live in &sessions {
+            live.tunnel.close("the station is stopping");
+        }
+        // Give the close a moment to reach the agents, so they reconnect
+        // rather than wait for a timeout; bounded, not required.
+        let flush = Instant::now() + Duration::from_secs(1);
+        while sessions.iter().any(|live| !live.tunnel.all_delivered()) && Instant::now() < flush {
+            smol::Timer::after(DRAIN_POLL).await;
+        }
+    }
+}
+
+impl Fixed {
+    /// One line for each setting that differs in `new` and needs a restart.
+    fn restart_needed(&self, new: &Fixed) -> Vec<String> {
+        let mut lines = Vec::new();
+        if new.listen != self.listen {
+            lines.push(format!("listen is now {}: restart the station to apply", new.listen));
+        }
+        if new.public_key != self.public_key {
+            lines.push("the private key changed: restart the station to apply".to_owned());
+        }
+        if new.status != self.status {
+            lines.push("status changed: restart the station to apply".to_owned());
+        }
+        if new.session_timeout != self.session_timeout {
+            lines.push("session_timeout changed: restart the station to apply".to_owned());
+        }
+        lines
+    }
+}
+
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.scope.stop();
+        for live in lock(&self.0.sessions).drain().map(|(_, live)| live) {
+            live.tunnel.end("station stopping");
+            live.scope.stop();
+        }
+    }
+}
+
+fn log_unknown_key(shared: &Shared, key: &PublicKey, peer: SocketAddr) {
+    let mut logged = lock(&shared.unknown_logged);
+    if logged.len() >= UNKNOWN_KEYS_LOGGED {
+        logged.clear();
+    }
+    shared.counters.unknown_keys.fetch_add(1, Ordering::Relaxed);
+    if logged.insert(*key) {
+        log::warn!(
+            "{peer}: unknown device key {} refused (full key {}); add it to [[devices]] to let it in",
+            key.fingerprint(),
+            key.to_base64()
+        );
+    }
+}
+
+/// Runs a session until it ends: its timers, and a target connection for
+/// every stream the device opens.
+async fn drive_session(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    incoming: smol::channel::Receiver<Incoming>,
+) {
+    let opens = async {
+        while let Ok(stream) = incoming.recv().await {
+            let (shared, live2) = (shared.clone(), live.clone());
+            live.scope.spawn(open_target(shared, live2, stream));
+        }
+    };
+    let (reason, ()) = future::zip(live.tunnel.run_timers(), opens).await;
+    live.scope.stop();
+    let mut sessions = lock(&shared.sessions);
+    if sessions.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, &live)) {
+        sessions.remove(&live.id);
+    }
+    drop(sessions);
+    *lock(&shared.counters.ended).entry(live.name.clone()).or_default() += live.totals();
+    log::info!("device {} session {} ended: {reason}", live.name, carrier::short(&live.id));
+}
+
+async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
+    let Incoming { id, name } = stream;
+    if shared.draining.load(Ordering::Acquire) {
+        log::info!("device {}: target {name:?} refused: the station is stopping", live.name);
+        live.tunnel.reset(id, "the station is stopping");
+        return;
+    }
+    let roster = shared.roster();
+    let allowed = roster.devices.get(&live.device).is_some_and(|d| d.allow.contains(&name));
+    let address = roster.targets.get(&name).filter(|_| allowed);
+    let Some(address) = address else {
+        log::warn!("device {}: target {name:?} refused: not in its allow list", live.name);
+        live.tunnel.reset(id, &format!("target {name:?} is not allowed for this device"));
+        return;
+    };
+    let connect = async { TcpStream::connect(address.as_str()).await.map_err(|e| e.to_string()) };
+    let timeout = async {
+        smol::Timer::after(CONNECT_TIMEOUT).await;
+        Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))
+    };
+    match future::or(connect, timeout).await {
+        Ok(socket) => {
+            let _ = socket.set_nodelay(true);
+            log::debug!("device {}: stream {id} to {name} ({address})", live.name);
+            live.tunnel.pump(id, socket).await;
+        }
+        Err(e) => {
+            log::warn!("device {}: target {name} ({address}): {e}", live.name);
+            live.tunnel.reset(id, &format!("target {name}: {e}"));
+        }
+    }
+}
+
+/// The live session of a device, if it has one: the confirmed one when an
+/// unconfirmed handshake (possibly a replay) exists beside it.
+fn live_session(shared: &Shared, device: &PublicKey) -> Option<Arc<Live>> {
+    lock(&shared.sessions)
+        .values()
+        .filter(|live| live.device == *device && live.tunnel.closed().is_none())
+        .max_by_key(|live| live.confirmed.load(Ordering::Acquire))
+        .cloned()
+}
+
+/// The first authentic packet of a session proves the handshake was not a
+/// replay, so older sessions of the same device can go.
+fn confirm(shared: &Shared, live: &Arc<Live>) {
+    if live.confirmed.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let older: Vec<Arc<Live>> = lock(&shared.sessions)
+        .values()
+        .filter(|l| l.device == live.device && !Arc::ptr_eq(l, live))
+        .cloned()
+        .collect();
+    for old in older {
+        old.tunnel.end("the device started a new session");
+    }
+}

@@ -1,0 +1,418 @@
+//! The station's HTTP face: one task per carrier connection, reading
+//! requests and answering them.
+//!
+//! ```text
+//!  request head (≤ HEAD_TIMEOUT) ─▶ carrier path? POST? ─▶ hello ─▶ handshake (rationed) ─▶ session
+//!                                                       └▶ down / up / poll / push of a known session:
+//!                                                          body must hold an authentic packet, else 403
+//! ```
+//!
+//! Every refusal is a status code and a budgeted log line; a connection
+//! counts as a stranger (see `admission`) until it carries an authentic packet.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use smol::net::TcpStream;
+
+use super::status::{LiveStatus, Shape};
+use super::{confirm, drive_session, lock, log_unknown_key, Live, Shared};
+use crate::admission::Slot;
+use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
+use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
+use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
+use crate::core::session::Lane;
+use crate::core::streams::Side;
+use crate::crypto::{self, RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
+use crate::task::Scope;
+use crate::tunnel::{LaneEnd, Tunnel};
+
+/// Time a client has to send a complete request head once it connected or
+/// finished its previous request. Agents send at once; 10 s is generous.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Idle time allowed between requests on a kept-alive connection: longer
+/// than an agent's longest pause between polls.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// Time to read a bounded body (poll, push) from a connection that has
+/// carried an authentic packet; strangers get [`HEAD_TIMEOUT`] for theirs.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Header fields of every carrier reply.
+const REPLY_HEADERS: [(&str, &str); 3] = [
+    ("Content-Type", "application/octet-stream"),
+    ("Cache-Control", "no-store"),
+    carrier::STATION_MARK,
+];
+
+async fn deadline<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, HttpError>>,
+) -> Result<T, HttpError> {
+    future::or(work, async {
+        smol::Timer::after(limit).await;
+        Err(HttpError::Timeout)
+    })
+    .await
+}
+
+/// How a request ended, for the connection loop.
+enum Outcome {
+    /// Answered in full; the connection may serve another request.
+    Done,
+    /// Refused with this status and reason (for the log; `None` when
+    /// logged already); the connection closes after it.
+    Refuse(u16, Option<String>),
+    /// Nothing more can be written (the peer left or a stream response ended).
+    Close,
+}
+
+pub(super) async fn serve_connection(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+) {
+    let mut conn = HttpConn::with_capacity(socket, MIN_READ_BUF_BYTES);
+    let mut slot = slot;
+    let mut first = true;
+    loop {
+        let wait = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+        first = false;
+        let head = match deadline(wait, conn.read_request()).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(e) => {
+                if !matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof) || !slot.is_proven() {
+                    refuse_log(&shared, peer, e.status(), &format!("bad request: {e}"));
+                }
+                if !matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof) {
+                    let _ = conn.write_all(&http::error_response(e.status())).await;
+                }
+                return;
+            }
+        };
+        let keep_alive = head.keep_alive;
+        let outcome = match handle(&shared, &mut conn, &head, peer, &mut slot).await {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Refuse(e.status(), Some(e.to_string())),
+        };
+        match outcome {
+            Outcome::Done if keep_alive => continue,
+            Outcome::Done | Outcome::Close => return,
+            Outcome::Refuse(status, reason) => {
+                match reason {
+                    Some(reason) => {
+                        let what = format!("{} {}: {reason}", head.method, head.target);
+                        refuse_log(&shared, peer, status, &what);
+                    }
+                    None => shared.counters.refused(status),
+                }
+                let _ = conn.write_all(&http::error_response(status)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Logs a refusal, within the budget of [`RejectLog`].
+pub(super) fn refuse_log(shared: &Shared, peer: SocketAddr, status: u16, what: &str) {
+    shared.counters.refused(status);
+    let (own_line, summary) = lock(&shared.rejects).admit(Instant::now());
+    if let Some(count) = summary {
+        log::info!("{count} more requests were refused in the last minute (not logged each)");
+    }
+    if own_line {
+        log::info!("{peer}: refused with {status}: {what}");
+    }
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    peer: SocketAddr,
+    slot: &mut Slot,
+) -> Result<Outcome, HttpError> {
+    let Some((session, verb)) = carrier::parse_path(&head.target) else {
+        return Ok(refuse(404, "not a carrier path"));
+    };
+    if head.method != "POST" {
+        return Ok(refuse(405, "carrier requests are POST"));
+    }
+    if verb == Verb::Hello {
+        return hello(shared, conn, head, session, peer, slot).await;
+    }
+    let Some(live) = lock(&shared.sessions).get(&session).cloned() else {
+        return Ok(refuse(404, "no such session (the station restarted or it timed out)"));
+    };
+    let req = Request { shared, head, live: &live, slot };
+    match verb {
+        Verb::Hello => unreachable!("handled above"),
+        Verb::Down => down(req, conn).await,
+        Verb::Up => up(req, conn).await,
+        Verb::Poll => poll(req, conn).await,
+        Verb::Push => push(req, conn).await,
+    }
+}
+
+fn refuse(status: u16, reason: &str) -> Outcome {
+    Outcome::Refuse(status, Some(reason.to_owned()))
+}
+
+/// What the handlers of a known session's requests work with.
+struct Request<'a> {
+    shared: &'a Arc<Shared>,
+    head: &'a RequestHead,
+    live: &'a Arc<Live>,
+    slot: &'a mut Slot,
+}
+
+impl Request<'_> {
+    /// Time to read a bounded body: strangers get less.
+    fn body_timeout(&self) -> Duration {
+        if self.slot.is_proven() {
+            BODY_TIMEOUT
+        } else {
+            HEAD_TIMEOUT
+        }
+    }
+
+    /// Feeds a bounded body of records to the session. A body without an
+    /// authentic packet, or with a forged or replayed one, gets nothing but
+    /// the refusal this returns.
+    fn receive_body(&mut self, body: &[u8], shape: Shape) -> Result<(), Outcome> {
+        let mut reader = RecordReader::default();
+        let mut scratch = Vec::new();
+        match self.live.tunnel.receive(body, &mut reader, &mut scratch) {
+            Ok(authentic) if authentic > 0 && reader.is_clean() => {
+                self.proven(shape);
+                Ok(())
+            }
+            Ok(_) => Err(refuse(403, "no authentic packet in the body")),
+            Err(e) => Err(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
+        }
+    }
+
+    /// The request carried an authentic packet over a carrier of `shape`.
+    fn proven(&mut self, shape: Shape) {
+        if !self.slot.is_proven() {
+            self.live.status.carrier_connections.fetch_add(1, Ordering::Relaxed);
+        }
+        self.slot.promote();
+        self.live.status.seen(shape);
+        confirm(self.shared, self.live);
+    }
+}
+
+async fn read_body(
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    max: u64,
+    limit: Duration,
+) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    deadline(limit, conn.body(head.body, Some(max)).read_to_end(&mut body)).await?;
+    Ok(body)
+}
+
+async fn respond(
+    conn: &mut HttpConn<TcpStream>,
+    keep_alive: bool,
+    body: &[u8],
+) -> Result<Outcome, HttpError> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    let kind = BodyKind::Length(body.len() as u64);
+    http::write_response_head(&mut out, 200, "OK", &REPLY_HEADERS, kind, keep_alive);
+    out.extend_from_slice(body);
+    conn.write_all(&out).await?;
+    Ok(Outcome::Done)
+}
+
+async fn hello(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<TcpStream>,
+    head: &RequestHead,
+    session: SessionId,
+    peer: SocketAddr,
+    slot: &mut Slot,
+) -> Result<Outcome, HttpError> {
+    let msg = read_body(conn, head, MAX_HANDSHAKE as u64, HEAD_TIMEOUT).await?;
+    if shared.draining.load(Ordering::Acquire) {
+        return Ok(refuse(503, "the station is stopping"));
+    }
+    // The Diffie-Hellman work below is what strangers could make us do
+    // for free: it is rationed.
+    if !lock(&shared.handshakes).take(Instant::now()) {
+        return Ok(refuse(503, "too many handshakes this second; the agent retries later"));
+    }
+    let responder = match crypto::respond(&shared.key, &msg) {
+        Ok(responder) => responder,
+        Err(e) => {
+            shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+            return Ok(refuse(400, &format!("not a postern handshake: {e}")));
+        }
+    };
+    let roster = shared.roster();
+    let Some(device) = roster.devices.get(&responder.device) else {
+        log_unknown_key(shared, &responder.device, peer);
+        return Ok(Outcome::Refuse(403, None));
+    };
+    if responder.session_id != session || lock(&shared.sessions).contains_key(&session) {
+        return Ok(refuse(400, "handshake for a session id it does not own"));
+    }
+    let device_key = responder.device;
+    let (reply, transport) = match responder.accept() {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            log::warn!("{peer}: handshake with device {} failed: {e}", device.name);
+            return Ok(Outcome::Refuse(400, None));
+        }
+    };
+    slot.promote();
+    let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits);
+    let live = Arc::new(Live {
+        id: session,
+        device: device_key,
+        name: device.name.clone(),
+        tunnel,
+        scope: Scope::new(),
+        confirmed: AtomicBool::new(false),
+        status: LiveStatus::new(),
+    });
+    shared.counters.handshakes.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.sessions).insert(session, live.clone());
+    log::info!(
+        "device {} handshake from {peer} (session {})",
+        device.name,
+        carrier::short(&session)
+    );
+    let task_shared = shared.clone();
+    shared.scope.spawn(drive_session(task_shared, live, incoming));
+    respond(conn, head.keep_alive, &reply).await
+}
+
+async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    let body = read_body(conn, head, DOWN_BODY_MAX, req.body_timeout()).await?;
+    if let Err(refused) = req.receive_body(&body, Shape::Stream) {
+        return Ok(refused);
+    }
+    let lane = live.tunnel.begin_lane(Lane::Data);
+    // An HTTP/1.0 hop (nginx's default upstream protocol) cannot take a
+    // chunked response; the body then ends when the connection closes.
+    let chunked = head.minor_version >= 1;
+    let body = if chunked { BodyKind::Chunked } else { BodyKind::UntilClose };
+    let mut out = Vec::with_capacity(STREAM_CHUNK + MAX_RECORD + 64);
+    let mut headers = REPLY_HEADERS.to_vec();
+    // nginx streams a response that asks for it; other buffering proxies
+    // are found out by the agent, which then switches to poll.
+    headers.push(("X-Accel-Buffering", "no"));
+    http::write_response_head(&mut out, 200, "OK", &headers, body, false);
+    // A record at once, so the agent can tell a streaming path from one
+    // that holds back the response.
+    let mut first = true;
+    loop {
+        let frame_at = out.len();
+        if chunked {
+            // Room for a fixed-width size line, filled in once the size is known.
+            out.extend_from_slice(b"00000000\r\n");
+        }
+        let records_at = out.len();
+        let sent = if first {
+            first = false;
+            live.tunnel.seal_ack(&mut out);
+            Ok(())
+        } else {
+            live.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await
+        };
+        match sent {
+            Ok(()) => {
+                if chunked {
+                    let size = format!("{:08x}", out.len() - records_at);
+                    out[frame_at..frame_at + 8].copy_from_slice(size.as_bytes());
+                    out.extend_from_slice(CHUNK_END);
+                }
+                conn.write_all(&out).await?;
+                out.clear();
+            }
+            Err(end) => {
+                if let LaneEnd::Closed(reason) = &end {
+                    log::debug!("device {}: downlink ends: {reason}", live.name);
+                }
+                out.truncate(frame_at);
+                if chunked {
+                    out.extend_from_slice(LAST_CHUNK);
+                }
+                conn.write_all(&out).await?;
+                return Ok(Outcome::Close);
+            }
+        }
+    }
+}
+
+async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    // A long body streams through this buffer: give it the full size. The
+    // session id in the path bounds who gets this far to those who saw it.
+    conn.grow();
+    let mut reader = RecordReader::default();
+    let mut scratch = Vec::new();
+    {
+        let mut body = conn.body(head.body, None);
+        // The first bytes must come promptly; after that an uplink may idle
+        // as long as the session does (keepalives arrive well within it).
+        let mut wait = HEAD_TIMEOUT;
+        while let Some(bytes) = deadline(wait, body.next()).await? {
+            wait = req.shared.limits.idle_timeout;
+            let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
+                Ok(n) => n,
+                Err(e) => return Ok(refuse(400, &e.to_string())),
+            };
+            if authentic > 0 {
+                req.proven(Shape::Stream);
+            }
+            if !req.slot.is_proven() && reader.is_clean() {
+                return Ok(refuse(403, "no authentic packet in the uplink"));
+            }
+        }
+    }
+    respond(conn, head.keep_alive, &[]).await
+}
+
+async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    let body = read_body(conn, head, POLL_BODY_MAX as u64, req.body_timeout()).await?;
+    if let Err(refused) = req.receive_body(&body, Shape::Poll) {
+        return Ok(refused);
+    }
+    let lane = live.tunnel.begin_lane(Lane::Sequenced);
+    let mut out = Vec::new();
+    let hold = carrier::poll_wait(&head.target);
+    let wait = async {
+        smol::Timer::after(hold).await;
+        Ok(())
+    };
+    // Superseded or closed: answer with just an ack; the agent moves on.
+    let _ = future::or(live.tunnel.transmit(lane, &mut out, POLL_BODY_MAX), wait).await;
+    if out.is_empty() {
+        live.tunnel.seal_ack(&mut out);
+    }
+    respond(conn, head.keep_alive, &out).await
+}
+
+async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+    let (head, live) = (req.head, req.live);
+    let max = POLL_BODY_MAX as u64 + MAX_RECORD as u64;
+    let body = read_body(conn, head, max, req.body_timeout()).await?;
+    if let Err(refused) = req.receive_body(&body, Shape::Poll) {
+        return Ok(refused);
+    }
+    let mut out = Vec::new();
+    live.tunnel.seal_ack(&mut out);
+    respond(conn, head.keep_alive, &out).await
+}

@@ -1,0 +1,397 @@
+//! The tunnel through real middleboxes started on loopback, with
+//! `carrier = "auto"`: forward proxies that refuse CONNECT (squid,
+//! tinyproxy), a reverse proxy with stock settings under a path prefix
+//! (nginx: request and response buffering, HTTP/1.0 upstream, 1 MiB body
+//! limit), a cookie-sticky load balancer over two stations (haproxy), and a
+//! relay that cuts carrier connections at random points. Every transfer is
+//! checked byte-exact by hash, again after the tunnel sat idle for longer
+//! than the middlebox's timeouts.
+
+mod common;
+mod middleboxes;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::{
+    echo_round_trip, start_agent, start_station, station_toml, Keys, Proc, Received, Server,
+    TempDir,
+};
+use middleboxes::{Middlebox, SHORT_TIMEOUT_SECS};
+
+/// Bytes each way per checked transfer: several poll bodies and far more
+/// than nginx's 1 MiB body limit.
+const TRANSFER: u64 = 4 << 20;
+
+/// A station with an echo target, its agent pointed at `station_url`
+/// (through `proxy` if given), and what they run through.
+struct Path {
+    agent: Proc,
+    stations: Vec<Proc>,
+    forward: SocketAddr,
+    middlebox: Option<Middlebox>,
+    _echo: Server,
+    _dir: TempDir,
+}
+
+impl Path {
+    /// Starts `stations` stations sharing one key and device list, then the
+    /// middlebox made by `middlebox` from their addresses, then the agent,
+    /// whose station URL and proxy `route` picks given the middlebox.
+    fn start(
+        label: &str,
+        carrier: &str,
+        stations: usize,
+        middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
+        route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
+    ) -> Path {
+        let dir = TempDir::new(label);
+        let keys = Keys::new();
+        let echo = Server::echo();
+        let toml = station_toml(
+            &keys.station,
+            &[("echo", echo.target())],
+            &[("test-device", keys.device.public_key(), &["echo"])],
+        );
+        let (procs, addrs): (Vec<Proc>, Vec<SocketAddr>) = (0..stations)
+            .map(|i| {
+                let sub = TempDir::new(&format!("{label}-station{i}"));
+                let started = start_station(&sub, &toml);
+                drop(sub);
+                started
+            })
+            .unzip();
+        let middlebox = middlebox(&addrs);
+        let (url, proxy) = route(&addrs, middlebox.as_ref());
+        let mut agent_toml = format!(
+            "station = \"{url}\"\nstation_public_key = \"{}\"\nprivate_key = \"{}\"\n\
+             carrier = \"{carrier}\"\n",
+            keys.station.public_key().to_base64(),
+            keys.device.to_base64()
+        );
+        if let Some(proxy) = proxy {
+            agent_toml.push_str(&format!("proxy = \"{proxy}\"\n"));
+        }
+        agent_toml.push_str("\n[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n");
+        let (agent, forwards) = start_agent(&dir, "agent", &agent_toml, &["echo"]);
+        let forward = forwards["echo"];
+        Path { agent, stations: procs, forward, middlebox, _echo: echo, _dir: dir }
+    }
+
+    fn describe(&self) -> String {
+        let mut text = self.agent.describe();
+        for station in &self.stations {
+            text.push('\n');
+            text.push_str(&station.describe());
+        }
+        if let Some(middlebox) = &self.middlebox {
+            text.push('\n');
+            text.push_str(&middlebox.logs());
+        }
+        text
+    }
+
+    /// `len` bytes there and back through the agent's forward, byte-exact.
+    fn round_trip(&self, seed: u64, len: u64) {
+        let got = echo_round_trip(self.forward, seed, len);
+        assert_eq!(got, Received::expected(seed, len), "{}", self.describe());
+    }
+
+    /// Several MiB both ways, then idle past the middlebox's timeouts, then
+    /// again: the carrier may have been cut meanwhile; the session is not.
+    fn exercise(&self) {
+        self.agent.wait_log(&["connected to the station"]);
+        self.round_trip(1, TRANSFER);
+        // Idleness is the condition under test: there is nothing to poll.
+        thread::sleep(Duration::from_secs(2 * SHORT_TIMEOUT_SECS + 1));
+        self.round_trip(2, 1024);
+        self.round_trip(3, TRANSFER);
+    }
+}
+
+fn direct(stations: &[SocketAddr], _: Option<&Middlebox>) -> (String, Option<String>) {
+    (format!("http://{}/", stations[0]), None)
+}
+
+fn via_proxy(stations: &[SocketAddr], proxy: Option<&Middlebox>) -> (String, Option<String>) {
+    let proxy = proxy.expect("a proxy was started");
+    (format!("http://{}/", stations[0]), Some(format!("http://{}", proxy.addr)))
+}
+
+fn via_reverse(stations: &[SocketAddr], front: Option<&Middlebox>) -> (String, Option<String>) {
+    let _ = stations;
+    (format!("http://{}/tunnel/", front.expect("a reverse proxy was started").addr), None)
+}
+
+#[test]
+fn squid_forward_proxy_without_connect() {
+    let path = Path::start("squid", "auto", 1, |_| Some(Middlebox::squid(None)), via_proxy);
+    path.exercise();
+}
+
+#[test]
+fn squid_with_basic_auth_reports_407_then_passes_with_credentials() {
+    let path = Path::start(
+        "squid-auth",
+        "auto",
+        1,
+        |_| Some(Middlebox::squid(Some(("dev", "s3cr:t")))),
+        via_proxy,
+    );
+    path.agent.wait_log(&["requires authentication (407)", "set user:pass in `proxy`"]);
+    drop(path.agent);
+    let proxy = path.middlebox.as_ref().expect("squid").addr;
+    let with_auth = Path::start(
+        "squid-auth-ok",
+        "auto",
+        1,
+        |_| None,
+        |stations, _| {
+            // The password's ':' is percent-encoded, as a URL requires.
+            (format!("http://{}/", stations[0]), Some(format!("http://dev:s3cr%3At@{proxy}")))
+        },
+    );
+    with_auth.exercise();
+}
+
+#[test]
+fn tinyproxy_forward_proxy() {
+    let path = Path::start("tinyproxy", "auto", 1, |_| Some(Middlebox::tinyproxy()), via_proxy);
+    path.exercise();
+}
+
+#[test]
+fn nginx_stock_reverse_proxy_under_a_prefix() {
+    let path = Path::start(
+        "nginx",
+        "auto",
+        1,
+        |stations| Some(Middlebox::nginx(stations[0], "/tunnel/", "")),
+        via_reverse,
+    );
+    // Stock nginx buffers whole request bodies: the streamed uplink never
+    // arrives, and auto must notice and move to poll without losing data.
+    path.exercise();
+    let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
+    assert!(switched.contains("request bodies"), "{switched}");
+}
+
+#[test]
+fn a_proxy_that_holds_back_whole_responses() {
+    // Content-scanning proxies pass requests on at once but hand a
+    // response over only once it is complete: the streamed downlink never
+    // arrives, and auto must notice and move to poll.
+    let path = Path::start(
+        "holding",
+        "auto",
+        1,
+        |_| None,
+        |stations, _| (format!("http://{}/", ResponseHoldingProxy::start(stations[0])), None),
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(4, TRANSFER);
+    let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
+    assert!(switched.contains("buffers responses"), "{switched}\n{}", path.describe());
+    assert_eq!(path.stations[0].stderr.count("handshake"), 1, "{}", path.describe());
+}
+
+/// A proxy in front of one station that passes request bytes through as
+/// they come but holds each response until its body is complete, then
+/// sends it with a Content-Length, as scanning proxies do.
+struct ResponseHoldingProxy;
+
+impl ResponseHoldingProxy {
+    /// Largest response held; carrier responses are far smaller.
+    const MAX_BODY: u64 = 64 << 20;
+
+    fn start(upstream: SocketAddr) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                thread::spawn(move || Self::serve(client, upstream));
+            }
+        });
+        addr
+    }
+
+    fn serve(client: TcpStream, upstream: SocketAddr) {
+        let Ok(client) = smol::net::TcpStream::try_from(client) else { return };
+        smol::block_on(async {
+            let Ok(server) = smol::net::TcpStream::connect(upstream).await else { return };
+            // Requests go through as they come.
+            let requests = async {
+                let _ = futures_lite::io::copy(client.clone(), &mut server.clone()).await;
+                let _ = server.shutdown(Shutdown::Write);
+            };
+            let responses = async {
+                let mut client = client.clone();
+                let mut conn = postern::carrier::conn::HttpConn::new(server.clone());
+                while let Ok(head) = conn.read_response(false).await {
+                    let mut body = Vec::new();
+                    let mut reader = conn.body(head.body, Some(Self::MAX_BODY));
+                    if reader.read_to_end(&mut body).await.is_err() {
+                        return;
+                    }
+                    let mut out = format!("HTTP/1.1 {} {}\r\n", head.status, head.reason);
+                    for (name, value) in &head.headers {
+                        let framing = ["content-length", "transfer-encoding", "connection"];
+                        if !framing.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+                            let value = String::from_utf8_lossy(value);
+                            out.push_str(&format!("{name}: {value}\r\n"));
+                        }
+                    }
+                    out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+                    let mut bytes = out.into_bytes();
+                    bytes.extend_from_slice(&body);
+                    let written = futures_lite::AsyncWriteExt::write_all(&mut client, &bytes).await;
+                    if written.is_err() || !head.keep_alive {
+                        return;
+                    }
+                }
+            };
+            futures_lite::future::or(requests, responses).await;
+        });
+    }
+}
+
+#[test]
+fn haproxy_sticky_by_cookie_over_two_stations() {
+    let path = Path::start(
+        "haproxy",
+        "auto",
+        2,
+        |stations| Some(Middlebox::haproxy(stations)),
+        |_, lb| (format!("http://{}/", lb.expect("haproxy").addr), None),
+    );
+    path.exercise();
+    // Round-robin alone would split a session's requests over both
+    // stations; the cookie keeps every one of them on the first.
+    let handshakes: Vec<usize> =
+        path.stations.iter().map(|s| s.stderr.count("handshake")).collect();
+    assert!(
+        handshakes.iter().filter(|n| **n > 0).count() == 1,
+        "{handshakes:?}\n{}",
+        path.describe()
+    );
+}
+
+/// A TCP relay that cuts each connection after a random number of bytes.
+struct CuttingRelay {
+    addr: SocketAddr,
+    cuts: Arc<AtomicUsize>,
+}
+
+impl CuttingRelay {
+    /// Relays to `upstream`, cutting each connection after between
+    /// `min` and `max` bytes (both directions counted together).
+    fn start(upstream: SocketAddr, seed: u64, min: u64, max: u64) -> CuttingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let rng = Arc::new(Mutex::new(seed | 1));
+        let counted = cuts.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                let budget = {
+                    let mut x = rng.lock().unwrap_or_else(|p| p.into_inner());
+                    *x ^= *x << 13;
+                    *x ^= *x >> 7;
+                    *x ^= *x << 17;
+                    min + *x % (max - min)
+                };
+                let left = Arc::new(Mutex::new(budget));
+                let cuts = counted.clone();
+                for (from, to) in
+                    [(client.try_clone(), server.try_clone()), (Ok(server), Ok(client))]
+                {
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                    let (left, cuts) = (left.clone(), cuts.clone());
+                    thread::spawn(move || {
+                        let _ = from.set_read_timeout(Some(Duration::from_secs(120)));
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let mut budget = left.lock().unwrap_or_else(|p| p.into_inner());
+                            if *budget < n as u64 {
+                                // Forward part of the read, then cut both ways mid-stream.
+                                let _ = to.write_all(&buf[..*budget as usize]);
+                                *budget = 0;
+                                cuts.fetch_add(1, Ordering::AcqRel);
+                                break;
+                            }
+                            *budget -= n as u64;
+                            drop(budget);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        CuttingRelay { addr, cuts }
+    }
+}
+
+fn cut_at_random_points(carrier: &str, seed: u64) {
+    let relay: Arc<Mutex<Option<CuttingRelay>>> = Arc::default();
+    let keep = relay.clone();
+    let path = Path::start(
+        &format!("cuts-{carrier}"),
+        carrier,
+        1,
+        |_| None,
+        move |stations, _| {
+            let cutting = CuttingRelay::start(stations[0], seed, 256 << 10, 6 << 20);
+            let url = format!("http://{}/", cutting.addr);
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(cutting);
+            (url, None)
+        },
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    let len = 16 << 20;
+    path.round_trip(seed, len);
+    let cuts = relay
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map_or(0, |r| r.cuts.load(Ordering::Acquire));
+    assert!(
+        cuts >= 3,
+        "the relay must cut carriers during the transfer, cut {cuts}\n{}",
+        path.describe()
+    );
+    // The session survived every cut: one handshake, no new session.
+    assert_eq!(path.stations[0].stderr.count("handshake"), 1, "{}", path.describe());
+}
+
+#[test]
+fn stream_carrier_cut_at_random_points_delivers_every_byte_once() {
+    cut_at_random_points("stream", 0x5eed_0001);
+}
+
+#[test]
+fn poll_carrier_cut_at_random_points_delivers_every_byte_once() {
+    cut_at_random_points("poll", 0x5eed_0002);
+}
+
+#[test]
+fn direct_auto_stays_on_stream() {
+    let path = Path::start("direct", "auto", 1, |_| None, direct);
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(9, TRANSFER);
+    assert_eq!(path.agent.stderr.count("switching to poll"), 0, "{}", path.describe());
+}

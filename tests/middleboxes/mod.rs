@@ -1,0 +1,226 @@
+//! Real proxies and load balancers, started on loopback for one test each:
+//! squid and tinyproxy as forward proxies, nginx as a reverse proxy,
+//! haproxy as a load balancer. Each runs in the foreground with a config in
+//! its own temp dir and is killed when its guard drops.
+//!
+//! Their settings are the stock ones except where a test says otherwise;
+//! timeouts are shortened (a few seconds) so that "idle for longer than the
+//! middlebox's timeouts" fits in a test.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::TempDir;
+
+/// Longest a middlebox may take to start listening.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// Idle and read timeouts given to every middlebox, in seconds: short, so
+/// that a test can stay idle for longer than any of them.
+pub const SHORT_TIMEOUT_SECS: u64 = 4;
+
+/// A running middlebox, killed on drop.
+pub struct Middlebox {
+    pub name: &'static str,
+    /// Where clients (the agent) connect.
+    pub addr: SocketAddr,
+    child: Child,
+    dir: TempDir,
+}
+
+impl Middlebox {
+    /// The middlebox's own logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let body = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = body.lines().rev().take(40).collect();
+                    text.push_str(&format!("--- {} {} ---\n", self.name, path.display()));
+                    for line in tail.into_iter().rev() {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+            }
+        }
+        text
+    }
+
+    /// Squid as a forward proxy that refuses CONNECT, optionally requiring
+    /// Basic authentication of `user`/`password`.
+    pub fn squid(auth: Option<(&str, &str)>) -> Middlebox {
+        let dir = shared_dir("squid");
+        let port = free_port();
+        let auth_lines = match auth {
+            Some((user, password)) => {
+                let hash = openssl_apr1(password);
+                let file = dir.write("passwd", &format!("{user}:{hash}\n"));
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod passwd");
+                format!(
+                    "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
+                     auth_param basic realm postern-test\n\
+                     acl users proxy_auth REQUIRED\n\
+                     http_access deny !users\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
+        let d = dir.path().display();
+        let conf = format!(
+            "http_port 127.0.0.1:{port}\n\
+             acl CONNECT method CONNECT\n\
+             http_access deny CONNECT\n\
+             {auth_lines}\
+             http_access allow localhost\n\
+             http_access deny all\n\
+             cache deny all\n\
+             read_timeout {SHORT_TIMEOUT_SECS} seconds\n\
+             client_idle_pconn_timeout {SHORT_TIMEOUT_SECS} seconds\n\
+             server_idle_pconn_timeout {SHORT_TIMEOUT_SECS} seconds\n\
+             pid_filename {d}/squid.pid\n\
+             cache_log {d}/cache.log\n\
+             access_log {d}/access.log\n\
+             coredump_dir {d}\n\
+             shutdown_lifetime 0 seconds\n"
+        );
+        let path = dir.write("squid.conf", &conf);
+        let child = spawn("squid", &["-N", "-f", path.to_str().expect("utf-8 path")], &dir);
+        Self::started("squid", port, child, dir)
+    }
+
+    /// tinyproxy as a forward proxy (it allows CONNECT only to 443 and 563).
+    pub fn tinyproxy() -> Middlebox {
+        let dir = shared_dir("tinyproxy");
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\n\
+             Timeout {SHORT_TIMEOUT_SECS}\nMaxClients 100\nAllow 127.0.0.1\n\
+             LogFile \"{d}/tinyproxy.log\"\nLogLevel Info\nPidFile \"{d}/tinyproxy.pid\"\n"
+        );
+        let path = dir.write("tinyproxy.conf", &conf);
+        let child = spawn("tinyproxy", &["-d", "-c", path.to_str().expect("utf-8 path")], &dir);
+        Self::started("tinyproxy", port, child, dir)
+    }
+
+    /// nginx as a reverse proxy with its stock proxy settings (request and
+    /// response buffering on, HTTP/1.0 upstream, 1 MiB body limit), serving
+    /// the station under `prefix` (e.g. `/tunnel/`). `extra` goes into the
+    /// location block, to change one setting for a test.
+    pub fn nginx(station: SocketAddr, prefix: &str, extra: &str) -> Middlebox {
+        let dir = shared_dir("nginx");
+        let port = free_port();
+        let d = dir.path().display();
+        let t = SHORT_TIMEOUT_SECS;
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n\
+               access_log {d}/access.log;\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               keepalive_timeout {t}s; client_body_timeout {t}s; send_timeout {t}s;\n\
+               server {{\n\
+                 listen 127.0.0.1:{port};\n\
+                 location {prefix} {{\n\
+                   proxy_pass http://{station}/;\n\
+                   proxy_read_timeout {t}s; proxy_send_timeout {t}s;\n\
+                   {extra}\n\
+                 }}\n\
+               }}\n\
+             }}\n"
+        );
+        let path = dir.write("nginx.conf", &conf);
+        let child = spawn("nginx", &["-c", path.to_str().expect("utf-8 path")], &dir);
+        Self::started("nginx", port, child, dir)
+    }
+
+    /// haproxy balancing round-robin over `stations`, sticky by an inserted
+    /// cookie, with short client and server timeouts.
+    pub fn haproxy(stations: &[SocketAddr]) -> Middlebox {
+        let dir = shared_dir("haproxy");
+        let port = free_port();
+        let t = SHORT_TIMEOUT_SECS;
+        let mut conf = format!(
+            "global\n  maxconn 256\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client {t}s\n\
+               timeout server {t}s\n  timeout http-request {t}s\n\
+             frontend carrier\n  bind 127.0.0.1:{port}\n  default_backend stations\n\
+             backend stations\n  balance roundrobin\n  cookie SRV insert indirect nocache\n"
+        );
+        for (i, station) in stations.iter().enumerate() {
+            conf.push_str(&format!("  server s{i} {station} cookie s{i}\n"));
+        }
+        let path = dir.write("haproxy.cfg", &conf);
+        let child = spawn("haproxy", &["-db", "-f", path.to_str().expect("utf-8 path")], &dir);
+        Self::started("haproxy", port, child, dir)
+    }
+
+    fn started(name: &'static str, port: u16, mut child: Child, dir: TempDir) -> Middlebox {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + START_LIMIT;
+        while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let logs = Middlebox { name, addr, child, dir }.logs();
+                panic!("{name} exited with {status} before listening on {addr}:\n{logs}");
+            }
+            assert!(Instant::now() < deadline, "{name} did not listen on {addr} in time");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Middlebox { name, addr, child, dir }
+    }
+}
+
+impl Drop for Middlebox {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temp dir the middlebox's unprivileged workers can write to (squid,
+/// nginx and tinyproxy drop root for a service user).
+fn shared_dir(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod temp dir");
+    dir
+}
+
+fn spawn(program: &str, args: &[&str], dir: &TempDir) -> Child {
+    let out = std::fs::File::create(dir.path().join("stdout.log")).expect("stdout log");
+    let err = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
+    Command::new(program)
+        .args(args)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} (scripts/test installs it): {e}"))
+}
+
+/// A loopback port free right now, for programs that cannot bind port 0
+/// and report the port.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
+    listener.local_addr().expect("a bound listener has an address").port()
+}
+
+/// An Apache MD5 (`$apr1$`) password hash, which squid's basic_ncsa_auth reads.
+fn openssl_apr1(password: &str) -> String {
+    let out = Command::new("openssl")
+        .args(["passwd", "-apr1", password])
+        .output()
+        .expect("run openssl passwd");
+    assert!(out.status.success(), "openssl passwd failed: {out:?}");
+    String::from_utf8(out.stdout).expect("utf-8 hash").trim().to_owned()
+}

@@ -1,0 +1,240 @@
+//! What an operator does with a running station and agent: scrape
+//! `/metrics` and `/status` (exact numbers after a known transfer), reload
+//! the station's config with SIGHUP while a device keeps working, and stop
+//! both with SIGTERM, letting open streams finish.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::atomic::AtomicU64;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    echo_round_trip, send_pattern, start_agent, start_station, station_toml, Keys, Proc, Received,
+    Server, TempDir, LOG_WAIT,
+};
+use postern::keys::PrivateKey;
+
+/// `station.toml` text with a status listener on an ephemeral port.
+fn with_status(toml: &str) -> String {
+    toml.replacen('\n', "\nstatus = \"127.0.0.1:0\"\n", 1)
+}
+
+fn status_addr(station: &Proc) -> SocketAddr {
+    let line = station.wait_log(&["status on http://", "/metrics"]);
+    let from = line.find("status on http://").expect("found above") + "status on http://".len();
+    let to = line[from..].find('/').expect("a path follows") + from;
+    line[from..to].parse().unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
+}
+
+/// `GET path` on the status listener: (status line, body).
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut socket = TcpStream::connect(addr).expect("connect to status");
+    socket.set_read_timeout(Some(LOG_WAIT)).expect("timeout");
+    write!(socket, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+}
+
+fn agent_toml(station: SocketAddr, station_key: &PrivateKey, key: &PrivateKey) -> String {
+    common::agent_toml(station, &station_key.public_key(), key, "stream", &["echo"])
+}
+
+#[test]
+fn metrics_and_status_count_a_known_transfer() {
+    let echo = Server::echo();
+    let dir = TempDir::new("metrics");
+    let keys = Keys::new();
+    let devices = [("pump-17", keys.device.public_key(), &["echo"][..])];
+    let toml = with_status(&station_toml(&keys.station, &[("echo", echo.target())], &devices));
+    let (station, station_addr) = start_station(&dir, &toml);
+    let status = status_addr(&station);
+    let (agent, forwards) = start_agent(
+        &dir,
+        "agent",
+        &agent_toml(station_addr, &keys.station, &keys.device),
+        &["echo"],
+    );
+    agent.wait_log(&["connected to the station"]);
+
+    let len = (3 << 20) + 17;
+    assert_eq!(echo_round_trip(forwards["echo"], 5, len), Received::expected(5, len));
+    // A stranger's garbage and an unknown key, to be counted too.
+    let mut garbage = TcpStream::connect(station_addr).expect("connect");
+    garbage.write_all(b"\x00garbage\r\n\r\n").expect("write");
+    let _ = garbage.read_to_end(&mut Vec::new());
+    let stranger = Keys::new();
+    let (_intruder, _) = start_agent(
+        &dir,
+        "intruder",
+        &agent_toml(station_addr, &keys.station, &stranger.device),
+        &["echo"],
+    );
+    station.wait_log(&["unknown device key", &stranger.device.public_key().fingerprint()]);
+
+    let (line, metrics) = get(status, "/metrics");
+    assert_eq!(line, "HTTP/1.1 200 OK", "{metrics}");
+    for expected in [
+        format!("postern_device_bytes_total{{device=\"pump-17\",direction=\"up\"}} {len}"),
+        format!("postern_device_bytes_total{{device=\"pump-17\",direction=\"down\"}} {len}"),
+        "postern_devices_configured 1".to_owned(),
+        "postern_devices_connected 1".to_owned(),
+        "postern_device_connected{device=\"pump-17\"} 1".to_owned(),
+        "postern_device_carrier{device=\"pump-17\",kind=\"stream\"} 1".to_owned(),
+        "postern_device_sessions_total{device=\"pump-17\"} 1".to_owned(),
+        "postern_handshakes_total 1".to_owned(),
+        "postern_rejected_requests_total{reason=\"malformed\"} 1".to_owned(),
+    ] {
+        assert!(metrics.lines().any(|l| l == expected), "no {expected:?} in\n{metrics}");
+    }
+    let unknown = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("postern_auth_failures_total{kind=\"unknown_key\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(unknown >= 1, "{metrics}");
+
+    let (line, json) = get(status, "/status");
+    assert_eq!(line, "HTTP/1.1 200 OK");
+    assert!(json.starts_with("{\"devices\":[{\"name\":\"pump-17\",\"connected\":true,"), "{json}");
+    assert!(json.contains(&format!("\"bytes_up\":{len},\"bytes_down\":{len}")), "{json}");
+    assert!(json.contains("\"carrier\":\"stream\""), "{json}");
+    assert_eq!(get(status, "/other").0, "HTTP/1.1 404 Not Found");
+}
+
+fn signal(proc: &Proc, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &proc.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+#[test]
+fn reload_adds_and_removes_a_device_while_another_keeps_working() {
+    let echo = Server::echo();
+    let dir = TempDir::new("reload");
+    let keys = Keys::new();
+    let second = PrivateKey::generate();
+    let targets = [("echo", echo.target())];
+    let one = station_toml(
+        &keys.station,
+        &targets,
+        &[("first", keys.device.public_key(), &["echo"][..])],
+    );
+    let both = station_toml(
+        &keys.station,
+        &targets,
+        &[
+            ("first", keys.device.public_key(), &["echo"][..]),
+            ("second", second.public_key(), &["echo"][..]),
+        ],
+    );
+    let (station, station_addr) = start_station(&dir, &one);
+    let config = dir.path().join("station.toml");
+    let (first, first_forwards) = start_agent(
+        &dir,
+        "first",
+        &agent_toml(station_addr, &keys.station, &keys.device),
+        &["echo"],
+    );
+    first.wait_log(&["connected to the station"]);
+
+    // The first device sends 24 MiB slowly, across every reload below.
+    let forward = first_forwards["echo"];
+    let transfer = thread::spawn(move || {
+        let mut socket = TcpStream::connect(forward).expect("connect");
+        let mut reader = socket.try_clone().expect("clone");
+        let receiver = thread::spawn(move || common::receive_all(&mut reader));
+        let written = AtomicU64::new(0);
+        for part in 0..24u64 {
+            send_pattern(&mut socket, 100 + part, 1 << 20, &written).expect("send");
+            thread::sleep(Duration::from_millis(150));
+        }
+        let _ = socket.shutdown(Shutdown::Write);
+        receiver.join().expect("receiver")
+    });
+
+    std::fs::write(&config, &both).expect("write the new config");
+    signal(&station, "HUP");
+    station.wait_log(&["reloaded: device second added"]);
+    let (second_agent, second_forwards) =
+        start_agent(&dir, "second", &agent_toml(station_addr, &keys.station, &second), &["echo"]);
+    second_agent.wait_log(&["connected to the station"]);
+    assert_eq!(
+        echo_round_trip(second_forwards["echo"], 9, 1 << 20),
+        Received::expected(9, 1 << 20)
+    );
+
+    // A broken config is refused and changes nothing.
+    std::fs::write(&config, one.replace("127.0.0.1:0", "nowhere")).expect("write a bad config");
+    signal(&station, "HUP");
+    station.wait_log(&["reload refused, the running config stays", "listen: unparseable address"]);
+
+    std::fs::write(&config, &one).expect("write the config without the second device");
+    signal(&station, "HUP");
+    station.wait_log(&["reloaded: device second removed; its session ends"]);
+    second_agent.wait_log(&["session", "ended"]);
+    station.wait_log(&["unknown device key", &second.public_key().fingerprint()]);
+
+    // The first device's transfer went on through all of it, byte-exact.
+    let got = transfer.join().expect("transfer");
+    let mut digest = common::Digest::default();
+    for part in 0..24u64 {
+        let mut pattern = common::Pattern::new(100 + part);
+        let mut buf = vec![0u8; 1 << 20];
+        pattern.fill(&mut buf);
+        digest.update(&buf);
+    }
+    assert_eq!(got, Received { len: 24 << 20, hash: digest.finish(), error: None });
+    assert_eq!(station.stderr.count("device first handshake"), 1, "{}", station.describe());
+    assert_eq!(station.stderr.matching(&["device first session", "ended"]).len(), 0);
+}
+
+#[test]
+fn sigterm_lets_open_streams_finish_then_stops() {
+    let echo = Server::echo();
+    let dir = TempDir::new("sigterm");
+    let keys = Keys::new();
+    let devices = [("dev", keys.device.public_key(), &["echo"][..])];
+    let (mut station, station_addr) =
+        start_station(&dir, &station_toml(&keys.station, &[("echo", echo.target())], &devices));
+    let (mut agent, forwards) = start_agent(
+        &dir,
+        "agent",
+        &agent_toml(station_addr, &keys.station, &keys.device),
+        &["echo"],
+    );
+    agent.wait_log(&["connected to the station"]);
+
+    // A stream is open when the stop begins; it finishes its exchange.
+    let mut socket = TcpStream::connect(forwards["echo"]).expect("connect");
+    socket.write_all(b"first half ").expect("write");
+    let mut got = [0u8; 11];
+    socket.read_exact(&mut got).expect("echo");
+    let started = Instant::now();
+    signal(&station, "TERM");
+    station.wait_log(&["stopping: waiting up to 10 s for 1 streams to end"]);
+    // New streams are refused while it drains.
+    let refused = echo_round_trip(forwards["echo"], 1, 10);
+    assert_eq!(refused.len, 0, "a new stream got through a draining station");
+    socket.write_all(b"second half").expect("write");
+    socket.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    socket.read_to_end(&mut rest).expect("the rest");
+    assert_eq!(rest, b"second half");
+    let status = station.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "station exit: {status:?}\n{}", station.describe());
+    assert!(started.elapsed() < Duration::from_secs(12));
+    agent.wait_log(&["session", "ended", "the station is stopping"]);
+
+    // The agent stops too, at once when nothing is open.
+    signal(&agent, "TERM");
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "agent exit: {status:?}\n{}", agent.describe());
+}

@@ -15,6 +15,11 @@
 //! a failure. Everything binds 127.0.0.1 on ephemeral ports and every wait
 //! has a deadline.
 //!
+//! Serial lines are not run under emulation: Debian 12's qemu-user (7.2)
+//! answers TCGETS2, which the serial endpoint uses, with ENOSYS ("Unsupported
+//! ioctl: cmd=0x802c542a"), while any ARM kernel implements it. The serial
+//! endpoint is tested natively by tests/serial.rs.
+//!
 //! `idle_rss` is a measurement, not a test: `scripts/bench-sizes` runs it
 //! with a native agent-only build and records VmRSS, RssAnon, RssFile and
 //! VmHWM from /proc/PID/status in docs/BENCHMARKS.md.
@@ -31,6 +36,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use postern::demo::{Digest, Pattern};
+
+// Temp dirs, shared with tests/serial.rs.
+mod serial_common;
+use serial_common::TempDir;
 
 /// Names the directory with one `BOARD/postern` per built board.
 const DIST_VAR: &str = "POSTERN_DIST";
@@ -84,7 +93,7 @@ fn aarch64_agent_under_qemu_carries_bytes_exactly() {
 
 fn round_trip_through_board(dist: &Path, board: &str) {
     board_binary(dist, board);
-    let dir = TempDir::new(board);
+    let dir = TempDir::new(&format!("device-{board}"));
     let lab = Lab::start(&dir, board_run(board));
     let (sent, back) = lab.round_trip(ROUND_TRIP_BYTES);
     assert_eq!(back, sent, "{board}: bytes that came back through the agent (length, BLAKE2s)");
@@ -97,11 +106,11 @@ fn round_trip_through_board(dist: &Path, board: &str) {
 fn install_image_writes_agent_config_key_and_unit() {
     let Some(dist) = dist_dir() else { return };
     let binary = board_binary(&dist, GATEWAY_BOARD);
-    let dir = TempDir::new("install");
-    let image = dir.make_image();
+    let dir = TempDir::new("device-install");
+    let image = make_image(&dir);
     let station_key = genkey();
     let agent_key = genkey();
-    std::fs::write(dir.path("agent.key"), &agent_key).unwrap();
+    std::fs::write(dir.path().join("agent.key"), &agent_key).unwrap();
     let config = format!(
         "station = \"http://station.example.com/postern/\"\n\
          station_public_key = \"{}\"\n\
@@ -111,7 +120,7 @@ fn install_image_writes_agent_config_key_and_unit() {
          [services]\nconsole = {{ serial = \"/dev/ttyUSB0\", baud = 115200 }}\n",
         pubkey(&station_key)
     );
-    let config_path = dir.path("site-7.toml");
+    let config_path = dir.path().join("site-7.toml");
     std::fs::write(&config_path, &config).unwrap();
 
     let out = install_image(&image, GATEWAY_BOARD, &config_path);
@@ -162,8 +171,8 @@ fn install_image_writes_agent_config_key_and_unit() {
 fn install_image_without_serial_hides_devices() {
     let Some(dist) = dist_dir() else { return };
     board_binary(&dist, ARMV7_BOARD);
-    let dir = TempDir::new("install-tcp");
-    let image = dir.make_image();
+    let dir = TempDir::new("device-install-tcp");
+    let image = make_image(&dir);
     let config = dir.write("agent.toml", &tcp_only_config(502));
     let out = install_image(&image, ARMV7_BOARD, &config);
     assert!(out.status.success(), "install-image failed: {}", text(&out.stderr));
@@ -189,8 +198,8 @@ fn install_image_without_serial_hides_devices() {
 fn install_image_refuses_bad_configs_and_leaves_the_image_alone() {
     let Some(dist) = dist_dir() else { return };
     board_binary(&dist, ARMV7_BOARD);
-    let dir = TempDir::new("refuse");
-    let image = dir.make_image();
+    let dir = TempDir::new("device-refuse");
+    let image = make_image(&dir);
     let before = hash(&std::fs::read(&image).unwrap());
     let good = tcp_only_config(5020);
     let station_key = genkey();
@@ -299,7 +308,7 @@ fn idle_rss() {
         std::env::var_os(AGENT_BIN_VAR)
             .unwrap_or_else(|| panic!("{AGENT_BIN_VAR} must name a native agent binary")),
     );
-    let dir = TempDir::new("rss");
+    let dir = TempDir::new("device-rss");
     let lab = Lab::start(&dir, vec![agent.into_os_string().into_string().unwrap()]);
     let pid = lab.agent.id();
     print_memory(pid, "no-stream");
@@ -682,40 +691,11 @@ fn image_file(image: &Path, path: &str) -> ImageFile {
     ImageFile { mode: 0o100000 | permissions, uid, gid, content: out.stdout }
 }
 
-/// A scratch directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("postern-device-{what}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn write(&self, name: &str, content: &str) -> PathBuf {
-        let path = self.path(name);
-        std::fs::write(&path, content).unwrap();
-        path
-    }
-
-    /// An empty ext4 file system image of [`IMAGE_BYTES`].
-    fn make_image(&self) -> PathBuf {
-        let image = self.path("rootfs.ext4");
-        std::fs::File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
-        let out = run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&image));
-        assert!(out.status.success(), "mke2fs: {}", text(&out.stderr));
-        image
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// An empty ext4 file system image of [`IMAGE_BYTES`] in `dir`.
+fn make_image(dir: &TempDir) -> PathBuf {
+    let image = dir.path().join("rootfs.ext4");
+    std::fs::File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
+    let out = run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&image));
+    assert!(out.status.success(), "mke2fs: {}", text(&out.stderr));
+    image
 }

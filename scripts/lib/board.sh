@@ -160,17 +160,11 @@ board_load() {
 toolchain_for() {
     case $1 in
         armv7-unknown-linux-gnueabihf | thumbv7neon-unknown-linux-gnueabihf)
-            tc_linker=arm-linux-gnueabihf-gcc
-            tc_linker_packages=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
-            tc_cc=$tc_linker tc_cc_packages=("${tc_linker_packages[@]}")
-            tc_qemu=qemu-arm-static tc_sysroot=/usr/arm-linux-gnueabihf
-            tc_machine=ARM tc_arch=armv7l ;;
+            debian_cross arm-linux-gnueabihf armhf
+            tc_qemu=qemu-arm-static tc_machine=ARM tc_arch=armv7l ;;
         aarch64-unknown-linux-gnu)
-            tc_linker=aarch64-linux-gnu-gcc
-            tc_linker_packages=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-            tc_cc=$tc_linker tc_cc_packages=("${tc_linker_packages[@]}")
-            tc_qemu=qemu-aarch64-static tc_sysroot=/usr/aarch64-linux-gnu
-            tc_machine=AArch64 tc_arch=aarch64 ;;
+            debian_cross aarch64-linux-gnu arm64
+            tc_qemu=qemu-aarch64-static tc_machine=AArch64 tc_arch=aarch64 ;;
         aarch64-unknown-linux-musl)
             # rustup ships rust-lld and the musl target ships its own crt
             # objects and libc.a, so linking needs nothing else. C code
@@ -194,6 +188,14 @@ toolchain_for() {
             tc_machine=X86-64 tc_arch=x86_64 ;;
         *) die "no toolchain known for $1; add it to toolchain_for in scripts/lib/board.sh" ;;
     esac
+}
+
+# debian_cross GNU_TRIPLE DEBIAN_ARCH: Debian's cross gcc links and compiles
+# for a glibc target, against the target libc in /usr/GNU_TRIPLE.
+debian_cross() {
+    tc_linker=$1-gcc tc_cc=$1-gcc tc_sysroot=/usr/$1
+    tc_linker_packages=("gcc-$1" "libc6-dev-$2-cross")
+    tc_cc_packages=("${tc_linker_packages[@]}")
 }
 
 # The environment variable name cargo reads per target, e.g.

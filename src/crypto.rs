@@ -14,14 +14,19 @@
 //! reorder packets; each counter is used once, resends included, and the
 //! receiver keeps a sliding [`ReplayWindow`] as WireGuard does.
 //!
-//! ChaCha20-Poly1305 comes from ring through snow's ring resolver; X25519,
-//! BLAKE2s and randomness from snow's default resolver (see [`Resolver`]).
+//! With the `ring` feature ChaCha20-Poly1305 comes from ring through snow's
+//! ring resolver; everything else, and everything without it, from snow's
+//! default resolver (RustCrypto).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use snow::params::{CipherChoice, DHChoice, HashChoice, NoiseParams};
-use snow::resolvers::{CryptoResolver, DefaultResolver, RingResolver};
-use snow::types::{Cipher, Dh, Hash, Random};
+use snow::params::NoiseParams;
+#[cfg(feature = "ring")]
+use snow::{
+    params::{CipherChoice, DHChoice, HashChoice},
+    resolvers::{CryptoResolver, DefaultResolver, RingResolver},
+    types::{Cipher, Dh, Hash, Random},
+};
 
 use crate::keys::{PrivateKey, PublicKey};
 
@@ -49,7 +54,8 @@ pub const MAX_HANDSHAKE: usize = 256;
 
 /// Counters a receiver remembers behind the newest. Packets reorder only
 /// between the few carrier connections of one session, so 8192 is ample.
-const REPLAY_WINDOW: u64 = 8192;
+/// Public so the fuzz target can model the window's promise exactly.
+pub const REPLAY_WINDOW: u64 = 8192;
 
 /// What went wrong in the security layer.
 #[derive(Debug, thiserror::Error)]
@@ -75,14 +81,17 @@ fn params() -> NoiseParams {
     PATTERN.parse().expect("PATTERN is a valid Noise pattern")
 }
 
-/// Where snow gets its primitives. The AEAD that every byte of the tunnel
-/// goes through is ring's ChaCha20-Poly1305 (assembly for x86_64 and ARM):
-/// RustCrypto's `chacha20poly1305`, snow's default, took about 42% of the
-/// agent's and the station's CPU in a stream transfer. The handshake's
-/// X25519 and BLAKE2s, and the randomness, stay with snow's default
-/// resolver. Both AEADs compute the same function; a test pins that.
+/// Where snow gets its primitives with the `ring` feature. The AEAD that
+/// every byte of the tunnel goes through is then ring's ChaCha20-Poly1305
+/// (assembly for x86_64 and ARM): RustCrypto's `chacha20poly1305`, snow's
+/// default, took about 42% of the agent's and the station's CPU in a
+/// stream transfer. The handshake's X25519 and BLAKE2s, and the
+/// randomness, stay with snow's default resolver. Both AEADs compute the
+/// same function; a test pins that.
+#[cfg(feature = "ring")]
 struct Resolver;
 
+#[cfg(feature = "ring")]
 impl CryptoResolver for Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
         DefaultResolver.resolve_rng()
@@ -101,8 +110,16 @@ impl CryptoResolver for Resolver {
     }
 }
 
+#[cfg(feature = "ring")]
 fn builder<'a>() -> snow::Builder<'a> {
     snow::Builder::with_resolver(params(), Box::new(Resolver))
+}
+
+/// Without `ring`, snow's default resolver: RustCrypto throughout, no C
+/// code, the smallest build (what boards ship).
+#[cfg(not(feature = "ring"))]
+fn builder<'a>() -> snow::Builder<'a> {
+    snow::Builder::new(params())
 }
 
 /// The agent's half-done handshake.
@@ -236,6 +253,11 @@ impl Default for ReplayWindow {
 impl ReplayWindow {
     /// Records `counter`; false if it was seen before or is too old to tell.
     pub fn accept(&mut self, counter: u64) -> bool {
+        // Noise reserves 2^64-1 (snow opens nothing under it), so no genuine
+        // packet has it; refusing it keeps `top`, one past the highest, in a u64.
+        if counter == u64::MAX {
+            return false;
+        }
         if counter >= self.top {
             let fresh = counter - self.top + 1;
             if fresh >= REPLAY_WINDOW {
@@ -417,6 +439,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "ring")]
     fn ring_and_rustcrypto_seal_alike() {
         // The agent uses snow's default resolver (RustCrypto's AEAD), the
         // station ours (ring's): each opens what the other sealed, so builds
@@ -460,6 +483,20 @@ mod tests {
         assert!(w.accept(6 + REPLAY_WINDOW / 2));
         assert!(w.accept(u64::MAX - 1));
         assert!(!w.accept(6 + REPLAY_WINDOW / 2));
+    }
+
+    /// Found by the replay_window fuzz target: `u64::MAX` overflowed `top`
+    /// (a panic with overflow checks, an endless loop without).
+    #[test]
+    fn the_reserved_counter_is_refused() {
+        let mut fresh = ReplayWindow::default();
+        assert!(!fresh.accept(u64::MAX));
+        assert!(fresh.accept(0), "the refusal recorded nothing");
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(u64::MAX - 1));
+        assert!(!w.accept(u64::MAX));
+        assert!(!w.accept(u64::MAX - 1));
+        assert!(w.accept(u64::MAX - 2));
     }
 
     #[test]

@@ -41,7 +41,12 @@ enum Command {
     Station(PathBuf),
     Agent(PathBuf),
     Check(PathBuf),
-    Demo { once: bool, carrier: CarrierKind, bytes: u64 },
+    /// `bytes: None` means the demo's default amount.
+    Demo {
+        once: bool,
+        carrier: CarrierKind,
+        bytes: Option<u64>,
+    },
 }
 
 /// A command line that cannot be run, with the reason to print.
@@ -80,7 +85,7 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
     let mut verbosity: i32 = 0;
     let mut once = false;
     let mut carrier = CarrierKind::Auto;
-    let mut bytes = postern::demo::DEFAULT_BYTES;
+    let mut bytes: Option<u64> = None;
     while let Some(arg) = parser.next()? {
         match arg {
             Short('h') | Long("help") => {
@@ -109,9 +114,10 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
             }
             Long("bytes") => {
                 let text = parser.value()?.string()?;
-                bytes = text
-                    .parse()
-                    .map_err(|_| Usage(format!("--bytes {text:?}: expected a number of bytes")))?;
+                bytes =
+                    Some(text.parse().map_err(|_| {
+                        Usage(format!("--bytes {text:?}: expected a number of bytes"))
+                    })?);
             }
             Value(value) if subcommand.is_none() => subcommand = Some(value.string()?),
             _ => return Err(arg.unexpected().into()),
@@ -129,7 +135,7 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
     };
     let needs_config =
         |what: &str| config.clone().ok_or_else(|| Usage(format!("{what} needs -c FILE.toml")));
-    let demo_only = once || carrier != CarrierKind::Auto || bytes != postern::demo::DEFAULT_BYTES;
+    let demo_only = once || carrier != CarrierKind::Auto || bytes.is_some();
     if demo_only && name != "demo" {
         return Err(Usage(format!("--once, --carrier and --bytes apply only to demo, not {name}")));
     }
@@ -296,8 +302,9 @@ fn agent(_: PathBuf) -> Result<(), String> {
 }
 
 #[cfg(all(feature = "agent", feature = "station"))]
-fn demo(once: bool, carrier: CarrierKind, bytes: u64) -> Result<(), String> {
-    use postern::demo::Lab;
+fn demo(once: bool, carrier: CarrierKind, bytes: Option<u64>) -> Result<(), String> {
+    use postern::demo::{Lab, DEFAULT_BYTES};
+    let bytes = bytes.unwrap_or(DEFAULT_BYTES);
     smol::block_on(async {
         let lab = Lab::start(carrier).await.map_err(|e| e.to_string())?;
         println!(
@@ -322,6 +329,6 @@ fn demo(once: bool, carrier: CarrierKind, bytes: u64) -> Result<(), String> {
 }
 
 #[cfg(not(all(feature = "agent", feature = "station")))]
-fn demo(_: bool, _: CarrierKind, _: u64) -> Result<(), String> {
+fn demo(_: bool, _: CarrierKind, _: Option<u64>) -> Result<(), String> {
     Err("the demo needs both the `agent` and `station` features".into())
 }

@@ -76,6 +76,11 @@ pub enum StreamViolation {
     /// Sent more than the credit we granted.
     #[error("peer overran the flow-control window of stream {0}")]
     Overrun(StreamId),
+    /// Opened a stream past [`MAX_STREAMS`] while [`MAX_STREAMS`] refusals
+    /// were still waiting to be sent. A peer that counts its streams cannot:
+    /// each one we refused still counts at its end until our reset arrives.
+    #[error("peer kept opening streams past the limit of {MAX_STREAMS}")]
+    TooManyStreams,
 }
 
 /// What [`Streams::received`] found: bytes to take without a copy, the
@@ -166,10 +171,12 @@ impl Stream {
 }
 
 /// A frame waiting to be sent that does not belong to a live stream's turn.
+/// `Refuse` is a peer's open refused for the stream limit.
 #[derive(Debug)]
 enum Control {
     Open { id: StreamId, name: String },
     Reset { id: StreamId, reason: String },
+    Refuse { id: StreamId },
     Close { reason: String },
 }
 
@@ -184,6 +191,9 @@ pub struct Streams {
     /// Streams with something to send, served round-robin so none starves.
     ready: VecDeque<StreamId>,
     control: VecDeque<Control>,
+    /// `Refuse` entries in `control`; at most MAX_STREAMS, so a peer that
+    /// ignores the limit cannot grow the queue (and our memory) without end.
+    refusals: usize,
     events: VecDeque<Event>,
     peer_closed: bool,
 }
@@ -200,6 +210,7 @@ impl Streams {
             peer_id_floor: 0,
             ready: VecDeque::new(),
             control: VecDeque::new(),
+            refusals: 0,
             events: VecDeque::new(),
             peer_closed: false,
         }
@@ -363,6 +374,7 @@ impl Streams {
         self.streams.clear();
         self.ready.clear();
         self.control.clear();
+        self.refusals = 0;
         self.events.push_back(Event::Closed { reason: reason.to_owned() });
     }
 
@@ -436,8 +448,11 @@ impl Streams {
         }
         self.peer_id_floor = id;
         if self.streams.len() >= MAX_STREAMS {
-            let reason = format!("too many streams open (limit {MAX_STREAMS})");
-            self.control.push_back(Control::Reset { id, reason });
+            if self.refusals >= MAX_STREAMS {
+                return Err(StreamViolation::TooManyStreams);
+            }
+            self.refusals += 1;
+            self.control.push_back(Control::Refuse { id });
             return Ok(());
         }
         self.streams.insert(id, Stream::new());
@@ -448,17 +463,21 @@ impl Streams {
     /// Encodes frames into `out` until it holds `capacity` bytes or nothing
     /// is left to send. Control frames go first so an Open precedes its data.
     pub fn fill(&mut self, out: &mut Vec<u8>, capacity: usize) {
+        let refused = format!("too many streams open (limit {MAX_STREAMS})");
         while let Some(control) = self.control.front() {
             let frame = match control {
                 Control::Open { id, name } => Frame::Open { id: *id, name },
                 Control::Reset { id, reason } => Frame::Reset { id: *id, reason },
+                Control::Refuse { id } => Frame::Reset { id: *id, reason: &refused },
                 Control::Close { reason } => Frame::Close { reason },
             };
             if out.len() + FRAME_OVERHEAD + MAX_NAME.max(MAX_REASON) > capacity {
                 return;
             }
             encode_frame(&frame, out);
-            self.control.pop_front();
+            if let Some(Control::Refuse { .. }) = self.control.pop_front() {
+                self.refusals -= 1;
+            }
         }
         // Each ready stream gets one turn per pass; a stream with more to send
         // goes to the back of the queue.
@@ -685,7 +704,46 @@ mod tests {
         let mut packet = Vec::new();
         station.fill(&mut packet, frame::MAX_PACKET);
         let frames: Vec<_> = Frames::new(&packet).map(Result::unwrap).collect();
-        assert!(matches!(frames[0], Frame::Reset { id, .. } if id == 2 * MAX_STREAMS as u32 + 1));
+        assert_eq!(
+            frames[0],
+            Frame::Reset {
+                id: 2 * MAX_STREAMS as u32 + 1,
+                reason: "too many streams open (limit 256)"
+            }
+        );
+    }
+
+    /// Found by the session fuzz target: one packet train of 125,000 Opens
+    /// past the limit, never acknowledged, queued a refusal (with its own
+    /// reason string) for each, about 90 bytes apiece and without end. A
+    /// peer counting its streams never has more than MAX_STREAMS refusals
+    /// outstanding; one that does is ending the session.
+    #[test]
+    fn refusals_waiting_to_be_sent_are_bounded() {
+        let mut station = Streams::new(Side::Station);
+        let mut ids = (1..).step_by(2);
+        for id in ids.by_ref().take(2 * MAX_STREAMS) {
+            station.handle_frame(Frame::Open { id, name: "t" }).unwrap();
+        }
+        let id = ids.next().unwrap();
+        assert_eq!(
+            station.handle_frame(Frame::Open { id, name: "t" }),
+            Err(StreamViolation::TooManyStreams)
+        );
+        assert_eq!(station.control.len(), MAX_STREAMS);
+
+        // Refusals that went out make room: a peer that hears them may
+        // open (and be refused) again.
+        let mut station = Streams::new(Side::Station);
+        for id in ids.by_ref().take(2 * MAX_STREAMS) {
+            station.handle_frame(Frame::Open { id, name: "t" }).unwrap();
+        }
+        let mut packet = Vec::new();
+        station.fill(&mut packet, frame::MAX_PACKET);
+        assert_eq!(Frames::new(&packet).count(), MAX_STREAMS);
+        let id = ids.next().unwrap();
+        assert_eq!(station.handle_frame(Frame::Open { id, name: "t" }), Ok(()));
+        assert_eq!(station.control.len(), 1);
     }
 
     #[test]

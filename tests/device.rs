@@ -1,0 +1,701 @@
+//! Device builds, end to end: the agents `scripts/build-board` cross-built
+//! run under qemu-user against a native station, and `scripts/install-image`
+//! writes an ext4 image that is read back with debugfs.
+//!
+//! ```text
+//!  test ─tcp─▶ agent (dist/BOARD/postern, qemu-user) ═HTTP═▶ station (native) ─tcp─▶ echo (test)
+//!    ▲                                                                                 │
+//!    └──────────────────────── the same bytes, hashed ◀───────────────────────────────┘
+//! ```
+//!
+//! The board binaries take minutes to build, so they come from `dist/`:
+//! `scripts/test` builds them and names the directory in `POSTERN_DIST`.
+//! Without that variable each test prints why it checked nothing and passes,
+//! so a plain `cargo test` stays quick; with it, a missing binary or tool is
+//! a failure. Everything binds 127.0.0.1 on ephemeral ports and every wait
+//! has a deadline.
+//!
+//! Serial lines are not run under emulation: Debian 12's qemu-user (7.2)
+//! answers TCGETS2, which the serial endpoint uses, with ENOSYS ("Unsupported
+//! ioctl: cmd=0x802c542a"), while any ARM kernel implements it. The serial
+//! endpoint is tested natively by tests/serial.rs.
+//!
+//! `idle_rss` is a measurement, not a test: `scripts/bench-sizes` runs it
+//! with a native agent-only build and records VmRSS, RssAnon, RssFile and
+//! VmHWM from /proc/PID/status in docs/BENCHMARKS.md.
+//!
+//! Needs both features: the station under test is this crate's own binary.
+#![cfg(all(feature = "agent", feature = "station"))]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use postern::demo::{Digest, Pattern};
+
+// Temp dirs, shared with tests/serial.rs.
+mod serial_common;
+use serial_common::TempDir;
+
+/// Names the directory with one `BOARD/postern` per built board.
+const DIST_VAR: &str = "POSTERN_DIST";
+
+/// Names a native agent-only binary for `idle_rss`.
+const AGENT_BIN_VAR: &str = "POSTERN_AGENT_BIN";
+
+/// The boards whose architectures the round trips cover: Thumb-2 armv7
+/// with glibc, and aarch64 with musl.
+const ARMV7_BOARD: &str = "beaglebone-black";
+const AARCH64_BOARD: &str = "raspberry-pi";
+
+/// The board the full install is tried on: its binary is not in /usr/bin.
+const GATEWAY_BOARD: &str = "imx8-gateway";
+
+/// Bytes pushed through the emulated agent and back: as many as the demo
+/// sends, many carrier requests and credit updates. Under qemu-user this
+/// takes a few seconds here.
+const ROUND_TRIP_BYTES: usize = 8 << 20;
+
+/// How long processes get to start, including qemu translating the agent.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long the round trip may take under emulation (a generous multiple
+/// of the few seconds it takes).
+const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
+
+/// Image size for the install tests: the largest agent is under 1 MiB.
+const IMAGE_BYTES: u64 = 16 << 20;
+
+/// Highest `systemd-analyze security` exposure accepted for the unit; the
+/// unit install-image writes scores 1.8 ("OK") with systemd 252.
+const MAX_EXPOSURE: f64 = 2.0;
+
+// ---------------------------------------------------------------------------
+// Round trips through cross-built agents.
+
+#[test]
+fn armv7_agent_under_qemu_carries_bytes_exactly() {
+    if let Some(dist) = dist_dir() {
+        round_trip_through_board(&dist, ARMV7_BOARD);
+    }
+}
+
+#[test]
+fn aarch64_agent_under_qemu_carries_bytes_exactly() {
+    if let Some(dist) = dist_dir() {
+        round_trip_through_board(&dist, AARCH64_BOARD);
+    }
+}
+
+fn round_trip_through_board(dist: &Path, board: &str) {
+    board_binary(dist, board);
+    let dir = TempDir::new(&format!("device-{board}"));
+    let lab = Lab::start(&dir, board_run(board));
+    let (sent, back) = lab.round_trip(ROUND_TRIP_BYTES);
+    assert_eq!(back, sent, "{board}: bytes that came back through the agent (length, BLAKE2s)");
+}
+
+// ---------------------------------------------------------------------------
+// Image installs.
+
+#[test]
+fn install_image_writes_agent_config_key_and_unit() {
+    let Some(dist) = dist_dir() else { return };
+    let binary = board_binary(&dist, GATEWAY_BOARD);
+    let dir = TempDir::new("device-install");
+    let image = make_image(&dir);
+    let station_key = genkey();
+    let agent_key = genkey();
+    std::fs::write(dir.path().join("agent.key"), &agent_key).unwrap();
+    let config = format!(
+        "station = \"http://station.example.com/postern/\"\n\
+         station_public_key = \"{}\"\n\
+         private_key_file = \"agent.key\"\n\
+         [[forward]]\nlisten = \"127.0.0.1:5020\"\ntarget = \"collector\"\n\
+         [[forward]]\nserial = \"/dev/ttymxc2\"\nbaud = 19200\ntarget = \"meter\"\n\
+         [services]\nconsole = {{ serial = \"/dev/ttyUSB0\", baud = 115200 }}\n",
+        pubkey(&station_key)
+    );
+    let config_path = dir.path().join("site-7.toml");
+    std::fs::write(&config_path, &config).unwrap();
+
+    let out = install_image(&image, GATEWAY_BOARD, &config_path);
+    assert!(out.status.success(), "install-image failed: {}", text(&out.stderr));
+
+    let bin = image_file(&image, "/usr/local/bin/postern");
+    assert_eq!((bin.mode, bin.uid, bin.gid), (0o100755, 0, 0), "/usr/local/bin/postern");
+    assert_eq!(hash(&bin.content), hash(&std::fs::read(&binary).unwrap()), "installed binary");
+    let cfg = image_file(&image, "/etc/postern/agent.toml");
+    assert_eq!((cfg.mode, cfg.uid, cfg.gid), (0o100600, 0, 0), "/etc/postern/agent.toml");
+    assert_eq!(cfg.content, config.as_bytes(), "installed config");
+    let key = image_file(&image, "/etc/postern/agent.key");
+    assert_eq!((key.mode, key.uid, key.gid), (0o100600, 0, 0), "/etc/postern/agent.key");
+    assert_eq!(key.content, agent_key.as_bytes(), "installed key");
+    let unit_file = image_file(&image, "/etc/systemd/system/postern-agent.service");
+    assert_eq!(unit_file.mode, 0o100644, "unit mode");
+    let unit = String::from_utf8(unit_file.content).unwrap();
+    for line in [
+        "ExecStart=/usr/local/bin/postern agent -c ${CREDENTIALS_DIRECTORY}/agent.toml",
+        "LoadCredential=agent.toml:/etc/postern/agent.toml",
+        "LoadCredential=agent.key:/etc/postern/agent.key",
+        "Restart=always",
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/ttymxc2 rw",
+        "DeviceAllow=char-ttyUSB rw",
+        "SupplementaryGroups=dialout",
+        "CapabilityBoundingSet=",
+    ] {
+        assert_unit_has(&unit, line);
+    }
+    let allowed: Vec<&str> = unit.lines().filter(|l| l.starts_with("DeviceAllow=")).collect();
+    assert_eq!(allowed.len(), 2, "DeviceAllow only for the config's serial lines: {allowed:?}");
+    let link =
+        image_stat(&image, "/etc/systemd/system/multi-user.target.wants/postern-agent.service");
+    assert!(
+        link.contains("Type: symlink")
+            && link.contains("Fast link dest: \"/etc/systemd/system/postern-agent.service\""),
+        "the unit is not enabled:\n{link}"
+    );
+    check_unit_with_systemd(&dir, &unit);
+}
+
+#[test]
+fn install_image_without_serial_hides_devices() {
+    let Some(dist) = dist_dir() else { return };
+    board_binary(&dist, ARMV7_BOARD);
+    let dir = TempDir::new("device-install-tcp");
+    let image = make_image(&dir);
+    let config = dir.write("agent.toml", &tcp_only_config(502));
+    let out = install_image(&image, ARMV7_BOARD, &config);
+    assert!(out.status.success(), "install-image failed: {}", text(&out.stderr));
+    let unit =
+        String::from_utf8(image_file(&image, "/etc/systemd/system/postern-agent.service").content)
+            .unwrap();
+    for line in [
+        "ExecStart=/usr/bin/postern agent -c ${CREDENTIALS_DIRECTORY}/agent.toml",
+        "PrivateDevices=yes",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+    ] {
+        assert_unit_has(&unit, line);
+    }
+    for absent in ["DeviceAllow=", "SupplementaryGroups=", "LoadCredential=agent.key"] {
+        assert!(!unit.contains(absent), "unit has {absent:?} without a need:\n{unit}");
+    }
+    let bin = image_file(&image, "/usr/bin/postern");
+    assert_eq!(bin.mode, 0o100755, "/usr/bin/postern mode");
+}
+
+#[test]
+fn install_image_refuses_bad_configs_and_leaves_the_image_alone() {
+    let Some(dist) = dist_dir() else { return };
+    board_binary(&dist, ARMV7_BOARD);
+    let dir = TempDir::new("device-refuse");
+    let image = make_image(&dir);
+    let before = hash(&std::fs::read(&image).unwrap());
+    let good = tcp_only_config(5020);
+    let station_key = genkey();
+    let cases = [
+        // (file, text, what the refusal must say)
+        (
+            "scheme.toml",
+            good.replace("http://127.0.0.1:8080/", "ftp://127.0.0.1:8080/"),
+            "scheme.toml: station: scheme \"ftp\" is not supported",
+        ),
+        (
+            "typo.toml",
+            good.replace("target =", "targte ="),
+            "typo.toml: line 6, column 1: unknown field `targte`",
+        ),
+        (
+            "abs-key.toml",
+            good.replace(
+                &good.lines().find(|l| l.starts_with("private_key ")).unwrap().to_owned(),
+                "private_key_file = \"/etc/postern/agent.key\"",
+            ),
+            "private_key_file = '/etc/postern/agent.key': must be a file name next to the config",
+        ),
+        (
+            "no-key.toml",
+            good.replace(
+                &good.lines().find(|l| l.starts_with("private_key ")).unwrap().to_owned(),
+                "private_key_file = \"absent.key\"",
+            ),
+            "there is no readable",
+        ),
+        (
+            "station.toml",
+            format!("listen = \"127.0.0.1:8080\"\nprivate_key = \"{station_key}\"\n"),
+            "not an agent config",
+        ),
+    ];
+    for (name, text_in, reason) in cases {
+        let config = dir.write(name, &text_in);
+        let out = install_image(&image, ARMV7_BOARD, &config);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name} was not refused: {stderr}");
+        assert!(stderr.contains("refused") && stderr.contains(reason), "{name}: {stderr}");
+    }
+    assert_eq!(
+        hash(&std::fs::read(&image).unwrap()),
+        before,
+        "a refused install changed the image"
+    );
+}
+
+fn assert_unit_has(unit: &str, line: &str) {
+    assert!(unit.lines().any(|l| l == line), "unit lacks {line:?}:\n{unit}");
+}
+
+fn tcp_only_config(port: u16) -> String {
+    format!(
+        "station = \"http://127.0.0.1:8080/\"\n\
+         station_public_key = \"{}\"\n\
+         private_key = \"{}\"\n\
+         [[forward]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"collector\"\n",
+        pubkey(&genkey()),
+        genkey()
+    )
+}
+
+/// `systemd-analyze verify` finds no unknown or malformed setting, and
+/// `systemd-analyze security` scores the unit no worse than [`MAX_EXPOSURE`].
+fn check_unit_with_systemd(dir: &TempDir, unit: &str) {
+    // verify wants ExecStart to exist and be executable here.
+    let exec = dir.write("postern", "");
+    let mut perms = std::fs::metadata(&exec).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&exec, perms).unwrap();
+    let local =
+        unit.replace("ExecStart=/usr/local/bin/postern", &format!("ExecStart={}", exec.display()));
+    let unit_path = dir.write("postern-agent.service", &local);
+    let out = run(Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "--generators=no"])
+        .arg(&unit_path));
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        text(&out.stderr)
+    );
+    let out = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit_path));
+    let report = text(&out.stdout);
+    let exposure: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for postern-agent.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}{}", text(&out.stderr)));
+    assert!(exposure <= MAX_EXPOSURE, "unit exposure {exposure} > {MAX_EXPOSURE}:\n{report}");
+}
+
+// ---------------------------------------------------------------------------
+// Idle memory of the native agent (a measurement for scripts/bench-sizes).
+
+#[test]
+#[ignore = "a measurement: scripts/bench-sizes runs it with POSTERN_AGENT_BIN"]
+fn idle_rss() {
+    let agent = PathBuf::from(
+        std::env::var_os(AGENT_BIN_VAR)
+            .unwrap_or_else(|| panic!("{AGENT_BIN_VAR} must name a native agent binary")),
+    );
+    let dir = TempDir::new("device-rss");
+    let lab = Lab::start(&dir, vec![agent.into_os_string().into_string().unwrap()]);
+    let pid = lab.agent.id();
+    print_memory(pid, "no-stream");
+    let mut stream = lab.open_stream();
+    let mut pattern = Pattern::new(7);
+    let mut echo = |bytes: usize| {
+        let mut block = vec![0u8; bytes];
+        let mut echoed = vec![0u8; bytes];
+        pattern.fill(&mut block);
+        stream.write_all(&block).unwrap();
+        stream.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, block, "echo through the native agent");
+    };
+    echo(16);
+    print_memory(pid, "one-stream");
+    // Buffers that fill only when bytes flow in bulk are counted too.
+    for _ in 0..4 {
+        echo(64 * 1024);
+    }
+    print_memory(pid, "one-stream-after-256KiB");
+}
+
+/// Prints `idle-rss STATE VmRSS=.. kB RssAnon=.. kB RssFile=.. kB VmHWM=.. kB`
+/// for `scripts/bench-sizes`, once VmRSS has not changed for a second (or
+/// after ten seconds, whichever is first).
+fn print_memory(pid: u32, state: &str) {
+    let read = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        ["VmRSS", "RssAnon", "RssFile", "VmHWM"].map(|name| {
+            let line = status.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap();
+            let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            (name, kb)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = read();
+    let mut stable_since = Instant::now();
+    while Instant::now() < deadline && stable_since.elapsed() < Duration::from_secs(1) {
+        thread::sleep(Duration::from_millis(100));
+        let now = read();
+        if now[0] != last[0] {
+            stable_since = Instant::now();
+        }
+        last = now;
+    }
+    let fields: Vec<String> = last.iter().map(|(name, kb)| format!("{name}={kb} kB")).collect();
+    println!("idle-rss {state} {}", fields.join(" "));
+}
+
+// ---------------------------------------------------------------------------
+// A station, an agent and an echo target as real processes on loopback.
+
+struct Lab {
+    _station: Running,
+    agent: Running,
+    forward: SocketAddr,
+    echo: Option<JoinHandle<()>>,
+}
+
+impl Lab {
+    /// `agent_command` is the agent program with any wrapper before it
+    /// (`scripts/board-run BOARD`, or a native binary).
+    fn start(dir: &TempDir, agent_command: Vec<String>) -> Lab {
+        let echo_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_addr = echo_listener.local_addr().unwrap();
+        let echo = thread::spawn(move || echo_one(echo_listener));
+
+        let station_key = genkey();
+        let agent_key = genkey();
+        let station_config = dir.write(
+            "station.toml",
+            &format!(
+                "listen = \"127.0.0.1:0\"\nprivate_key = \"{station_key}\"\n\
+                 [targets]\necho = \"{echo_addr}\"\n\
+                 [[devices]]\nname = \"board\"\npublic_key = \"{}\"\nallow = [\"echo\"]\n",
+                pubkey(&agent_key)
+            ),
+        );
+        let mut station = Running::spawn(
+            Command::new(env!("CARGO_BIN_EXE_postern"))
+                .arg("station")
+                .arg("-c")
+                .arg(&station_config),
+            "station",
+        );
+        let station_addr = station.wait_for_address("station listening on ");
+
+        let agent_config = dir.write(
+            "agent.toml",
+            &format!(
+                "station = \"http://{station_addr}/\"\nstation_public_key = \"{}\"\n\
+                 private_key = \"{agent_key}\"\n\
+                 [[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n",
+                pubkey(&station_key)
+            ),
+        );
+        let mut command = Command::new(&agent_command[0]);
+        command.args(&agent_command[1..]).arg("agent").arg("-c").arg(&agent_config);
+        let mut agent = Running::spawn(&mut command, "agent");
+        let forward = agent.wait_for_address("forwarding ");
+        // A local connection before the session exists is closed at once.
+        agent.wait_for_line("connected to the station");
+        Lab { _station: station, agent, forward, echo: Some(echo) }
+    }
+
+    fn open_stream(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.forward).unwrap();
+        stream.set_read_timeout(Some(TRANSFER_LIMIT)).unwrap();
+        stream.set_write_timeout(Some(TRANSFER_LIMIT)).unwrap();
+        stream
+    }
+
+    /// Sends `bytes` of a test pattern through the tunnel to the echo
+    /// target and reads them back; returns (length, hash) of both.
+    fn round_trip(mut self, bytes: usize) -> ((usize, String), (usize, String)) {
+        let stream = self.open_stream();
+        let mut writer = stream.try_clone().unwrap();
+        let sender = thread::spawn(move || {
+            let mut pattern = Pattern::new(0x5eed);
+            let mut digest = Digest::default();
+            let mut block = vec![0u8; 16 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(block.len());
+                pattern.fill(&mut block[..n]);
+                writer.write_all(&block[..n]).unwrap();
+                digest.update(&block[..n]);
+                left -= n;
+            }
+            writer.shutdown(Shutdown::Write).unwrap();
+            (bytes, digest.finish())
+        });
+        let deadline = Instant::now() + TRANSFER_LIMIT;
+        let mut reader = stream;
+        let mut digest = Digest::default();
+        let mut received = 0;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            assert!(Instant::now() < deadline, "round trip took over {TRANSFER_LIMIT:?}");
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    digest.update(&buf[..n]);
+                    received += n;
+                }
+                // A signal (a child of another test exiting) is no error.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    panic!("reading the echo after {received} bytes: {e}\n{}", self.agent.log())
+                }
+            }
+        }
+        let sent = sender.join().expect("the sender thread failed");
+        self.echo.take().unwrap().join().expect("the echo target failed");
+        (sent, (received, digest.finish()))
+    }
+}
+
+/// Accepts one connection (within [`START_LIMIT`] plus [`TRANSFER_LIMIT`])
+/// and echoes it until the peer closes its side.
+fn echo_one(listener: TcpListener) {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + START_LIMIT + TRANSFER_LIMIT;
+    let mut socket = loop {
+        match listener.accept() {
+            Ok((socket, _)) => break socket,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("echo accept: {e}"),
+        }
+    };
+    socket.set_nonblocking(false).unwrap();
+    socket.set_read_timeout(Some(TRANSFER_LIMIT)).unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match socket.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if socket.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = socket.shutdown(Shutdown::Write);
+}
+
+/// A child process that is killed when dropped, with its stderr lines
+/// collected by a thread.
+struct Running {
+    name: &'static str,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn spawn(command: &mut Command, name: &'static str) -> Running {
+        let mut child = command
+            .env("POSTERN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        // Ends when the child's stderr closes, i.e. when the child is gone.
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { name, child, lines, seen: Vec::new() }
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to [`START_LIMIT`] for a log line containing `needle`.
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "the {} did not log {needle:?} within {START_LIMIT:?}; it logged:\n{}",
+                    self.name,
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    /// The address right after `prefix` in the first log line with it.
+    fn wait_for_address(&mut self, prefix: &str) -> SocketAddr {
+        let line = self.wait_for_line(prefix);
+        let rest = &line[line.find(prefix).unwrap() + prefix.len()..];
+        let word = rest.split_whitespace().next().unwrap_or_default();
+        word.parse().unwrap_or_else(|_| panic!("no address after {prefix:?} in {line:?}"))
+    }
+
+    fn log(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+/// `dist/` as named by `scripts/test`, or `None` after saying why the test
+/// checks nothing.
+fn dist_dir() -> Option<PathBuf> {
+    match std::env::var_os(DIST_VAR) {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            eprintln!(
+                "skipped: {DIST_VAR} is not set. scripts/test builds the board agents \
+                 (scripts/build-board) and sets it; to run this alone: \
+                 scripts/build-board {ARMV7_BOARD} && scripts/build-board {AARCH64_BOARD} && \
+                 scripts/build-board {GATEWAY_BOARD} && {DIST_VAR}=$PWD/dist cargo test --release --test device"
+            );
+            None
+        }
+    }
+}
+
+fn board_binary(dist: &Path, board: &str) -> PathBuf {
+    let binary = dist.join(board).join("postern");
+    assert!(
+        binary.is_file(),
+        "{} is missing: scripts/build-board {board} makes it",
+        binary.display()
+    );
+    binary
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
+fn board_run(board: &str) -> Vec<String> {
+    vec![script("board-run").display().to_string(), board.to_owned()]
+}
+
+fn install_image(image: &Path, board: &str, config: &Path) -> Output {
+    run(Command::new(script("install-image")).arg(image).arg(board).arg(config))
+}
+
+fn run(command: &mut Command) -> Output {
+    let program = command.get_program().to_string_lossy().into_owned();
+    command
+        .env("PATH", path_with_sbin())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// debugfs and mke2fs live in /sbin, which a non-root PATH may lack.
+fn path_with_sbin() -> String {
+    format!("{}:/usr/sbin:/sbin", std::env::var("PATH").unwrap_or_default())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn hash(bytes: &[u8]) -> String {
+    let mut digest = Digest::default();
+    digest.update(bytes);
+    digest.finish()
+}
+
+fn genkey() -> String {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_postern")).arg("genkey"));
+    assert!(out.status.success(), "postern genkey: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+fn pubkey(private: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "postern pubkey failed");
+    text(&out.stdout).trim().to_owned()
+}
+
+/// A file read back out of an image with debugfs.
+struct ImageFile {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    content: Vec<u8>,
+}
+
+fn image_stat(image: &Path, path: &str) -> String {
+    let out = run(Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(image));
+    text(&out.stdout)
+}
+
+fn image_file(image: &Path, path: &str) -> ImageFile {
+    let stat = image_stat(image, path);
+    let field = |name: &str| -> &str {
+        stat.split(name)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{path} is not in the image (no {name:?}):\n{stat}"))
+    };
+    assert!(stat.contains("Type: regular"), "{path} is not a regular file:\n{stat}");
+    let permissions = u32::from_str_radix(field("Mode:"), 8).unwrap();
+    let uid = field("User:").parse().unwrap();
+    let gid = field("Group:").parse().unwrap();
+    let out = run(Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(image));
+    ImageFile { mode: 0o100000 | permissions, uid, gid, content: out.stdout }
+}
+
+/// An empty ext4 file system image of [`IMAGE_BYTES`] in `dir`.
+fn make_image(dir: &TempDir) -> PathBuf {
+    let image = dir.path().join("rootfs.ext4");
+    std::fs::File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
+    let out = run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&image));
+    assert!(out.status.success(), "mke2fs: {}", text(&out.stderr));
+    image
+}

@@ -114,8 +114,8 @@ fn main() {
 const USAGE: &str = "\
 Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ...
   --mib N          MiB per transfer, split over the connections of the -many
-                   tests (default 256)
-  --repeat N       measurements per row; the median is reported (default 3)
+                   tests (default 128)
+  --repeat N       measurements per row; the median is reported (default 5)
   --only NAMES     routes to run, comma-separated: direct, httptunnel,
                    rathole-tcp, rathole-noise, wstunnel, stream, poll,
                    stream-squid, poll-squid, stream-nginx, poll-nginx, and
@@ -124,13 +124,14 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ..
   --tests NAMES    tests to run, comma-separated: up, down, up-many,
                    down-many, latency (default all)
   --streams N      connections of the -many tests (default 32)
-  --messages N     timed round trips per latency measurement (default 1000)
+  --messages N     timed round trips per latency measurement (default 2000)
   --rtt-ms N       round trip the -rtt routes add (default 20)
   --rtt-mib N      MiB per transfer on the -rtt routes (default 16)
   --devices N      idle agents for the station memory test, 0 to skip (default 200)
   --no-memory      skip the idle memory and station memory tests
   --postern PATH   the postern binary (default: the one cargo built with this driver)
-  --device-agent PATH  an agent-only device build, measured idle beside the others
+  --device-agent LABEL=PATH  another agent build (e.g. the device profile),
+                   measured idle beside the release build (repeatable)
   --rathole PATH   the rathole binary (the rathole routes are reported as not
                    run without it; --rathole-missing TEXT says why)
   --wstunnel PATH  the wstunnel binary (likewise; --wstunnel-missing TEXT)
@@ -154,7 +155,8 @@ struct Options {
     streams: usize,
     messages: usize,
     postern: PathBuf,
-    device_agent: Option<PathBuf>,
+    /// Agent builds measured idle beside the release build, by label.
+    device_agents: Vec<(String, PathBuf)>,
     /// The peers' binaries, or why there is none.
     rathole: Result<PathBuf, String>,
     wstunnel: Result<PathBuf, String>,
@@ -176,14 +178,14 @@ struct Options {
 impl Options {
     fn parse() -> Result<Options, String> {
         let mut options = Options {
-            bytes: 256 * MIB,
-            repeat: 3,
+            bytes: 128 * MIB,
+            repeat: 5,
             routes: Route::ALL.to_vec(),
             tests: Test::ALL.to_vec(),
             streams: 32,
-            messages: 1000,
+            messages: 2000,
             postern: PathBuf::from(env!("CARGO_BIN_EXE_postern")),
-            device_agent: None,
+            device_agents: Vec::new(),
             rathole: Err("no binary given (scripts/bench builds it)".to_owned()),
             wstunnel: Err("no binary given (WSTUNNEL=/path; it is not on crates.io)".to_owned()),
             sizes: Vec::new(),
@@ -224,7 +226,12 @@ impl Options {
                 "--streams" => options.streams = number::<usize>(&arg, value()?)?.max(1),
                 "--messages" => options.messages = number::<usize>(&arg, value()?)?.max(10),
                 "--postern" => options.postern = value()?.into(),
-                "--device-agent" => options.device_agent = Some(value()?.into()),
+                "--device-agent" => {
+                    let text = value()?;
+                    let (label, path) =
+                        text.split_once('=').ok_or(format!("--device-agent {text:?}"))?;
+                    options.device_agents.push((label.to_owned(), path.into()));
+                }
                 "--rathole" => options.rathole = Ok(value()?.into()),
                 "--rathole-missing" => options.rathole = Err(value()?),
                 "--wstunnel" => options.wstunnel = Ok(value()?.into()),
@@ -1781,8 +1788,10 @@ enum IdleTunnel<'a> {
 /// Resident memory of a tunnel's two ends with one open, idle stream.
 struct Idle {
     label: String,
-    /// VmRSS of the device side and of the central side, or why not.
-    rss: Result<[u64; 2], String>,
+    /// Of the device side: VmRSS and RssAnon (its own pages, without the
+    /// shared libraries' and the binary's file pages); VmRSS of the central
+    /// side; or why not.
+    rss: Result<[u64; 3], String>,
 }
 
 /// Starts a fresh instance of each tunnel, opens one stream to the echo
@@ -1792,16 +1801,11 @@ struct Idle {
 fn idle_memory(targets: &Targets, options: &Options) -> Vec<Idle> {
     let echo = [("echo", targets.echo)];
     let mut tunnels: Vec<(String, IdleTunnel)> = Vec::new();
-    if let Some(device) = &options.device_agent {
-        for carrier in ["stream", "poll"] {
-            tunnels.push((
-                format!("postern agent, device build (agent only), carrier {carrier}"),
-                IdleTunnel::Postern(device, carrier),
-            ));
-        }
+    for (label, agent) in &options.device_agents {
+        tunnels.push((format!("postern agent, {label}"), IdleTunnel::Postern(agent, "stream")));
     }
     tunnels.push((
-        "postern agent, release build, carrier stream".to_owned(),
+        "postern agent, release build (agent and station, glibc, dynamic)".to_owned(),
         IdleTunnel::Postern(&options.postern, "stream"),
     ));
     tunnels.push(("GNU httptunnel htc".to_owned(), IdleTunnel::Httptunnel));
@@ -1833,14 +1837,16 @@ fn idle_memory(targets: &Targets, options: &Options) -> Vec<Idle> {
                     socket.read_exact(&mut [0u8; MESSAGE]).map_err(|e| format!("read: {e}"))?;
                 }
                 thread::sleep(SETTLE);
-                let rss = route.rss(Proc::rss);
+                let [device, central] = route.rss(Proc::rss);
+                let [anon, _] = route.rss(|p| p.status_bytes("RssAnon"));
                 drop(socket);
-                Ok(rss)
+                Ok([device, anon, central])
             });
             match &rss {
-                Ok([device, central]) => eprintln!(
-                    "idle, one stream: {label}: {:.2} MiB (other end {:.2} MiB)",
+                Ok([device, anon, central]) => eprintln!(
+                    "idle, one stream: {label}: {:.2} MiB, {:.2} MiB anonymous (other end {:.2} MiB)",
                     *device as f64 / MIB as f64,
+                    *anon as f64 / MIB as f64,
                     *central as f64 / MIB as f64
                 ),
                 Err(e) => eprintln!("idle, one stream: {label}: {e}"),
@@ -2213,17 +2219,29 @@ impl Report<'_> {
             self.idle
                 .iter()
                 .find(|i| i.label.starts_with(prefix))
-                .and_then(|i| i.rss.as_ref().ok().map(|rss| (i.label.as_str(), rss[0])))
+                .and_then(|i| i.rss.as_ref().ok().map(|rss| (i.label.as_str(), rss)))
         };
-        let agent = idle("postern agent, device build").or_else(|| idle("postern agent, release"));
-        if let (Some((label, agent)), Some((_, htc))) = (agent, idle("GNU httptunnel")) {
-            let _ = writeln!(
-                out,
-                "| agent RSS below httptunnel's (htc), one idle stream | {} ({label}) vs {} | {} |",
-                mebibytes(agent),
-                mebibytes(htc),
-                if agent < htc { "met" } else { "**missed**" }
-            );
+        let htc = idle("GNU httptunnel");
+        // The agent the boards run: the device builds, if measured.
+        let device = |i: &&Idle| i.label.starts_with("postern agent, device build");
+        let agents: Vec<&Idle> = if self.idle.iter().any(|i| device(&i)) {
+            self.idle.iter().filter(device).collect()
+        } else {
+            self.idle.iter().filter(|i| i.label.starts_with("postern agent")).collect()
+        };
+        for agent in agents {
+            let (Ok(rss), Some((_, htc))) = (&agent.rss, htc) else { continue };
+            for (what, i) in [("VmRSS", 0), ("RssAnon", 1)] {
+                let _ = writeln!(
+                    out,
+                    "| agent RSS below httptunnel's (htc), one idle stream: {what}, {} | {} vs {} \
+                     | {} |",
+                    agent.label.trim_start_matches("postern agent, "),
+                    mebibytes(rss[i]),
+                    mebibytes(htc[i]),
+                    if rss[i] < htc[i] { "met" } else { "**missed**" }
+                );
+            }
         }
         out
     }
@@ -2358,20 +2376,23 @@ impl Report<'_> {
             let _ = writeln!(
                 out,
                 "**One idle stream.** A fresh tunnel per row, one connection to an echo target \
-                 through it, 10 messages, then {} s idle; VmRSS from /proc/PID/status of the \
-                 device-side process and of the other end.\n",
+                 through it, 10 messages, then {} s idle; from /proc/PID/status of the \
+                 device-side process: VmRSS, and RssAnon, its own pages (VmRSS less the file \
+                 pages of the binary and the shared libraries, which a dynamically linked \
+                 program shares with every other on the board); VmRSS of the other end.\n",
                 SETTLE.as_secs()
             );
-            let _ = writeln!(out, "| device-side process | its RSS | other end's RSS |");
-            let _ = writeln!(out, "|---|---:|---:|");
+            let _ = writeln!(out, "| device-side process | VmRSS | RssAnon | other end's VmRSS |");
+            let _ = writeln!(out, "|---|---:|---:|---:|");
             for idle in &self.idle {
                 match &idle.rss {
-                    Ok([device, central]) => {
+                    Ok([device, anon, central]) => {
                         let _ = writeln!(
                             out,
-                            "| {} | {} | {} |",
+                            "| {} | {} | {} | {} |",
                             idle.label,
                             mebibytes(*device),
+                            mebibytes(*anon),
                             mebibytes(*central)
                         );
                     }
@@ -2381,7 +2402,7 @@ impl Report<'_> {
                         } else {
                             format!("failed: {e}")
                         };
-                        let _ = writeln!(out, "| {} | {what} | |", idle.label);
+                        let _ = writeln!(out, "| {} | {what} | | |", idle.label);
                     }
                 }
             }

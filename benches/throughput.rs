@@ -72,7 +72,7 @@ const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
 /// Longest a warm-up transfer may take: a route that cannot pass 4 MiB in
 /// this time (a carrier a middlebox stops) is reported with the reason and
 /// not measured.
-const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
+const WARM_UP_LIMIT: Duration = Duration::from_secs(15);
 
 /// Longest a process may take to report its listening port.
 const START_LIMIT: Duration = Duration::from_secs(20);
@@ -115,7 +115,7 @@ const USAGE: &str = "\
 Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ...
   --mib N          MiB per transfer, split over the connections of the -many
                    tests (default 128)
-  --repeat N       measurements per row; the median is reported (default 5)
+  --repeat N       measurements per row; the median is reported (default 4)
   --only NAMES     routes to run, comma-separated: direct, httptunnel,
                    rathole-tcp, rathole-noise, wstunnel, stream, poll,
                    stream-squid, poll-squid, stream-nginx, poll-nginx, and
@@ -124,9 +124,9 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ..
   --tests NAMES    tests to run, comma-separated: up, down, up-many,
                    down-many, latency (default all)
   --streams N      connections of the -many tests (default 32)
-  --messages N     timed round trips per latency measurement (default 2000)
+  --messages N     timed round trips per latency measurement (default 1000)
   --rtt-ms N       round trip the -rtt routes add (default 20)
-  --rtt-mib N      MiB per transfer on the -rtt routes (default 16)
+  --rtt-mib N      MiB per transfer on the -rtt routes (default 8)
   --devices N      idle agents for the station memory test, 0 to skip (default 200)
   --no-memory      skip the idle memory and station memory tests
   --postern PATH   the postern binary (default: the one cargo built with this driver)
@@ -179,11 +179,11 @@ impl Options {
     fn parse() -> Result<Options, String> {
         let mut options = Options {
             bytes: 128 * MIB,
-            repeat: 5,
+            repeat: 4,
             routes: Route::ALL.to_vec(),
             tests: Test::ALL.to_vec(),
             streams: 32,
-            messages: 2000,
+            messages: 1000,
             postern: PathBuf::from(env!("CARGO_BIN_EXE_postern")),
             device_agents: Vec::new(),
             rathole: Err("no binary given (scripts/bench builds it)".to_owned()),
@@ -193,7 +193,7 @@ impl Options {
             baseline: None,
             pause: None,
             rtt: Duration::from_millis(20),
-            rtt_bytes: 16 * MIB,
+            rtt_bytes: 8 * MIB,
             devices: 200,
             memory: true,
             doc: None,
@@ -302,7 +302,14 @@ enum Via {
     /// To nginx, which passes `/tunnel/` to the station with its stock
     /// proxy settings (buffering, HTTP/1.0 upstream, 1 MiB bodies).
     Nginx,
+    /// The same with the three lines the README gives for the stream
+    /// carrier (HTTP/1.1 upstream, no request buffering, no body limit).
+    NginxTuned,
 }
+
+/// The location settings README.md gives for the stream carrier behind nginx.
+const NGINX_FOR_STREAM: &str =
+    "proxy_http_version 1.1; proxy_request_buffering off; client_max_body_size 0;";
 
 /// A way from the client to the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -320,6 +327,7 @@ enum Route {
     PollSquid,
     StreamNginx,
     PollNginx,
+    StreamNginxTuned,
     /// The carriers again with the `--baseline` binary, for before/after
     /// comparisons of a change measured in one run.
     StreamBaseline,
@@ -334,7 +342,7 @@ enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 16] = [
+    const ALL: [Route; 17] = [
         Route::Direct,
         Route::Httptunnel,
         Route::HttptunnelSquid,
@@ -347,6 +355,7 @@ impl Route {
         Route::PollSquid,
         Route::StreamNginx,
         Route::PollNginx,
+        Route::StreamNginxTuned,
         Route::DirectRtt,
         Route::HttptunnelRtt,
         Route::StreamRtt,
@@ -368,6 +377,7 @@ impl Route {
             Route::PollSquid => "poll-squid",
             Route::StreamNginx => "stream-nginx",
             Route::PollNginx => "poll-nginx",
+            Route::StreamNginxTuned => "stream-nginx-tuned",
             Route::StreamBaseline => "stream-baseline",
             Route::PollBaseline => "poll-baseline",
             Route::DirectRtt => "direct-rtt",
@@ -391,6 +401,7 @@ impl Route {
             Route::PollSquid => "postern poll, via squid",
             Route::StreamNginx => "postern stream, behind nginx",
             Route::PollNginx => "postern poll, behind nginx",
+            Route::StreamNginxTuned => "postern stream, behind nginx set as the README says",
             Route::StreamBaseline => "postern --baseline build, carrier stream",
             Route::PollBaseline => "postern --baseline build, carrier poll",
             Route::DirectRtt => "direct, with RTT",
@@ -500,6 +511,9 @@ impl Route {
                 postern(&options.postern, "stream", Via::Nginx, delay).start(&all)
             }
             Route::PollNginx => postern(&options.postern, "poll", Via::Nginx, delay).start(&all),
+            Route::StreamNginxTuned => {
+                postern(&options.postern, "stream", Via::NginxTuned, delay).start(&all)
+            }
             Route::StreamBaseline => postern(baseline()?, "stream", Via::Direct, delay).start(&all),
             Route::PollBaseline => postern(baseline()?, "poll", Via::Direct, delay).start(&all),
         }
@@ -719,6 +733,7 @@ fn run(options: &Options) -> Result<(), String> {
     let mut samples: BTreeMap<(Route, Test), Vec<Sample>> = BTreeMap::new();
     let mut latencies: BTreeMap<Route, Vec<Latency>> = BTreeMap::new();
     for round in 1..=options.repeat {
+        let round_started = Instant::now();
         for (&route, started) in &running {
             for &test in &options.tests {
                 if failures.contains_key(&(route, test)) || route.skips(test).is_some() {
@@ -763,6 +778,7 @@ fn run(options: &Options) -> Result<(), String> {
                 }
             }
         }
+        eprintln!("round {round} took {:.0} s", round_started.elapsed().as_secs_f64());
     }
     let load_after = Machine::load();
     let peak_rss: BTreeMap<Route, [u64; 2]> =
@@ -1540,9 +1556,11 @@ impl Postern<'_> {
                 keep.push(Box::new(squid));
                 (format!("http://{station_addr}/"), Some(proxy))
             }
-            Via::Nginx => {
-                let nginx = catching(|| Middlebox::nginx_with(station_addr, "/tunnel/", "", None))
-                    .map_err(|e| format!("nginx: {e}"))?;
+            Via::Nginx | Via::NginxTuned => {
+                let extra = if self.via == Via::NginxTuned { NGINX_FOR_STREAM } else { "" };
+                let nginx =
+                    catching(|| Middlebox::nginx_with(station_addr, "/tunnel/", extra, None))
+                        .map_err(|e| format!("nginx: {e}"))?;
                 let url = format!("http://{}/tunnel/", nginx.addr);
                 keep.push(Box::new(nginx));
                 (url, None)

@@ -13,8 +13,9 @@
 //!          rathole-noise  rathole server ══Noise over TCP══▶ rathole client
 //!          wstunnel       wstunnel client ══WebSocket══▶ wstunnel server   (when a binary is given)
 //!          stream, poll   postern agent ══HTTP══▶ postern station, carrier = "stream" / "poll"
-//!          *-squid        ... agent ══▶ squid (forward proxy, CONNECT denied) ══▶ station
+//!          *-squid        ... agent (or htc) ══▶ squid (forward proxy, CONNECT denied) ══▶ station
 //!          *-nginx        ... agent ══▶ nginx (reverse proxy, stock settings, /tunnel/) ══▶ station
+//!          stream-nginx-tuned  the same with README.md's three lines for the stream carrier
 //!          *-rtt          with 20 ms of round trip on the hop that crosses the firewall
 //! ```
 //!

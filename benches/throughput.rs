@@ -50,12 +50,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use postern::keys::PrivateKey;
 
 // The integration tests' squid and nginx recipes, so the bench and the
-// tests start the same middleboxes. That module takes `TempDir` from the
-// tests' `common`; ours has the same interface.
+// tests start the same middleboxes. That module takes `TempDir` and
+// `refused_addr` from the tests' `common`; ours have the same interfaces.
 #[path = "../tests/middleboxes/mod.rs"]
 mod middleboxes;
 mod common {
     pub(crate) use super::TempDir;
+
+    /// A loopback address nothing listens on right now (a free port).
+    pub(crate) fn refused_addr() -> std::net::SocketAddr {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
+        listener.local_addr().expect("a bound listener has an address")
+    }
 }
 use middleboxes::Middlebox;
 
@@ -146,7 +153,8 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ..
                    to attach perf or strace before the measurements
   --doc FILE       rewrite the generated parts of this Markdown file
   --command TEXT   the command line to record in the document
-  --started SECS   Unix time the command started (to report its run time)";
+  --started SECS   Unix time the command started (to report its run time)
+  --revision TEXT  the commit measured, for the document";
 
 struct Options {
     bytes: u64,
@@ -173,6 +181,8 @@ struct Options {
     memory: bool,
     doc: Option<PathBuf>,
     command: String,
+    /// The commit measured, as the script describes it.
+    revision: Option<String>,
     started: Option<u64>,
 }
 
@@ -199,6 +209,7 @@ impl Options {
             memory: true,
             doc: None,
             command: String::from("cargo bench --bench throughput"),
+            revision: None,
             started: None,
         };
         let mut args = std::env::args().skip(1);
@@ -263,6 +274,7 @@ impl Options {
                 "--doc" => options.doc = Some(value()?.into()),
                 "--command" => options.command = value()?,
                 "--started" => options.started = Some(number::<u64>(&arg, value()?)?),
+                "--revision" => options.revision = Some(value()?),
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -2140,9 +2152,10 @@ impl Report<'_> {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Measured {} on {}. Load average {} before the rounds, {} after. The whole \
+            "Measured {}{} on {}. Load average {} before the rounds, {} after. The whole \
              command took {} min {} s (builds included, when it made them).\n",
             self.machine.date,
+            o.revision.as_ref().map_or_else(String::new, |r| format!(" at {r}")),
             self.machine.summary(),
             self.load.0,
             self.load.1,

@@ -306,9 +306,7 @@ pub enum AnyConfig {
 impl StationConfig {
     /// Read and check a station config file. Errors name the file as given.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = read_config(path, &file)?;
-        Self::parse_in(&text, &file, base_dir(path))
+        load_file(path, Self::parse_in)
     }
 
     /// Check config text; `file` names it in errors, and its directory is
@@ -326,9 +324,7 @@ impl StationConfig {
 impl AgentConfig {
     /// Read and check an agent config file. Errors name the file as given.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = read_config(path, &file)?;
-        Self::parse_in(&text, &file, base_dir(path))
+        load_file(path, Self::parse_in)
     }
 
     /// Check config text; `file` names it in errors, and its directory is
@@ -346,15 +342,25 @@ impl AgentConfig {
 /// Load either kind of config: one with a top-level `station` key (the URL
 /// an agent connects to) is an agent config, any other a station config.
 pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigError> {
+    load_file(path, |text, file, base| {
+        let table: toml::Table = parse_toml(text, file)?;
+        if table.contains_key("station") {
+            AgentConfig::parse_in(text, file, base).map(AnyConfig::Agent)
+        } else {
+            StationConfig::parse_in(text, file, base).map(AnyConfig::Station)
+        }
+    })
+}
+
+/// Reads `path` and hands its text, its name for errors and its directory
+/// (for a relative `private_key_file`) to `parse`.
+fn load_file<T>(
+    path: &Path,
+    parse: impl FnOnce(&str, &str, &Path) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
     let file = path.display().to_string();
     let text = read_config(path, &file)?;
-    let table: toml::Table = parse_toml(&text, &file)?;
-    let base = base_dir(path);
-    if table.contains_key("station") {
-        AgentConfig::parse_in(&text, &file, base).map(AnyConfig::Agent)
-    } else {
-        StationConfig::parse_in(&text, &file, base).map(AnyConfig::Station)
-    }
+    parse(&text, &file, base_dir(path))
 }
 
 /// The forward proxy the environment asks for when reaching `station_host`:

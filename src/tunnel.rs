@@ -619,3 +619,33 @@ enum Step {
     /// The stream is gone (reset or session closed).
     Gone,
 }
+
+/// How often a drain looks whether the streams have ended.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a drain waits for its closes to reach the peers: a courtesy,
+/// so they reconnect elsewhere rather than wait for a timeout.
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A graceful end for `tunnels`: their open streams get up to `limit` to
+/// finish, then each session is closed with `reason` for its peer.
+pub async fn close_after_drain(tunnels: &[Arc<Tunnel>], limit: std::time::Duration, reason: &str) {
+    let open = || -> usize { tunnels.iter().map(|t| t.stream_count()).sum() };
+    let deadline = Instant::now() + limit;
+    if open() > 0 {
+        log::info!("stopping: waiting up to {} s for {} streams to end", limit.as_secs(), open());
+    }
+    while open() > 0 && Instant::now() < deadline {
+        smol::Timer::after(DRAIN_POLL).await;
+    }
+    if open() > 0 {
+        log::warn!("stopping: closing {} streams that did not end in time", open());
+    }
+    for tunnel in tunnels {
+        tunnel.close(reason);
+    }
+    let flush = Instant::now() + CLOSE_FLUSH;
+    while tunnels.iter().any(|t| !t.all_delivered()) && Instant::now() < flush {
+        smol::Timer::after(DRAIN_POLL).await;
+    }
+}

@@ -27,19 +27,16 @@
 //! Needs both features: the station under test is this crate's own binary.
 #![cfg(all(feature = "agent", feature = "station"))]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::thread::{self, JoinHandle};
+use std::process::{Command, Output};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use postern::demo::{Digest, Pattern};
-
-// Temp dirs, shared with tests/serial.rs.
-mod serial_common;
-use serial_common::TempDir;
+use common::{echo_within, Digest, Keys, Pattern, Proc, Received, Server, TempDir, Tunnel};
 
 /// Names the directory with one `BOARD/postern` per built board.
 const DIST_VAR: &str = "POSTERN_DIST";
@@ -57,11 +54,12 @@ const GATEWAY_BOARD: &str = "imx8-gateway";
 
 /// Bytes pushed through the emulated agent and back: as many as the demo
 /// sends, many carrier requests and credit updates. Under qemu-user this
-/// takes a few seconds here.
-const ROUND_TRIP_BYTES: usize = 8 << 20;
+/// takes a few seconds here. Starting the processes, qemu translating the
+/// agent included, is bounded by `common::LOG_WAIT`.
+const ROUND_TRIP_BYTES: u64 = 8 << 20;
 
-/// How long processes get to start, including qemu translating the agent.
-const START_LIMIT: Duration = Duration::from_secs(30);
+/// Seed of the pattern those bytes follow.
+const ROUND_TRIP_SEED: u64 = 0x5eed;
 
 /// How long the round trip may take under emulation (a generous multiple
 /// of the few seconds it takes).
@@ -93,10 +91,24 @@ fn aarch64_agent_under_qemu_carries_bytes_exactly() {
 
 fn round_trip_through_board(dist: &Path, board: &str) {
     board_binary(dist, board);
-    let dir = TempDir::new(&format!("device-{board}"));
-    let lab = Lab::start(&dir, board_run(board));
-    let (sent, back) = lab.round_trip(ROUND_TRIP_BYTES);
-    assert_eq!(back, sent, "{board}: bytes that came back through the agent (length, BLAKE2s)");
+    let runner = script("board-run").display().to_string();
+    let echo = Server::echo();
+    let tunnel = start_tunnel(&[&runner, board], &echo);
+    let back =
+        echo_within(tunnel.forward("echo"), ROUND_TRIP_SEED, ROUND_TRIP_BYTES, TRANSFER_LIMIT);
+    assert_eq!(
+        back,
+        Received::expected(ROUND_TRIP_SEED, ROUND_TRIP_BYTES),
+        "{board}: bytes that came back through the agent (length, BLAKE2s, how it ended)\n{}",
+        tunnel.describe()
+    );
+    assert_eq!(echo.accepts(), 1, "{board}: one stream carried it all");
+}
+
+/// A native station and the agent `program` (`scripts/board-run BOARD`,
+/// or a native binary) with one forward to `echo`, connected.
+fn start_tunnel(program: &[&str], echo: &Server) -> Tunnel {
+    Tunnel::start_via(program, "auto", &[("echo", echo.target())], &["echo"], &["echo"])
 }
 
 // ---------------------------------------------------------------------------
@@ -108,9 +120,9 @@ fn install_image_writes_agent_config_key_and_unit() {
     let binary = board_binary(&dist, GATEWAY_BOARD);
     let dir = TempDir::new("device-install");
     let image = make_image(&dir);
-    let station_key = genkey();
-    let agent_key = genkey();
-    std::fs::write(dir.path().join("agent.key"), &agent_key).unwrap();
+    let keys = Keys::new();
+    let agent_key = keys.device.to_base64();
+    dir.write("agent.key", &agent_key);
     let config = format!(
         "station = \"http://station.example.com/postern/\"\n\
          station_public_key = \"{}\"\n\
@@ -118,10 +130,9 @@ fn install_image_writes_agent_config_key_and_unit() {
          [[forward]]\nlisten = \"127.0.0.1:5020\"\ntarget = \"collector\"\n\
          [[forward]]\nserial = \"/dev/ttymxc2\"\nbaud = 19200\ntarget = \"meter\"\n\
          [services]\nconsole = {{ serial = \"/dev/ttyUSB0\", baud = 115200 }}\n",
-        pubkey(&station_key)
+        keys.station.public_key().to_base64()
     );
-    let config_path = dir.path().join("site-7.toml");
-    std::fs::write(&config_path, &config).unwrap();
+    let config_path = dir.write("site-7.toml", &config);
 
     let out = install_image(&image, GATEWAY_BOARD, &config_path);
     assert!(out.status.success(), "install-image failed: {}", text(&out.stderr));
@@ -202,7 +213,7 @@ fn install_image_refuses_bad_configs_and_leaves_the_image_alone() {
     let image = make_image(&dir);
     let before = hash(&std::fs::read(&image).unwrap());
     let good = tcp_only_config(5020);
-    let station_key = genkey();
+    let station_key = Keys::new().station.to_base64();
     let cases = [
         // (file, text, what the refusal must say)
         (
@@ -256,13 +267,14 @@ fn assert_unit_has(unit: &str, line: &str) {
 }
 
 fn tcp_only_config(port: u16) -> String {
+    let keys = Keys::new();
     format!(
         "station = \"http://127.0.0.1:8080/\"\n\
          station_public_key = \"{}\"\n\
          private_key = \"{}\"\n\
          [[forward]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"collector\"\n",
-        pubkey(&genkey()),
-        genkey()
+        keys.station.public_key().to_base64(),
+        keys.device.to_base64()
     )
 }
 
@@ -277,17 +289,21 @@ fn check_unit_with_systemd(dir: &TempDir, unit: &str) {
     let local =
         unit.replace("ExecStart=/usr/local/bin/postern", &format!("ExecStart={}", exec.display()));
     let unit_path = dir.write("postern-agent.service", &local);
-    let out = run(Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "--generators=no"])
-        .arg(&unit_path));
+    let out = run_tool(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no", "--generators=no"])
+            .arg(&unit_path),
+    );
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "systemd-analyze verify: {}",
         text(&out.stderr)
     );
-    let out = run(Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--no-pager"])
-        .arg(&unit_path));
+    let out = run_tool(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(&unit_path),
+    );
     let report = text(&out.stdout);
     let exposure: f64 = report
         .lines()
@@ -304,15 +320,14 @@ fn check_unit_with_systemd(dir: &TempDir, unit: &str) {
 #[test]
 #[ignore = "a measurement: scripts/bench-sizes runs it with POSTERN_AGENT_BIN"]
 fn idle_rss() {
-    let agent = PathBuf::from(
-        std::env::var_os(AGENT_BIN_VAR)
-            .unwrap_or_else(|| panic!("{AGENT_BIN_VAR} must name a native agent binary")),
-    );
-    let dir = TempDir::new("device-rss");
-    let lab = Lab::start(&dir, vec![agent.into_os_string().into_string().unwrap()]);
-    let pid = lab.agent.id();
-    print_memory(pid, "no-stream");
-    let mut stream = lab.open_stream();
+    let agent = std::env::var(AGENT_BIN_VAR)
+        .unwrap_or_else(|_| panic!("{AGENT_BIN_VAR} must name a native agent binary"));
+    let target = Server::echo();
+    let tunnel = start_tunnel(&[&agent], &target);
+    print_memory(&tunnel.agent, "no-stream");
+    let mut stream = TcpStream::connect(tunnel.forward("echo")).unwrap();
+    stream.set_read_timeout(Some(TRANSFER_LIMIT)).unwrap();
+    stream.set_write_timeout(Some(TRANSFER_LIMIT)).unwrap();
     let mut pattern = Pattern::new(7);
     let mut echo = |bytes: usize| {
         let mut block = vec![0u8; bytes];
@@ -323,259 +338,33 @@ fn idle_rss() {
         assert_eq!(echoed, block, "echo through the native agent");
     };
     echo(16);
-    print_memory(pid, "one-stream");
+    print_memory(&tunnel.agent, "one-stream");
     // Buffers that fill only when bytes flow in bulk are counted too.
     for _ in 0..4 {
         echo(64 * 1024);
     }
-    print_memory(pid, "one-stream-after-256KiB");
+    print_memory(&tunnel.agent, "one-stream-after-256KiB");
 }
 
 /// Prints `idle-rss STATE VmRSS=.. kB RssAnon=.. kB RssFile=.. kB VmHWM=.. kB`
 /// for `scripts/bench-sizes`, once VmRSS has not changed for a second (or
 /// after ten seconds, whichever is first).
-fn print_memory(pid: u32, state: &str) {
-    let read = || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        ["VmRSS", "RssAnon", "RssFile", "VmHWM"].map(|name| {
-            let line = status.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap();
-            let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            (name, kb)
-        })
-    };
+fn print_memory(agent: &Proc, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = read();
+    let mut last = agent.memory();
     let mut stable_since = Instant::now();
     while Instant::now() < deadline && stable_since.elapsed() < Duration::from_secs(1) {
         thread::sleep(Duration::from_millis(100));
-        let now = read();
-        if now[0] != last[0] {
+        let now = agent.memory();
+        if now.now_kib != last.now_kib {
             stable_since = Instant::now();
         }
         last = now;
     }
-    let fields: Vec<String> = last.iter().map(|(name, kb)| format!("{name}={kb} kB")).collect();
-    println!("idle-rss {state} {}", fields.join(" "));
-}
-
-// ---------------------------------------------------------------------------
-// A station, an agent and an echo target as real processes on loopback.
-
-struct Lab {
-    _station: Running,
-    agent: Running,
-    forward: SocketAddr,
-    echo: Option<JoinHandle<()>>,
-}
-
-impl Lab {
-    /// `agent_command` is the agent program with any wrapper before it
-    /// (`scripts/board-run BOARD`, or a native binary).
-    fn start(dir: &TempDir, agent_command: Vec<String>) -> Lab {
-        let echo_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let echo_addr = echo_listener.local_addr().unwrap();
-        let echo = thread::spawn(move || echo_one(echo_listener));
-
-        let station_key = genkey();
-        let agent_key = genkey();
-        let station_config = dir.write(
-            "station.toml",
-            &format!(
-                "listen = \"127.0.0.1:0\"\nprivate_key = \"{station_key}\"\n\
-                 [targets]\necho = \"{echo_addr}\"\n\
-                 [[devices]]\nname = \"board\"\npublic_key = \"{}\"\nallow = [\"echo\"]\n",
-                pubkey(&agent_key)
-            ),
-        );
-        let mut station = Running::spawn(
-            Command::new(env!("CARGO_BIN_EXE_postern"))
-                .arg("station")
-                .arg("-c")
-                .arg(&station_config),
-            "station",
-        );
-        let station_addr = station.wait_for_address("station listening on ");
-
-        let agent_config = dir.write(
-            "agent.toml",
-            &format!(
-                "station = \"http://{station_addr}/\"\nstation_public_key = \"{}\"\n\
-                 private_key = \"{agent_key}\"\n\
-                 [[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n",
-                pubkey(&station_key)
-            ),
-        );
-        let mut command = Command::new(&agent_command[0]);
-        command.args(&agent_command[1..]).arg("agent").arg("-c").arg(&agent_config);
-        let mut agent = Running::spawn(&mut command, "agent");
-        let forward = agent.wait_for_address("forwarding ");
-        // A local connection before the session exists is closed at once.
-        agent.wait_for_line("connected to the station");
-        Lab { _station: station, agent, forward, echo: Some(echo) }
-    }
-
-    fn open_stream(&self) -> TcpStream {
-        let stream = TcpStream::connect(self.forward).unwrap();
-        stream.set_read_timeout(Some(TRANSFER_LIMIT)).unwrap();
-        stream.set_write_timeout(Some(TRANSFER_LIMIT)).unwrap();
-        stream
-    }
-
-    /// Sends `bytes` of a test pattern through the tunnel to the echo
-    /// target and reads them back; returns (length, hash) of both.
-    fn round_trip(mut self, bytes: usize) -> ((usize, String), (usize, String)) {
-        let stream = self.open_stream();
-        let mut writer = stream.try_clone().unwrap();
-        let sender = thread::spawn(move || {
-            let mut pattern = Pattern::new(0x5eed);
-            let mut digest = Digest::default();
-            let mut block = vec![0u8; 16 * 1024];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(block.len());
-                pattern.fill(&mut block[..n]);
-                writer.write_all(&block[..n]).unwrap();
-                digest.update(&block[..n]);
-                left -= n;
-            }
-            writer.shutdown(Shutdown::Write).unwrap();
-            (bytes, digest.finish())
-        });
-        let deadline = Instant::now() + TRANSFER_LIMIT;
-        let mut reader = stream;
-        let mut digest = Digest::default();
-        let mut received = 0;
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            assert!(Instant::now() < deadline, "round trip took over {TRANSFER_LIMIT:?}");
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    digest.update(&buf[..n]);
-                    received += n;
-                }
-                // A signal (a child of another test exiting) is no error.
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    panic!("reading the echo after {received} bytes: {e}\n{}", self.agent.log())
-                }
-            }
-        }
-        let sent = sender.join().expect("the sender thread failed");
-        self.echo.take().unwrap().join().expect("the echo target failed");
-        (sent, (received, digest.finish()))
-    }
-}
-
-/// Accepts one connection (within [`START_LIMIT`] plus [`TRANSFER_LIMIT`])
-/// and echoes it until the peer closes its side.
-fn echo_one(listener: TcpListener) {
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + START_LIMIT + TRANSFER_LIMIT;
-    let mut socket = loop {
-        match listener.accept() {
-            Ok((socket, _)) => break socket,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("echo accept: {e}"),
-        }
-    };
-    socket.set_nonblocking(false).unwrap();
-    socket.set_read_timeout(Some(TRANSFER_LIMIT)).unwrap();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match socket.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if socket.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = socket.shutdown(Shutdown::Write);
-}
-
-/// A child process that is killed when dropped, with its stderr lines
-/// collected by a thread.
-struct Running {
-    name: &'static str,
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn spawn(command: &mut Command, name: &'static str) -> Running {
-        let mut child = command
-            .env("POSTERN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the {name}: {e}"));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        // Ends when the child's stderr closes, i.e. when the child is gone.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { name, child, lines, seen: Vec::new() }
-    }
-
-    fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits up to [`START_LIMIT`] for a log line containing `needle`.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + START_LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "the {} did not log {needle:?} within {START_LIMIT:?}; it logged:\n{}",
-                    self.name,
-                    self.log()
-                ),
-            }
-        }
-    }
-
-    /// The address right after `prefix` in the first log line with it.
-    fn wait_for_address(&mut self, prefix: &str) -> SocketAddr {
-        let line = self.wait_for_line(prefix);
-        let rest = &line[line.find(prefix).unwrap() + prefix.len()..];
-        let word = rest.split_whitespace().next().unwrap_or_default();
-        word.parse().unwrap_or_else(|_| panic!("no address after {prefix:?} in {line:?}"))
-    }
-
-    fn log(&self) -> String {
-        self.seen.join("\n")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    println!(
+        "idle-rss {state} VmRSS={} kB RssAnon={} kB RssFile={} kB VmHWM={} kB",
+        last.now_kib, last.anon_kib, last.file_kib, last.peak_kib
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -612,15 +401,12 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
 }
 
-fn board_run(board: &str) -> Vec<String> {
-    vec![script("board-run").display().to_string(), board.to_owned()]
-}
-
 fn install_image(image: &Path, board: &str, config: &Path) -> Output {
-    run(Command::new(script("install-image")).arg(image).arg(board).arg(config))
+    run_tool(Command::new(script("install-image")).arg(image).arg(board).arg(config))
 }
 
-fn run(command: &mut Command) -> Output {
+/// Runs a tool (a script, debugfs, systemd-analyze) to completion.
+fn run_tool(command: &mut Command) -> Output {
     let program = command.get_program().to_string_lossy().into_owned();
     command
         .env("PATH", path_with_sbin())
@@ -643,25 +429,6 @@ fn hash(bytes: &[u8]) -> String {
     digest.finish()
 }
 
-fn genkey() -> String {
-    let out = run(Command::new(env!("CARGO_BIN_EXE_postern")).arg("genkey"));
-    assert!(out.status.success(), "postern genkey: {}", text(&out.stderr));
-    text(&out.stdout).trim().to_owned()
-}
-
-fn pubkey(private: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "postern pubkey failed");
-    text(&out.stdout).trim().to_owned()
-}
-
 /// A file read back out of an image with debugfs.
 struct ImageFile {
     mode: u32,
@@ -671,7 +438,7 @@ struct ImageFile {
 }
 
 fn image_stat(image: &Path, path: &str) -> String {
-    let out = run(Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(image));
+    let out = run_tool(Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(image));
     text(&out.stdout)
 }
 
@@ -687,7 +454,7 @@ fn image_file(image: &Path, path: &str) -> ImageFile {
     let permissions = u32::from_str_radix(field("Mode:"), 8).unwrap();
     let uid = field("User:").parse().unwrap();
     let gid = field("Group:").parse().unwrap();
-    let out = run(Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(image));
+    let out = run_tool(Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(image));
     ImageFile { mode: 0o100000 | permissions, uid, gid, content: out.stdout }
 }
 
@@ -695,7 +462,7 @@ fn image_file(image: &Path, path: &str) -> ImageFile {
 fn make_image(dir: &TempDir) -> PathBuf {
     let image = dir.path().join("rootfs.ext4");
     std::fs::File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
-    let out = run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&image));
+    let out = run_tool(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&image));
     assert!(out.status.success(), "mke2fs: {}", text(&out.stderr));
     image
 }

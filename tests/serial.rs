@@ -3,21 +3,24 @@
 //! vanishing and coming back, the backlog bound, and the termios the
 //! agent applies.
 
-mod serial_common;
+mod common;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::pty::PtyPair;
+use common::*;
 use postern::config::{FlowControl, Parity, SerialConfig};
 use postern::endpoint::serial::{configure, SerialPort};
 use rustix::termios::{ControlModes, InputModes, LocalModes, OutputModes};
-use serial_common::*;
 
 /// Mirrors the agent's backlog bound (src/agent/serial.rs LINE_BACKLOG).
 const LINE_BACKLOG: usize = 64 * 1024;
+
+/// The device the agent is, as the station names it.
+const DEVICE: &str = "pump-17";
 
 fn serial_forward(path: &std::path::Path, target: &str) -> String {
     format!("[[forward]]\nserial = \"{}\"\nbaud = 115200\ntarget = \"{target}\"\n", path.display())
@@ -26,23 +29,24 @@ fn serial_forward(path: &std::path::Path, target: &str) -> String {
 #[test]
 fn forward_serial_round_trip_every_byte_value() {
     let dir = TempDir::new("serial-round-trip");
-    let echo = Echo::start();
+    let echo = Server::echo();
     let keys = Keys::new();
-    let targets = format!("echo = \"{}\"", echo.addr);
     let (station, station_addr) =
-        start_station(&dir, &keys.station_toml("127.0.0.1:0", &targets, "\"echo\"", ""));
+        start_station(&dir, &keys.station_toml(&[("echo", echo.target())], DEVICE, &["echo"]));
     let pty = PtyPair::start(dir.path(), "line");
-    let agent = start_agent(
+    let (agent, _) = start_agent_session(
         &dir,
-        &keys.agent_toml(station_addr, &serial_forward(&pty.agent_end, "echo")),
         &station,
+        DEVICE,
+        &keys.agent_toml(station_addr, &[], &serial_forward(&pty.agent_end, "echo")),
+        &[],
     );
-    agent.wait_line(&format!("serial {} open (115200 8N1)", pty.agent_end.display()));
+    agent.wait_log(&[&format!("serial {} open (115200 8N1)", pty.agent_end.display())]);
     let mut tty = pty.open_test_end();
 
     // 300 KiB; every 256-byte block holds every value, so 0x00, XON 0x11,
     // XOFF 0x13, 0x7F, 0xFF and CR/LF all pass many times.
-    let data = pattern(300 * 1024, 0x5a);
+    let data = every_byte_value(300 * 1024, 0x5a);
     for value in 0..=255u8 {
         assert!(data.contains(&value));
     }
@@ -55,13 +59,13 @@ fn forward_serial_round_trip_every_byte_value() {
         first_difference(&back, &data),
         None,
         "echo differs (digest {:x} vs {:x})",
-        digest(&back),
-        digest(&data)
+        fnv1a(&back),
+        fnv1a(&data)
     );
-    assert_eq!(digest(&back), digest(&data));
+    assert_eq!(fnv1a(&back), fnv1a(&data));
     // One long stream carried it all, and nothing more comes back.
-    assert_eq!(echo.connections.load(Ordering::SeqCst), 1);
-    assert_eq!(echo.bytes.load(Ordering::SeqCst), data.len() as u64);
+    assert_eq!(echo.accepts(), 1);
+    assert_eq!(echo.echoed(), data.len() as u64);
     assert!(tty.read_for(Duration::from_millis(200)).is_empty());
 }
 
@@ -74,7 +78,7 @@ fn forward_serial_opens_a_new_stream_after_the_target_closes() {
         let mut lines = Vec::new();
         for _ in 0..3 {
             let (socket, _) = target.accept().expect("accept");
-            socket.set_read_timeout(Some(WAIT)).expect("timeout");
+            socket.set_read_timeout(Some(LOG_WAIT)).expect("timeout");
             let mut reader = std::io::BufReader::new(socket.try_clone().expect("dup"));
             let mut line = Vec::new();
             std::io::BufRead::read_until(&mut reader, b'\n', &mut line).expect("a request");
@@ -87,27 +91,27 @@ fn forward_serial_opens_a_new_stream_after_the_target_closes() {
     });
     let dir = TempDir::new("serial-reopen");
     let keys = Keys::new();
-    let targets = format!("oneshot = \"{target_addr}\"");
+    let targets = [("oneshot", target_addr.to_string())];
     let (station, station_addr) =
-        start_station(&dir, &keys.station_toml("127.0.0.1:0", &targets, "\"oneshot\"", ""));
+        start_station(&dir, &keys.station_toml(&targets, DEVICE, &["oneshot"]));
     let pty = PtyPair::start(dir.path(), "line");
     // -v: the end of each stream is a debug line, and the test waits for
     // it before the next request. Bytes the line sends before the agent
     // learns of the close would still go to the old stream.
     let config = dir.write(
         "agent.toml",
-        &keys.agent_toml(station_addr, &serial_forward(&pty.agent_end, "oneshot")),
+        &keys.agent_toml(station_addr, &[], &serial_forward(&pty.agent_end, "oneshot")),
     );
-    let mut agent = Postern::start_with("agent", "agent", &config, &["-v"]);
-    station.wait_line("device pump-17 handshake from");
-    agent.wait_line(&format!("serial {} open", pty.agent_end.display()));
+    let mut agent = Proc::spawn("agent", &["agent", "-c", config.to_str().expect("utf-8"), "-v"]);
+    station.wait_log(&[&format!("device {DEVICE} handshake from")]);
+    agent.wait_log(&[&format!("serial {} open", pty.agent_end.display())]);
     let mut tty = pty.open_test_end();
     for (n, request) in [&b"first\n"[..], b"\x00\xff\n", b"third\n"].into_iter().enumerate() {
         tty.write_all(request);
         let mut expected = b"reply:".to_vec();
         expected.extend_from_slice(request);
         assert_eq!(tty.read_exact(expected.len()), expected);
-        agent.wait_nth(" ended (", n + 1);
+        agent.wait_log_nth(&[" ended ("], n + 1, LOG_WAIT);
     }
     // Three connections, each with exactly its own request.
     let lines = served.join().expect("target");
@@ -118,20 +122,16 @@ fn forward_serial_opens_a_new_stream_after_the_target_closes() {
 #[test]
 fn forward_serial_line_comes_back_after_vanishing() {
     let dir = TempDir::new("serial-vanish");
-    let echo = Echo::start();
+    let echo = Server::echo();
     let keys = Keys::new();
-    let targets = format!("echo = \"{}\"", echo.addr);
     let (station, station_addr) =
-        start_station(&dir, &keys.station_toml("127.0.0.1:0", &targets, "\"echo\"", ""));
+        start_station(&dir, &keys.station_toml(&[("echo", echo.target())], DEVICE, &["echo"]));
     let mut pty = PtyPair::start(dir.path(), "usb");
-    let forwards = format!(
-        "[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n\n{}",
-        serial_forward(&pty.agent_end, "echo")
-    );
-    let mut agent = start_agent(&dir, &keys.agent_toml(station_addr, &forwards), &station);
-    let tcp_forward = addr_after(&agent.wait_line("forwarding 127.0.0.1:"), "forwarding ");
+    let toml = keys.agent_toml(station_addr, &["echo"], &serial_forward(&pty.agent_end, "echo"));
+    let (mut agent, forwards) = start_agent_session(&dir, &station, DEVICE, &toml, &["echo"]);
+    let tcp_forward = forwards["echo"];
     let opened = format!("serial {} open", pty.agent_end.display());
-    agent.wait_line(&opened);
+    agent.wait_log(&[&opened]);
 
     let mut tty = pty.open_test_end();
     tty.write_all(b"before\x00\xff");
@@ -140,65 +140,62 @@ fn forward_serial_line_comes_back_after_vanishing() {
 
     // Unplugged: the agent logs it once and stays up.
     pty.stop();
-    agent.wait_line("line vanished");
+    agent.wait_log(&["line vanished"]);
     assert!(agent.is_running(), "the agent must outlive its serial line");
 
     // Other forwards keep working while the line is missing.
     let mut socket = connect(tcp_forward);
-    let data = pattern(64 * 1024, 7);
+    let data = every_byte_value(64 * 1024, 7);
     socket.write_all(&data).expect("write");
     assert_eq!(read_n(&mut socket, data.len()), data);
     drop(socket);
 
     // Plugged back in at the same path: the line works again.
     pty.restart();
-    agent.wait_line(&format!("serial {} is back", pty.agent_end.display()));
+    agent.wait_log(&[&format!("serial {} is back", pty.agent_end.display())]);
     let mut tty = pty.open_test_end();
     tty.write_all(b"after\x11\x13");
     assert_eq!(tty.read_exact(7), b"after\x11\x13");
 
     assert!(agent.is_running());
-    assert_eq!(agent.count("line vanished"), 1, "the vanishing is logged once");
-    assert_eq!(agent.count(&opened), 1);
+    assert_eq!(agent.stderr.count("line vanished"), 1, "the vanishing is logged once");
+    assert_eq!(agent.stderr.count(&opened), 1);
     // Two serial streams (before and after) and one TCP connection.
-    assert_eq!(echo.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(echo.accepts(), 3);
 }
 
 #[test]
 fn forward_serial_keeps_a_bounded_backlog_while_the_station_is_away() {
     let dir = TempDir::new("serial-backlog");
-    let echo = Echo::start();
+    let echo = Server::echo();
     let keys = Keys::new();
     // The station starts later at a fixed address: take a free port now.
     // Another process could take it meanwhile; the station would then
     // fail to bind and the test would say so.
-    let station_addr = {
-        let probe = TcpListener::bind("127.0.0.1:0").expect("bind");
-        probe.local_addr().expect("bound")
-    };
+    let station_addr = refused_addr();
     let pty = PtyPair::start(dir.path(), "line");
-    let config = dir.write(
-        "agent.toml",
-        &keys.agent_toml(station_addr, &serial_forward(&pty.agent_end, "echo")),
+    let (agent, _) = start_agent(
+        &dir,
+        "agent",
+        &keys.agent_toml(station_addr, &[], &serial_forward(&pty.agent_end, "echo")),
+        &[],
     );
-    let agent = Postern::start("agent", "agent", &config);
-    agent.wait_line("cannot start a session");
-    agent.wait_line(&format!("serial {} open", pty.agent_end.display()));
+    agent.wait_log(&["cannot start a session"]);
+    agent.wait_log(&[&format!("serial {} open", pty.agent_end.display())]);
 
     // More than the backlog holds, while no stream can take it.
-    let data = pattern(LINE_BACKLOG + 40 * 1024, 0x33);
+    let data = every_byte_value(LINE_BACKLOG + 40 * 1024, 0x33);
     let mut tty = pty.open_test_end();
     tty.write_all(&data);
-    agent.wait_line("dropping what the line sends");
+    agent.wait_log(&["dropping what the line sends"]);
 
-    let targets = format!("echo = \"{}\"", echo.addr);
-    let (_station, _) = start_station(
-        &dir,
-        &keys.station_toml(&station_addr.to_string(), &targets, "\"echo\"", ""),
-    );
+    let toml = keys.station_toml(&[("echo", echo.target())], DEVICE, &["echo"]);
+    let toml =
+        toml.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{station_addr}\""), 1);
+    let (_station, _) = start_station(&dir, &toml);
     // The count is final when a stream attaches: from then on the reader
     // waits instead of dropping.
-    let line = agent.wait_line("while no stream took them");
+    let line = agent.wait_log(&["while no stream took them"]);
     let dropped: usize = line
         .split("dropped ")
         .nth(1)
@@ -216,12 +213,10 @@ fn forward_serial_keeps_a_bounded_backlog_while_the_station_is_away() {
         first_difference(&back[LINE_BACKLOG..], &data[data.len() - (carried - LINE_BACKLOG)..]),
         None
     );
-    let deadline = Instant::now() + WAIT;
-    while echo.bytes.load(Ordering::SeqCst) < carried as u64 {
-        assert!(Instant::now() < deadline);
-        thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(echo.bytes.load(Ordering::SeqCst), carried as u64);
+    wait_until("the echo target to receive what was carried", LOG_WAIT, || {
+        echo.echoed() >= carried as u64
+    });
+    assert_eq!(echo.echoed(), carried as u64);
     assert!(tty.read_for(Duration::from_millis(200)).is_empty());
 }
 

@@ -38,6 +38,10 @@ const WATCH_TICK: Duration = Duration::from_secs(1);
 /// 10 s leaves room for a congested cellular link.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Stream lanes that lasted this long worked: the next rebuild starts its
+/// backoff afresh.
+const LANES_PROVEN: Duration = Duration::from_secs(60);
+
 /// A path that cuts an established downlink this many times within
 /// [`CUT_WINDOW`] is judged to cut long requests.
 const CUTS_TO_FALL_BACK: usize = 3;
@@ -122,6 +126,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Carries the session over HTTP until it closes, in the configured shape.
 pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: SessionId) {
     let ctx = LaneCtx { shared, tunnel, session };
+    // Rebuilding stream lanes backs off too: a path that refuses them at
+    // once must not make the agent knock every second.
+    let mut backoff = Backoff::new();
     loop {
         let poll = match ctx.shared.carrier {
             CarrierKind::Poll => true,
@@ -134,17 +141,29 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             lane_loop(ctx.clone(), Verb::Push, None).await;
             return;
         }
-        match run_stream(&ctx).await {
+        let started = Instant::now();
+        let verdict = run_stream(&ctx).await;
+        if started.elapsed() >= LANES_PROVEN {
+            backoff.reset();
+        }
+        let delay = backoff.delay();
+        match verdict {
             Verdict::Closed => return,
             Verdict::PathBuffers(what) if ctx.shared.carrier == CarrierKind::Auto => {
                 log::warn!("carrier auto: {what}; switching to poll for as long as the agent runs");
                 ctx.shared.shape.fell_back.store(true, Ordering::Relaxed);
+                continue;
             }
             Verdict::PathBuffers(what) => log::warn!(
-                "carrier stream: {what}; reconnecting (carrier = \"auto\" or \"poll\" passes such paths)"
+                "carrier stream: {what}; reconnecting in {:.1} s (carrier = \"auto\" or \"poll\" passes such paths)",
+                delay.as_secs_f32()
             ),
-            Verdict::Dead(what) => log::warn!("stream lanes: {what}; reconnecting them"),
+            Verdict::Dead(what) => log::warn!(
+                "stream lanes: {what}; reconnecting them in {:.1} s",
+                delay.as_secs_f32()
+            ),
         }
+        smol::Timer::after(delay).await;
     }
 }
 

@@ -34,7 +34,7 @@ use crate::core::streams::{Side, MAX_STREAMS};
 use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
-use crate::tunnel::{Incoming, Tunnel};
+use crate::tunnel::{self, Incoming, Tunnel};
 use client::{Backoff, CarrierError, Client, REPLY_TIMEOUT};
 
 /// Time a local connection waits for a session before it is closed.
@@ -269,9 +269,6 @@ async fn report_status(shared: Arc<Shared>) {
 #[derive(Clone)]
 pub struct Handle(Arc<Shared>);
 
-/// How often a draining agent looks whether its streams have ended.
-const DRAIN_POLL: Duration = Duration::from_millis(100);
-
 impl Agent {
     /// A handle for stopping the agent once it runs.
     pub fn handle(&self) -> Handle {
@@ -286,29 +283,8 @@ impl Handle {
         let shared = &self.0;
         shared.draining.store(true, Ordering::Release);
         let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(tunnel) = current else { return };
-        let deadline = Instant::now() + limit;
-        if tunnel.stream_count() > 0 {
-            log::info!(
-                "stopping: waiting up to {} s for {} streams to end",
-                limit.as_secs(),
-                tunnel.stream_count()
-            );
-        }
-        while tunnel.stream_count() > 0 && Instant::now() < deadline {
-            smol::Timer::after(DRAIN_POLL).await;
-        }
-        if tunnel.stream_count() > 0 {
-            log::warn!(
-                "stopping: closing {} streams that did not end in time",
-                tunnel.stream_count()
-            );
-        }
-        tunnel.close("the agent is stopping");
-        // Give the close a moment to reach the station; bounded, not required.
-        let flush = Instant::now() + Duration::from_secs(1);
-        while !tunnel.all_delivered() && Instant::now() < flush {
-            smol::Timer::after(DRAIN_POLL).await;
+        if let Some(tunnel) = current {
+            tunnel::close_after_drain(&[tunnel], limit, "the agent is stopping").await;
         }
     }
 }

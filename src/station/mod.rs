@@ -29,7 +29,7 @@ use crate::core::session::Limits;
 use crate::crypto::SessionId;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
-use crate::tunnel::{Incoming, Tunnel};
+use crate::tunnel::{self, Incoming, Tunnel};
 
 mod expose;
 mod requests;
@@ -264,9 +264,6 @@ impl Station {
 #[derive(Clone)]
 pub struct Handle(Arc<Shared>);
 
-/// How often a draining station looks whether its streams have ended.
-const DRAIN_POLL: Duration = Duration::from_millis(100);
-
 impl Station {
     /// A handle for reloading or stopping the station once it runs.
     pub fn handle(&self) -> Handle {
@@ -328,34 +325,10 @@ impl Handle {
     pub async fn drain(&self, limit: Duration) {
         let shared = &self.0;
         shared.draining.store(true, Ordering::Release);
-        let open = || -> usize {
-            lock(&shared.sessions).values().map(|live| live.tunnel.stream_count()).sum()
-        };
-        let deadline = Instant::now() + limit;
-        let streams = open();
-        if streams > 0 {
-            log::info!(
-                "stopping: waiting up to {} s for {streams} streams to end",
-                limit.as_secs()
-            );
-        }
-        while open() > 0 && Instant::now() < deadline {
-            smol::Timer::after(DRAIN_POLL).await;
-        }
-        let left = open();
-        if left > 0 {
-            log::warn!("stopping: closing {left} streams that did not end in time");
-        }
-        let sessions: Vec<Arc<Live>> = lock(&shared.sessions).values().cloned().collect();
-        for live in &sessions {
-            live.tunnel.close("the station is stopping");
-        }
-        // Give the close a moment to reach the agents, so they reconnect
-        // rather than wait for a timeout; bounded, not required.
-        let flush = Instant::now() + Duration::from_secs(1);
-        while sessions.iter().any(|live| !live.tunnel.all_delivered()) && Instant::now() < flush {
-            smol::Timer::after(DRAIN_POLL).await;
-        }
+        // Draining: no session starts from here on, so these are all.
+        let tunnels: Vec<Arc<Tunnel>> =
+            lock(&shared.sessions).values().map(|live| live.tunnel.clone()).collect();
+        tunnel::close_after_drain(&tunnels, limit, "the station is stopping").await;
     }
 }
 

@@ -12,8 +12,11 @@
 //! Processes are killed when their [`Proc`] guard drops, temp dirs removed
 //! when their [`TempDir`] drops, listeners closed when their [`Server`] drops.
 //!
-//! Each suite uses a different subset of these helpers.
+//! Each suite uses a different subset of these helpers. [`pty`] adds
+//! pseudo-terminal pairs for the serial suites.
 #![allow(dead_code)]
+
+pub mod pty;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
@@ -31,9 +34,10 @@ use postern::keys::{PrivateKey, PublicKey};
 /// The binary under test, built by cargo for the integration tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
 
-/// Longest wait for a process to print a line we expect (startup, a
-/// session, a log line after an event). Generous: the machine is shared
-/// and may be busy compiling.
+/// Longest wait for something we expect to happen soon: a process
+/// printing a line (startup, a session, a log line after an event), a
+/// short answer through the tunnel, a pty appearing. Generous: the machine
+/// is shared and may be busy compiling.
 pub const LOG_WAIT: Duration = Duration::from_secs(30);
 
 /// Longest a socket operation may make no progress before the test fails.
@@ -230,6 +234,11 @@ pub struct Memory {
     pub peak_kib: u64,
     /// VmRSS: resident now.
     pub now_kib: u64,
+    /// RssAnon: the resident part of VmRSS that is heap and stacks.
+    pub anon_kib: u64,
+    /// RssFile: the resident part of VmRSS that maps files (the binary,
+    /// shared libraries).
+    pub file_kib: u64,
 }
 
 impl Proc {
@@ -241,8 +250,17 @@ impl Proc {
 
     /// As [`Proc::spawn`], writing `stdin` to the child and closing it.
     pub fn spawn_with(name: &str, args: &[&str], stdin: Option<&str>) -> Proc {
-        let mut command = Command::new(BIN);
+        Self::spawn_via(&[BIN], name, args, stdin)
+    }
+
+    /// As [`Proc::spawn_with`], running `program` (another build of
+    /// postern, with any wrapper before it, e.g. `scripts/board-run BOARD`)
+    /// instead of [`BIN`].
+    pub fn spawn_via(program: &[&str], name: &str, args: &[&str], stdin: Option<&str>) -> Proc {
+        let (first, wrapped) = program.split_first().expect("a program to run");
+        let mut command = Command::new(first);
         command
+            .args(wrapped)
             .args(args)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -251,7 +269,7 @@ impl Proc {
             command.env_remove(var);
         }
         let mut child =
-            command.spawn().unwrap_or_else(|e| panic!("cannot start {BIN} for {name}: {e}"));
+            command.spawn().unwrap_or_else(|e| panic!("cannot start {first} for {name}: {e}"));
         if let Some(text) = stdin {
             let mut pipe = child.stdin.take().expect("stdin was requested piped");
             pipe.write_all(text.as_bytes())
@@ -264,6 +282,11 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for a line on stderr containing every one of `needles`.
@@ -311,7 +334,12 @@ impl Proc {
                 .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
                 .unwrap_or_else(|| panic!("no {name} in {path}:\n{status}"))
         };
-        Memory { peak_kib: field("VmHWM:"), now_kib: field("VmRSS:") }
+        Memory {
+            peak_kib: field("VmHWM:"),
+            now_kib: field("VmRSS:"),
+            anon_kib: field("RssAnon:"),
+            file_kib: field("RssFile:"),
+        }
     }
 
     /// Both logs, for failure messages.
@@ -367,6 +395,21 @@ impl Keys {
     pub fn new() -> Keys {
         Keys { station: PrivateKey::generate(), device: PrivateKey::generate() }
     }
+
+    /// [`station_toml`] with this station key and the one device, named
+    /// `device` and allowed `allow`. The device's table comes last, so
+    /// text appended (e.g. `[devices.expose]`) belongs to it.
+    pub fn station_toml(&self, targets: &[(&str, String)], device: &str, allow: &[&str]) -> String {
+        station_toml(&self.station, targets, &[(device, self.device.public_key(), allow)])
+    }
+
+    /// [`agent_toml`] for the device, carrier auto, with a listener per
+    /// target in `forwards`, then `tables` as written (serial forwards,
+    /// `[services]`).
+    pub fn agent_toml(&self, station: SocketAddr, forwards: &[&str], tables: &str) -> String {
+        let toml = agent_toml(station, &self.station.public_key(), &self.device, "auto", forwards);
+        format!("{toml}\n{tables}")
+    }
 }
 
 /// `station.toml` listening on an ephemeral loopback port.
@@ -417,9 +460,8 @@ pub fn start_station(dir: &TempDir, toml: &str) -> (Proc, SocketAddr) {
     let path = dir.write("station.toml", toml);
     let station = Proc::spawn("station", &["station", "-c", path.to_str().expect("utf-8 path")]);
     let line = station.wait_log(&["station listening on ", "(HTTP carrier)"]);
-    let addr = between(&line, "station listening on ", " (HTTP carrier)")
-        .parse()
-        .unwrap_or_else(|e| panic!("no address in {line:?}: {e}"));
+    let addr = addr_after(&line, "station listening on ")
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
     (station, addr)
 }
 
@@ -432,25 +474,60 @@ pub fn start_agent(
     toml: &str,
     forwards: &[&str],
 ) -> (Proc, HashMap<String, SocketAddr>) {
+    start_agent_via(&[BIN], dir, name, toml, forwards)
+}
+
+/// As [`start_agent`], running `program` as [`Proc::spawn_via`] does.
+pub fn start_agent_via(
+    program: &[&str],
+    dir: &TempDir,
+    name: &str,
+    toml: &str,
+    forwards: &[&str],
+) -> (Proc, HashMap<String, SocketAddr>) {
     let path = dir.write(&format!("{name}.toml"), toml);
-    let agent = Proc::spawn(name, &["agent", "-c", path.to_str().expect("utf-8 path")]);
+    let agent =
+        Proc::spawn_via(program, name, &["agent", "-c", path.to_str().expect("utf-8 path")], None);
     let mut addrs = HashMap::new();
     for target in forwards {
         let suffix = format!(" to station target \"{target}\"");
-        let line = agent.wait_log(&["forwarding ", &suffix]);
-        let addr = between(&line, "forwarding ", &suffix)
-            .parse()
-            .unwrap_or_else(|e| panic!("no address in {line:?}: {e}"));
+        // A serial forward to the same target logs `forwarding serial PATH`
+        // with the same suffix; the listener is the line with an address.
+        // The agent logs one line per forward, so the LOG_WAIT of the wait
+        // after the last one bounds this.
+        let addr = (1..)
+            .find_map(|n| {
+                let line = agent.wait_log_nth(&["forwarding ", &suffix], n, LOG_WAIT);
+                addr_after(&line, "forwarding ")
+            })
+            .expect("an unbounded range ends only in a panic");
         addrs.insert((*target).to_owned(), addr);
     }
     (agent, addrs)
 }
 
-/// The text between `start` and the following `end` in `line`.
-fn between<'a>(line: &'a str, start: &str, end: &str) -> &'a str {
-    let from = line.find(start).map(|i| i + start.len()).expect("caller found `start` in line");
-    let to = line[from..].find(end).map(|i| from + i).expect("caller found `end` in line");
-    &line[from..to]
+/// As [`start_agent`], and waits until the agent and `station` both have
+/// the session of device `device`: the agent's `connected to the station`
+/// and the station's `device DEVICE handshake from`.
+pub fn start_agent_session(
+    dir: &TempDir,
+    station: &Proc,
+    device: &str,
+    toml: &str,
+    forwards: &[&str],
+) -> (Proc, HashMap<String, SocketAddr>) {
+    let (agent, addrs) = start_agent(dir, "agent", toml, forwards);
+    agent.wait_log(&["connected to the station"]);
+    station.wait_log(&[&format!("device {device} handshake from")]);
+    (agent, addrs)
+}
+
+/// The socket address right after `marker` in a log line, as in
+/// `station listening on ADDR (HTTP carrier)`; `None` if the word there is
+/// not one.
+pub fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once(marker)?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// A station and one connected agent with forwards, on loopback.
@@ -473,14 +550,25 @@ impl Tunnel {
         allow: &[&str],
         forwards: &[&str],
     ) -> Tunnel {
+        Self::start_via(&[BIN], carrier, targets, allow, forwards)
+    }
+
+    /// As [`Tunnel::start`], running the agent as `program` (see
+    /// [`Proc::spawn_via`]); the station is always [`BIN`].
+    pub fn start_via(
+        program: &[&str],
+        carrier: &str,
+        targets: &[(&str, String)],
+        allow: &[&str],
+        forwards: &[&str],
+    ) -> Tunnel {
         let dir = TempDir::new(carrier);
         let keys = Keys::new();
-        let devices = [("test-device", keys.device.public_key(), allow)];
         let (station, station_addr) =
-            start_station(&dir, &station_toml(&keys.station, targets, &devices));
+            start_station(&dir, &keys.station_toml(targets, "test-device", allow));
         let toml =
             agent_toml(station_addr, &keys.station.public_key(), &keys.device, carrier, forwards);
-        let (agent, forwards) = start_agent(&dir, "agent", &toml, forwards);
+        let (agent, forwards) = start_agent_via(program, &dir, "agent", &toml, forwards);
         agent.wait_log(&["connected to the station"]);
         Tunnel { agent, station, station_addr, keys, forwards, _dir: dir }
     }
@@ -505,6 +593,8 @@ impl Tunnel {
 pub struct Server {
     pub addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
+    /// Bytes an [`Server::echo`] received, over all its connections.
+    echoed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -528,17 +618,36 @@ impl Server {
                 thread::spawn(move || handler(socket));
             }
         });
-        Server { addr, accepts, stop }
+        Server { addr, accepts, echoed: Arc::default(), stop }
     }
 
-    /// Sends back every byte it receives, then half-closes.
+    /// Sends back every byte it receives, then half-closes; counts the
+    /// bytes in [`Server::echoed`].
     pub fn echo() -> Server {
-        Server::start(|mut socket| {
+        let echoed = Arc::new(AtomicU64::new(0));
+        let count = echoed.clone();
+        let mut server = Server::start(move |mut socket| {
             let _ = socket.set_read_timeout(Some(IO_STALL));
-            let mut reader = socket.try_clone().expect("clone a socket");
-            let _ = io::copy(&mut reader, &mut socket);
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match socket.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        // Counted before it goes back, so that a client
+                        // that has its bytes back finds them counted.
+                        count.fetch_add(n as u64, Ordering::AcqRel);
+                        if socket.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
             let _ = socket.shutdown(Shutdown::Write);
-        })
+        });
+        server.echoed = echoed;
+        server
     }
 
     /// Accepts and counts connections, and closes them at once.
@@ -549,6 +658,12 @@ impl Server {
     /// Connections accepted so far.
     pub fn accepts(&self) -> usize {
         self.accepts.load(Ordering::Acquire)
+    }
+
+    /// Bytes an echo server received so far, over all connections; always
+    /// 0 for other servers.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Acquire)
     }
 
     /// The address as a `[targets]` value.
@@ -630,11 +745,19 @@ impl Received {
 
 /// Reads until end of file or an error, hashing everything.
 pub fn receive_all(socket: &mut TcpStream) -> Received {
+    receive_until(socket, None)
+}
+
+/// As [`receive_all`], ending with `TimedOut` once `deadline` has passed.
+fn receive_until(socket: &mut TcpStream, deadline: Option<Instant>) -> Received {
     let _ = socket.set_read_timeout(Some(IO_STALL));
     let mut digest = Digest::default();
     let mut buf = vec![0u8; CHUNK];
     let mut len = 0u64;
     let error = loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break Some(ErrorKind::TimedOut);
+        }
         match socket.read(&mut buf) {
             Ok(0) => break None,
             Ok(n) => {
@@ -656,8 +779,20 @@ pub fn echo_round_trip(addr: SocketAddr, seed: u64, len: u64) -> Received {
     echo_on(socket, seed, len)
 }
 
+/// As [`echo_round_trip`], with the whole round trip bounded by `limit`:
+/// past it, what came back so far, ended by `TimedOut`.
+pub fn echo_within(addr: SocketAddr, seed: u64, len: u64, limit: Duration) -> Received {
+    let deadline = Instant::now() + limit;
+    let socket = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    echo_until(socket, seed, len, Some(deadline))
+}
+
 /// As [`echo_round_trip`] on a connected socket.
-pub fn echo_on(mut socket: TcpStream, seed: u64, len: u64) -> Received {
+pub fn echo_on(socket: TcpStream, seed: u64, len: u64) -> Received {
+    echo_until(socket, seed, len, None)
+}
+
+fn echo_until(mut socket: TcpStream, seed: u64, len: u64, deadline: Option<Instant>) -> Received {
     let _ = socket.set_nodelay(true);
     let _ = socket.set_write_timeout(Some(IO_STALL));
     let mut writer = socket.try_clone().expect("clone a socket");
@@ -667,12 +802,79 @@ pub fn echo_on(mut socket: TcpStream, seed: u64, len: u64) -> Received {
         let _ = writer.shutdown(Shutdown::Write);
         result
     });
-    let received = receive_all(&mut socket);
+    let received = receive_until(&mut socket, deadline);
+    if received.error == Some(ErrorKind::TimedOut) {
+        // Unblocks a sender stuck on a full socket.
+        let _ = socket.shutdown(Shutdown::Both);
+    }
     let sent = sender.join().expect("sender thread does not panic");
     if let Err(e) = sent {
         panic!("sending {len} bytes failed after the echo returned {received:?}: {e}");
     }
     received
+}
+
+/// Bytes 0..n of a pattern in which every byte value occurs in every
+/// 256-byte block, in an order that changes from block to block: what a
+/// serial line must carry untouched (0x00, XON, XOFF, CR, LF, 0xFF).
+pub fn every_byte_value(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            let block = (i / 256) as u8;
+            ((i % 256) as u8).wrapping_mul(167).wrapping_add(block.wrapping_mul(31)) ^ seed
+        })
+        .collect()
+}
+
+/// First offset where two byte strings differ, for failure messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+/// FNV-1a, to print a short digest of what was carried.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Connects to `addr` with read and write deadlines of [`LOG_WAIT`], for
+/// short exchanges.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let socket = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    socket.set_read_timeout(Some(LOG_WAIT)).expect("set a read timeout");
+    socket.set_write_timeout(Some(LOG_WAIT)).expect("set a write timeout");
+    socket
+}
+
+/// Reads until `n` bytes or end of stream, each read within the socket's
+/// read timeout.
+pub fn read_n(socket: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::with_capacity(n);
+    let mut buf = vec![0u8; CHUNK];
+    while got.len() < n {
+        let want = (n - got.len()).min(buf.len());
+        match socket.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) => panic!("read after {} of {n} bytes: {e}", got.len()),
+        }
+    }
+    got
+}
+
+/// Asserts the peer closes `socket` within `limit` without sending data.
+pub fn assert_closed_within(socket: &mut TcpStream, limit: Duration) {
+    socket.set_read_timeout(Some(limit)).expect("set a read timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    match socket.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected the connection closed, got {n} bytes"),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected the connection closed within {limit:?}, got {e}"),
+    }
+    assert!(started.elapsed() < limit);
 }
 
 /// A channel for results that server threads report to the test.

@@ -10,12 +10,18 @@
 //! with their stock timeouts (`squid_with`, `nginx_with`).
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::TempDir;
+use crate::common::{refused_addr, TempDir};
+
+/// A loopback port free right now, for programs that cannot bind port 0
+/// and report the port they got.
+fn free_port() -> u16 {
+    refused_addr().port()
+}
 
 /// Longest a middlebox may take to start listening.
 const START_LIMIT: Duration = Duration::from_secs(30);
@@ -236,13 +242,6 @@ fn spawn(program: &str, args: &[&str], dir: &TempDir) -> Child {
         .stderr(err)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {program} (scripts/test installs it): {e}"))
-}
-
-/// A loopback port free right now, for programs that cannot bind port 0
-/// and report the port.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
-    listener.local_addr().expect("a bound listener has an address").port()
 }
 
 /// An Apache MD5 (`$apr1$`) password hash, which squid's basic_ncsa_auth reads.

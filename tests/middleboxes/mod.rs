@@ -5,7 +5,9 @@
 //!
 //! Their settings are the stock ones except where a test says otherwise;
 //! timeouts are shortened (a few seconds) so that "idle for longer than the
-//! middlebox's timeouts" fits in a test.
+//! middlebox's timeouts" fits in a test. The benchmark driver
+//! (benches/throughput.rs) includes this file too and starts squid and nginx
+//! with their stock timeouts (`squid_with`, `nginx_with`).
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpStream};
@@ -61,6 +63,12 @@ impl Middlebox {
     /// Squid as a forward proxy that refuses CONNECT, optionally requiring
     /// Basic authentication of `user`/`password`.
     pub fn squid(auth: Option<(&str, &str)>) -> Middlebox {
+        Self::squid_with(auth, Some(SHORT_TIMEOUT_SECS))
+    }
+
+    /// As [`Middlebox::squid`], with idle and read timeouts of `timeout`
+    /// seconds, or squid's own (15 minutes to read, 1 to 2 idle) if `None`.
+    pub fn squid_with(auth: Option<(&str, &str)>, timeout: Option<u64>) -> Middlebox {
         let dir = shared_dir("squid");
         let port = free_port();
         let auth_lines = match auth {
@@ -80,6 +88,13 @@ impl Middlebox {
             None => String::new(),
         };
         let d = dir.path().display();
+        let timeouts = timeout.map_or(String::new(), |t| {
+            format!(
+                "read_timeout {t} seconds\n\
+                 client_idle_pconn_timeout {t} seconds\n\
+                 server_idle_pconn_timeout {t} seconds\n"
+            )
+        });
         let conf = format!(
             "http_port 127.0.0.1:{port}\n\
              acl CONNECT method CONNECT\n\
@@ -88,9 +103,7 @@ impl Middlebox {
              http_access allow localhost\n\
              http_access deny all\n\
              cache deny all\n\
-             read_timeout {SHORT_TIMEOUT_SECS} seconds\n\
-             client_idle_pconn_timeout {SHORT_TIMEOUT_SECS} seconds\n\
-             server_idle_pconn_timeout {SHORT_TIMEOUT_SECS} seconds\n\
+             {timeouts}\
              pid_filename {d}/squid.pid\n\
              cache_log {d}/cache.log\n\
              access_log {d}/access.log\n\
@@ -122,10 +135,27 @@ impl Middlebox {
     /// the station under `prefix` (e.g. `/tunnel/`). `extra` goes into the
     /// location block, to change one setting for a test.
     pub fn nginx(station: SocketAddr, prefix: &str, extra: &str) -> Middlebox {
+        Self::nginx_with(station, prefix, extra, Some(SHORT_TIMEOUT_SECS))
+    }
+
+    /// As [`Middlebox::nginx`], with client, keepalive and proxy timeouts of
+    /// `timeout` seconds, or nginx's own (60 s, keepalive 75 s) if `None`.
+    pub fn nginx_with(
+        station: SocketAddr,
+        prefix: &str,
+        extra: &str,
+        timeout: Option<u64>,
+    ) -> Middlebox {
         let dir = shared_dir("nginx");
         let port = free_port();
         let d = dir.path().display();
-        let t = SHORT_TIMEOUT_SECS;
+        let (server_timeouts, proxy_timeouts) =
+            timeout.map_or((String::new(), String::new()), |t| {
+                (
+                    format!("keepalive_timeout {t}s; client_body_timeout {t}s; send_timeout {t}s;"),
+                    format!("proxy_read_timeout {t}s; proxy_send_timeout {t}s;"),
+                )
+            });
         let conf = format!(
             "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 256; }}\n\
@@ -133,12 +163,12 @@ impl Middlebox {
                access_log {d}/access.log;\n\
                client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-               keepalive_timeout {t}s; client_body_timeout {t}s; send_timeout {t}s;\n\
+               {server_timeouts}\n\
                server {{\n\
                  listen 127.0.0.1:{port};\n\
                  location {prefix} {{\n\
                    proxy_pass http://{station}/;\n\
-                   proxy_read_timeout {t}s; proxy_send_timeout {t}s;\n\
+                   {proxy_timeouts}\n\
                    {extra}\n\
                  }}\n\
                }}\n\

@@ -65,6 +65,10 @@ const ROUND_TRIP_SEED: u64 = 0x5eed;
 /// of the few seconds it takes).
 const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
 
+/// Part of what std's default panic hook prints (`thread 'main'
+/// panicked at src/...`).
+const PANIC_TEXT: &[u8] = b" panicked at ";
+
 /// Image size for the install tests: the largest agent is under 1 MiB.
 const IMAGE_BYTES: u64 = 16 << 20;
 
@@ -103,6 +107,25 @@ fn round_trip_through_board(dist: &Path, board: &str) {
         tunnel.describe()
     );
     assert_eq!(echo.accepts(), 1, "{board}: one stream carried it all");
+}
+
+/// Rebuilding std for the boards (boards/README.md, "Rebuilt std") must
+/// drop only the backtrace symbolizer: a panic on a device still has to
+/// say what panicked and where, and std's panic hook is what prints that.
+/// `panic = "immediate-abort"` would remove the hook and this text with it.
+#[test]
+fn board_agents_keep_panic_messages() {
+    if let Some(dist) = dist_dir() {
+        for board in [ARMV7_BOARD, AARCH64_BOARD, GATEWAY_BOARD] {
+            let binary = std::fs::read(board_binary(&dist, board)).unwrap();
+            assert!(
+                binary.windows(PANIC_TEXT.len()).any(|w| w == PANIC_TEXT),
+                "{board}: the agent has no panic message text ({:?}); was std built \
+                 without its panic hook?",
+                String::from_utf8_lossy(PANIC_TEXT)
+            );
+        }
+    }
 }
 
 /// A native station and the agent `program` (`scripts/board-run BOARD`,

@@ -88,7 +88,7 @@ board_load() {
     [[ -f $board_file ]] || die "no board profile boards/$name.toml; known boards: $(board_names | tr '\n' ' ')"
     parsed=$(awk "$board_awk" "$board_file") || die "boards/$name.toml is not in the supported TOML subset (see boards/README.md)"
 
-    board_description="" board_target="" board_static="" board_bin_path="" board_config_path=""
+    board_description="" board_target="" board_static="" board_bin_path="" board_config_path="" board_std=prebuilt
     board_features=() board_rustflags=() board_serial=()
     local -A given=()
     while IFS=$'\t' read -r kind key value; do
@@ -99,6 +99,7 @@ board_load() {
             s:target) board_target=$value ;;
             s:bin_path) board_bin_path=$value ;;
             s:config_path) board_config_path=$value ;;
+            s:std) board_std=$value ;;
             b:static) board_static=$value ;;
             a:features | a:rustflags | a:serial) ;;
             e:features) board_features+=("$value") ;;
@@ -142,6 +143,7 @@ board_load() {
         [[ ${!value} =~ ^/[A-Za-z0-9._/-]+$ && ${!value} != *..* && ${!value} != */ ]] || die "boards/$name.toml: $key: ${!value@Q} must be an absolute file path"
     done
     [[ $board_config_path == *.toml ]] || die "boards/$name.toml: config_path: must end in .toml"
+    [[ $board_std == prebuilt || $board_std == rebuilt ]] || die "boards/$name.toml: std: ${board_std@Q} is neither \"prebuilt\" nor \"rebuilt\""
 
     board_dist=$repo_root/dist/$name
     board_binary=$board_dist/postern
@@ -218,17 +220,56 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
-# build_agent TARGET FEATURES [RUSTFLAG...]: builds the agent for TARGET
-# with the size-tuned `device` cargo profile, first adding the rust target
-# and the linker when they are missing; sets built_binary to the result.
+# std_rebuild_args: sets std_args to the cargo arguments that compile the
+# standard library together with the agent, adding rustup's rust-src
+# component (std's source) when it is missing.
+#
+# Why: rustup's prebuilt std is compiled with its `backtrace` feature, so
+# every binary that can panic links a backtrace symbolizer (gimli,
+# addr2line, miniz_oxide, rustc_demangle; about 120 KiB on armv7) which
+# has nothing to read in a stripped binary. Rebuilt without that feature,
+# std keeps its panic messages (what panicked, where) and drops the
+# symbolizer, and the device profile's opt-level and LTO reach into std.
+# -Z build-std is a cargo option that stable cargo accepts only with
+# RUSTC_BOOTSTRAP=1, which build_agent sets for this one build; the
+# compiler is the same stable release either way. With it rustc reports
+# unstable cfgs (target_has_reliable_f128, ...) that std's
+# compiler_builtins needs to see to provide the f128 routines musl's printf
+# links against; cargo caches those reports per target directory without
+# regard to RUSTC_BOOTSTRAP, so build_agent also turns that cache off
+# (CARGO_CACHE_RUSTC_INFO=0) lest a stable-std build's answers be reused.
+std_rebuild_args() {
+    local sysroot
+    sysroot=$(rustc --print sysroot)
+    if [[ ! -f $sysroot/lib/rustlib/src/rust/library/Cargo.lock ]]; then
+        echo "== rustup component add rust-src" >&2
+        rustup component add rust-src >&2
+    fi
+    # An empty feature list: no `backtrace`, and no `panic-unwind`, which
+    # the device profile's panic = "abort" does not use.
+    std_args=(-Z "build-std=std,panic_abort" -Z build-std-features=)
+}
+
+# build_agent TARGET FEATURES STD [RUSTFLAG...]: builds the agent for
+# TARGET with the size-tuned `device` cargo profile, first adding the rust
+# target and the linker when they are missing; sets built_binary to the
+# result. STD is "prebuilt" (rustup's standard library for the target) or
+# "rebuilt" (compiled with the agent, see std_rebuild_args).
 # CARGO_PROFILE_DEVICE_* and CARGO_TARGET_DIR from the environment apply.
 build_agent() {
-    local target=$1 features=$2
-    shift 2
+    local target=$1 features=$2 std=$3
+    shift 3
     toolchain_for "$target"
     if ! rustup target list --installed | grep -qx "$target"; then
         echo "== rustup target add $target" >&2
         rustup target add "$target" >&2
+    fi
+    local -a std_env=() std_args=()
+    if [[ $std == rebuilt ]]; then
+        std_rebuild_args
+        std_env=(RUSTC_BOOTSTRAP=1 CARGO_CACHE_RUSTC_INFO=0)
+    elif [[ $std != prebuilt ]]; then
+        die "build_agent: std must be prebuilt or rebuilt, not ${std@Q}"
     fi
     apt_install "${tc_linker_packages[@]}"
     # The cc crate in the lock file means some dependency compiles C (today
@@ -253,14 +294,14 @@ build_agent() {
     for index in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/; do
         if [[ -d $index ]]; then flags+=("--remap-path-prefix=${index%/}=/crates"); fi
     done
-    echo "== cargo build --profile device --target $target --no-default-features --features $features${*:+ (rustflags: $*)}" >&2
+    echo "== ${std_env[*]:+${std_env[*]} }cargo build ${std_args[*]:+${std_args[*]} }--profile device --target $target --no-default-features --features $features${*:+ (rustflags: $*)}" >&2
     (
         cd "$repo_root" || exit
         # The encoded form keeps paths with spaces whole. With --target it
         # applies to the agent only, not to build scripts and proc macros.
-        env -u RUSTFLAGS "$(cargo_target_var "$target" LINKER)=$tc_linker" "${c_env[@]}" \
+        env -u RUSTFLAGS "$(cargo_target_var "$target" LINKER)=$tc_linker" "${c_env[@]}" "${std_env[@]}" \
             CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")" \
-            cargo build --locked --profile device --target "$target" \
+            cargo build --locked "${std_args[@]}" --profile device --target "$target" \
             --no-default-features --features "$features" >&2
     )
     built_binary=${CARGO_TARGET_DIR:-$repo_root/target}/$target/device/postern

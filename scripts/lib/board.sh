@@ -243,7 +243,8 @@ std_rebuild_args() {
     sysroot=$(rustc --print sysroot)
     if [[ ! -f $sysroot/lib/rustlib/src/rust/library/Cargo.lock ]]; then
         echo "== rustup component add rust-src" >&2
-        rustup component add rust-src >&2
+        rustup component add rust-src >&2 ||
+            die "std = \"rebuilt\" needs std's source (rustup component add rust-src); without it, build with std = \"prebuilt\" in the board profile"
     fi
     # An empty feature list: no `backtrace`, and no `panic-unwind`, which
     # the device profile's panic = "abort" does not use.
@@ -303,7 +304,12 @@ build_agent() {
             CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")" \
             cargo build --locked "${std_args[@]}" --profile device --target "$target" \
             --no-default-features --features "$features" >&2
-    )
+    ) || {
+        # -Z build-std is unstable: a new toolchain may change or break it.
+        [[ $std == prebuilt ]] ||
+            echo "${0##*/}: the build with std rebuilt failed; std = \"prebuilt\" in the board profile builds with rustup's std (a larger binary, boards/README.md)" >&2
+        die "cargo build for $target failed"
+    }
     built_binary=${CARGO_TARGET_DIR:-$repo_root/target}/$target/device/postern
 }
 

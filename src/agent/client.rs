@@ -232,6 +232,28 @@ impl Client {
         wait: Duration,
         max_reply: u64,
     ) -> Result<Vec<u8>, CarrierError> {
+        let mut reply = Vec::new();
+        self.exchange_with(conn, path, body, wait, max_reply, |bytes| {
+            reply.extend_from_slice(bytes);
+            Ok(())
+        })
+        .await?;
+        Ok(reply)
+    }
+
+    /// Like [`Client::exchange`], but hands the reply's body to `deliver`
+    /// run by run as it arrives: the tunnel opens records while the rest
+    /// of a long poll reply is still on the wire, and no copy of the whole
+    /// body is made.
+    pub async fn exchange_with(
+        &self,
+        conn: &mut Option<HttpConn<TcpStream>>,
+        path: &str,
+        body: &[u8],
+        wait: Duration,
+        max_reply: u64,
+        mut deliver: impl FnMut(&[u8]) -> Result<(), CarrierError>,
+    ) -> Result<(), CarrierError> {
         let mut live = match conn.take() {
             Some(live) => live,
             None => self.connect().await?,
@@ -243,15 +265,18 @@ impl Client {
         let head =
             deadline(wait, async { live.read_response(false).await.map_err(Into::into) }).await?;
         self.check(&head)?;
-        let mut reply = Vec::new();
         let reading = async {
-            live.body(head.body, Some(max_reply)).read_to_end(&mut reply).await.map_err(Into::into)
+            let mut reply = live.body(head.body, Some(max_reply));
+            while let Some(bytes) = reply.next().await? {
+                deliver(bytes)?;
+            }
+            Ok(())
         };
         deadline(REPLY_TIMEOUT, reading).await?;
         if head.keep_alive {
             *conn = Some(live);
         }
-        Ok(reply)
+        Ok(())
     }
 }
 

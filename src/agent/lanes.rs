@@ -373,17 +373,15 @@ async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         let hold = ctx.shared.shape.poll_wait();
         let path = client.path(&ctx.session, Verb::Poll, Some(&carrier::poll_query(hold)));
         let sent = Instant::now();
-        let reply = match client
-            .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(e) => {
-                shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
-                return Err(e);
-            }
-        };
-        receive(&ctx.tunnel, &reply, &mut reader, &mut scratch)?;
+        let deliver =
+            |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
+        let exchanged = client
+            .exchange_with(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, deliver)
+            .await;
+        if let Err(e) = exchanged {
+            shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
+            return Err(e);
+        }
         backoff.reset();
     }
     Ok(())
@@ -427,8 +425,11 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         if ctx.tunnel.transmit(lane, &mut body, POLL_BODY_MAX).await.is_err() {
             return Ok(());
         }
-        let reply = client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX).await?;
-        receive(&ctx.tunnel, &reply, &mut reader, &mut scratch)?;
+        let deliver =
+            |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
+        client
+            .exchange_with(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, deliver)
+            .await?;
         backoff.reset();
     }
 }

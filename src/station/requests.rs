@@ -222,16 +222,42 @@ async fn read_body(
     Ok(body)
 }
 
+/// Room kept in front of a reply body for its head (status line, the
+/// [`REPLY_HEADERS`], `Content-Length` and `Connection`: under 160 bytes).
+const HEAD_ROOM: usize = 256;
+
+/// A buffer that starts with [`HEAD_ROOM`] bytes for the reply's head,
+/// for a body to be appended after them.
+fn reply_buffer(capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEAD_ROOM + capacity);
+    out.resize(HEAD_ROOM, 0);
+    out
+}
+
 async fn respond(
     conn: &mut HttpConn<TcpStream>,
     keep_alive: bool,
     body: &[u8],
 ) -> Result<Outcome, HttpError> {
-    let mut out = Vec::with_capacity(128 + body.len());
-    let kind = BodyKind::Length(body.len() as u64);
-    http::write_response_head(&mut out, 200, "OK", &REPLY_HEADERS, kind, keep_alive);
+    let mut out = reply_buffer(body.len());
     out.extend_from_slice(body);
-    conn.write_all(&out).await?;
+    respond_in_place(conn, keep_alive, out).await
+}
+
+/// Sends a 200 reply whose body follows the head room of `out`
+/// ([`reply_buffer`]): the head is written into that room, so head and a
+/// poll reply of up to [`POLL_BODY_MAX`] leave in one write, uncopied.
+async fn respond_in_place(
+    conn: &mut HttpConn<TcpStream>,
+    keep_alive: bool,
+    mut out: Vec<u8>,
+) -> Result<Outcome, HttpError> {
+    let kind = BodyKind::Length((out.len() - HEAD_ROOM) as u64);
+    let mut head = Vec::with_capacity(HEAD_ROOM);
+    http::write_response_head(&mut head, 200, "OK", &REPLY_HEADERS, kind, keep_alive);
+    let start = HEAD_ROOM.checked_sub(head.len()).expect("the reply head fits its room");
+    out[start..HEAD_ROOM].copy_from_slice(&head);
+    conn.write_all(&out[start..]).await?;
     Ok(Outcome::Done)
 }
 
@@ -393,7 +419,7 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
         return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Sequenced);
-    let mut out = Vec::new();
+    let mut out = reply_buffer(0);
     let hold = carrier::poll_wait(&head.target);
     let wait = async {
         smol::Timer::after(hold).await;
@@ -401,10 +427,10 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
     };
     // Superseded or closed: answer with just an ack; the agent moves on.
     let _ = future::or(live.tunnel.transmit(lane, &mut out, POLL_BODY_MAX), wait).await;
-    if out.is_empty() {
+    if out.len() == HEAD_ROOM {
         live.tunnel.seal_ack(&mut out);
     }
-    respond(conn, head.keep_alive, &out).await
+    respond_in_place(conn, head.keep_alive, out).await
 }
 
 async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
@@ -417,4 +443,22 @@ async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
     let mut out = Vec::new();
     live.tunnel.seal_ack(&mut out);
     respond(conn, head.keep_alive, &out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_reply_head_fits_its_room() {
+        let mut head = Vec::new();
+        let kind = BodyKind::Length(u64::MAX);
+        http::write_response_head(&mut head, 200, "OK", &REPLY_HEADERS, kind, false);
+        assert!(
+            head.len() <= HEAD_ROOM,
+            "{} bytes: {}",
+            head.len(),
+            String::from_utf8_lossy(&head)
+        );
+    }
 }

@@ -221,31 +221,13 @@ impl Client {
         }
     }
 
-    /// Sends one request with a bounded body and reads the whole reply,
-    /// on `conn` if it is still open, else on a new connection, which is
-    /// kept for the next request when the reply allows.
+    /// Sends one request with a bounded body, on `conn` if it is still
+    /// open, else on a new connection, which is kept for the next request
+    /// when the reply allows. The reply's body goes to `deliver` run by run
+    /// as it arrives: the tunnel opens records while the rest of a long
+    /// poll reply is still on the wire, and no copy of the whole body is
+    /// made.
     pub async fn exchange(
-        &self,
-        conn: &mut Option<HttpConn<TcpStream>>,
-        path: &str,
-        body: &[u8],
-        wait: Duration,
-        max_reply: u64,
-    ) -> Result<Vec<u8>, CarrierError> {
-        let mut reply = Vec::new();
-        self.exchange_with(conn, path, body, wait, max_reply, |bytes| {
-            reply.extend_from_slice(bytes);
-            Ok(())
-        })
-        .await?;
-        Ok(reply)
-    }
-
-    /// Like [`Client::exchange`], but hands the reply's body to `deliver`
-    /// run by run as it arrives: the tunnel opens records while the rest
-    /// of a long poll reply is still on the wire, and no copy of the whole
-    /// body is made.
-    pub async fn exchange_with(
         &self,
         conn: &mut Option<HttpConn<TcpStream>>,
         path: &str,

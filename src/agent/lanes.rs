@@ -376,7 +376,7 @@ async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         let deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
         let exchanged = client
-            .exchange_with(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, deliver)
+            .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, deliver)
             .await;
         if let Err(e) = exchanged {
             shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
@@ -427,9 +427,7 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         }
         let deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
-        client
-            .exchange_with(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, deliver)
-            .await?;
+        client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, deliver).await?;
         backoff.reset();
     }
 }

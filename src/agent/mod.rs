@@ -326,8 +326,13 @@ async fn handshake(
     let client = &shared.client;
     let mut conn = None;
     let path = client.path(&session, Verb::Hello, None);
-    let reply = client
-        .exchange(&mut conn, &path, &msg, REPLY_TIMEOUT, MAX_HANDSHAKE as u64)
+    let mut reply = Vec::new();
+    let collect = |bytes: &[u8]| {
+        reply.extend_from_slice(bytes);
+        Ok(())
+    };
+    client
+        .exchange(&mut conn, &path, &msg, REPLY_TIMEOUT, MAX_HANDSHAKE as u64, collect)
         .await
         .map_err(|e| match e {
             CarrierError::Status { status: 403, who: "the station", .. } => {

@@ -14,17 +14,21 @@
 //! reorder packets; each counter is used once, resends included, and the
 //! receiver keeps a sliding [`ReplayWindow`] as WireGuard does.
 //!
-//! With the `ring` feature ChaCha20-Poly1305 comes from ring through snow's
-//! ring resolver; everything else, and everything without it, from snow's
-//! default resolver (RustCrypto).
+//! BLAKE2s is RustCrypto's, wrapped here; with the `ring` feature
+//! ChaCha20-Poly1305 comes from ring through snow's ring resolver;
+//! everything else, and everything without it, from snow's default
+//! resolver (RustCrypto).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use blake2::digest::{Digest, FixedOutputReset};
+use blake2::Blake2s256;
 use snow::params::NoiseParams;
 #[cfg(feature = "ring")]
+use snow::resolvers::RingResolver;
 use snow::{
     params::{CipherChoice, DHChoice, HashChoice},
-    resolvers::{CryptoResolver, DefaultResolver, RingResolver},
+    resolvers::{CryptoResolver, DefaultResolver},
     types::{Cipher, Dh, Hash, Random},
 };
 
@@ -81,17 +85,17 @@ fn params() -> NoiseParams {
     PATTERN.parse().expect("PATTERN is a valid Noise pattern")
 }
 
-/// Where snow gets its primitives with the `ring` feature. The AEAD that
-/// every byte of the tunnel goes through is then ring's ChaCha20-Poly1305
-/// (assembly for x86_64 and ARM): RustCrypto's `chacha20poly1305`, snow's
-/// default, took about 42% of the agent's and the station's CPU in a
-/// stream transfer. The handshake's X25519 and BLAKE2s, and the
-/// randomness, stay with snow's default resolver. Both AEADs compute the
-/// same function; a test pins that.
-#[cfg(feature = "ring")]
+/// Where snow gets its primitives. snow's default resolver would do, but
+/// it instantiates every hash it knows, BLAKE2b included, which the
+/// pattern never uses (about 14 KiB of an armv7 agent): BLAKE2s comes from
+/// [`Blake2s`] instead. With the `ring` feature the AEAD that every byte
+/// of the tunnel goes through is ring's ChaCha20-Poly1305 (assembly for
+/// x86_64 and ARM): RustCrypto's `chacha20poly1305`, snow's default, took
+/// about 42% of the agent's and the station's CPU in a stream transfer.
+/// X25519 and the randomness stay with snow's default resolver. Either
+/// way the functions are the same as snow's own; a test pins that.
 struct Resolver;
 
-#[cfg(feature = "ring")]
 impl CryptoResolver for Resolver {
     fn resolve_rng(&self) -> Option<Box<dyn Random>> {
         DefaultResolver.resolve_rng()
@@ -102,24 +106,53 @@ impl CryptoResolver for Resolver {
     }
 
     fn resolve_hash(&self, choice: &HashChoice) -> Option<Box<dyn Hash>> {
-        DefaultResolver.resolve_hash(choice)
+        match choice {
+            HashChoice::Blake2s => Some(Box::new(Blake2s::default())),
+            _ => None,
+        }
     }
 
     fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
-        RingResolver.resolve_cipher(choice)
+        #[cfg(feature = "ring")]
+        return RingResolver.resolve_cipher(choice);
+        #[cfg(not(feature = "ring"))]
+        return DefaultResolver.resolve_cipher(choice);
     }
 }
 
-#[cfg(feature = "ring")]
 fn builder<'a>() -> snow::Builder<'a> {
     snow::Builder::with_resolver(params(), Box::new(Resolver))
 }
 
-/// Without `ring`, snow's default resolver: RustCrypto throughout, no C
-/// code, the smallest build (what boards ship).
-#[cfg(not(feature = "ring"))]
-fn builder<'a>() -> snow::Builder<'a> {
-    snow::Builder::new(params())
+/// BLAKE2s-256 as Noise uses it (snow's HMAC and HKDF are built on these
+/// calls); also the demo's and the tests' digest.
+#[derive(Default)]
+pub struct Blake2s(Blake2s256);
+
+impl Hash for Blake2s {
+    fn name(&self) -> &'static str {
+        "BLAKE2s"
+    }
+
+    fn block_len(&self) -> usize {
+        64
+    }
+
+    fn hash_len(&self) -> usize {
+        32
+    }
+
+    fn reset(&mut self) {
+        Digest::reset(&mut self.0);
+    }
+
+    fn input(&mut self, data: &[u8]) {
+        Digest::update(&mut self.0, data);
+    }
+
+    fn result(&mut self, out: &mut [u8]) {
+        out[..32].copy_from_slice(&self.0.finalize_fixed_reset());
+    }
 }
 
 /// The agent's half-done handshake.
@@ -439,11 +472,11 @@ mod tests {
     }
 
     #[test]
-    #[cfg(feature = "ring")]
-    fn ring_and_rustcrypto_seal_alike() {
-        // The agent uses snow's default resolver (RustCrypto's AEAD), the
-        // station ours (ring's): each opens what the other sealed, so builds
-        // on either side of the change keep talking.
+    fn our_resolver_and_snows_default_interoperate() {
+        // The agent uses snow's default resolver (its BLAKE2s, RustCrypto's
+        // AEAD), the station ours (our BLAKE2s; ring's AEAD with `ring`):
+        // the handshake completes and each opens what the other sealed, so
+        // builds on either side of the change keep talking.
         let station_key = PrivateKey::generate();
         let agent_key = PrivateKey::generate();
         let station_public = station_key.public_key();

@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
-use snow::params::HashChoice;
-use snow::resolvers::{CryptoResolver, DefaultResolver};
+use snow::types::Hash;
 
 use crate::agent::Agent;
 use crate::config::{
     AgentConfig, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig, StationUrl,
     DEFAULT_SESSION_TIMEOUT,
 };
+use crate::crypto::Blake2s;
 use crate::keys::PrivateKey;
 use crate::station::Station;
 use crate::task::Scope;
@@ -96,19 +96,9 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// A streaming BLAKE2s hash, through snow's own implementation so the demo
-/// adds no dependency.
-pub struct Digest(Box<dyn snow::types::Hash>);
-
-impl Default for Digest {
-    fn default() -> Self {
-        Digest(
-            DefaultResolver
-                .resolve_hash(&HashChoice::Blake2s)
-                .expect("snow is built with use-blake2, so its resolver has BLAKE2s"),
-        )
-    }
-}
+/// A streaming BLAKE2s hash: the one the Noise handshake uses.
+#[derive(Default)]
+pub struct Digest(Blake2s);
 
 impl Digest {
     pub fn update(&mut self, bytes: &[u8]) {

@@ -184,20 +184,41 @@ impl Request<'_> {
         }
     }
 
-    /// Feeds a bounded body of records to the session. A body without an
-    /// authentic packet, or with a forged or replayed one, gets nothing but
-    /// the refusal this returns.
-    fn receive_body(&mut self, body: &[u8], shape: Shape) -> Result<(), Outcome> {
+    /// Feeds a bounded body of records to the session as it arrives, so no
+    /// copy of a push (up to [`POLL_BODY_MAX`]) is held. A body without an
+    /// authentic packet, or with a forged or replayed one, gets the
+    /// refusal this returns (the packets before a forged one are
+    /// delivered, as from a body read whole); the connection then closes
+    /// with the rest of the body unread.
+    async fn receive_body(
+        &mut self,
+        conn: &mut HttpConn<TcpStream>,
+        max: u64,
+        shape: Shape,
+    ) -> Result<Result<(), Outcome>, HttpError> {
         let mut reader = RecordReader::default();
         let mut scratch = Vec::new();
-        match self.live.tunnel.receive(body, &mut reader, &mut scratch) {
-            Ok(authentic) if authentic > 0 && reader.is_clean() => {
+        let mut authentic = 0;
+        let limit = self.body_timeout();
+        let (head, tunnel) = (self.head, &self.live.tunnel);
+        let reading = async {
+            let mut body = conn.body(head.body, Some(max));
+            while let Some(bytes) = body.next().await? {
+                match tunnel.receive(bytes, &mut reader, &mut scratch) {
+                    Ok(n) => authentic += n,
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            Ok(Ok(()))
+        };
+        Ok(match deadline(limit, reading).await? {
+            Ok(()) if authentic > 0 && reader.is_clean() => {
                 self.proven(shape);
                 Ok(())
             }
-            Ok(_) => Err(refuse(403, "no authentic packet in the body")),
+            Ok(()) => Err(refuse(403, "no authentic packet in the body")),
             Err(e) => Err(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
-        }
+        })
     }
 
     /// The request carried an authentic packet over a carrier of `shape`.
@@ -211,6 +232,7 @@ impl Request<'_> {
     }
 }
 
+/// Reads a small bounded body whole (a handshake message).
 async fn read_body(
     conn: &mut HttpConn<TcpStream>,
     head: &RequestHead,
@@ -326,8 +348,7 @@ async fn hello(
 
 async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
-    let body = read_body(conn, head, DOWN_BODY_MAX, req.body_timeout()).await?;
-    if let Err(refused) = req.receive_body(&body, Shape::Stream) {
+    if let Err(refused) = req.receive_body(conn, DOWN_BODY_MAX, Shape::Stream).await? {
         return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Data);
@@ -414,8 +435,7 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outc
 
 async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
-    let body = read_body(conn, head, POLL_BODY_MAX as u64, req.body_timeout()).await?;
-    if let Err(refused) = req.receive_body(&body, Shape::Poll) {
+    if let Err(refused) = req.receive_body(conn, POLL_BODY_MAX as u64, Shape::Poll).await? {
         return Ok(refused);
     }
     let lane = live.tunnel.begin_lane(Lane::Sequenced);
@@ -436,8 +456,7 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
 async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     let max = POLL_BODY_MAX as u64 + MAX_RECORD as u64;
-    let body = read_body(conn, head, max, req.body_timeout()).await?;
-    if let Err(refused) = req.receive_body(&body, Shape::Poll) {
+    if let Err(refused) = req.receive_body(conn, max, Shape::Poll).await? {
         return Ok(refused);
     }
     let mut out = Vec::new();

@@ -7,15 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern::carrier::http::{write_chunk_header, ChunkedDecoder, Decoded, CHUNK_END, LAST_CHUNK};
-
-#[derive(Debug, PartialEq)]
-enum Outcome {
-    /// The body ended after this many input bytes.
-    End(usize),
-    Error(String),
-    Incomplete,
-}
+use postern::carrier::harness::{decode_in_pieces as decode, Outcome};
+use postern::carrier::http::{write_chunk_header, CHUNK_END, LAST_CHUNK};
 
 // Input: a count byte n (taken mod 16), n little-endian u16 cut offsets
 // (taken modulo the body's length), then the body; a plain layout so seeds
@@ -44,43 +37,3 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(decode(&encoded, &[]), (payload, Outcome::End(encoded.len())));
     }
 });
-
-/// Feeds `input` to a fresh decoder in pieces ending at `cuts`; each piece is
-/// offered until used up, as a connection's buffer is.
-fn decode(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Outcome) {
-    let mut decoder = ChunkedDecoder::new();
-    let mut payload = Vec::new();
-    let mut offset = 0;
-    for &piece_end in cuts.iter().chain([&input.len()]) {
-        loop {
-            let window = &input[offset..piece_end.max(offset)];
-            match decoder.decode(window) {
-                Ok(Decoded::Data { consumed, start, len }) => {
-                    assert!(len > 0 && start + len == consumed && consumed <= window.len());
-                    payload.extend_from_slice(&window[start..consumed]);
-                    offset += consumed;
-                }
-                Ok(Decoded::NeedMore { consumed }) => {
-                    assert_eq!(consumed, window.len());
-                    offset += consumed;
-                    break;
-                }
-                Ok(Decoded::End { consumed }) => {
-                    assert!(consumed <= window.len());
-                    offset += consumed;
-                    assert!(matches!(
-                        decoder.decode(b"5\r\nmore\r\n"),
-                        Ok(Decoded::End { consumed: 0 })
-                    ));
-                    return (payload, Outcome::End(offset));
-                }
-                Err(error) => {
-                    let again = decoder.decode(b"0\r\n\r\n");
-                    assert_eq!(format!("{again:?}"), format!("{:?}", Err::<(), _>(&error)));
-                    return (payload, Outcome::Error(format!("{error:?}")));
-                }
-            }
-        }
-    }
-    (payload, Outcome::Incomplete)
-}

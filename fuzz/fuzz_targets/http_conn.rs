@@ -8,15 +8,10 @@
 //! handed out before it is refused), and no body may pass its limit.
 #![no_main]
 
-use std::collections::VecDeque;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use futures_lite::future::block_on;
-use futures_lite::{AsyncRead, AsyncWrite};
 use libfuzzer_sys::fuzz_target;
 use postern::carrier::conn::HttpConn;
+use postern::carrier::harness::Peer;
 use postern::carrier::http::{BodyKind, HttpError};
 
 /// Body limit the harness reads with: small, so inputs can cross it.
@@ -36,8 +31,8 @@ fuzz_target!(|data: &[u8]| {
     let [flags, count, rest @ ..] = data else { return };
     let (pieces, stream) = rest.split_at(usize::from(count % 16).min(rest.len()));
     let input = Input { responses: flags & 1 == 1, pieces, stream };
-    let whole = transcript(&input, Peer::new(input.stream, &[]));
-    let pieced = transcript(&input, Peer::new(input.stream, input.pieces));
+    let whole = transcript(&input, peer(input.stream, &[]));
+    let pieced = transcript(&input, peer(input.stream, input.pieces));
     assert_eq!(pieced, whole, "pieces {:?}", input.pieces);
 });
 
@@ -98,65 +93,17 @@ fn transcript(input: &Input<'_>, peer: Peer) -> Vec<String> {
     log
 }
 
-/// An in-memory peer: delivers its stream in pieces, answers every other
-/// read `Pending` (after waking itself), swallows writes, then EOF.
-struct Peer {
-    pieces: VecDeque<Vec<u8>>,
-    pend_next: bool,
-}
-
-impl Peer {
-    fn new(stream: &[u8], sizes: &[u8]) -> Self {
-        let mut pieces = VecDeque::new();
-        let mut rest = stream;
-        let mut sizes = sizes.iter().map(|&s| usize::from(s.max(1))).cycle();
-        while !rest.is_empty() {
-            let size = sizes.next().unwrap_or(rest.len()).min(rest.len());
-            let (piece, tail) = rest.split_at(size);
-            pieces.push_back(piece.to_vec());
-            rest = tail;
+/// The stream in pieces of the given sizes (cycled; 0 is taken as 1), or
+/// whole when there are none.
+fn peer(stream: &[u8], sizes: &[u8]) -> Peer {
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    for size in sizes.iter().map(|&s| usize::from(s.max(1))).cycle() {
+        at += size;
+        if at >= stream.len() {
+            break;
         }
-        Peer { pieces, pend_next: true }
+        cuts.push(at);
     }
-}
-
-impl AsyncRead for Peer {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let pend = self.pend_next;
-        self.pend_next = !pend;
-        if pend {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let Some(piece) = self.pieces.front_mut() else { return Poll::Ready(Ok(0)) };
-        let n = piece.len().min(buf.len());
-        buf[..n].copy_from_slice(&piece[..n]);
-        piece.drain(..n);
-        if piece.is_empty() {
-            self.pieces.pop_front();
-        }
-        Poll::Ready(Ok(n))
-    }
-}
-
-impl AsyncWrite for Peer {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
+    Peer::split(stream, &cuts)
 }

@@ -310,112 +310,12 @@ impl<S: AsyncRead + Unpin> BodyReader<'_, S> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
     use std::future::Future;
-    use std::io;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
     use std::time::Duration;
 
     use super::*;
+    use crate::carrier::harness::{below, xorshift, Peer};
     use crate::carrier::http::{write_chunk_header, ChunkError, CHUNK_END, LAST_CHUNK};
-
-    /// An in-memory peer: hands out its input in the given pieces (a read
-    /// never crosses a piece boundary), answers every other read `Pending`
-    /// after waking itself so that path is exercised too, and records what
-    /// is written to it. EOF after the last piece.
-    struct Peer {
-        pieces: VecDeque<Vec<u8>>,
-        pend_next: bool,
-        written: Vec<u8>,
-    }
-
-    impl Peer {
-        fn split(input: &[u8], cuts: &[usize]) -> Self {
-            let mut pieces = VecDeque::new();
-            let mut from = 0;
-            for &cut in cuts.iter().chain([&input.len()]) {
-                if cut > from {
-                    pieces.push_back(input[from..cut].to_vec());
-                    from = cut;
-                }
-            }
-            Peer { pieces, pend_next: true, written: Vec::new() }
-        }
-
-        fn whole(input: &[u8]) -> Self {
-            Self::split(input, &[])
-        }
-
-        /// Pieces of 1 to `max_piece` bytes, sizes from a seeded xorshift.
-        fn random(input: &[u8], seed: u64, max_piece: usize) -> Self {
-            let mut rng = seed | 1;
-            let mut cuts = Vec::new();
-            let mut at = 0;
-            while at < input.len() {
-                at += 1 + below(&mut rng, max_piece);
-                cuts.push(at.min(input.len()));
-            }
-            Self::split(input, &cuts)
-        }
-    }
-
-    impl AsyncRead for Peer {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            this.pend_next = !this.pend_next;
-            if !this.pend_next {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            let Some(piece) = this.pieces.front_mut() else {
-                return Poll::Ready(Ok(0));
-            };
-            let len = piece.len().min(buf.len());
-            buf[..len].copy_from_slice(&piece[..len]);
-            piece.drain(..len);
-            if piece.is_empty() {
-                this.pieces.pop_front();
-            }
-            Poll::Ready(Ok(len))
-        }
-    }
-
-    impl AsyncWrite for Peer {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.get_mut().written.extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    fn xorshift(state: &mut u64) -> u64 {
-        let mut x = *state;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *state = x;
-        x
-    }
-
-    fn below(state: &mut u64, bound: usize) -> usize {
-        (xorshift(state) % bound as u64) as usize
-    }
 
     /// Runs `future`, failing the test if it takes more than 5 s: a hang is
     /// a bug, and this turns it into a failure instead of a stuck test run.

@@ -791,6 +791,7 @@ fn push_decimal(out: &mut Vec<u8>, value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::carrier::harness::{decode_in_pieces, Outcome};
 
     fn request(text: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
         parse_request(text)
@@ -1161,55 +1162,6 @@ mod tests {
     }
 
     // ---- chunked decoding ----
-
-    #[derive(Debug, PartialEq)]
-    enum Outcome {
-        End(usize),
-        Error(String),
-        Incomplete,
-    }
-
-    /// Feeds `input` to a fresh decoder in pieces ending at `cuts`, as a
-    /// connection does: each piece is offered until used up. Checks the
-    /// progress contract on every call.
-    fn decode_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Outcome) {
-        let mut decoder = ChunkedDecoder::new();
-        let mut payload = Vec::new();
-        let mut offset = 0;
-        for &piece_end in cuts.iter().chain([&input.len()]) {
-            loop {
-                let window = &input[offset..piece_end.max(offset)];
-                match decoder.decode(window) {
-                    Ok(Decoded::Data { consumed, start, len }) => {
-                        assert!(len > 0 && start + len == consumed && consumed <= window.len());
-                        payload.extend_from_slice(&window[start..consumed]);
-                        offset += consumed;
-                    }
-                    Ok(Decoded::NeedMore { consumed }) => {
-                        assert_eq!(consumed, window.len());
-                        offset += consumed;
-                        break;
-                    }
-                    Ok(Decoded::End { consumed }) => {
-                        assert!(consumed <= window.len());
-                        offset += consumed;
-                        assert!(matches!(
-                            decoder.decode(b"more"),
-                            Ok(Decoded::End { consumed: 0 })
-                        ));
-                        return (payload, Outcome::End(offset));
-                    }
-                    Err(error) => {
-                        // Sticky: the same error again, whatever comes next.
-                        let again = decoder.decode(b"0\r\n\r\n");
-                        assert_eq!(format!("{again:?}"), format!("{:?}", Err::<(), _>(&error)));
-                        return (payload, Outcome::Error(format!("{error:?}")));
-                    }
-                }
-            }
-        }
-        (payload, Outcome::Incomplete)
-    }
 
     fn decode_whole(input: &[u8]) -> (Vec<u8>, Outcome) {
         decode_in_pieces(input, &[])

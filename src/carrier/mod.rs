@@ -17,6 +17,8 @@
 //! independent of chunk boundaries, so a proxy may rechunk freely.
 
 pub mod conn;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness;
 pub mod http;
 
 use std::time::Duration;

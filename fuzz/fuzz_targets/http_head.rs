@@ -24,20 +24,38 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn request(input: &[u8]) {
-    let (head, len) = match parse_request(input) {
+/// What every head parser promises of `input`: incomplete only below the
+/// bound, errors that map to 400 or 431, and a head within the bounds that
+/// parses the same alone and is incomplete when cut by a byte. Returns the
+/// head and its length, if there is one.
+fn checked_parse<H: Clone + PartialEq + std::fmt::Debug>(
+    input: &[u8],
+    parse: impl Fn(&[u8]) -> Result<Option<(H, usize)>, HttpError>,
+    fields: impl Fn(&H) -> usize,
+) -> Option<(H, usize)> {
+    let (head, len) = match parse(input) {
         Ok(Some(parsed)) => parsed,
         Ok(None) => {
             assert!(input.len() < MAX_HEAD_BYTES, "incomplete at or past the bound");
-            return;
+            return None;
         }
-        Err(error) => return check_error(&error),
+        Err(error) => {
+            check_error(&error);
+            return None;
+        }
     };
     assert!(len <= input.len() && len <= MAX_HEAD_BYTES);
-    assert!(head.headers.len() <= MAX_HEADERS);
-    let again = parse_request(&input[..len]).expect("the same head parses alone").unwrap();
+    assert!(fields(&head) <= MAX_HEADERS);
+    let again = parse(&input[..len]).expect("the same head parses alone").unwrap();
     assert_eq!(again, (head.clone(), len));
-    assert!(matches!(parse_request(&input[..len - 1]), Ok(None)), "a cut head is incomplete");
+    assert!(matches!(parse(&input[..len - 1]), Ok(None)), "a cut head is incomplete");
+    Some((head, len))
+}
+
+fn request(input: &[u8]) {
+    let Some((head, len)) = checked_parse(input, parse_request, |h| h.headers.len()) else {
+        return;
+    };
 
     if let Some((session, verb)) = parse_path(&head.target) {
         assert_eq!(parse_path(&path("/x/", &session, verb)), Some((session, verb)));
@@ -63,19 +81,10 @@ fn request(input: &[u8]) {
 }
 
 fn response(input: &[u8], head_request: bool) {
-    let (head, len) = match parse_response(input, head_request) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => {
-            assert!(input.len() < MAX_HEAD_BYTES, "incomplete at or past the bound");
-            return;
-        }
-        Err(error) => return check_error(&error),
+    let parse = |bytes: &[u8]| parse_response(bytes, head_request);
+    let Some((head, len)) = checked_parse(input, parse, |h| h.headers.len()) else {
+        return;
     };
-    assert!(len <= input.len() && len <= MAX_HEAD_BYTES);
-    assert!(head.headers.len() <= MAX_HEADERS);
-    let again = parse_response(&input[..len], head_request).expect("parses alone").unwrap();
-    assert_eq!(again, (head.clone(), len));
-    assert!(matches!(parse_response(&input[..len - 1], head_request), Ok(None)));
     if head_request || head.status == 204 || head.status == 304 || (100..200).contains(&head.status)
     {
         assert_eq!(head.body, BodyKind::Empty, "{} has no body", head.status);

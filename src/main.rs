@@ -90,6 +90,16 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
         match arg {
             Short('h') | Long("help") => {
                 print!("{HELP}");
+                // A device build leaves the station out; say so here rather
+                // than only when `station` or `demo` is run.
+                if !cfg!(feature = "station") {
+                    println!(
+                        "\nThis build has no station: `station` and `demo` are not available."
+                    );
+                }
+                if !cfg!(feature = "agent") {
+                    println!("\nThis build has no agent: `agent` and `demo` are not available.");
+                }
                 return Ok(None);
             }
             Short('V') | Long("version") => {

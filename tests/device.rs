@@ -9,10 +9,11 @@
 //! ```
 //!
 //! The board binaries take minutes to build, so they come from `dist/`:
-//! `scripts/test` builds them and names the directory in `POSTERN_DIST`.
-//! Without that variable each test prints why it checked nothing and passes,
-//! so a plain `cargo test` stays quick; with it, a missing binary or tool is
-//! a failure. Everything binds 127.0.0.1 on ephemeral ports and every wait
+//! `scripts/test` builds them, names the directory in `POSTERN_DIST` and
+//! runs these tests with `--ignored`. They are ignored by default so a plain
+//! `cargo test` stays quick and says they did not run; run without the
+//! variable they fail with what to do, and a missing binary or tool is a
+//! failure. Everything binds 127.0.0.1 on ephemeral ports and every wait
 //! has a deadline.
 //!
 //! Serial lines are not run under emulation: Debian 12's qemu-user (7.2)
@@ -80,17 +81,15 @@ const MAX_EXPOSURE: f64 = 2.0;
 // Round trips through cross-built agents.
 
 #[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
 fn armv7_agent_under_qemu_carries_bytes_exactly() {
-    if let Some(dist) = dist_dir() {
-        round_trip_through_board(&dist, ARMV7_BOARD);
-    }
+    round_trip_through_board(&dist_dir(), ARMV7_BOARD);
 }
 
 #[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
 fn aarch64_agent_under_qemu_carries_bytes_exactly() {
-    if let Some(dist) = dist_dir() {
-        round_trip_through_board(&dist, AARCH64_BOARD);
-    }
+    round_trip_through_board(&dist_dir(), AARCH64_BOARD);
 }
 
 fn round_trip_through_board(dist: &Path, board: &str) {
@@ -114,17 +113,17 @@ fn round_trip_through_board(dist: &Path, board: &str) {
 /// say what panicked and where, and std's panic hook is what prints that.
 /// `panic = "immediate-abort"` would remove the hook and this text with it.
 #[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
 fn board_agents_keep_panic_messages() {
-    if let Some(dist) = dist_dir() {
-        for board in [ARMV7_BOARD, AARCH64_BOARD, GATEWAY_BOARD] {
-            let binary = std::fs::read(board_binary(&dist, board)).unwrap();
-            assert!(
-                binary.windows(PANIC_TEXT.len()).any(|w| w == PANIC_TEXT),
-                "{board}: the agent has no panic message text ({:?}); was std built \
-                 without its panic hook?",
-                String::from_utf8_lossy(PANIC_TEXT)
-            );
-        }
+    let dist = dist_dir();
+    for board in [ARMV7_BOARD, AARCH64_BOARD, GATEWAY_BOARD] {
+        let binary = std::fs::read(board_binary(&dist, board)).unwrap();
+        assert!(
+            binary.windows(PANIC_TEXT.len()).any(|w| w == PANIC_TEXT),
+            "{board}: the agent has no panic message text ({:?}); was std built \
+             without its panic hook?",
+            String::from_utf8_lossy(PANIC_TEXT)
+        );
     }
 }
 
@@ -138,8 +137,9 @@ fn start_tunnel(program: &[&str], echo: &Server) -> Tunnel {
 // Image installs.
 
 #[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
 fn install_image_writes_agent_config_key_and_unit() {
-    let Some(dist) = dist_dir() else { return };
+    let dist = dist_dir();
     let binary = board_binary(&dist, GATEWAY_BOARD);
     let dir = TempDir::new("device-install");
     let image = make_image(&dir);
@@ -202,8 +202,9 @@ fn install_image_writes_agent_config_key_and_unit() {
 }
 
 #[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
 fn install_image_without_serial_hides_devices() {
-    let Some(dist) = dist_dir() else { return };
+    let dist = dist_dir();
     board_binary(&dist, ARMV7_BOARD);
     let dir = TempDir::new("device-install-tcp");
     let image = make_image(&dir);
@@ -229,8 +230,9 @@ fn install_image_without_serial_hides_devices() {
 }
 
 #[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
 fn install_image_refuses_bad_configs_and_leaves_the_image_alone() {
-    let Some(dist) = dist_dir() else { return };
+    let dist = dist_dir();
     board_binary(&dist, ARMV7_BOARD);
     let dir = TempDir::new("device-refuse");
     let image = make_image(&dir);
@@ -393,21 +395,19 @@ fn print_memory(agent: &Proc, state: &str) {
 // ---------------------------------------------------------------------------
 // Helpers.
 
-/// `dist/` as named by `scripts/test`, or `None` after saying why the test
-/// checks nothing.
-fn dist_dir() -> Option<PathBuf> {
-    match std::env::var_os(DIST_VAR) {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            eprintln!(
-                "skipped: {DIST_VAR} is not set. scripts/test builds the board agents \
-                 (scripts/build-board) and sets it; to run this alone: \
-                 scripts/build-board {ARMV7_BOARD} && scripts/build-board {AARCH64_BOARD} && \
-                 scripts/build-board {GATEWAY_BOARD} && {DIST_VAR}=$PWD/dist cargo test --release --test device"
-            );
-            None
-        }
-    }
+/// `dist/` as named by `scripts/test`; without it the test fails with
+/// how to build the agents it needs.
+fn dist_dir() -> PathBuf {
+    let Some(dir) = std::env::var_os(DIST_VAR) else {
+        panic!(
+            "{DIST_VAR} is not set. scripts/test builds the board agents \
+             (scripts/build-board) and sets it; to run these alone: \
+             scripts/build-board {ARMV7_BOARD} && scripts/build-board {AARCH64_BOARD} && \
+             scripts/build-board {GATEWAY_BOARD} && \
+             {DIST_VAR}=$PWD/dist cargo test --release --test device -- --ignored --skip idle_rss"
+        );
+    };
+    PathBuf::from(dir)
 }
 
 fn board_binary(dist: &Path, board: &str) -> PathBuf {

@@ -9,6 +9,8 @@
 # refused with the file and line, never guessed at.
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=packages.sh
+source "$repo_root/scripts/lib/packages.sh"
 
 die() {
     echo "${0##*/}: $*" >&2
@@ -205,19 +207,6 @@ debian_cross() {
 cargo_target_var() {
     local triple=${1^^}
     echo "CARGO_TARGET_${triple//[-.]/_}_$2"
-}
-
-# apt_install PACKAGE...: installs Debian packages that are missing.
-apt_install() {
-    local missing=() package
-    for package in "$@"; do
-        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-    done
-    ((${#missing[@]})) || return 0
-    command -v apt-get >/dev/null || die "needs the Debian packages ${missing[*]}; install them with your package manager"
-    echo "== installing ${missing[*]}" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
 # std_rebuild_args: sets std_args to the cargo arguments that compile the

@@ -47,6 +47,11 @@ const MAX_KEY_FILE_BYTES: u64 = 1024;
 /// short; 64 bytes is ample for "site-42-pump-17-modbus".
 const MAX_NAME_BYTES: usize = 64;
 
+/// Public keys one device, or the pinned station keys of one agent, may
+/// list at once: the current key and the next one while a rotation runs,
+/// with room for a rotation that overlaps another.
+pub const MAX_KEYS: usize = 4;
+
 /// The HTTP port a URL means when it names none (RFC 9110 section 4.2.1).
 const HTTP_DEFAULT_PORT: u16 = 80;
 
@@ -100,6 +105,9 @@ pub struct StationConfig {
     pub listen: SocketAddr,
     /// The station's static Noise key; agents pin its public half.
     pub private_key: PrivateKey,
+    /// The key that replaces it, accepted beside it while agents move to
+    /// its public half (key rotation, README).
+    pub next_private_key: Option<PrivateKey>,
     /// Where `GET /metrics` and `GET /status` are served, if anywhere.
     pub status: Option<SocketAddr>,
     /// How long a device's session (and its streams) outlives the loss of
@@ -117,8 +125,9 @@ pub struct StationConfig {
 pub struct DeviceConfig {
     /// Unique among devices; used in logs and status output.
     pub name: String,
-    /// Unique among devices; how the station recognises the device.
-    pub public_key: PublicKey,
+    /// How the station recognises the device: one key, or several while
+    /// the device's key is replaced. No two devices share a key.
+    pub public_keys: Vec<PublicKey>,
     /// Names from `[targets]` this device may open.
     pub allow: Vec<String>,
     /// Station listener -> name of a service on the device (reverse).
@@ -130,8 +139,9 @@ pub struct DeviceConfig {
 pub struct AgentConfig {
     /// Where the station is reached over HTTP.
     pub station: StationUrl,
-    /// The station's static key, pinned: no other station is accepted.
-    pub station_public_key: PublicKey,
+    /// The station's static keys, pinned: no other station is accepted.
+    /// Tried in order; more than one while the station's key is replaced.
+    pub station_public_keys: Vec<PublicKey>,
     /// This device's static Noise key.
     pub private_key: PrivateKey,
     /// The forward proxy from the file. `None` means the file names none;
@@ -381,6 +391,8 @@ struct RawStation {
     listen: Option<String>,
     private_key: Option<String>,
     private_key_file: Option<String>,
+    next_private_key: Option<String>,
+    next_private_key_file: Option<String>,
     status: Option<String>,
     session_timeout: Option<u64>,
     #[serde(default)]
@@ -393,7 +405,8 @@ struct RawStation {
 #[serde(deny_unknown_fields)]
 struct RawDevice {
     name: Option<String>,
-    public_key: Option<String>,
+    /// A string or a list of strings; told apart by [`key_list`].
+    public_key: Option<toml::Value>,
     #[serde(default)]
     allow: Vec<String>,
     #[serde(default)]
@@ -404,7 +417,8 @@ struct RawDevice {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     station: Option<String>,
-    station_public_key: Option<String>,
+    /// A string or a list of strings; told apart by [`key_list`].
+    station_public_key: Option<toml::Value>,
     private_key: Option<String>,
     private_key_file: Option<String>,
     proxy: Option<String>,
@@ -503,40 +517,37 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// `FIELD = "BASE64"` or `FIELD_file = "PATH"`: exactly one of the two.
 fn load_private_key(
+    field: &str,
     inline: Option<String>,
     key_file: Option<String>,
     file: &str,
     base: &Path,
 ) -> Result<PrivateKey, ConfigError> {
+    let file_field = format!("{field}_file");
     match (inline, key_file) {
         (Some(_), Some(_)) => Err(ConfigError::new(
             file,
-            "private_key",
-            "both private_key and private_key_file are set; keep one",
+            field,
+            format!("both {field} and {file_field} are set; keep one"),
         )),
         (None, None) => Err(ConfigError::new(
             file,
-            "private_key",
-            "missing; set private_key = \"BASE64\" (from `postern genkey`) or private_key_file = \"PATH\"",
+            field,
+            format!(
+                "missing; set {field} = \"BASE64\" (from `postern genkey`) or {file_field} = \"PATH\""
+            ),
         )),
         (Some(text), None) => PrivateKey::from_base64(&text)
-            .map_err(|e| ConfigError::new(file, "private_key", e.to_string())),
+            .map_err(|e| ConfigError::new(file, field, e.to_string())),
         (None, Some(key_path)) => {
             if key_path.is_empty() {
-                return Err(ConfigError::new(
-                    file,
-                    "private_key_file",
-                    "must not be empty",
-                ));
+                return Err(ConfigError::new(file, file_field, "must not be empty"));
             }
             let full = base.join(&key_path);
             read_key_file(&full, file).map_err(|reason| {
-                ConfigError::new(
-                    file,
-                    "private_key_file",
-                    format!("{}: {reason}", full.display()),
-                )
+                ConfigError::new(file, file_field, format!("{}: {reason}", full.display()))
             })
         }
     }
@@ -586,8 +597,26 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         .listen
         .ok_or_else(|| fail("listen", "missing; e.g. listen = \"0.0.0.0:8080\"".into()))?;
     let listen = socket_addr(&listen_text).map_err(|r| fail("listen", r))?;
-    let private_key = load_private_key(raw.private_key, raw.private_key_file, file, base)?;
+    let private_key =
+        load_private_key("private_key", raw.private_key, raw.private_key_file, file, base)?;
     let own_public = private_key.public_key();
+    let next_private_key = match (&raw.next_private_key, &raw.next_private_key_file) {
+        (None, None) => None,
+        _ => Some(load_private_key(
+            "next_private_key",
+            raw.next_private_key,
+            raw.next_private_key_file,
+            file,
+            base,
+        )?),
+    };
+    if next_private_key.as_ref().is_some_and(|next| next.public_key() == own_public) {
+        return Err(fail(
+            "next_private_key",
+            "is the same key as private_key; give the new key, or remove the line".into(),
+        ));
+    }
+    let next_public = next_private_key.as_ref().map(PrivateKey::public_key);
 
     let session_timeout = session_timeout(raw.session_timeout, file)?;
     let status = match raw.status {
@@ -625,22 +654,29 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         }
 
         let key_field = format!("{at}.public_key");
-        let key_text = raw_device.public_key.ok_or_else(|| {
+        let key_value = raw_device.public_key.ok_or_else(|| {
             fail(&key_field, "missing; the device prints it with `postern pubkey`".into())
         })?;
-        let public_key =
-            PublicKey::from_base64(&key_text).map_err(|e| fail(&key_field, e.to_string()))?;
-        if public_key == own_public {
-            return Err(fail(
-                &key_field,
-                "is the station's own public key; give the device's key".into(),
-            ));
-        }
-        if let Some(first) = keys.insert(public_key, index) {
-            return Err(fail(
-                &key_field,
-                format!("same key as devices[{first}]; each device needs its own key pair"),
-            ));
+        let public_keys = key_list(&key_value).map_err(|r| fail(&key_field, r))?;
+        for public_key in &public_keys {
+            if *public_key == own_public || Some(*public_key) == next_public {
+                return Err(fail(
+                    &key_field,
+                    "is one of the station's own public keys; give the device's key".into(),
+                ));
+            }
+            match keys.insert(*public_key, index) {
+                Some(first) if first == index => {
+                    return Err(fail(&key_field, "lists the same key twice".into()))
+                }
+                Some(first) => {
+                    return Err(fail(
+                        &key_field,
+                        format!("same key as devices[{first}]; each device needs its own key pair"),
+                    ))
+                }
+                None => {}
+            }
         }
 
         for allowed in &raw_device.allow {
@@ -672,12 +708,13 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
             expose.insert(address, service);
         }
 
-        devices.push(DeviceConfig { name, public_key, allow: raw_device.allow, expose });
+        devices.push(DeviceConfig { name, public_keys, allow: raw_device.allow, expose });
     }
 
     Ok(StationConfig {
         listen,
         private_key,
+        next_private_key,
         status,
         session_timeout,
         targets: raw.targets,
@@ -701,6 +738,34 @@ fn session_timeout(seconds: Option<u64>, file: &str) -> Result<Duration, ConfigE
     }
 }
 
+/// A `public_key` field: one base64 key, or a list of 1 to [`MAX_KEYS`]
+/// different keys (a key rotation in progress).
+fn key_list(value: &toml::Value) -> Result<Vec<PublicKey>, String> {
+    let one = |item: &toml::Value| match item {
+        toml::Value::String(text) => PublicKey::from_base64(text).map_err(|e| e.to_string()),
+        other => Err(format!("expected a base64 key in quotes, found {}", other.type_str())),
+    };
+    let keys = match value {
+        toml::Value::Array(items) => items.iter().map(one).collect::<Result<Vec<_>, _>>()?,
+        single => vec![one(single)?],
+    };
+    if keys.is_empty() {
+        return Err("an empty list; give at least one key".into());
+    }
+    if keys.len() > MAX_KEYS {
+        return Err(format!(
+            "{} keys; at most {MAX_KEYS} (the current key and the next while one is replaced)",
+            keys.len()
+        ));
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if keys[..i].contains(key) {
+            return Err("lists the same key twice".into());
+        }
+    }
+    Ok(keys)
+}
+
 fn known_targets(targets: &BTreeMap<String, String>) -> String {
     if targets.is_empty() {
         "no [targets] are defined".to_owned()
@@ -721,16 +786,16 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
     })?;
     let station = parse_station_url(&station_text).map_err(|r| fail("station", r))?;
 
-    let key_text = raw.station_public_key.ok_or_else(|| {
+    let key_value = raw.station_public_key.ok_or_else(|| {
         fail(
             "station_public_key",
             "missing; the station's operator prints it with `postern pubkey`".into(),
         )
     })?;
-    let station_public_key =
-        PublicKey::from_base64(&key_text).map_err(|e| fail("station_public_key", e.to_string()))?;
-    let private_key = load_private_key(raw.private_key, raw.private_key_file, file, base)?;
-    if private_key.public_key() == station_public_key {
+    let station_public_keys = key_list(&key_value).map_err(|r| fail("station_public_key", r))?;
+    let private_key =
+        load_private_key("private_key", raw.private_key, raw.private_key_file, file, base)?;
+    if station_public_keys.contains(&private_key.public_key()) {
         return Err(fail(
             "station_public_key",
             "is this agent's own public key; give the station's".into(),
@@ -850,7 +915,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
 
     Ok(AgentConfig {
         station,
-        station_public_key,
+        station_public_keys,
         private_key,
         proxy,
         carrier: raw.carrier,
@@ -1360,7 +1425,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             config.devices,
             vec![DeviceConfig {
                 name: "pump-17".to_owned(),
-                public_key: k.device.public_key(),
+                public_keys: vec![k.device.public_key()],
                 allow: vec!["collector".to_owned()],
                 expose: BTreeMap::from([("127.0.0.1:15020".parse().unwrap(), "modbus".to_owned())]),
             }]
@@ -1380,7 +1445,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             }
         );
         assert_eq!(config.station.authority(), "station.example.com");
-        assert_eq!(config.station_public_key, k.station.public_key());
+        assert_eq!(config.station_public_keys, vec![k.station.public_key()]);
         assert_eq!(config.private_key.as_bytes(), k.device.as_bytes());
         assert_eq!(
             config.proxy,
@@ -2150,5 +2215,94 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         )
         .expect("valid")
         .is_some());
+    }
+
+    #[test]
+    fn keys_rotate_as_lists() {
+        let k = keys();
+        let new_device = PrivateKey::generate().public_key();
+        let next_station = PrivateKey::generate();
+        let text = station_example(&k)
+            .replace(
+                &format!("public_key = \"{}\"", k.device.public_key().to_base64()),
+                &format!(
+                    "public_key = [\"{}\", \"{}\"]",
+                    k.device.public_key().to_base64(),
+                    new_device.to_base64()
+                ),
+            )
+            .replacen("\n", &format!("\nnext_private_key = \"{}\"\n", next_station.to_base64()), 1);
+        let config = StationConfig::parse(&text, "station.toml").expect("valid");
+        assert_eq!(config.devices[0].public_keys, vec![k.device.public_key(), new_device]);
+        assert_eq!(
+            config.next_private_key.map(|key| key.public_key()),
+            Some(next_station.public_key())
+        );
+
+        let agent = agent_example(&k).replace(
+            &format!("station_public_key = \"{}\"", k.station.public_key().to_base64()),
+            &format!(
+                "station_public_key = [\"{}\", \"{}\"]",
+                next_station.public_key().to_base64(),
+                k.station.public_key().to_base64()
+            ),
+        );
+        let config = AgentConfig::parse(&agent, "agent.toml").expect("valid");
+        assert_eq!(
+            config.station_public_keys,
+            vec![next_station.public_key(), k.station.public_key()]
+        );
+    }
+
+    #[test]
+    fn key_lists_are_checked() {
+        let k = keys();
+        let own = k.device.public_key().to_base64();
+        let other = PrivateKey::generate().public_key().to_base64();
+        let device = |keys: &str| format!("[[devices]]\nname = \"b\"\npublic_key = {keys}\n");
+        let err = station_with(&k, &device("[]")).unwrap_err();
+        assert_err(&err, "devices[1].public_key", "empty list");
+        let err = station_with(&k, &device(&format!("[\"{other}\", \"{other}\"]"))).unwrap_err();
+        assert_err(&err, "devices[1].public_key", "same key twice");
+        let err = station_with(&k, &device(&format!("[\"{other}\", \"{own}\"]"))).unwrap_err();
+        assert_err(&err, "devices[1].public_key", "same key as devices[0]");
+        let err = station_with(&k, &device("[\"AAAA\", 7]")).unwrap_err();
+        assert_err(&err, "devices[1].public_key", "decodes to 3 bytes");
+        let err = station_with(&k, &device(&format!("[\"{other}\", 7]"))).unwrap_err();
+        assert_err(&err, "devices[1].public_key", "found integer");
+        let five: Vec<String> = (0..5)
+            .map(|_| format!("\"{}\"", PrivateKey::generate().public_key().to_base64()))
+            .collect();
+        let err = station_with(&k, &device(&format!("[{}]", five.join(", ")))).unwrap_err();
+        assert_err(&err, "devices[1].public_key", "at most 4");
+
+        let same = station_example(&k).replacen(
+            "\n",
+            &format!("\nnext_private_key = \"{}\"\n", k.station.to_base64()),
+            1,
+        );
+        assert_err(&station_err(&same), "next_private_key", "same key as private_key");
+        let both = station_example(&k).replacen(
+            "\n",
+            "\nnext_private_key = \"x\"\nnext_private_key_file = \"y\"\n",
+            1,
+        );
+        assert_err(&station_err(&both), "next_private_key", "both next_private_key and");
+        let next_is_device = station_example(&k).replacen(
+            "\n",
+            &format!("\nnext_private_key = \"{}\"\n", k.device.to_base64()),
+            1,
+        );
+        assert_err(
+            &station_err(&next_is_device),
+            "devices[0].public_key",
+            "station's own public key",
+        );
+
+        let agent = agent_example(&k).replace(
+            &format!("station_public_key = \"{}\"", k.station.public_key().to_base64()),
+            &format!("station_public_key = [\"{}\"]", k.device.public_key().to_base64()),
+        );
+        assert_err(&agent_err(&agent), "station_public_key", "agent's own public key");
     }
 }

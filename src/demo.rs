@@ -159,12 +159,13 @@ impl Lab {
         let station = Station::bind(StationConfig {
             listen: loopback,
             private_key: station_key.clone(),
+            next_private_key: None,
             status: None,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             targets: BTreeMap::from([("echo".to_owned(), echo_addr.to_string())]),
             devices: vec![DeviceConfig {
                 name: "demo-device".to_owned(),
-                public_key: agent_key.public_key(),
+                public_keys: vec![agent_key.public_key()],
                 allow: vec!["echo".to_owned()],
                 expose: BTreeMap::new(),
             }],
@@ -179,7 +180,7 @@ impl Lab {
                 port: station_addr.port(),
                 path_prefix: "/".to_owned(),
             },
-            station_public_key: station_key.public_key(),
+            station_public_keys: vec![station_key.public_key()],
             private_key: agent_key,
             proxy: None,
             carrier,

@@ -291,9 +291,23 @@ fn agent(path: PathBuf) -> Result<(), String> {
         let control = async {
             while let Some(Ok(signal)) = signals.next().await {
                 if signal == Signal::Hup {
-                    log::warn!(
-                        "SIGHUP: the agent does not reload its config; restart it to apply changes"
-                    );
+                    log::info!("SIGHUP: reloading the keys of {}", path.display());
+                    match config::AgentConfig::load(&path) {
+                        Ok(config) => {
+                            let changes = handle.reload_keys(&config).await;
+                            if changes.is_empty() {
+                                log::info!("reloaded: the keys did not change");
+                            }
+                            for change in changes {
+                                log::info!("reloaded: {change}");
+                            }
+                            log::info!(
+                                "reloaded: only keys apply on SIGHUP; restart the agent for \
+                                 other changes"
+                            );
+                        }
+                        Err(e) => log::error!("reload refused, the running config stays: {e}"),
+                    }
                     continue;
                 }
                 log::info!("{signal:?}: stopping");

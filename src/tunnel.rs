@@ -9,6 +9,12 @@
 //!
 //! Encryption and decryption run outside the lock, so a carrier writer
 //! sealing a packet never blocks a socket feeding its stream.
+//!
+//! A session's keys can be renewed while it runs (a device or station key
+//! rotation): the agent seals with new keys at once ([`Tunnel::rekey`]);
+//! the station is offered them ([`Tunnel::offer_keys`]) and moves to them
+//! with the first authentic record they open, so neither side seals with
+//! keys the other may lack. Old keys keep opening what was sealed before.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -87,9 +93,67 @@ pub struct Stats {
     pub resent: u64,
 }
 
+/// Session keys and the replay window of the records they open.
+struct Keyed {
+    transport: Arc<Transport>,
+    replay: ReplayWindow,
+}
+
+impl Keyed {
+    fn new(transport: Transport) -> Keyed {
+        Keyed { transport: Arc::new(transport), replay: ReplayWindow::default() }
+    }
+}
+
+/// Which keys opened a record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    Current,
+    Offered,
+    Previous,
+}
+
+/// The keys of a session: one set seals, up to three open.
+struct Keys {
+    /// Seals everything sent; opens what the peer sealed with it.
+    current: Keyed,
+    /// Keys a renewal handshake made that the peer has not used yet
+    /// (station side): they become current once a record opens with them.
+    offered: Option<Keyed>,
+    /// The keys before the last renewal: they open records the peer sealed
+    /// before it moved, until the next renewal.
+    previous: Option<Keyed>,
+}
+
+impl Keys {
+    fn get(&mut self, which: Opener) -> Option<&mut Keyed> {
+        match which {
+            Opener::Current => Some(&mut self.current),
+            Opener::Offered => self.offered.as_mut(),
+            Opener::Previous => self.previous.as_mut(),
+        }
+    }
+
+    /// Makes `new` the sealing keys; the current ones keep opening.
+    fn advance(&mut self, new: Keyed) {
+        let old = std::mem::replace(&mut self.current, new);
+        self.previous = Some(old);
+    }
+
+    /// The transports that open records now, in the order to try them.
+    fn openers(&self) -> [(Opener, Option<Arc<Transport>>); 3] {
+        let arc = |k: &Option<Keyed>| k.as_ref().map(|k| k.transport.clone());
+        [
+            (Opener::Current, Some(self.current.transport.clone())),
+            (Opener::Offered, arc(&self.offered)),
+            (Opener::Previous, arc(&self.previous)),
+        ]
+    }
+}
+
 struct State {
     session: Session,
-    replay: ReplayWindow,
+    keys: Keys,
     wakers: HashMap<StreamId, Arc<Notify>>,
     incoming: channel::Sender<Incoming>,
     closed: Option<String>,
@@ -100,7 +164,6 @@ struct State {
 
 pub struct Tunnel {
     state: Mutex<State>,
-    transport: Transport,
     /// Something may be ready to send.
     transmit: Notify,
     /// The session's earliest deadline moved earlier.
@@ -117,19 +180,15 @@ impl Tunnel {
         let (tx, rx) = channel::unbounded();
         let state = State {
             session: Session::new(side, Instant::now(), limits),
-            replay: ReplayWindow::default(),
+            keys: Keys { current: Keyed::new(transport), offered: None, previous: None },
             wakers: HashMap::new(),
             incoming: tx,
             closed: None,
             stats: Stats::default(),
             lane: 0,
         };
-        let tunnel = Tunnel {
-            state: Mutex::new(state),
-            transport,
-            transmit: Notify::new(),
-            timer: Notify::new(),
-        };
+        let tunnel =
+            Tunnel { state: Mutex::new(state), transmit: Notify::new(), timer: Notify::new() };
         (Arc::new(tunnel), rx)
     }
 
@@ -237,13 +296,31 @@ impl Tunnel {
     ) -> Result<usize, BadBody> {
         let mut authentic = 0;
         let mut rejected = 0;
+        let mut openers = self.lock().keys.openers();
         reader.feed(body, |counter, ciphertext| {
-            let opened = self.transport.open(counter, ciphertext, scratch);
+            let opened = openers.iter().find_map(|(which, transport)| {
+                let transport = transport.as_ref()?;
+                transport.open(counter, ciphertext, scratch).ok().map(|_| (*which, transport))
+            });
             let mut state = self.lock();
-            if opened.is_err() || !state.replay.accept(counter) {
+            let fresh = opened.is_some_and(|(which, transport)| {
+                // A renewal may have moved the keys since `openers` was
+                // taken: the window is the one of the keys that opened it.
+                state.keys.get(which).is_some_and(|keyed| {
+                    Arc::ptr_eq(&keyed.transport, transport) && keyed.replay.accept(counter)
+                })
+            });
+            if !fresh {
                 state.stats.rejected += 1;
                 rejected += 1;
                 return;
+            }
+            if opened.is_some_and(|(which, _)| which == Opener::Offered) {
+                // The peer sealed with the offered keys: it has them.
+                if let Some(offered) = state.keys.offered.take() {
+                    state.keys.advance(offered);
+                }
+                openers = state.keys.openers();
             }
             authentic += 1;
             state.stats.received += scratch.len() as u64;
@@ -311,7 +388,7 @@ impl Tunnel {
     ) -> Result<bool, LaneEnd> {
         let start = out.len();
         while out.len() - start < max {
-            {
+            let transport = {
                 let mut state = self.lock();
                 if let Some(reason) = &state.closed {
                     return Err(Closed(reason.clone()).into());
@@ -324,8 +401,9 @@ impl Tunnel {
                 }
                 state.stats.sent += plain.len() as u64;
                 self.settle(&mut state);
-            }
-            self.transport.seal(plain, out);
+                state.keys.current.transport.clone()
+            };
+            transport.seal(plain, out);
         }
         Ok(out.len() > start)
     }
@@ -334,8 +412,27 @@ impl Tunnel {
     /// to prove who sent them.
     pub fn seal_ack(&self, out: &mut Vec<u8>) {
         let mut plain = Vec::new();
-        self.lock().session.write_ack(Instant::now(), &mut plain);
-        self.transport.seal(&plain, out);
+        let transport = {
+            let mut state = self.lock();
+            state.session.write_ack(Instant::now(), &mut plain);
+            state.keys.current.transport.clone()
+        };
+        transport.seal(&plain, out);
+    }
+
+    /// Agent side of a key renewal: `transport` seals from now on; the keys
+    /// before it keep opening what the station sealed before it moved.
+    pub fn rekey(&self, transport: Transport) {
+        let mut state = self.lock();
+        state.keys.offered = None;
+        state.keys.advance(Keyed::new(transport));
+    }
+
+    /// Station side of a key renewal: `transport` becomes the sealing keys
+    /// once a record sealed with it arrives. A later offer replaces this one
+    /// (the agent asked again because it never got the answer).
+    pub fn offer_keys(&self, transport: Transport) {
+        self.lock().keys.offered = Some(Keyed::new(transport));
     }
 
     /// Serves the session's deadlines until it closes. The owner of the
@@ -647,5 +744,91 @@ pub async fn close_after_drain(tunnels: &[Arc<Tunnel>], limit: std::time::Durati
     let flush = Instant::now() + CLOSE_FLUSH;
     while tunnels.iter().any(|t| !t.all_delivered()) && Instant::now() < flush {
         smol::Timer::after(DRAIN_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::session_pair;
+
+    /// Moves what `from` has to send into `to`, as one carrier body.
+    fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> (Vec<u8>, Result<usize, BadBody>) {
+        let mut body = Vec::new();
+        from.transmit_now(lane, &mut body, 1 << 20).expect("the session is open");
+        let received = to.receive(&body, &mut RecordReader::default(), &mut Vec::new());
+        (body, received)
+    }
+
+    fn deliver(body: &[u8], to: &Tunnel) -> Result<usize, BadBody> {
+        to.receive(body, &mut RecordReader::default(), &mut Vec::new())
+    }
+
+    /// An agent's and a station's tunnel on one session's keys, with the
+    /// agent's sending lane and the station's receiver of opened streams.
+    fn pair() -> (Arc<Tunnel>, LaneToken, Arc<Tunnel>, channel::Receiver<Incoming>) {
+        let (agent_keys, station_keys) = session_pair();
+        let (agent, _) = Tunnel::new(Side::Agent, agent_keys, Limits::default());
+        let (station, opened) = Tunnel::new(Side::Station, station_keys, Limits::default());
+        let up = agent.begin_lane(Lane::Data);
+        (agent, up, station, opened)
+    }
+
+    #[test]
+    fn renewed_keys_take_over_without_losing_a_record() {
+        let (agent, up, station, opened) = pair();
+        let down = station.begin_lane(Lane::Data);
+
+        agent.open("first").expect("open");
+        assert!(matches!(carry(&agent, up, &station).1, Ok(n) if n > 0));
+        assert_eq!(opened.try_recv().expect("opened at the station").name, "first");
+
+        // Sealed with the old keys and still on its way when the keys change.
+        agent.open("in-flight").expect("open");
+        let mut in_flight = Vec::new();
+        agent.transmit_now(up, &mut in_flight, 1 << 20).expect("open");
+
+        let (agent_new, station_new) = session_pair();
+        agent.rekey(agent_new);
+        station.offer_keys(station_new);
+        // The station seals with the old keys until the agent proves it has
+        // the new ones; the agent still opens those.
+        station.probe();
+        assert!(matches!(carry(&station, down, &agent).1, Ok(n) if n > 0));
+
+        assert!(matches!(deliver(&in_flight, &station), Ok(n) if n > 0));
+        assert_eq!(opened.try_recv().expect("opened").name, "in-flight");
+
+        agent.open("after").expect("open");
+        assert!(matches!(carry(&agent, up, &station).1, Ok(n) if n > 0));
+        assert_eq!(opened.try_recv().expect("opened").name, "after");
+        // The station moved to the new keys with that record.
+        station.probe();
+        let (sealed, received) = carry(&station, down, &agent);
+        assert!(matches!(received, Ok(n) if n > 0));
+
+        // Replays fail under either keys, and so do keys never agreed.
+        assert_eq!(deliver(&in_flight, &station), Err(BadBody::Rejected(1)));
+        assert_eq!(deliver(&sealed, &agent), Err(BadBody::Rejected(1)));
+        let (stranger, _) = session_pair();
+        let mut forged = Vec::new();
+        stranger.seal(b"not a packet of this session", &mut forged);
+        assert_eq!(deliver(&forged, &station), Err(BadBody::Rejected(1)));
+        assert_eq!(station.stats().rejected, 2);
+    }
+
+    #[test]
+    fn a_later_offer_replaces_one_the_agent_never_got() {
+        let (agent, up, station, opened) = pair();
+        // The agent's first renewal answer was lost: the station offered keys
+        // the agent never had, then the agent asked again.
+        let (_, lost) = session_pair();
+        station.offer_keys(lost);
+        let (agent_new, station_new) = session_pair();
+        station.offer_keys(station_new);
+        agent.rekey(agent_new);
+        agent.open("s").expect("open");
+        assert!(matches!(carry(&agent, up, &station).1, Ok(n) if n > 0));
+        assert_eq!(opened.try_recv().expect("opened").name, "s");
     }
 }

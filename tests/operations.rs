@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::Command;
 use std::sync::atomic::AtomicU64;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -107,14 +106,6 @@ fn metrics_and_status_count_a_known_transfer() {
     assert_eq!(get(status, "/other").0, "HTTP/1.1 404 Not Found");
 }
 
-fn signal(proc: &Proc, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &proc.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} failed");
-}
-
 #[test]
 fn reload_adds_and_removes_a_device_while_another_keeps_working() {
     let echo = Server::echo();
@@ -161,7 +152,7 @@ fn reload_adds_and_removes_a_device_while_another_keeps_working() {
     });
 
     std::fs::write(&config, &both).expect("write the new config");
-    signal(&station, "HUP");
+    common::signal(&station, "HUP");
     station.wait_log(&["reloaded: device second added"]);
     let (second_agent, second_forwards) =
         start_agent(&dir, "second", &agent_toml(station_addr, &keys.station, &second), &["echo"]);
@@ -173,11 +164,11 @@ fn reload_adds_and_removes_a_device_while_another_keeps_working() {
 
     // A broken config is refused and changes nothing.
     std::fs::write(&config, one.replace("127.0.0.1:0", "nowhere")).expect("write a bad config");
-    signal(&station, "HUP");
+    common::signal(&station, "HUP");
     station.wait_log(&["reload refused, the running config stays", "listen: unparseable address"]);
 
     std::fs::write(&config, &one).expect("write the config without the second device");
-    signal(&station, "HUP");
+    common::signal(&station, "HUP");
     station.wait_log(&["reloaded: device second removed; its session ends"]);
     second_agent.wait_log(&["session", "ended"]);
     station.wait_log(&["unknown device key", &second.public_key().fingerprint()]);
@@ -218,7 +209,7 @@ fn sigterm_lets_open_streams_finish_then_stops() {
     let mut got = [0u8; 11];
     socket.read_exact(&mut got).expect("echo");
     let started = Instant::now();
-    signal(&station, "TERM");
+    common::signal(&station, "TERM");
     station.wait_log(&["stopping: waiting up to 10 s for 1 streams to end"]);
     // New streams are refused while it drains.
     let refused = echo_round_trip(forwards["echo"], 1, 10);
@@ -234,7 +225,7 @@ fn sigterm_lets_open_streams_finish_then_stops() {
     agent.wait_log(&["session", "ended", "the station is stopping"]);
 
     // The agent stops too, at once when nothing is open.
-    signal(&agent, "TERM");
+    common::signal(&agent, "TERM");
     let status = agent.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "agent exit: {status:?}\n{}", agent.describe());
 }

@@ -59,10 +59,19 @@ pub enum Error {
     Bind { addr: SocketAddr, target: String, source: std::io::Error },
 }
 
+/// The agent's own key and the station keys it pins; a reload (key
+/// rotation) replaces them.
+struct Keys {
+    own: PrivateKey,
+    /// Pinned station keys, in the order the config lists them.
+    station: Vec<PublicKey>,
+    /// Index in `station` of the key the last handshake worked with.
+    working: usize,
+}
+
 struct Shared {
     client: Client,
-    key: PrivateKey,
-    station_key: PublicKey,
+    keys: Mutex<Keys>,
     carrier: CarrierKind,
     /// What `auto` learnt of the path, kept across sessions.
     shape: lanes::ShapeMemory,
@@ -71,11 +80,17 @@ struct Shared {
     consoles: Mutex<HashMap<String, serial::Holder>>,
     limits: Limits,
     current: Mutex<Option<Arc<Tunnel>>>,
+    /// The id of the current session, for renewing its keys.
+    session_id: Mutex<Option<SessionId>>,
     changed: Notify,
     /// Carrier connections that failed and were made again.
     reconnects: AtomicU64,
     /// A graceful stop began: no new local connections or streams.
     draining: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {
@@ -144,14 +159,18 @@ impl Agent {
         }
         let shared = Shared {
             client: Client::new(config.station, proxy),
-            key: config.private_key,
-            station_key: config.station_public_key,
+            keys: Mutex::new(Keys {
+                own: config.private_key,
+                station: config.station_public_keys,
+                working: 0,
+            }),
             carrier: config.carrier,
             shape: lanes::ShapeMemory::default(),
             services: config.services,
             consoles: Mutex::new(HashMap::new()),
             limits,
             current: Mutex::new(None),
+            session_id: Mutex::new(None),
             changed: Notify::new(),
             reconnects: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -277,6 +296,52 @@ impl Agent {
 }
 
 impl Handle {
+    /// Takes the keys of a reloaded config (key rotation, README): the next
+    /// sessions use them, and the running one renews its keys with them so
+    /// its streams carry on. Returns what changed, one line each. Other
+    /// settings apply when the agent restarts.
+    pub async fn reload_keys(&self, config: &AgentConfig) -> Vec<String> {
+        let shared = &self.0;
+        let mut changes = Vec::new();
+        {
+            let mut keys = lock(&shared.keys);
+            if keys.own.public_key() != config.private_key.public_key() {
+                changes.push(format!(
+                    "this device's key is now {}",
+                    config.private_key.public_key().fingerprint()
+                ));
+                keys.own = config.private_key.clone();
+            }
+            if keys.station != config.station_public_keys {
+                let list: Vec<String> =
+                    config.station_public_keys.iter().map(PublicKey::fingerprint).collect();
+                changes.push(format!("pinned station keys are now {}", list.join(", ")));
+                keys.station = config.station_public_keys.clone();
+                // The operator lists the key to move to first.
+                keys.working = 0;
+            }
+        }
+        if changes.is_empty() {
+            return changes;
+        }
+        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let session = *lock(&shared.session_id);
+        if let (Some(tunnel), Some(session)) = (current, session) {
+            changes.push(match renew_keys(shared, &tunnel, session).await {
+                Ok(station) => format!(
+                    "session {} renewed its keys (station key {})",
+                    carrier::short(&session),
+                    station.fingerprint()
+                ),
+                Err(e) => format!(
+                    "session {} keeps its keys: {e}; the next session uses the new ones",
+                    carrier::short(&session)
+                ),
+            });
+        }
+        changes
+    }
+
     /// A graceful stop: no new local connections; open streams get up to
     /// `limit` to finish; then the session is closed, telling the station.
     pub async fn drain(&self, limit: Duration) {
@@ -302,9 +367,11 @@ async fn keep_session(shared: &Arc<Shared>) {
                     carrier::short(&session),
                     shared.carrier
                 );
+                *lock(&shared.session_id) = Some(session);
                 shared.set_current(Some(tunnel.clone()));
                 let reason = run_session(shared, &tunnel, session, incoming).await;
                 shared.set_current(None);
+                *lock(&shared.session_id) = None;
                 log::warn!("session {} ended: {reason}", carrier::short(&session));
             }
             Err(e) => {
@@ -316,33 +383,106 @@ async fn keep_session(shared: &Arc<Shared>) {
     }
 }
 
+/// A new session, with the first pinned station key that works: while the
+/// station's key is replaced, an agent pins both and the station may hold
+/// either.
 async fn handshake(
     shared: &Shared,
 ) -> Result<(Arc<Tunnel>, smol::channel::Receiver<Incoming>, SessionId), CarrierError> {
     let mut session = [0u8; crypto::SESSION_ID_LEN];
     getrandom::fill(&mut session).map_err(CarrierError::Random)?;
-    let (initiator, msg) = crypto::initiate(&shared.key, &shared.station_key, &session)
-        .map_err(CarrierError::Handshake)?;
-    let client = &shared.client;
+    let (initiator, reply) = with_station_keys(shared, |own, station| async move {
+        let (initiator, msg) =
+            crypto::initiate(&own, &station, &session).map_err(CarrierError::Handshake)?;
+        let path = shared.client.path(&session, Verb::Hello, None);
+        Ok((initiator, handshake_exchange(shared, &path, &msg).await?))
+    })
+    .await?;
+    let transport = initiator.finish(&reply).map_err(CarrierError::Handshake)?;
+    let (tunnel, incoming) = Tunnel::new(Side::Agent, transport, shared.limits);
+    Ok((tunnel, incoming, session))
+}
+
+/// Renews the keys of the running session `session` with the agent's keys
+/// now (a device or station key rotation): its streams carry on.
+async fn renew_keys(
+    shared: &Shared,
+    tunnel: &Tunnel,
+    session: SessionId,
+) -> Result<PublicKey, CarrierError> {
+    let (initiator, reply, station) = with_station_keys(shared, |own, station| async move {
+        let (initiator, msg) =
+            crypto::initiate(&own, &station, &session).map_err(CarrierError::Handshake)?;
+        let mut body = carrier::rekey_body(&msg);
+        // Sealed with the session's current keys: proves the request is
+        // ours and fresh.
+        tunnel.seal_ack(&mut body);
+        let path = shared.client.path(&session, Verb::Rekey, None);
+        let reply = handshake_exchange(shared, &path, &body).await?;
+        Ok((initiator, reply, station))
+    })
+    .await?;
+    tunnel.rekey(initiator.finish(&reply).map_err(CarrierError::Handshake)?);
+    Ok(station)
+}
+
+/// Runs `attempt` with the agent's key and each pinned station key in
+/// turn, starting with the one that worked last, until the station can
+/// read the handshake (it answers 400 to one made for a key it lacks).
+async fn with_station_keys<T, F, Fut>(shared: &Shared, attempt: F) -> Result<T, CarrierError>
+where
+    F: Fn(PrivateKey, PublicKey) -> Fut,
+    Fut: std::future::Future<Output = Result<T, CarrierError>>,
+{
+    let (own, station, first) = {
+        let keys = lock(&shared.keys);
+        (keys.own.clone(), keys.station.clone(), keys.working)
+    };
+    let mut tried = 0;
+    loop {
+        let index = (first + tried) % station.len();
+        match attempt(own.clone(), station[index]).await {
+            Ok(done) => {
+                lock(&shared.keys).working = index;
+                return Ok(done);
+            }
+            Err(e @ CarrierError::Status { status: 400, who: "the station", .. })
+                if tried + 1 < station.len() =>
+            {
+                log::info!(
+                    "the station could not read a handshake for its key {} ({e}); trying the next pinned key",
+                    station[index].fingerprint()
+                );
+                tried += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends a handshake message on `path` and returns the station's reply.
+async fn handshake_exchange(
+    shared: &Shared,
+    path: &str,
+    body: &[u8],
+) -> Result<Vec<u8>, CarrierError> {
     let mut conn = None;
-    let path = client.path(&session, Verb::Hello, None);
     let mut reply = Vec::new();
     let collect = |bytes: &[u8]| {
         reply.extend_from_slice(bytes);
         Ok(())
     };
-    client
-        .exchange(&mut conn, &path, &msg, REPLY_TIMEOUT, MAX_HANDSHAKE as u64, collect)
+    shared
+        .client
+        .exchange(&mut conn, path, body, REPLY_TIMEOUT, MAX_HANDSHAKE as u64, collect)
         .await
         .map_err(|e| match e {
             CarrierError::Status { status: 403, who: "the station", .. } => {
-                CarrierError::KeyRefused(shared.key.public_key().to_base64())
+                CarrierError::KeyRefused(lock(&shared.keys).own.public_key().to_base64())
             }
             other => other,
         })?;
-    let transport = initiator.finish(&reply).map_err(CarrierError::Handshake)?;
-    let (tunnel, incoming) = Tunnel::new(Side::Agent, transport, shared.limits);
-    Ok((tunnel, incoming, session))
+    Ok(reply)
 }
 
 /// Runs the session's lanes, timers and reverse streams until it ends.

@@ -12,6 +12,7 @@
 //! | `up`    | chunked sealed packets    | empty, when the body ends              | stream |
 //! | `poll`  | sealed ack                | sealed packets, held up to [`POLL_WAIT`] | poll |
 //! | `push`  | sealed packets            | sealed ack                             | poll   |
+//! | `rekey` | [`rekey_body`]: Noise message 1 and a sealed ack (current keys) | Noise message 2 | both |
 //!
 //! Bodies are sequences of records (see [`crate::crypto::RecordReader`]),
 //! independent of chunk boundaries, so a proxy may rechunk freely.
@@ -78,6 +79,9 @@ pub enum Verb {
     Up,
     Poll,
     Push,
+    /// New keys for a running session (a key rotation), proven by a record
+    /// sealed with its current ones.
+    Rekey,
 }
 
 impl Verb {
@@ -88,14 +92,32 @@ impl Verb {
             Verb::Up => "up",
             Verb::Poll => "poll",
             Verb::Push => "push",
+            Verb::Rekey => "rekey",
         }
     }
 
     fn parse(text: &str) -> Option<Verb> {
-        [Verb::Hello, Verb::Down, Verb::Up, Verb::Poll, Verb::Push]
+        [Verb::Hello, Verb::Down, Verb::Up, Verb::Poll, Verb::Push, Verb::Rekey]
             .into_iter()
             .find(|v| v.as_str() == text)
     }
+}
+
+/// The body of a `rekey` request: the Noise message's length (2 bytes,
+/// big-endian), the message, then the caller appends sealed records.
+pub fn rekey_body(handshake: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(handshake.len()).expect("a Noise message is under 64 KiB");
+    let mut body = Vec::with_capacity(2 + handshake.len() + 128);
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(handshake);
+    body
+}
+
+/// Splits a `rekey` body into the Noise message and the sealed records.
+pub fn split_rekey_body(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = body.split_first_chunk::<2>()?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 /// The path of a carrier request under `prefix` (which starts and ends with '/').
@@ -146,6 +168,19 @@ mod tests {
             assert_eq!(parse_path(&format!("http://station:8080{p}")), Some((sid, Verb::Poll)));
             assert_eq!(parse_path(&format!("{p}?x=1")), Some((sid, Verb::Poll)));
         }
+    }
+
+    #[test]
+    fn rekey_bodies_split_where_they_were_joined() {
+        let mut body = rekey_body(b"noise");
+        body.extend_from_slice(b"records");
+        assert_eq!(split_rekey_body(&body), Some((&b"noise"[..], &b"records"[..])));
+        assert_eq!(split_rekey_body(&rekey_body(b"")), Some((&b""[..], &b""[..])));
+        // A length past the end, or no length at all, is no body.
+        assert_eq!(split_rekey_body(&[0, 9, 1, 2]), None);
+        assert_eq!(split_rekey_body(&[0]), None);
+        let sid = [7; SESSION_ID_LEN];
+        assert_eq!(parse_path(&path("/", &sid, Verb::Rekey)), Some((sid, Verb::Rekey)));
     }
 
     #[test]

@@ -22,14 +22,12 @@ use smol::net::TcpListener;
 
 use super::{live_session, lock, Error, Shared};
 use crate::config::StationConfig;
-use crate::keys::PublicKey;
 use crate::task::Scope;
 
 /// What one listener serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ExposeSpec {
     pub addr: SocketAddr,
-    pub device: PublicKey,
     pub device_name: String,
     pub service: String,
 }
@@ -42,7 +40,6 @@ pub(super) fn specs(config: &StationConfig) -> Vec<ExposeSpec> {
         .flat_map(|device| {
             device.expose.iter().map(|(&addr, service)| ExposeSpec {
                 addr,
-                device: device.public_key,
                 device_name: device.name.clone(),
                 service: service.clone(),
             })
@@ -141,7 +138,7 @@ async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<Rw
                 continue;
             }
         };
-        let ExposeSpec { device, device_name, service, .. } =
+        let ExposeSpec { device_name, service, .. } =
             spec.read().unwrap_or_else(|p| p.into_inner()).clone();
         if shared.draining.load(Ordering::Acquire) {
             log::info!("client {peer} on {addr}: the station is stopping; closed");
@@ -149,7 +146,7 @@ async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<Rw
         }
         // Offline: dropping the socket closes the client at once, rather
         // than leaving it waiting for a device that may not come.
-        let Some(live) = live_session(&shared, &device) else {
+        let Some(live) = live_session(&shared, &device_name) else {
             log::warn!(
                 "client {peer} on {addr}: device {device_name} is offline; \
                  closed the connection (service {service:?})"

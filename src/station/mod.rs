@@ -4,7 +4,7 @@
 //! ```text
 //! TCP accept ─▶ admission (slots) ─▶ requests: hello / down / up / poll / push
 //!                                        │
-//!   sessions: id ─▶ Live { device, Tunnel, scope } ─▶ stream opened ─▶ allow? ─▶ connect target ─▶ pump
+//!   sessions: id ─▶ Live { device name, key, Tunnel, scope } ─▶ stream opened ─▶ allow? ─▶ connect target ─▶ pump
 //!
 //! expose listener (one per [devices.expose] entry) ─▶ device's live session ─▶ stream to a service
 //! ```
@@ -26,7 +26,7 @@ use crate::admission::{Full, HandshakeBudget, RejectLog, Slots, MAX_CONNECTIONS,
 use crate::carrier::{self, http};
 use crate::config::StationConfig;
 use crate::core::session::Limits;
-use crate::crypto::SessionId;
+use crate::crypto::{self, CryptoError, Responder, SessionId};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
 use crate::tunnel::{self, Incoming, Tunnel};
@@ -66,31 +66,69 @@ struct Device {
 }
 
 /// Who may connect and what they may open: the part of the config a
-/// reload replaces whole.
+/// reload replaces whole. A device is known by its name; while its key is
+/// replaced, more than one key names it.
 #[derive(Debug, PartialEq, Eq)]
 struct Roster {
-    devices: HashMap<PublicKey, Device>,
+    /// Device name by every key it may use.
+    keys: HashMap<PublicKey, String>,
+    devices: HashMap<String, Device>,
     targets: BTreeMap<String, String>,
 }
 
 impl Roster {
     fn new(config: &StationConfig) -> Roster {
-        let devices = config
-            .devices
-            .iter()
-            .map(|d| {
-                let allow = d.allow.iter().cloned().collect();
-                (d.public_key, Device { name: d.name.clone(), allow })
-            })
-            .collect();
-        Roster { devices, targets: config.targets.clone() }
+        let mut keys = HashMap::new();
+        let mut devices = HashMap::new();
+        for d in &config.devices {
+            for key in &d.public_keys {
+                keys.insert(*key, d.name.clone());
+            }
+            let allow = d.allow.iter().cloned().collect();
+            devices.insert(d.name.clone(), Device { name: d.name.clone(), allow });
+        }
+        Roster { keys, devices, targets: config.targets.clone() }
+    }
+
+    /// The device that `key` belongs to.
+    fn device_of(&self, key: &PublicKey) -> Option<&Device> {
+        self.devices.get(self.keys.get(key)?)
+    }
+
+    /// The names of `device`'s keys, for reload lines.
+    fn keys_of(&self, device: &str) -> HashSet<PublicKey> {
+        self.keys.iter().filter(|(_, name)| *name == device).map(|(key, _)| *key).collect()
+    }
+}
+
+/// The station's static keys: the current one, and the one replacing it
+/// while agents move to it (key rotation).
+struct StationKeys {
+    current: PrivateKey,
+    next: Option<PrivateKey>,
+}
+
+impl StationKeys {
+    fn of(config: &StationConfig) -> StationKeys {
+        StationKeys { current: config.private_key.clone(), next: config.next_private_key.clone() }
+    }
+
+    /// Reads an agent's first handshake message with whichever of our keys
+    /// it was made for.
+    fn respond(&self, msg: &[u8]) -> Result<Responder, CryptoError> {
+        match (crypto::respond(&self.current, msg), &self.next) {
+            (Err(_), Some(next)) => crypto::respond(next, msg),
+            (first, _) => first,
+        }
     }
 }
 
 /// A device's live session.
 struct Live {
     id: SessionId,
-    device: PublicKey,
+    /// The device key the session's keys were made with (a renewal may
+    /// change it).
+    key: Mutex<PublicKey>,
     name: String,
     tunnel: Arc<Tunnel>,
     /// Target connections and pumps of this session.
@@ -116,7 +154,7 @@ impl Live {
 }
 
 struct Shared {
-    key: PrivateKey,
+    keys: RwLock<StationKeys>,
     /// The config the station started with, for what a reload cannot change.
     started_with: Fixed,
     exposes: Exposes,
@@ -144,6 +182,35 @@ impl Shared {
     fn roster(&self) -> Arc<Roster> {
         self.roster.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
+
+    /// Takes the station keys of a reloaded config. Sessions keep the keys
+    /// they have: a station key matters only to handshakes.
+    fn reload_keys(&self, config: &StationConfig) -> Vec<String> {
+        let new = StationKeys::of(config);
+        let mut keys = self.keys.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let public =
+            |k: &StationKeys| (k.current.public_key(), k.next.as_ref().map(PrivateKey::public_key));
+        let (was, now) = (public(&keys), public(&new));
+        *keys = new;
+        let mut lines = Vec::new();
+        if was.0 != now.0 {
+            lines.push(format!("the station's key is now {} (new sessions)", now.0.fingerprint()));
+        }
+        if was.1 != now.1 {
+            lines.push(match now.1 {
+                Some(next) => {
+                    format!("next key {} accepted beside the current one", next.fingerprint())
+                }
+                None => "no next key".to_owned(),
+            });
+        }
+        lines
+    }
+
+    /// Reads a handshake's first message with the station's keys.
+    fn respond(&self, msg: &[u8]) -> Result<Responder, CryptoError> {
+        self.keys.read().unwrap_or_else(|poisoned| poisoned.into_inner()).respond(msg)
+    }
 }
 
 /// A bound station, ready to run.
@@ -158,7 +225,6 @@ pub struct Station {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fixed {
     listen: SocketAddr,
-    public_key: PublicKey,
     status: Option<SocketAddr>,
     session_timeout: Duration,
 }
@@ -167,7 +233,6 @@ impl Fixed {
     fn of(config: &StationConfig) -> Fixed {
         Fixed {
             listen: config.listen,
-            public_key: config.private_key.public_key(),
             status: config.status,
             session_timeout: config.session_timeout,
         }
@@ -199,7 +264,7 @@ impl Station {
             exposes,
             draining: AtomicBool::new(false),
             roster: RwLock::new(Arc::new(Roster::new(&config))),
-            key: config.private_key,
+            keys: RwLock::new(StationKeys::of(&config)),
             sessions: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             unknown_logged: Mutex::new(HashSet::new()),
@@ -283,34 +348,51 @@ impl Handle {
         // Binding is the step that can fail: do it before changing anything.
         let bound = shared.exposes.bind_new(&specs).await?;
         let mut changes = shared.started_with.restart_needed(&Fixed::of(&config));
+        changes.extend(shared.reload_keys(&config));
         let new = Arc::new(Roster::new(&config));
         let old = std::mem::replace(
             &mut *shared.roster.write().unwrap_or_else(|poisoned| poisoned.into_inner()),
             new.clone(),
         );
-        for (key, device) in &old.devices {
-            match new.devices.get(key) {
-                None => {
-                    changes.push(format!("device {} removed; its session ends", device.name));
-                    let gone: Vec<Arc<Live>> = lock(&shared.sessions)
-                        .values()
-                        .filter(|live| live.device == *key)
-                        .cloned()
-                        .collect();
-                    for live in gone {
-                        live.tunnel.end("the device was removed from the station's config");
-                    }
-                }
+        for (name, device) in &old.devices {
+            match new.devices.get(name) {
+                None => changes.push(format!("device {name} removed; its session ends")),
                 Some(now) if now != device => {
-                    changes.push(format!("device {}: changed (applies to new streams)", now.name));
+                    changes.push(format!("device {name}: changed (applies to new streams)"));
                 }
                 Some(_) => {}
             }
-        }
-        for (key, device) in &new.devices {
-            if !old.devices.contains_key(key) {
-                changes.push(format!("device {} added", device.name));
+            let (before, after) = (old.keys_of(name), new.keys_of(name));
+            if new.devices.contains_key(name) && before != after {
+                let fingerprints = |keys: &HashSet<PublicKey>| {
+                    let mut list: Vec<String> = keys.iter().map(PublicKey::fingerprint).collect();
+                    list.sort();
+                    list.join(", ")
+                };
+                changes.push(format!("device {name}: keys now {}", fingerprints(&after)));
             }
+        }
+        for name in new.devices.keys() {
+            if !old.devices.contains_key(name) {
+                changes.push(format!("device {name} added"));
+            }
+        }
+        // A session lives on while its key still names its device: a
+        // device removed, or a key taken away before the session renewed
+        // its keys with another, ends it.
+        let gone: Vec<Arc<Live>> = lock(&shared.sessions)
+            .values()
+            .filter(|live| new.keys.get(&*lock(&live.key)) != Some(&live.name))
+            .cloned()
+            .collect();
+        for live in gone {
+            let why = if new.devices.contains_key(&live.name) {
+                "the key of its session was removed from the station's config"
+            } else {
+                "the device was removed from the station's config"
+            };
+            log::info!("device {}: session {} ends: {why}", live.name, carrier::short(&live.id));
+            live.tunnel.end(why);
         }
         if old.targets != new.targets {
             changes.push("[targets] changed (applies to new streams)".to_owned());
@@ -338,9 +420,6 @@ impl Fixed {
         let mut lines = Vec::new();
         if new.listen != self.listen {
             lines.push(format!("listen is now {}: restart the station to apply", new.listen));
-        }
-        if new.public_key != self.public_key {
-            lines.push("the private key changed: restart the station to apply".to_owned());
         }
         if new.status != self.status {
             lines.push("status changed: restart the station to apply".to_owned());
@@ -411,7 +490,7 @@ async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
         return;
     }
     let roster = shared.roster();
-    let allowed = roster.devices.get(&live.device).is_some_and(|d| d.allow.contains(&name));
+    let allowed = roster.devices.get(&live.name).is_some_and(|d| d.allow.contains(&name));
     let address = roster.targets.get(&name).filter(|_| allowed);
     let Some(address) = address else {
         log::warn!("device {}: target {name:?} refused: not in its allow list", live.name);
@@ -438,10 +517,10 @@ async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
 
 /// The live session of a device, if it has one: the confirmed one when an
 /// unconfirmed handshake (possibly a replay) exists beside it.
-fn live_session(shared: &Shared, device: &PublicKey) -> Option<Arc<Live>> {
+fn live_session(shared: &Shared, device: &str) -> Option<Arc<Live>> {
     lock(&shared.sessions)
         .values()
-        .filter(|live| live.device == *device && live.tunnel.closed().is_none())
+        .filter(|live| live.name == device && live.tunnel.closed().is_none())
         .max_by_key(|live| live.confirmed.load(Ordering::Acquire))
         .cloned()
 }
@@ -454,7 +533,7 @@ fn confirm(shared: &Shared, live: &Arc<Live>) {
     }
     let older: Vec<Arc<Live>> = lock(&shared.sessions)
         .values()
-        .filter(|l| l.device == live.device && !Arc::ptr_eq(l, live))
+        .filter(|l| l.name == live.name && !Arc::ptr_eq(l, live))
         .cloned()
         .collect();
     for old in older {

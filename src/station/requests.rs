@@ -26,7 +26,7 @@ use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LA
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::core::session::Lane;
 use crate::core::streams::Side;
-use crate::crypto::{self, RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
+use crate::crypto::{RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
 use crate::task::Scope;
 use crate::tunnel::{LaneEnd, Tunnel};
 
@@ -155,6 +155,7 @@ async fn handle(
     let req = Request { shared, head, live: &live, slot };
     match verb {
         Verb::Hello => unreachable!("handled above"),
+        Verb::Rekey => rekey(req, conn, session, peer).await,
         Verb::Down => down(req, conn).await,
         Verb::Up => up(req, conn).await,
         Verb::Poll => poll(req, conn).await,
@@ -300,7 +301,7 @@ async fn hello(
     if !lock(&shared.handshakes).take(Instant::now()) {
         return Ok(refuse(503, "too many handshakes this second; the agent retries later"));
     }
-    let responder = match crypto::respond(&shared.key, &msg) {
+    let responder = match shared.respond(&msg) {
         Ok(responder) => responder,
         Err(e) => {
             shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -308,7 +309,7 @@ async fn hello(
         }
     };
     let roster = shared.roster();
-    let Some(device) = roster.devices.get(&responder.device) else {
+    let Some(device) = roster.device_of(&responder.device) else {
         log_unknown_key(shared, &responder.device, peer);
         return Ok(Outcome::Refuse(403, None));
     };
@@ -327,7 +328,7 @@ async fn hello(
     let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits);
     let live = Arc::new(Live {
         id: session,
-        device: device_key,
+        key: std::sync::Mutex::new(device_key),
         name: device.name.clone(),
         tunnel,
         scope: Scope::new(),
@@ -344,6 +345,70 @@ async fn hello(
     let task_shared = shared.clone();
     shared.scope.spawn(drive_session(task_shared, live, incoming));
     respond(conn, head.keep_alive, &reply).await
+}
+
+/// New keys for a running session, from a fresh handshake with whichever
+/// of its keys the device now uses. The records after the handshake must
+/// open with the session's current keys: a stranger cannot ask, and a
+/// replayed request fails the session's replay window before any
+/// Diffie-Hellman work is done.
+async fn rekey(
+    req: Request<'_>,
+    conn: &mut HttpConn<TcpStream>,
+    session: SessionId,
+    peer: SocketAddr,
+) -> Result<Outcome, HttpError> {
+    let (shared, live) = (req.shared, req.live);
+    let max = (MAX_HANDSHAKE + 2) as u64 + DOWN_BODY_MAX;
+    let body = read_body(conn, req.head, max, req.body_timeout()).await?;
+    let Some((msg, proof)) = carrier::split_rekey_body(&body) else {
+        return Ok(refuse(400, "a rekey body without its handshake message"));
+    };
+    let mut reader = RecordReader::default();
+    match live.tunnel.receive(proof, &mut reader, &mut Vec::new()) {
+        // Proof of the device, not carrier traffic: the carrier shape in
+        // the status stays what the lanes use.
+        Ok(n) if n > 0 && reader.is_clean() => req.slot.promote(),
+        Ok(_) => return Ok(refuse(403, "no authentic packet in the rekey body")),
+        Err(e) => return Ok(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
+    }
+    if !lock(&shared.handshakes).take(Instant::now()) {
+        return Ok(refuse(503, "too many handshakes this second; the agent retries later"));
+    }
+    let responder = match shared.respond(msg) {
+        Ok(responder) => responder,
+        Err(e) => {
+            shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+            return Ok(refuse(400, &format!("not a postern handshake: {e}")));
+        }
+    };
+    let roster = shared.roster();
+    if roster.device_of(&responder.device).map(|d| &d.name) != Some(&live.name) {
+        log::warn!(
+            "{peer}: device {} asked to renew session {} with key {}, which is not one of its keys; refused",
+            live.name,
+            carrier::short(&session),
+            responder.device.fingerprint()
+        );
+        return Ok(Outcome::Refuse(403, None));
+    }
+    if responder.session_id != session {
+        return Ok(refuse(400, "rekey handshake for another session id"));
+    }
+    let device_key = responder.device;
+    let (reply, transport) = match responder.accept() {
+        Ok(accepted) => accepted,
+        Err(e) => return Ok(refuse(400, &format!("rekey handshake failed: {e}"))),
+    };
+    live.tunnel.offer_keys(transport);
+    *lock(&live.key) = device_key;
+    log::info!(
+        "device {} renewed the keys of session {} (device key {})",
+        live.name,
+        carrier::short(&session),
+        device_key.fingerprint()
+    );
+    respond(conn, req.head.keep_alive, &reply).await
 }
 
 async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {

@@ -169,10 +169,10 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
     let ended = lock(&shared.counters.ended).clone();
     let mut devices: Vec<DeviceStatus> = roster
         .devices
-        .iter()
-        .map(|(key, device)| {
+        .values()
+        .map(|device| {
             let mut totals = ended.get(&device.name).copied().unwrap_or_default();
-            let live = live_session(shared, key);
+            let live = live_session(shared, &device.name);
             let mut status = DeviceStatus {
                 name: device.name.clone(),
                 connected: live.is_some(),

@@ -361,6 +361,15 @@ impl Drop for Proc {
     }
 }
 
+/// Sends signal `name` (`HUP`, `TERM`, ...) to `proc`.
+pub fn signal(proc: &Proc, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &proc.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
 /// What a finished one-shot command printed.
 pub struct Output {
     pub status: ExitStatus,

@@ -1,8 +1,9 @@
 //! The tunnel through real middleboxes started on loopback, with
 //! `carrier = "auto"`: forward proxies that refuse CONNECT (squid,
-//! tinyproxy), a reverse proxy with stock settings under a path prefix
-//! (nginx: request and response buffering, HTTP/1.0 upstream, 1 MiB body
-//! limit), a cookie-sticky load balancer over two stations (haproxy), and a
+//! tinyproxy, privoxy, Apache httpd), reverse proxies with stock settings
+//! (nginx under a path prefix: request and response buffering, HTTP/1.0
+//! upstream, 1 MiB body limit; Apache httpd under a prefix with
+//! `KeepAliveTimeout 5`; varnish with its built-in VCL), a cookie-sticky load balancer over two stations (haproxy), and a
 //! relay that cuts carrier connections at random points. Every transfer is
 //! checked byte-exact by hash, again after the tunnel sat idle for longer
 //! than the middlebox's timeouts.
@@ -197,6 +198,43 @@ fn nginx_stock_reverse_proxy_under_a_prefix() {
     path.exercise();
     let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
     assert!(switched.contains("request bodies"), "{switched}");
+}
+
+#[test]
+fn apache_reverse_proxy_under_a_prefix() {
+    let path = Path::start(
+        "apache-reverse",
+        "auto",
+        1,
+        |stations| Some(Middlebox::apache(Some(stations[0]), "/tunnel/")),
+        via_reverse,
+    );
+    path.exercise();
+}
+
+#[test]
+fn apache_forward_proxy() {
+    let path =
+        Path::start("apache-forward", "auto", 1, |_| Some(Middlebox::apache(None, "/")), via_proxy);
+    path.exercise();
+}
+
+#[test]
+fn privoxy_forward_proxy() {
+    let path = Path::start("privoxy", "auto", 1, |_| Some(Middlebox::privoxy()), via_proxy);
+    path.exercise();
+}
+
+#[test]
+fn varnish_with_its_builtin_vcl() {
+    let path = Path::start(
+        "varnish",
+        "auto",
+        1,
+        |stations| Some(Middlebox::varnish(stations[0])),
+        |_, front| (format!("http://{}/", front.expect("varnish was started").addr), None),
+    );
+    path.exercise();
 }
 
 #[test]

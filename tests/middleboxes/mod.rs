@@ -1,6 +1,6 @@
 //! Real proxies and load balancers, started on loopback for one test each:
-//! squid and tinyproxy as forward proxies, nginx as a reverse proxy,
-//! haproxy as a load balancer. Each runs in the foreground with a config in
+//! squid, tinyproxy, privoxy and Apache httpd as forward proxies, nginx,
+//! Apache httpd and varnish as reverse proxies, haproxy as a load balancer. Each runs in the foreground with a config in
 //! its own temp dir and is killed when its guard drops.
 //!
 //! Their settings are the stock ones except where a test says otherwise;
@@ -198,6 +198,86 @@ impl Middlebox {
         let path = dir.write("haproxy.cfg", &conf);
         let child = spawn("haproxy", &["-db", "-f", path.to_str().expect("utf-8 path")], &dir);
         Self::started("haproxy", port, child, dir)
+    }
+
+    /// Apache httpd (event MPM, mod_proxy_http) with `KeepAliveTimeout 5`
+    /// as in the issue that found idle connections closed under the agent:
+    /// a reverse proxy serving `station` under `prefix`, or, with `station`
+    /// `None`, a forward proxy (`ProxyRequests On`, no CONNECT).
+    pub fn apache(station: Option<SocketAddr>, prefix: &str) -> Middlebox {
+        let dir = shared_dir("apache");
+        let port = free_port();
+        let d = dir.path().display();
+        let modules = "/usr/lib/apache2/modules";
+        let role = match station {
+            Some(station) => format!(
+                "ProxyPass \"{prefix}\" \"http://{station}/\"\n\
+                 ProxyPassReverse \"{prefix}\" \"http://{station}/\"\n"
+            ),
+            None => {
+                "ProxyRequests On\n<Proxy \"*\">\n  Require ip 127.0.0.1\n</Proxy>\n".to_owned()
+            }
+        };
+        let conf = format!(
+            "ServerRoot \"{d}\"\nServerName localhost\nListen 127.0.0.1:{port}\n\
+             PidFile \"{d}/httpd.pid\"\nErrorLog \"{d}/error.log\"\nLogLevel warn\n\
+             User www-data\nGroup www-data\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule authz_host_module {modules}/mod_authz_host.so\n\
+             LoadModule proxy_module {modules}/mod_proxy.so\n\
+             LoadModule proxy_http_module {modules}/mod_proxy_http.so\n\
+             CustomLog \"{d}/access.log\" \"%h %r %>s %b %D\"\n\
+             KeepAlive On\nKeepAliveTimeout 5\nTimeout {SHORT_TIMEOUT_SECS}\n\
+             {role}"
+        );
+        let path = dir.write("httpd.conf", &conf);
+        let child =
+            spawn("apache2", &["-DFOREGROUND", "-f", path.to_str().expect("utf-8 path")], &dir);
+        Self::started("apache", port, child, dir)
+    }
+
+    /// privoxy as a forward proxy with its stock settings (it closes idle
+    /// client connections; no action or filter files).
+    pub fn privoxy() -> Middlebox {
+        let dir = shared_dir("privoxy");
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "listen-address 127.0.0.1:{port}\nconfdir {d}\nlogdir {d}\nlogfile privoxy.log\n\
+             debug 1\ndebug 4096\n"
+        );
+        let path = dir.write("privoxy.conf", &conf);
+        let child = spawn("privoxy", &["--no-daemon", path.to_str().expect("utf-8 path")], &dir);
+        Self::started("privoxy", port, child, dir)
+    }
+
+    /// varnish with its built-in VCL in front of `station` (POSTs are
+    /// passed, not cached), in a work directory of its own.
+    pub fn varnish(station: SocketAddr) -> Middlebox {
+        let dir = shared_dir("varnish");
+        let port = free_port();
+        let work = dir.path().join("work");
+        let child = spawn(
+            "varnishd",
+            &[
+                "-F",
+                "-j",
+                "none",
+                "-a",
+                &format!("127.0.0.1:{port}"),
+                "-b",
+                &station.to_string(),
+                "-n",
+                work.to_str().expect("utf-8 path"),
+                "-s",
+                "malloc,32m",
+                "-T",
+                "none",
+            ],
+            &dir,
+        );
+        Self::started("varnish", port, child, dir)
     }
 
     fn started(name: &'static str, port: u16, mut child: Child, dir: TempDir) -> Middlebox {

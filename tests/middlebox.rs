@@ -571,3 +571,110 @@ fn past_session_timeout_local_connections_close_with_the_reason_logged() {
     path.agent.wait_log_nth(&["connected to the station"], 2, Duration::from_secs(60));
     path.round_trip(31, 1 << 20);
 }
+
+// ---------------------------------------------------------------------------
+// A measurement, not a test: scripts/bench-boxes runs it with --release.
+
+/// Bytes each way of one measured transfer through a box.
+const MEASURED: u64 = 8 << 20;
+
+/// Longest a measured transfer may take before it counts as failed.
+const MEASURE_LIMIT: Duration = Duration::from_secs(60);
+
+/// One box of the measurement: a label, how many stations it fronts, how it
+/// is started, and how the agent reaches the station through it.
+type BoxRecipe = (&'static str, StartBox, Route);
+
+/// Starts a box in front of the stations.
+type StartBox = fn(&[SocketAddr]) -> Option<Middlebox>;
+
+/// The agent's station URL and proxy, given the stations and the box.
+type Route = fn(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>);
+
+fn front(_: &[SocketAddr], front: Option<&Middlebox>) -> (String, Option<String>) {
+    (format!("http://{}/", front.expect("a box was started").addr), None)
+}
+
+/// Through each middlebox: the throughput of the stream, poll and auto
+/// carriers (echo, `MEASURED` bytes each way at once), and the carrier auto
+/// ended on, as a Markdown table for docs/BENCHMARKS.md.
+#[test]
+#[ignore = "a measurement: scripts/bench-boxes runs it with --release"]
+fn carriers_through_each_box() {
+    let boxes: [BoxRecipe; 8] = [
+        ("squid (stock timeouts)", |_| Some(Middlebox::squid_with(None, None)), via_proxy),
+        ("tinyproxy", |_| Some(Middlebox::tinyproxy()), via_proxy),
+        ("privoxy", |_| Some(Middlebox::privoxy()), via_proxy),
+        ("Apache forward proxy", |_| Some(Middlebox::apache(None, "/")), via_proxy),
+        ("Apache reverse proxy", |s| Some(Middlebox::apache(Some(s[0]), "/tunnel/")), via_reverse),
+        (
+            "nginx stock (timeouts too)",
+            |s| Some(Middlebox::nginx_with(s[0], "/tunnel/", "", None)),
+            via_reverse,
+        ),
+        ("varnish built-in VCL", |s| Some(Middlebox::varnish(s[0])), front),
+        ("haproxy mode http, defaults", |s| Some(Middlebox::haproxy(s)), front),
+    ];
+    println!("| box | stream MB/s | poll MB/s | auto MB/s | auto chose | auto / better |");
+    println!("|---|---:|---:|---:|---|---:|");
+    // POSTERN_BOXES=privoxy,varnish measures only the boxes whose label
+    // contains one of the words.
+    let only = std::env::var("POSTERN_BOXES").unwrap_or_default();
+    let wanted = |label: &str| {
+        only.is_empty() || only.split(',').any(|word| label.to_lowercase().contains(word))
+    };
+    for (label, middlebox, route) in boxes.into_iter().filter(|(label, ..)| wanted(label)) {
+        let rates: Vec<(Option<f64>, String)> = ["stream", "poll", "auto"]
+            .iter()
+            .map(|carrier| {
+                // A carrier the box does not pass stalls the echo's sender,
+                // which panics: that is a failed row, not the end of the table.
+                std::panic::catch_unwind(|| measure_through(label, carrier, middlebox, route))
+                    .unwrap_or_else(|_| (None, "-".to_owned()))
+            })
+            .collect();
+        let show = |rate: Option<f64>| rate.map_or("failed".to_owned(), |r| format!("{r:.1}"));
+        let better = rates[0].0.unwrap_or(0.0).max(rates[1].0.unwrap_or(0.0));
+        let ratio = match rates[2].0 {
+            Some(auto) if better > 0.0 => format!("{:.2}", auto / better),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "| {label} | {} | {} | {} | {} | {ratio} |",
+            show(rates[0].0),
+            show(rates[1].0),
+            show(rates[2].0),
+            rates[2].1
+        );
+    }
+}
+
+/// MB/s of one echo transfer through a box with `carrier` (None if it did
+/// not complete byte-exact in time), and what the agent's log says of the
+/// carrier it ended on.
+fn measure_through(
+    label: &str,
+    carrier: &str,
+    middlebox: StartBox,
+    route: Route,
+) -> (Option<f64>, String) {
+    let stations = if label.starts_with("haproxy") { 2 } else { 1 };
+    let path = Path::start(&format!("measure-{carrier}"), carrier, stations, middlebox, route);
+    path.agent.wait_log(&["connected to the station"]);
+    // A first transfer lets auto judge the path before the measured one.
+    let warm = common::echo_within(path.forward, 7, 1 << 20, MEASURE_LIMIT);
+    let started = std::time::Instant::now();
+    let got = common::echo_within(path.forward, 8, MEASURED, MEASURE_LIMIT);
+    let seconds = started.elapsed().as_secs_f64();
+    let exact = warm == Received::expected(7, 1 << 20) && got == Received::expected(8, MEASURED);
+    let rate = exact.then(|| MEASURED as f64 / seconds / 1e6);
+    let chose =
+        path.agent.stderr.matching(&["carrier auto:"]).last().map_or("stream".to_owned(), |line| {
+            if line.contains("poll") {
+                "poll".to_owned()
+            } else {
+                line.rsplit("carrier auto:").next().unwrap_or("").trim().to_owned()
+            }
+        });
+    (rate, chose)
+}

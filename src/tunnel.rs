@@ -249,6 +249,19 @@ impl Tunnel {
         self.settle(&mut state);
     }
 
+    /// Wakes the timer task if the session's earliest deadline moved
+    /// earlier than `before`, what it was when the task last read it: the
+    /// task sleeps until then. Sending is such a move: a keepalive deadline
+    /// that was due stops being one, and the next one (a keepalive period
+    /// on) appears only once the keepalive is sent. Without this wakeup the
+    /// task slept until the idle deadline and no further keepalive went out
+    /// on an idle session (the stream carrier's downlink then looked dead).
+    fn rearm(&self, state: &State, before: Option<Instant>) {
+        if state.session.poll_timeout() < before || before.is_none() {
+            self.timer.notify(1);
+        }
+    }
+
     /// Routes the core's events to whoever waits on them. Call after every
     /// operation on the session, with the lock held.
     fn settle(&self, state: &mut State) {
@@ -329,9 +342,7 @@ impl Tunnel {
                 log::error!("peer broke the protocol, ending the session: {e}");
                 state.session.end(&e.to_string());
             }
-            if state.session.poll_timeout() < before || before.is_none() {
-                self.timer.notify(1);
-            }
+            self.rearm(&state, before);
             self.settle(&mut state);
         })?;
         if rejected > 0 {
@@ -396,9 +407,11 @@ impl Tunnel {
                 if state.lane != lane.generation {
                     return Err(LaneEnd::Superseded);
                 }
+                let before = state.session.poll_timeout();
                 if !state.session.poll_transmit(Instant::now(), lane.kind, plain) {
                     break;
                 }
+                self.rearm(&state, before);
                 state.stats.sent += plain.len() as u64;
                 self.settle(&mut state);
                 state.keys.current.transport.clone()
@@ -414,7 +427,9 @@ impl Tunnel {
         let mut plain = Vec::new();
         let transport = {
             let mut state = self.lock();
+            let before = state.session.poll_timeout();
             state.session.write_ack(Instant::now(), &mut plain);
+            self.rearm(&state, before);
             state.keys.current.transport.clone()
         };
         transport.seal(&plain, out);
@@ -751,6 +766,7 @@ pub async fn close_after_drain(tunnels: &[Arc<Tunnel>], limit: std::time::Durati
 mod tests {
     use super::*;
     use crate::crypto::session_pair;
+    use std::time::Duration;
 
     /// Moves what `from` has to send into `to`, as one carrier body.
     fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> (Vec<u8>, Result<usize, BadBody>) {
@@ -815,6 +831,51 @@ mod tests {
         stranger.seal(b"not a packet of this session", &mut forged);
         assert_eq!(deliver(&forged, &station), Err(BadBody::Rejected(1)));
         assert_eq!(station.stats().rejected, 2);
+    }
+
+    /// An idle session keeps sending keepalives on its lane, one a period:
+    /// the timer task must learn of each new keepalive deadline. (It once
+    /// slept to the idle deadline after the first, and the stream carrier's
+    /// downlink fell silent until the agent cut it.) Real time, with a
+    /// keepalive period of milliseconds.
+    #[test]
+    fn an_idle_session_keeps_sending_keepalives() {
+        let (_, station_keys) = session_pair();
+        let period = Duration::from_millis(40);
+        let limits = Limits { keepalive: period, ..Limits::default() };
+        let (station, _) = Tunnel::new(Side::Station, station_keys, limits);
+        let lane = station.begin_lane(Lane::Data);
+        let watched = period * 15;
+        let sent = smol::block_on(async {
+            let end = Instant::now() + watched;
+            let timers = async {
+                station.run_timers().await;
+                0
+            };
+            let lane_sends = async {
+                let mut sends = 0;
+                let mut out = Vec::new();
+                loop {
+                    out.clear();
+                    let sent = future::or(
+                        async { station.transmit(lane, &mut out, 1 << 20).await.is_ok() },
+                        async {
+                            smol::Timer::at(end).await;
+                            false
+                        },
+                    )
+                    .await;
+                    if !sent {
+                        return sends;
+                    }
+                    sends += 1;
+                }
+            };
+            future::or(timers, lane_sends).await
+        });
+        // 15 periods: at least half of the 15 keepalives, whatever the
+        // scheduling on a busy machine; the bug sent one.
+        assert!(sent >= 7, "{sent} keepalives in {watched:?} with a period of {period:?}");
     }
 
     #[test]

@@ -229,3 +229,38 @@ fn sigterm_lets_open_streams_finish_then_stops() {
     let status = agent.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "agent exit: {status:?}\n{}", agent.describe());
 }
+
+/// A clean stop of the agent closes its session and opens none: the
+/// station shows the device offline at once, not after session_timeout.
+#[test]
+fn a_stopped_agent_is_offline_at_the_station_at_once() {
+    let echo = Server::echo();
+    let dir = TempDir::new("offline");
+    let keys = Keys::new();
+    let devices = [("pump-17", keys.device.public_key(), &["echo"][..])];
+    let toml = with_status(&station_toml(&keys.station, &[("echo", echo.target())], &devices));
+    let (station, station_addr) = start_station(&dir, &toml);
+    let status = status_addr(&station);
+    let (mut agent, _) = start_agent(
+        &dir,
+        "agent",
+        &agent_toml(station_addr, &keys.station, &keys.device),
+        &["echo"],
+    );
+    agent.wait_log(&["connected to the station"]);
+    station.wait_log(&["device pump-17 handshake from"]);
+    let connected = |n: u32| {
+        get(status, "/metrics").1.lines().any(|l| l == format!("postern_devices_connected {n}"))
+    };
+    assert!(connected(1), "{}", get(status, "/metrics").1);
+
+    common::signal(&agent, "TERM");
+    let exit = agent.wait_exit(Duration::from_secs(15));
+    assert!(exit.success(), "agent exit: {exit:?}\n{}", agent.describe());
+    common::wait_until("the station to show the device offline", Duration::from_secs(2), || {
+        connected(0)
+    });
+    assert_eq!(station.stderr.count("device pump-17 handshake from"), 1, "{}", station.describe());
+    assert_eq!(agent.stderr.count("connected to the station"), 1, "{}", agent.describe());
+    assert_eq!(agent.stderr.matching(&["WARN"]).len(), 0, "{}", agent.describe());
+}

@@ -358,6 +358,11 @@ impl Handle {
 async fn keep_session(shared: &Arc<Shared>) {
     let mut backoff = Backoff::new();
     loop {
+        // A stopping agent opens nothing new: the station must see the
+        // device go offline at the Close, not meet a fresh session.
+        if shared.draining.load(Ordering::Acquire) {
+            return future::pending().await;
+        }
         match handshake(shared).await {
             Ok((tunnel, incoming, session)) => {
                 backoff.reset();
@@ -372,7 +377,14 @@ async fn keep_session(shared: &Arc<Shared>) {
                 let reason = run_session(shared, &tunnel, session, incoming).await;
                 shared.set_current(None);
                 *lock(&shared.session_id) = None;
-                log::warn!("session {} ended: {reason}", carrier::short(&session));
+                if shared.draining.load(Ordering::Acquire) {
+                    log::info!(
+                        "session {} closed: the agent is stopping",
+                        carrier::short(&session)
+                    );
+                } else {
+                    log::warn!("session {} ended: {reason}", carrier::short(&session));
+                }
             }
             Err(e) => {
                 let delay = backoff.delay();

@@ -23,7 +23,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -49,6 +49,9 @@ const MAX_NAME_BYTES: usize = 64;
 
 /// The HTTP port a URL means when it names none (RFC 9110 section 4.2.1).
 const HTTP_DEFAULT_PORT: u16 = 80;
+
+/// The port an https:// URL means when it names none.
+const HTTPS_DEFAULT_PORT: u16 = 443;
 
 /// Default of `session_timeout`: long enough to ride out a cellular
 /// handover or a proxy restart, short enough that a local connection to a
@@ -110,6 +113,17 @@ pub struct StationConfig {
     pub targets: BTreeMap<String, String>,
     /// Every device allowed to connect, in file order.
     pub devices: Vec<DeviceConfig>,
+    // --- TLS (issue 15) ---
+    /// `tls_cert_file` and `tls_key_file`: the carrier listener speaks TLS
+    /// with this certificate, read again on SIGHUP. Checked loadable.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A station's certificate chain (PEM, leaf first) and private key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// One `[[devices]]` entry.
@@ -147,14 +161,30 @@ pub struct AgentConfig {
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
     pub services: BTreeMap<String, Service>,
+    // --- TLS (issue 15) ---
+    /// How an https:// station's certificate is verified.
+    pub tls: AgentTls,
 }
 
-/// The station's address, from `station = "http://host[:port][/prefix/]"`.
+/// `ca_file` and `tls_pin`: allowed only with an https:// station.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentTls {
+    /// Trust these CA certificates (PEM) instead of the system's: a
+    /// company CA of an inspecting proxy, or the station's own CA.
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the station certificate's SubjectPublicKeyInfo; when
+    /// given, the certificate must also carry one of these keys.
+    pub pins: Vec<[u8; 32]>,
+}
+
+/// The station's address, from `station = "http[s]://host[:port][/prefix/]"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StationUrl {
+    /// `https://`: TLS to the station (through a proxy, inside CONNECT).
+    pub https: bool,
     /// Host name or IP address; an IPv6 address is stored without brackets.
     pub host: String,
-    /// TCP port; 80 when the URL names none.
+    /// TCP port; 80 (443 for https) when the URL names none.
     pub port: u16,
     /// Path every carrier request starts with; always begins and ends with
     /// `/`, e.g. `/` or `/tunnel/`, so request paths are `prefix + rest`.
@@ -163,12 +193,13 @@ pub struct StationUrl {
 
 impl StationUrl {
     /// The `Host` header value: `host`, or `host:port` when the port is not
-    /// 80, with an IPv6 address in brackets.
+    /// the scheme's default, with an IPv6 address in brackets.
     #[must_use]
     pub fn authority(&self) -> String {
         let host =
             if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        if self.port == HTTP_DEFAULT_PORT {
+        let default = if self.https { HTTPS_DEFAULT_PORT } else { HTTP_DEFAULT_PORT };
+        if self.port == default {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -368,8 +399,18 @@ fn load_file<T>(
 /// exempts the host. Errors report the variable as the field of the file
 /// `environment`.
 pub fn proxy_from_env(station_host: &str) -> Result<Option<ProxyUrl>, ConfigError> {
-    proxy_from_vars(station_host, |name| std::env::var_os(name))
+    proxy_from_vars(station_host, HTTP_PROXY_VARS, |name| std::env::var_os(name))
 }
+
+/// As [`proxy_from_env`], for `station`: an https:// station looks at
+/// `HTTPS_PROXY`, else `https_proxy`, as curl and browsers do.
+pub fn proxy_from_env_for(station: &StationUrl) -> Result<Option<ProxyUrl>, ConfigError> {
+    let names = if station.https { HTTPS_PROXY_VARS } else { HTTP_PROXY_VARS };
+    proxy_from_vars(&station.host, names, |name| std::env::var_os(name))
+}
+
+const HTTP_PROXY_VARS: &[&str] = &["HTTP_PROXY", "http_proxy"];
+const HTTPS_PROXY_VARS: &[&str] = &["HTTPS_PROXY", "https_proxy"];
 
 // ---------------------------------------------------------------------------
 // Raw shapes: exactly the TOML, strings unparsed. Required fields are
@@ -383,6 +424,8 @@ struct RawStation {
     private_key_file: Option<String>,
     status: Option<String>,
     session_timeout: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
     #[serde(default)]
     targets: BTreeMap<String, String>,
     #[serde(default)]
@@ -411,6 +454,9 @@ struct RawAgent {
     #[serde(default)]
     carrier: CarrierKind,
     session_timeout: Option<u64>,
+    ca_file: Option<String>,
+    #[serde(default)]
+    tls_pin: Vec<String>,
     #[serde(default)]
     forward: Vec<RawForward>,
     /// Values are either a "host:port" string or a serial table; kept as
@@ -675,6 +721,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         devices.push(DeviceConfig { name, public_key, allow: raw_device.allow, expose });
     }
 
+    let tls = station_tls(raw.tls_cert_file, raw.tls_key_file, file, base)?;
     Ok(StationConfig {
         listen,
         private_key,
@@ -682,6 +729,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         session_timeout,
         targets: raw.targets,
         devices,
+        tls,
     })
 }
 
@@ -848,6 +896,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         services.insert(name, service);
     }
 
+    let tls = agent_tls(&station, raw.ca_file, &raw.tls_pin, file, base)?;
     Ok(AgentConfig {
         station,
         station_public_key,
@@ -857,6 +906,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         session_timeout: session_timeout(raw.session_timeout, file)?,
         forwards,
         services,
+        tls,
     })
 }
 
@@ -1009,6 +1059,7 @@ fn parse_port(text: &str) -> Result<u16, String> {
 
 /// The pieces of an `http://` URL that both the station and proxy URLs use.
 struct HttpUrl<'a> {
+    https: bool,
     userinfo: Option<&'a str>,
     host: String,
     port: u16,
@@ -1016,15 +1067,17 @@ struct HttpUrl<'a> {
     path: &'a str,
 }
 
-fn split_http_url<'a>(text: &'a str, https_advice: &str) -> Result<HttpUrl<'a>, String> {
+/// `https_advice`: why https is refused, or `None` when it is accepted.
+fn split_http_url<'a>(text: &'a str, https_advice: Option<&str>) -> Result<HttpUrl<'a>, String> {
     let text = text.trim();
     let (scheme, rest) = text
         .split_once("://")
         .ok_or_else(|| format!("{text:?} is not a URL; expected http://HOST[:PORT]/"))?;
-    if scheme.eq_ignore_ascii_case("https") {
-        return Err(format!("https is not supported; {https_advice}"));
+    let https = scheme.eq_ignore_ascii_case("https");
+    if let (true, Some(advice)) = (https, https_advice) {
+        return Err(format!("https is not supported; {advice}"));
     }
-    if !scheme.eq_ignore_ascii_case("http") {
+    if !https && !scheme.eq_ignore_ascii_case("http") {
         return Err(format!("scheme {scheme:?} is not supported; only http:// URLs are"));
     }
     if rest.contains('#') {
@@ -1041,16 +1094,13 @@ fn split_http_url<'a>(text: &'a str, https_advice: &str) -> Result<HttpUrl<'a>, 
         Some((userinfo, host_port)) => (Some(userinfo), host_port),
         None => (None, authority),
     };
-    let (host, port) = split_host_port(host_port, Some(HTTP_DEFAULT_PORT))?;
-    Ok(HttpUrl { userinfo, host, port, path })
+    let default_port = if https { HTTPS_DEFAULT_PORT } else { HTTP_DEFAULT_PORT };
+    let (host, port) = split_host_port(host_port, Some(default_port))?;
+    Ok(HttpUrl { https, userinfo, host, port, path })
 }
 
 fn parse_station_url(text: &str) -> Result<StationUrl, String> {
-    let url = split_http_url(
-        text,
-        "postern already encrypts end to end with Noise, so use http://; \
-         where TLS is required on the way, put a TLS-terminating proxy in front of the station",
-    )?;
+    let url = split_http_url(text, STATION_HTTPS_ADVICE)?;
     if url.userinfo.is_some() {
         return Err(
             "user:password@ is not used; the station knows the device by its key, remove it"
@@ -1065,13 +1115,13 @@ fn parse_station_url(text: &str) -> Result<StationUrl, String> {
     }
     check_percent_escapes(path)?;
     let path_prefix = if path.ends_with('/') { path.to_owned() } else { format!("{path}/") };
-    Ok(StationUrl { host: url.host, port: url.port, path_prefix })
+    Ok(StationUrl { https: url.https, host: url.host, port: url.port, path_prefix })
 }
 
 fn parse_proxy_url(text: &str) -> Result<ProxyUrl, String> {
     let url = split_http_url(
         text,
-        "postern talks plain HTTP to the proxy and needs no CONNECT; give the proxy's http:// address",
+        Some("postern talks plain HTTP to the proxy (CONNECT for an https:// station); give the proxy's http:// address"),
     )?;
     if !url.path.is_empty() && url.path != "/" {
         return Err(format!("a proxy URL has no path, but this one has {:?}", url.path));
@@ -1166,13 +1216,115 @@ fn key_path(prefix: &str, key: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// TLS (issue 15): https:// stations, ca_file and tls_pin in the agent,
+// tls_cert_file and tls_key_file in the station.
+
+/// Why an https:// station URL is refused, or `None` when this build has TLS.
+#[cfg(feature = "tls")]
+const STATION_HTTPS_ADVICE: Option<&str> = None;
+#[cfg(not(feature = "tls"))]
+const STATION_HTTPS_ADVICE: Option<&str> = Some(
+    "this postern was built without TLS (cargo feature `tls`, a board profile's choice); \
+     use a build with it, or http:// with a TLS-terminating proxy in front of the station",
+);
+
+/// A path from the config, relative to the config file's directory.
+fn config_path(text: &str, base: &Path) -> PathBuf {
+    let path = Path::new(text);
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    }
+}
+
+fn agent_tls(
+    station: &StationUrl,
+    ca_file: Option<String>,
+    pins: &[String],
+    file: &str,
+    base: &Path,
+) -> Result<AgentTls, ConfigError> {
+    let fail = |field: &str, reason: String| ConfigError::new(file, field, reason);
+    if !station.https {
+        let only = |field: &str| {
+            fail(field, "applies only to an https:// station; the station URL is http://".into())
+        };
+        if ca_file.is_some() {
+            return Err(only("ca_file"));
+        }
+        if !pins.is_empty() {
+            return Err(only("tls_pin"));
+        }
+        return Ok(AgentTls::default());
+    }
+    let ca_file = ca_file.map(|text| config_path(&text, base));
+    let mut parsed = Vec::with_capacity(pins.len());
+    for (index, pin) in pins.iter().enumerate() {
+        parsed.push(parse_pin(pin).map_err(|r| fail(&format!("tls_pin[{index}]"), r))?);
+    }
+    // Load what the agent will load, so `check` finds a bad ca_file or a
+    // system without CA certificates now rather than at the first connect.
+    #[cfg(feature = "tls")]
+    crate::carrier::tls::ClientTls::new(ca_file.as_deref(), &parsed)
+        .map_err(|e| fail(if ca_file.is_some() { "ca_file" } else { "station" }, e.to_string()))?;
+    Ok(AgentTls { ca_file, pins: parsed })
+}
+
+/// A `tls_pin`: base64 of a SHA-256, optionally after `sha256/` or
+/// `sha256//` (curl's `--pinnedpubkey` form).
+fn parse_pin(text: &str) -> Result<[u8; 32], String> {
+    let bare = text.trim();
+    let bare =
+        bare.strip_prefix("sha256//").or_else(|| bare.strip_prefix("sha256/")).unwrap_or(bare);
+    let bytes = STANDARD.decode(bare).map_err(|e| {
+        format!("{text:?} is not base64 ({e}); give the SHA-256 of the certificate's public key (docs/TLS.md)")
+    })?;
+    bytes
+        .try_into()
+        .map_err(|bytes: Vec<u8>| format!("{text:?} is {} bytes, a SHA-256 is 32", bytes.len()))
+}
+
+fn station_tls(
+    cert: Option<String>,
+    key: Option<String>,
+    file: &str,
+    base: &Path,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let fail = |field: &str, reason: &str| ConfigError::new(file, field, reason);
+    let files = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(fail("tls_key_file", "missing; tls_cert_file needs it")),
+        (None, Some(_)) => return Err(fail("tls_cert_file", "missing; tls_key_file needs it")),
+        (Some(cert), Some(key)) => {
+            TlsFiles { cert_file: config_path(&cert, base), key_file: config_path(&key, base) }
+        }
+    };
+    #[cfg(feature = "tls")]
+    {
+        crate::carrier::tls::ServerTls::load(&files.cert_file, &files.key_file)
+            .map_err(|e| fail("tls_cert_file", &e.to_string()))?;
+        Ok(Some(files))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = files;
+        Err(fail(
+            "tls_cert_file",
+            "this postern was built without TLS (cargo feature `tls`); terminate TLS in front of it",
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Environment.
 
 fn proxy_from_vars(
     station_host: &str,
+    names: &[&'static str],
     var: impl Fn(&str) -> Option<OsString>,
 ) -> Result<Option<ProxyUrl>, ConfigError> {
-    let Some((name, value)) = first_set(&var, &["HTTP_PROXY", "http_proxy"])? else {
+    let Some((name, value)) = first_set(&var, names)? else {
         return Ok(None);
     };
     if let Some((no_proxy_name, list)) = first_set(&var, &["NO_PROXY", "no_proxy"])? {
@@ -1374,6 +1526,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         assert_eq!(
             config.station,
             StationUrl {
+                https: false,
                 host: "station.example.com".to_owned(),
                 port: 80,
                 path_prefix: "/".to_owned()
@@ -1858,9 +2011,12 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     #[test]
     fn station_url_errors() {
         let k = keys();
+        #[cfg(not(feature = "tls"))]
+        for reason in ["https is not supported", "built without TLS (cargo feature `tls`"] {
+            let err = agent_err(&agent_head(&k, "https://s/"));
+            assert_err(&err, "station", reason);
+        }
         let cases = [
-            ("https://s/", "https is not supported"),
-            ("https://s/", "TLS-terminating proxy"),
             ("ftp://s/", "scheme \"ftp\" is not supported"),
             ("station.example.com", "is not a URL"),
             ("http://s/?x=1", "a query (?...) is not supported"),
@@ -2095,7 +2251,10 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     fn env_proxy_selection() {
         let host_of = |found: Option<ProxyUrl>| found.map(|p| p.host);
         let pick = |pairs: &[(&str, &str)]| {
-            host_of(proxy_from_vars("station.example.com", vars(pairs)).expect("valid"))
+            host_of(
+                proxy_from_vars("station.example.com", HTTP_PROXY_VARS, vars(pairs))
+                    .expect("valid"),
+            )
         };
         assert_eq!(pick(&[]), None);
         assert_eq!(pick(&[("http_proxy", "http://lower:3128")]).as_deref(), Some("lower"));
@@ -2108,7 +2267,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             pick(&[("HTTP_PROXY", ""), ("http_proxy", "http://lower:3128")]).as_deref(),
             Some("lower")
         );
-        let bare = proxy_from_vars("s", vars(&[("HTTP_PROXY", "proxy:3128")]))
+        let bare = proxy_from_vars("s", HTTP_PROXY_VARS, vars(&[("HTTP_PROXY", "proxy:3128")]))
             .expect("valid")
             .expect("a proxy");
         assert_eq!((bare.host.as_str(), bare.port), ("proxy", 3128));
@@ -2116,7 +2275,8 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
 
     #[test]
     fn env_proxy_error_names_variable() {
-        let err = proxy_from_vars("s", vars(&[("http_proxy", "https://p:1")])).unwrap_err();
+        let err = proxy_from_vars("s", HTTP_PROXY_VARS, vars(&[("http_proxy", "https://p:1")]))
+            .unwrap_err();
         assert_eq!(err.file, "environment");
         assert_err(&err, "http_proxy", "https is not supported");
         assert!(err.to_string().starts_with("environment: http_proxy: https"));
@@ -2125,9 +2285,13 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     #[test]
     fn env_no_proxy() {
         let proxied = |host: &str, no_proxy: &str| {
-            proxy_from_vars(host, vars(&[("HTTP_PROXY", "http://p:3128"), ("no_proxy", no_proxy)]))
-                .expect("valid")
-                .is_some()
+            proxy_from_vars(
+                host,
+                HTTP_PROXY_VARS,
+                vars(&[("HTTP_PROXY", "http://p:3128"), ("no_proxy", no_proxy)]),
+            )
+            .expect("valid")
+            .is_some()
         };
         assert!(!proxied("station.example.com", "*"));
         assert!(!proxied("station.example.com", "localhost, example.com"));
@@ -2142,6 +2306,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         // NO_PROXY wins over no_proxy when both are set.
         assert!(proxy_from_vars(
             "s.example",
+            HTTP_PROXY_VARS,
             vars(&[
                 ("HTTP_PROXY", "http://p:3128"),
                 ("NO_PROXY", "other"),

@@ -22,8 +22,8 @@ use snow::types::Hash;
 
 use crate::agent::Agent;
 use crate::config::{
-    AgentConfig, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig, StationUrl,
-    DEFAULT_SESSION_TIMEOUT,
+    AgentConfig, AgentTls, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig,
+    StationUrl, DEFAULT_SESSION_TIMEOUT,
 };
 use crate::crypto::Blake2s;
 use crate::keys::PrivateKey;
@@ -168,6 +168,7 @@ impl Lab {
                 allow: vec!["echo".to_owned()],
                 expose: BTreeMap::new(),
             }],
+            tls: None,
         })
         .await?;
         let station_addr = station.local_addr();
@@ -175,6 +176,7 @@ impl Lab {
 
         let agent = Agent::bind(AgentConfig {
             station: StationUrl {
+                https: false,
                 host: Ipv4Addr::LOCALHOST.to_string(),
                 port: station_addr.port(),
                 path_prefix: "/".to_owned(),
@@ -189,6 +191,7 @@ impl Lab {
                 target: "echo".to_owned(),
             }],
             services: BTreeMap::new(),
+            tls: AgentTls::default(),
         })
         .await?;
         let forward = agent.forward_addrs()[0];

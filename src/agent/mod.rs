@@ -14,7 +14,9 @@
 //! form (`POST http://station/...`); CONNECT is never used.
 
 mod client;
+mod egress;
 mod lanes;
+mod proxy_auth;
 mod serial;
 
 use std::collections::{BTreeMap, HashMap};
@@ -143,7 +145,7 @@ impl Agent {
             }
         }
         let shared = Shared {
-            client: Client::new(config.station, proxy),
+            client: Client::new(config.station, proxy, &config.tls),
             key: config.private_key,
             station_key: config.station_public_key,
             carrier: config.carrier,

@@ -265,7 +265,15 @@ impl Proc {
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for var in ["POSTERN_LOG", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"] {
+        for var in [
+            "POSTERN_LOG",
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
             command.env_remove(var);
         }
         let mut child =

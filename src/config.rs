@@ -1300,10 +1300,12 @@ fn station_tls(
             TlsFiles { cert_file: config_path(&cert, base), key_file: config_path(&key, base) }
         }
     };
+    // A build without the station cannot run this config anyway.
+    #[cfg(all(feature = "tls", feature = "station"))]
+    crate::carrier::tls::ServerTls::load(&files.cert_file, &files.key_file)
+        .map_err(|e| fail("tls_cert_file", &e.to_string()))?;
     #[cfg(feature = "tls")]
     {
-        crate::carrier::tls::ServerTls::load(&files.cert_file, &files.key_file)
-            .map_err(|e| fail("tls_cert_file", &e.to_string()))?;
         Ok(Some(files))
     }
     #[cfg(not(feature = "tls"))]

@@ -210,3 +210,35 @@ fn squid_with_ntlm_authenticates_and_refuses_a_wrong_user_once() {
     let attempts = refused.stderr.count("refused our NTLM credentials");
     assert!((1..=8).contains(&attempts), "{attempts} attempts in 5 s:\n{}", refused.describe());
 }
+
+#[test]
+fn station_reloads_its_certificate_on_sighup() {
+    let (old_ca, new_ca) = (Pki::new("old test CA"), Pki::new("new test CA"));
+    let (old, new) = (old_ca.leaf("old", "IP:127.0.0.1", 1), new_ca.leaf("new", "IP:127.0.0.1", 1));
+    let dir = TempDir::new("tls-reload");
+    let live = Cert { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem") };
+    let install = |from: &Cert| {
+        std::fs::copy(&from.cert, &live.cert).expect("copy certificate");
+        std::fs::copy(&from.key, &live.key).expect("copy key");
+    };
+    install(&old);
+    let station = Station::start("tls-reload-station", Some(&live));
+    let url = format!("https://{}/", station.addr);
+
+    let (before, forward) = station.agent(&dir, "before", &url, "poll", &ca_line(&old_ca));
+    before.wait_log(&["connected to the station"]);
+    round_trip(forward, 1, 100_000, &|| before.describe());
+
+    // Renewal: new files in place, SIGHUP, and new connections get them.
+    install(&new);
+    station.proc.signal("HUP");
+    station.proc.wait_log(&["TLS certificate read again from"]);
+    let (after, forward) = station.agent(&dir, "after", &url, "poll", &ca_line(&new_ca));
+    after.wait_log(&["connected to the station"]);
+    round_trip(forward, 2, TRANSFER, &|| {
+        format!("{}\n{}", after.describe(), station.proc.describe())
+    });
+    // The old CA no longer verifies the station.
+    let (stale, _) = station.agent(&dir, "stale", &url, "poll", &ca_line(&old_ca));
+    stale.wait_log(&["not signed by a CA this agent trusts"]);
+}

@@ -36,7 +36,7 @@ pub enum Link {
     Plain(TcpStream),
     #[cfg(feature = "tls")]
     Client(Arc<Mutex<futures_rustls::client::TlsStream<TcpStream>>>),
-    #[cfg(feature = "tls")]
+    #[cfg(all(feature = "tls", feature = "station"))]
     Server(Arc<Mutex<futures_rustls::server::TlsStream<TcpStream>>>),
 }
 
@@ -59,7 +59,7 @@ macro_rules! each {
                 let $stream = &mut *shared.lock().unwrap_or_else(|p| p.into_inner());
                 $call
             }
-            #[cfg(feature = "tls")]
+            #[cfg(all(feature = "tls", feature = "station"))]
             Link::Server(shared) => {
                 let $stream = &mut *shared.lock().unwrap_or_else(|p| p.into_inner());
                 $call

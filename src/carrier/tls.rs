@@ -19,15 +19,25 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+#[cfg(feature = "station")]
+use std::sync::RwLock;
+use std::sync::{Arc, Mutex};
 
-use futures_rustls::{TlsAcceptor, TlsConnector};
+#[cfg(feature = "station")]
+use futures_rustls::TlsAcceptor;
+use futures_rustls::TlsConnector;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
+#[cfg(feature = "station")]
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+#[cfg(feature = "station")]
+use rustls::ServerConfig;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use smol::net::TcpStream;
 
 use super::link::Link;
@@ -90,8 +100,72 @@ enum Refusal {
     Pin(SpkiPin),
 }
 
+/// The station's provider: rustls' ring provider whole (it loads the
+/// station's private key).
+#[cfg(feature = "station")]
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The agent's provider: ring's suites and key exchanges, but no private
+/// key loading (the agent has no client certificate, and the key loader
+/// links every signing algorithm) and no Ed25519 certificates (none in
+/// the web PKI). 30 KiB less on armv7 (boards/README.md).
+fn client_provider() -> Arc<CryptoProvider> {
+    let ring = rustls::crypto::ring::default_provider();
+    Arc::new(CryptoProvider {
+        cipher_suites: rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec(),
+        kx_groups: rustls::crypto::ring::DEFAULT_KX_GROUPS.to_vec(),
+        signature_verification_algorithms: CLIENT_SIG_ALGS,
+        secure_random: ring.secure_random,
+        key_provider: &NoKeys,
+    })
+}
+
+/// rustls' ring table of certificate signature algorithms, less Ed25519.
+static CLIENT_SIG_ALGS: WebPkiSupportedAlgorithms = {
+    use webpki::ring as alg;
+    use SignatureScheme as S;
+    WebPkiSupportedAlgorithms {
+        all: &[
+            alg::ECDSA_P256_SHA256,
+            alg::ECDSA_P256_SHA384,
+            alg::ECDSA_P384_SHA256,
+            alg::ECDSA_P384_SHA384,
+            alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+            alg::RSA_PKCS1_2048_8192_SHA256,
+            alg::RSA_PKCS1_2048_8192_SHA384,
+            alg::RSA_PKCS1_2048_8192_SHA512,
+            alg::RSA_PKCS1_2048_8192_SHA256_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA384_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA512_ABSENT_PARAMS,
+        ],
+        mapping: &[
+            (S::ECDSA_NISTP384_SHA384, &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384]),
+            (S::ECDSA_NISTP256_SHA256, &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256]),
+            (S::RSA_PSS_SHA512, &[alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY]),
+            (S::RSA_PSS_SHA384, &[alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY]),
+            (S::RSA_PSS_SHA256, &[alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY]),
+            (S::RSA_PKCS1_SHA512, &[alg::RSA_PKCS1_2048_8192_SHA512]),
+            (S::RSA_PKCS1_SHA384, &[alg::RSA_PKCS1_2048_8192_SHA384]),
+            (S::RSA_PKCS1_SHA256, &[alg::RSA_PKCS1_2048_8192_SHA256]),
+        ],
+    }
+};
+
+/// The agent's key provider: it has no keys to load.
+#[derive(Debug)]
+struct NoKeys;
+
+impl rustls::crypto::KeyProvider for NoKeys {
+    fn load_private_key(
+        &self,
+        _key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        Err(rustls::Error::General("the agent loads no TLS private key".into()))
+    }
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
@@ -123,6 +197,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupE
     Ok(certs)
 }
 
+#[cfg(feature = "station")]
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
     let pem = read_pem(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsSetupError::NoKey { path: path.to_owned() })
@@ -170,7 +245,7 @@ impl ClientTls {
                 }
             }
         }
-        let provider = provider();
+        let provider = client_provider();
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| TlsSetupError::Config(rustls::Error::General(e.to_string())))?;
@@ -300,11 +375,15 @@ fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
 }
 
 /// The station's TLS: its certificate and key, replaced whole on reload.
+/// Only in builds with the station: an agent-only build links no TLS
+/// server (about a tenth of its size).
+#[cfg(feature = "station")]
 pub struct ServerTls {
     files: (PathBuf, PathBuf),
     current: RwLock<TlsAcceptor>,
 }
 
+#[cfg(feature = "station")]
 impl ServerTls {
     /// Loads `cert_file` (the chain, leaf first) and `key_file`.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<ServerTls, TlsSetupError> {
@@ -338,6 +417,7 @@ impl ServerTls {
     }
 }
 
+#[cfg(feature = "station")]
 fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsSetupError> {
     let certs = load_certs(cert_file)?;
     let key = load_key(key_file)?;

@@ -298,6 +298,15 @@ impl Proc {
     }
 
     /// Waits for a line on stderr containing every one of `needles`.
+    /// Sends the signal `name` (e.g. `HUP`) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
     pub fn wait_log(&self, needles: &[&str]) -> String {
         self.stderr.wait_for(&format!("{} stderr", self.name), needles, LOG_WAIT)
     }

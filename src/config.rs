@@ -1609,6 +1609,66 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         assert!(config.services.is_empty());
     }
 
+    // --- TLS (issue 15) ----------------------------------------------------
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn https_station_urls_default_to_443() {
+        let url = parse_station_url("https://h/t").expect("valid");
+        assert_eq!((url.https, url.port, url.authority()), (true, 443, "h".to_owned()));
+        let url = parse_station_url("HTTPS://h:8443/").expect("valid");
+        assert_eq!(url.authority(), "h:8443");
+        // 443 is not the default of http://.
+        assert_eq!(parse_station_url("http://h:443/").expect("valid").authority(), "h:443");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn agent_tls_settings() {
+        let k = keys();
+        let pin = STANDARD.encode([7u8; 32]);
+        let text =
+            format!("{}tls_pin = [\"sha256//{pin}\", \"{pin}\"]\n", agent_head(&k, "https://s/"));
+        let config = AgentConfig::parse(&text, "agent.toml").expect("valid");
+        assert_eq!(config.tls.pins, vec![[7u8; 32]; 2]);
+        assert_eq!(config.tls.ca_file, None);
+        for (extra, field, reason) in [
+            ("tls_pin = [\"nope!\"]\n", "tls_pin[0]", "is not base64"),
+            ("ca_file = \"/nonexistent/ca.pem\"\n", "ca_file", "cannot read /nonexistent/ca.pem"),
+        ] {
+            let err = agent_err(&format!("{}{extra}", agent_head(&k, "https://s/")));
+            assert_err(&err, field, reason);
+        }
+        let err = agent_err(&format!("{}tls_pin = [\"{pin}\"]\n", agent_head(&k, "http://s/")));
+        assert_err(&err, "tls_pin", "applies only to an https:// station");
+    }
+
+    #[test]
+    fn station_tls_files_both_or_neither() {
+        let k = keys();
+        let err = station_with(&k, "").map(|c| c.tls).expect("valid");
+        assert_eq!(err, None);
+        let only_cert = station_example(&k).replacen('\n', "\ntls_cert_file = \"c.pem\"\n", 1);
+        assert_err(&station_err(&only_cert), "tls_key_file", "missing; tls_cert_file needs it");
+        let only_key = station_example(&k).replacen('\n', "\ntls_key_file = \"k.pem\"\n", 1);
+        assert_err(&station_err(&only_key), "tls_cert_file", "missing; tls_key_file needs it");
+        let both = station_example(&k).replacen(
+            '\n',
+            "\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"k.pem\"\n",
+            1,
+        );
+        assert_err(&station_err(&both), "tls_cert_file", "");
+    }
+
+    #[test]
+    fn env_proxy_for_https_stations() {
+        let pairs = [("HTTP_PROXY", "http://plain:3128"), ("https_proxy", "http://tls:3128")];
+        let found = proxy_from_vars("s", HTTPS_PROXY_VARS, vars(&pairs)).expect("valid");
+        assert_eq!(found.map(|p| p.host).as_deref(), Some("tls"));
+        let found = proxy_from_vars("s", HTTP_PROXY_VARS, vars(&pairs)).expect("valid");
+        assert_eq!(found.map(|p| p.host).as_deref(), Some("plain"));
+    }
+
     #[test]
     fn station_url_forms() {
         let url = |text: &str| parse_station_url(text).expect("valid URL");

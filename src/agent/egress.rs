@@ -62,6 +62,8 @@ pub enum EgressError {
     ClosedDuringAuth { proxy: String, scheme: &'static str },
     #[error("the proxy {0} asks for NTLM authentication; the next connection uses it")]
     SwitchingToNtlm(String),
+    #[error("the proxy {0} asked again for authentication on a connection NTLM had authenticated (does it refuse TRACE, which postern authenticates with?)")]
+    NtlmNotKept(String),
     #[error("the proxy {0} sent bytes after its answer to CONNECT, before TLS began")]
     BytesAfterConnect(String),
     #[error(transparent)]
@@ -132,6 +134,9 @@ impl Egress {
     pub fn request_refused(&self, head: &ResponseHead) -> CarrierError {
         if self.credentials.is_none() {
             return CarrierError::ProxyAuth(format!("proxy {}", self.proxy_text()));
+        }
+        if *lock(&self.scheme) == Scheme::Ntlm {
+            return EgressError::NtlmNotKept(self.proxy_text()).into();
         }
         match self.learn(head, Some(Scheme::Basic)) {
             Ok(_) => EgressError::SwitchingToNtlm(self.proxy_text()).into(),
@@ -406,5 +411,76 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl From<EgressError> for CarrierError {
     fn from(e: EgressError) -> Self {
         CarrierError::Egress(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::carrier::http;
+
+    fn egress(auth: Option<(&str, &str)>, https: bool) -> Egress {
+        let station = StationUrl { https, host: "st".into(), port: 80, path_prefix: "/".into() };
+        let auth = auth.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        let proxy = ProxyUrl { host: "px".into(), port: 3128, auth };
+        Egress::new(station, Some(proxy), &AgentTls::default())
+    }
+
+    fn head(text: &str) -> ResponseHead {
+        http::parse_response(text.as_bytes(), false).unwrap().unwrap().0
+    }
+
+    const OFFERS_NTLM: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+        Proxy-Authenticate: Negotiate\r\nProxy-Authenticate: NTLM\r\n\
+        Proxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n";
+    const OFFERS_BASIC: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+        Proxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n";
+    const OFFERS_KERBEROS: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+        Proxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn basic_goes_unasked_until_the_proxy_offers_ntlm() {
+        let e = egress(Some(("CORP\\alice", "pw")), false);
+        assert!(e.absolute_form());
+        assert_eq!(e.request_authorization(), Some(Credentials::new("CORP\\alice", "pw").basic()));
+        let error = e.request_refused(&head(OFFERS_NTLM));
+        assert!(matches!(error, CarrierError::Egress(EgressError::SwitchingToNtlm(_))), "{error}");
+        // The connection is authenticated now; requests carry nothing.
+        assert_eq!(e.request_authorization(), None);
+        assert_eq!(*lock(&e.scheme), Scheme::Ntlm);
+        // A 407 on an NTLM-authenticated connection is not a new offer.
+        let error = e.request_refused(&head(OFFERS_NTLM));
+        assert!(matches!(error, CarrierError::Egress(EgressError::NtlmNotKept(_))), "{error}");
+    }
+
+    #[test]
+    fn refusals_say_what_to_do_and_never_show_the_password() {
+        let e = egress(Some(("alice", "s3cret")), false);
+        let error = e.request_refused(&head(OFFERS_BASIC));
+        assert!(
+            matches!(
+                error,
+                CarrierError::Egress(EgressError::CredentialsRefused { scheme: "Basic", .. })
+            ),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("s3cret"));
+        let error = e.request_refused(&head(OFFERS_KERBEROS));
+        assert_eq!(
+            error.to_string(),
+            "the proxy px:3128 offers only Negotiate authentication; postern speaks NTLM and Basic"
+        );
+        let anonymous = egress(None, false);
+        assert!(matches!(
+            anonymous.request_refused(&head(OFFERS_NTLM)),
+            CarrierError::ProxyAuth(_)
+        ));
+    }
+
+    #[test]
+    fn connect_hides_requests_from_the_proxy() {
+        let e = egress(Some(("alice", "pw")), true);
+        assert!(!e.absolute_form());
+        assert_eq!(e.request_authorization(), None);
     }
 }

@@ -244,3 +244,49 @@ fn station_reloads_its_certificate_on_sighup() {
     let (stale, _) = station.agent(&dir, "stale", &url, "poll", &ca_line(&old_ca));
     stale.wait_log(&["not signed by a CA this agent trusts"]);
 }
+
+/// Where scripts/test unpacks Debian's squid-openssl (the `squid` package
+/// is built with GnuTLS and cannot bump TLS; squid-openssl conflicts with
+/// it, so it is unpacked beside it rather than installed).
+const SQUID_OPENSSL: &str = "POSTERN_SQUID_OPENSSL";
+
+#[test]
+fn squid_bumping_tls_needs_its_ca_in_ca_file() {
+    let Some(root) = std::env::var_os(SQUID_OPENSSL) else {
+        eprintln!("skipped: {SQUID_OPENSSL} is not set (scripts/test sets it)");
+        return;
+    };
+    let root = std::path::PathBuf::from(root);
+    assert!(
+        root.join("usr/sbin/squid").exists(),
+        "{SQUID_OPENSSL}={} has no squid",
+        root.display()
+    );
+    let pki = Pki::new("station CA");
+    // A name, not an address: squid puts the name (the SNI) in the
+    // certificates it makes, and an agent sends no SNI for an address.
+    let leaf = pki.leaf("station", "DNS:localhost", 1);
+    let company = Pki::new("company inspection CA");
+    // Squid's workers run as the proxy user and read the bump CA.
+    for dir in [pki.dir.path(), company.dir.path()] {
+        let _ = std::process::Command::new("chmod").arg("-R").arg("a+rX").arg(dir).status();
+    }
+    let station = Station::start("tls-bump", Some(&leaf));
+    let squid = Middlebox::squid_bump(&root, &company.ca, &pki.ca.cert);
+    let proxy = format!("proxy = \"http://{}\"\n", squid.addr);
+    let url = format!("https://localhost:{}/", station.addr.port());
+    let dir = TempDir::new("tls-bump-agents");
+
+    // Trusting only the station's CA: the proxy's certificate is refused, and said so.
+    let (refused, _) =
+        station.agent(&dir, "refused", &url, "auto", &format!("{proxy}{}", ca_line(&pki)));
+    refused.wait_log(&["the proxy on the way may have replaced it (TLS inspection)"]);
+
+    // With the company's CA: through the inspecting proxy, Noise inside untouched.
+    let extra = format!("{proxy}{}", ca_line(&company));
+    let (agent, forward) = station.agent(&dir, "company", &url, "auto", &extra);
+    agent.wait_log(&["connected to the station"]);
+    let context = || format!("{}\n{}\n{}", agent.describe(), station.proc.describe(), squid.logs());
+    round_trip(forward, 1, TRANSFER, &context);
+    round_trip(forward, 2, 1000, &context);
+}

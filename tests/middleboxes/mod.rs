@@ -123,8 +123,66 @@ impl Middlebox {
         Self::squid_serving(shared_dir("squid"), &access, Some(SHORT_TIMEOUT_SECS))
     }
 
+    /// Squid built with OpenSSL (`root`: Debian's squid-openssl package
+    /// unpacked, see scripts/test) intercepting TLS: it answers CONNECT,
+    /// lets the requests inside through, bumps the TLS inside with certificates it makes with `bump_ca`
+    /// (certificate and key files), and trusts `upstream_ca` for the
+    /// station's own certificate.
+    pub fn squid_bump(
+        root: &std::path::Path,
+        bump_ca: &pki::Cert,
+        upstream_ca: &std::path::Path,
+    ) -> Middlebox {
+        let dir = shared_dir("squid-bump");
+        let certgen = root.join("usr/lib/squid/security_file_certgen");
+        let db = dir.path().join("ssl_db");
+        let out = Command::new(&certgen)
+            .args(["-c", "-s", db.to_str().expect("utf-8 path"), "-M", "4MB"])
+            .output()
+            .expect("run security_file_certgen");
+        assert!(out.status.success(), "security_file_certgen -c: {out:?}");
+        let _ = Command::new("chown").args(["-R", "proxy:proxy"]).arg(&db).status();
+        let access = format!(
+            "acl CONNECT method CONNECT\n\
+             http_access allow localhost\n\
+             sslcrtd_program {} -s {} -M 4MB\n\
+             acl step1 at_step SslBump1\n\
+             acl step2 at_step SslBump2\n\
+             ssl_bump peek step1\n\
+             ssl_bump stare step2\n\
+             ssl_bump bump all\n\
+             tls_outgoing_options cafile={}\n",
+            certgen.display(),
+            db.display(),
+            upstream_ca.display()
+        );
+        let port_options = format!(
+            " ssl-bump generate-host-certificates=on tls-cert={} tls-key={}",
+            bump_ca.cert.display(),
+            bump_ca.key.display()
+        );
+        let binary = root.join("usr/sbin/squid");
+        Self::squid_run(
+            binary.to_str().expect("utf-8 path"),
+            dir,
+            &access,
+            Some(SHORT_TIMEOUT_SECS),
+            &port_options,
+        )
+    }
+
     /// Squid with `access` as its http_access rules (anything else denied).
     fn squid_serving(dir: TempDir, access: &str, timeout: Option<u64>) -> Middlebox {
+        Self::squid_run("squid", dir, access, timeout, "")
+    }
+
+    fn squid_run(
+        program: &str,
+        dir: TempDir,
+        access: &str,
+        timeout: Option<u64>,
+        port_options: &str,
+    ) -> Middlebox {
         let port = free_port();
         let d = dir.path().display();
         let timeouts = timeout.map_or(String::new(), |t| {
@@ -135,7 +193,7 @@ impl Middlebox {
             )
         });
         let conf = format!(
-            "http_port 127.0.0.1:{port}\n\
+            "http_port 127.0.0.1:{port}{port_options}\n\
              {access}\
              http_access deny all\n\
              cache deny all\n\
@@ -147,7 +205,7 @@ impl Middlebox {
              shutdown_lifetime 0 seconds\n"
         );
         let path = dir.write("squid.conf", &conf);
-        let child = spawn("squid", &["-N", "-f", path.to_str().expect("utf-8 path")], &dir);
+        let child = spawn(program, &["-N", "-f", path.to_str().expect("utf-8 path")], &dir);
         Self::started("squid", port, child, dir)
     }
 

@@ -16,7 +16,7 @@
 mod client;
 mod egress;
 mod lanes;
-mod proxy_auth;
+pub mod proxy_auth;
 mod serial;
 
 use std::collections::{BTreeMap, HashMap};

@@ -23,7 +23,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -54,6 +54,9 @@ pub const MAX_KEYS: usize = 4;
 
 /// The HTTP port a URL means when it names none (RFC 9110 section 4.2.1).
 const HTTP_DEFAULT_PORT: u16 = 80;
+
+/// The port an https:// URL means when it names none.
+const HTTPS_DEFAULT_PORT: u16 = 443;
 
 /// Default of `session_timeout`: long enough to ride out a cellular
 /// handover or a proxy restart, short enough that a local connection to a
@@ -118,6 +121,17 @@ pub struct StationConfig {
     pub targets: BTreeMap<String, String>,
     /// Every device allowed to connect, in file order.
     pub devices: Vec<DeviceConfig>,
+    // --- TLS (issue 15) ---
+    /// `tls_cert_file` and `tls_key_file`: the carrier listener speaks TLS
+    /// with this certificate, read again on SIGHUP. Checked loadable.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A station's certificate chain (PEM, leaf first) and private key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// One `[[devices]]` entry.
@@ -157,14 +171,30 @@ pub struct AgentConfig {
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
     pub services: BTreeMap<String, Service>,
+    // --- TLS (issue 15) ---
+    /// How an https:// station's certificate is verified.
+    pub tls: AgentTls,
 }
 
-/// The station's address, from `station = "http://host[:port][/prefix/]"`.
+/// `ca_file` and `tls_pin`: allowed only with an https:// station.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentTls {
+    /// Trust these CA certificates (PEM) instead of the system's: a
+    /// company CA of an inspecting proxy, or the station's own CA.
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the station certificate's SubjectPublicKeyInfo; when
+    /// given, the certificate must also carry one of these keys.
+    pub pins: Vec<[u8; 32]>,
+}
+
+/// The station's address, from `station = "http[s]://host[:port][/prefix/]"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StationUrl {
+    /// `https://`: TLS to the station (through a proxy, inside CONNECT).
+    pub https: bool,
     /// Host name or IP address; an IPv6 address is stored without brackets.
     pub host: String,
-    /// TCP port; 80 when the URL names none.
+    /// TCP port; 80 (443 for https) when the URL names none.
     pub port: u16,
     /// Path every carrier request starts with; always begins and ends with
     /// `/`, e.g. `/` or `/tunnel/`, so request paths are `prefix + rest`.
@@ -173,12 +203,13 @@ pub struct StationUrl {
 
 impl StationUrl {
     /// The `Host` header value: `host`, or `host:port` when the port is not
-    /// 80, with an IPv6 address in brackets.
+    /// the scheme's default, with an IPv6 address in brackets.
     #[must_use]
     pub fn authority(&self) -> String {
         let host =
             if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        if self.port == HTTP_DEFAULT_PORT {
+        let default = if self.https { HTTPS_DEFAULT_PORT } else { HTTP_DEFAULT_PORT };
+        if self.port == default {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -378,8 +409,18 @@ fn load_file<T>(
 /// exempts the host. Errors report the variable as the field of the file
 /// `environment`.
 pub fn proxy_from_env(station_host: &str) -> Result<Option<ProxyUrl>, ConfigError> {
-    proxy_from_vars(station_host, |name| std::env::var_os(name))
+    proxy_from_vars(station_host, HTTP_PROXY_VARS, |name| std::env::var_os(name))
 }
+
+/// As [`proxy_from_env`], for `station`: an https:// station looks at
+/// `HTTPS_PROXY`, else `https_proxy`, as curl and browsers do.
+pub fn proxy_from_env_for(station: &StationUrl) -> Result<Option<ProxyUrl>, ConfigError> {
+    let names = if station.https { HTTPS_PROXY_VARS } else { HTTP_PROXY_VARS };
+    proxy_from_vars(&station.host, names, |name| std::env::var_os(name))
+}
+
+const HTTP_PROXY_VARS: &[&str] = &["HTTP_PROXY", "http_proxy"];
+const HTTPS_PROXY_VARS: &[&str] = &["HTTPS_PROXY", "https_proxy"];
 
 // ---------------------------------------------------------------------------
 // Raw shapes: exactly the TOML, strings unparsed. Required fields are
@@ -395,6 +436,8 @@ struct RawStation {
     next_private_key_file: Option<String>,
     status: Option<String>,
     session_timeout: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
     #[serde(default)]
     targets: BTreeMap<String, String>,
     #[serde(default)]
@@ -425,6 +468,9 @@ struct RawAgent {
     #[serde(default)]
     carrier: CarrierKind,
     session_timeout: Option<u64>,
+    ca_file: Option<String>,
+    #[serde(default)]
+    tls_pin: Vec<String>,
     #[serde(default)]
     forward: Vec<RawForward>,
     /// Values are either a "host:port" string or a serial table; kept as
@@ -711,6 +757,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         devices.push(DeviceConfig { name, public_keys, allow: raw_device.allow, expose });
     }
 
+    let tls = station_tls(raw.tls_cert_file, raw.tls_key_file, file, base)?;
     Ok(StationConfig {
         listen,
         private_key,
@@ -719,6 +766,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         session_timeout,
         targets: raw.targets,
         devices,
+        tls,
     })
 }
 
@@ -913,6 +961,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         services.insert(name, service);
     }
 
+    let tls = agent_tls(&station, raw.ca_file, &raw.tls_pin, file, base)?;
     Ok(AgentConfig {
         station,
         station_public_keys,
@@ -922,6 +971,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         session_timeout: session_timeout(raw.session_timeout, file)?,
         forwards,
         services,
+        tls,
     })
 }
 
@@ -1074,6 +1124,7 @@ fn parse_port(text: &str) -> Result<u16, String> {
 
 /// The pieces of an `http://` URL that both the station and proxy URLs use.
 struct HttpUrl<'a> {
+    https: bool,
     userinfo: Option<&'a str>,
     host: String,
     port: u16,
@@ -1081,15 +1132,17 @@ struct HttpUrl<'a> {
     path: &'a str,
 }
 
-fn split_http_url<'a>(text: &'a str, https_advice: &str) -> Result<HttpUrl<'a>, String> {
+/// `https_advice`: why https is refused, or `None` when it is accepted.
+fn split_http_url<'a>(text: &'a str, https_advice: Option<&str>) -> Result<HttpUrl<'a>, String> {
     let text = text.trim();
     let (scheme, rest) = text
         .split_once("://")
         .ok_or_else(|| format!("{text:?} is not a URL; expected http://HOST[:PORT]/"))?;
-    if scheme.eq_ignore_ascii_case("https") {
-        return Err(format!("https is not supported; {https_advice}"));
+    let https = scheme.eq_ignore_ascii_case("https");
+    if let (true, Some(advice)) = (https, https_advice) {
+        return Err(format!("https is not supported; {advice}"));
     }
-    if !scheme.eq_ignore_ascii_case("http") {
+    if !https && !scheme.eq_ignore_ascii_case("http") {
         return Err(format!("scheme {scheme:?} is not supported; only http:// URLs are"));
     }
     if rest.contains('#') {
@@ -1106,16 +1159,13 @@ fn split_http_url<'a>(text: &'a str, https_advice: &str) -> Result<HttpUrl<'a>, 
         Some((userinfo, host_port)) => (Some(userinfo), host_port),
         None => (None, authority),
     };
-    let (host, port) = split_host_port(host_port, Some(HTTP_DEFAULT_PORT))?;
-    Ok(HttpUrl { userinfo, host, port, path })
+    let default_port = if https { HTTPS_DEFAULT_PORT } else { HTTP_DEFAULT_PORT };
+    let (host, port) = split_host_port(host_port, Some(default_port))?;
+    Ok(HttpUrl { https, userinfo, host, port, path })
 }
 
 fn parse_station_url(text: &str) -> Result<StationUrl, String> {
-    let url = split_http_url(
-        text,
-        "postern already encrypts end to end with Noise, so use http://; \
-         where TLS is required on the way, put a TLS-terminating proxy in front of the station",
-    )?;
+    let url = split_http_url(text, STATION_HTTPS_ADVICE)?;
     if url.userinfo.is_some() {
         return Err(
             "user:password@ is not used; the station knows the device by its key, remove it"
@@ -1130,13 +1180,13 @@ fn parse_station_url(text: &str) -> Result<StationUrl, String> {
     }
     check_percent_escapes(path)?;
     let path_prefix = if path.ends_with('/') { path.to_owned() } else { format!("{path}/") };
-    Ok(StationUrl { host: url.host, port: url.port, path_prefix })
+    Ok(StationUrl { https: url.https, host: url.host, port: url.port, path_prefix })
 }
 
 fn parse_proxy_url(text: &str) -> Result<ProxyUrl, String> {
     let url = split_http_url(
         text,
-        "postern talks plain HTTP to the proxy and needs no CONNECT; give the proxy's http:// address",
+        Some("postern talks plain HTTP to the proxy (CONNECT for an https:// station); give the proxy's http:// address"),
     )?;
     if !url.path.is_empty() && url.path != "/" {
         return Err(format!("a proxy URL has no path, but this one has {:?}", url.path));
@@ -1231,13 +1281,117 @@ fn key_path(prefix: &str, key: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// TLS (issue 15): https:// stations, ca_file and tls_pin in the agent,
+// tls_cert_file and tls_key_file in the station.
+
+/// Why an https:// station URL is refused, or `None` when this build has TLS.
+#[cfg(feature = "tls")]
+const STATION_HTTPS_ADVICE: Option<&str> = None;
+#[cfg(not(feature = "tls"))]
+const STATION_HTTPS_ADVICE: Option<&str> = Some(
+    "this postern was built without TLS (cargo feature `tls`, a board profile's choice); \
+     use a build with it, or http:// with a TLS-terminating proxy in front of the station",
+);
+
+/// A path from the config, relative to the config file's directory.
+fn config_path(text: &str, base: &Path) -> PathBuf {
+    let path = Path::new(text);
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        base.join(path)
+    }
+}
+
+fn agent_tls(
+    station: &StationUrl,
+    ca_file: Option<String>,
+    pins: &[String],
+    file: &str,
+    base: &Path,
+) -> Result<AgentTls, ConfigError> {
+    let fail = |field: &str, reason: String| ConfigError::new(file, field, reason);
+    if !station.https {
+        let only = |field: &str| {
+            fail(field, "applies only to an https:// station; the station URL is http://".into())
+        };
+        if ca_file.is_some() {
+            return Err(only("ca_file"));
+        }
+        if !pins.is_empty() {
+            return Err(only("tls_pin"));
+        }
+        return Ok(AgentTls::default());
+    }
+    let ca_file = ca_file.map(|text| config_path(&text, base));
+    let mut parsed = Vec::with_capacity(pins.len());
+    for (index, pin) in pins.iter().enumerate() {
+        parsed.push(parse_pin(pin).map_err(|r| fail(&format!("tls_pin[{index}]"), r))?);
+    }
+    // Load what the agent will load, so `check` finds a bad ca_file or a
+    // system without CA certificates now rather than at the first connect.
+    #[cfg(feature = "tls")]
+    crate::carrier::tls::ClientTls::new(ca_file.as_deref(), &parsed)
+        .map_err(|e| fail(if ca_file.is_some() { "ca_file" } else { "station" }, e.to_string()))?;
+    Ok(AgentTls { ca_file, pins: parsed })
+}
+
+/// A `tls_pin`: base64 of a SHA-256, optionally after `sha256/` or
+/// `sha256//` (curl's `--pinnedpubkey` form).
+fn parse_pin(text: &str) -> Result<[u8; 32], String> {
+    let bare = text.trim();
+    let bare =
+        bare.strip_prefix("sha256//").or_else(|| bare.strip_prefix("sha256/")).unwrap_or(bare);
+    let bytes = STANDARD.decode(bare).map_err(|e| {
+        format!("{text:?} is not base64 ({e}); give the SHA-256 of the certificate's public key (docs/TLS.md)")
+    })?;
+    bytes
+        .try_into()
+        .map_err(|bytes: Vec<u8>| format!("{text:?} is {} bytes, a SHA-256 is 32", bytes.len()))
+}
+
+fn station_tls(
+    cert: Option<String>,
+    key: Option<String>,
+    file: &str,
+    base: &Path,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let fail = |field: &str, reason: &str| ConfigError::new(file, field, reason);
+    let files = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(fail("tls_key_file", "missing; tls_cert_file needs it")),
+        (None, Some(_)) => return Err(fail("tls_cert_file", "missing; tls_key_file needs it")),
+        (Some(cert), Some(key)) => {
+            TlsFiles { cert_file: config_path(&cert, base), key_file: config_path(&key, base) }
+        }
+    };
+    // A build without the station cannot run this config anyway.
+    #[cfg(all(feature = "tls", feature = "station"))]
+    crate::carrier::tls::ServerTls::load(&files.cert_file, &files.key_file)
+        .map_err(|e| fail("tls_cert_file", &e.to_string()))?;
+    #[cfg(feature = "tls")]
+    {
+        Ok(Some(files))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = files;
+        Err(fail(
+            "tls_cert_file",
+            "this postern was built without TLS (cargo feature `tls`); terminate TLS in front of it",
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Environment.
 
 fn proxy_from_vars(
     station_host: &str,
+    names: &[&'static str],
     var: impl Fn(&str) -> Option<OsString>,
 ) -> Result<Option<ProxyUrl>, ConfigError> {
-    let Some((name, value)) = first_set(&var, &["HTTP_PROXY", "http_proxy"])? else {
+    let Some((name, value)) = first_set(&var, names)? else {
         return Ok(None);
     };
     if let Some((no_proxy_name, list)) = first_set(&var, &["NO_PROXY", "no_proxy"])? {
@@ -1439,6 +1593,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         assert_eq!(
             config.station,
             StationUrl {
+                https: false,
                 host: "station.example.com".to_owned(),
                 port: 80,
                 path_prefix: "/".to_owned()
@@ -1517,6 +1672,66 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         assert_eq!(config.carrier, CarrierKind::Auto);
         assert!(config.forwards.is_empty());
         assert!(config.services.is_empty());
+    }
+
+    // --- TLS (issue 15) ----------------------------------------------------
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn https_station_urls_default_to_443() {
+        let url = parse_station_url("https://h/t").expect("valid");
+        assert_eq!((url.https, url.port, url.authority()), (true, 443, "h".to_owned()));
+        let url = parse_station_url("HTTPS://h:8443/").expect("valid");
+        assert_eq!(url.authority(), "h:8443");
+        // 443 is not the default of http://.
+        assert_eq!(parse_station_url("http://h:443/").expect("valid").authority(), "h:443");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn agent_tls_settings() {
+        let k = keys();
+        let pin = STANDARD.encode([7u8; 32]);
+        let text =
+            format!("{}tls_pin = [\"sha256//{pin}\", \"{pin}\"]\n", agent_head(&k, "https://s/"));
+        let config = AgentConfig::parse(&text, "agent.toml").expect("valid");
+        assert_eq!(config.tls.pins, vec![[7u8; 32]; 2]);
+        assert_eq!(config.tls.ca_file, None);
+        for (extra, field, reason) in [
+            ("tls_pin = [\"nope!\"]\n", "tls_pin[0]", "is not base64"),
+            ("ca_file = \"/nonexistent/ca.pem\"\n", "ca_file", "cannot read /nonexistent/ca.pem"),
+        ] {
+            let err = agent_err(&format!("{}{extra}", agent_head(&k, "https://s/")));
+            assert_err(&err, field, reason);
+        }
+        let err = agent_err(&format!("{}tls_pin = [\"{pin}\"]\n", agent_head(&k, "http://s/")));
+        assert_err(&err, "tls_pin", "applies only to an https:// station");
+    }
+
+    #[test]
+    fn station_tls_files_both_or_neither() {
+        let k = keys();
+        let err = station_with(&k, "").map(|c| c.tls).expect("valid");
+        assert_eq!(err, None);
+        let only_cert = station_example(&k).replacen('\n', "\ntls_cert_file = \"c.pem\"\n", 1);
+        assert_err(&station_err(&only_cert), "tls_key_file", "missing; tls_cert_file needs it");
+        let only_key = station_example(&k).replacen('\n', "\ntls_key_file = \"k.pem\"\n", 1);
+        assert_err(&station_err(&only_key), "tls_cert_file", "missing; tls_key_file needs it");
+        let both = station_example(&k).replacen(
+            '\n',
+            "\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"k.pem\"\n",
+            1,
+        );
+        assert_err(&station_err(&both), "tls_cert_file", "");
+    }
+
+    #[test]
+    fn env_proxy_for_https_stations() {
+        let pairs = [("HTTP_PROXY", "http://plain:3128"), ("https_proxy", "http://tls:3128")];
+        let found = proxy_from_vars("s", HTTPS_PROXY_VARS, vars(&pairs)).expect("valid");
+        assert_eq!(found.map(|p| p.host).as_deref(), Some("tls"));
+        let found = proxy_from_vars("s", HTTP_PROXY_VARS, vars(&pairs)).expect("valid");
+        assert_eq!(found.map(|p| p.host).as_deref(), Some("plain"));
     }
 
     #[test]
@@ -1923,9 +2138,12 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     #[test]
     fn station_url_errors() {
         let k = keys();
+        #[cfg(not(feature = "tls"))]
+        for reason in ["https is not supported", "built without TLS (cargo feature `tls`"] {
+            let err = agent_err(&agent_head(&k, "https://s/"));
+            assert_err(&err, "station", reason);
+        }
         let cases = [
-            ("https://s/", "https is not supported"),
-            ("https://s/", "TLS-terminating proxy"),
             ("ftp://s/", "scheme \"ftp\" is not supported"),
             ("station.example.com", "is not a URL"),
             ("http://s/?x=1", "a query (?...) is not supported"),
@@ -2160,7 +2378,10 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     fn env_proxy_selection() {
         let host_of = |found: Option<ProxyUrl>| found.map(|p| p.host);
         let pick = |pairs: &[(&str, &str)]| {
-            host_of(proxy_from_vars("station.example.com", vars(pairs)).expect("valid"))
+            host_of(
+                proxy_from_vars("station.example.com", HTTP_PROXY_VARS, vars(pairs))
+                    .expect("valid"),
+            )
         };
         assert_eq!(pick(&[]), None);
         assert_eq!(pick(&[("http_proxy", "http://lower:3128")]).as_deref(), Some("lower"));
@@ -2173,7 +2394,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             pick(&[("HTTP_PROXY", ""), ("http_proxy", "http://lower:3128")]).as_deref(),
             Some("lower")
         );
-        let bare = proxy_from_vars("s", vars(&[("HTTP_PROXY", "proxy:3128")]))
+        let bare = proxy_from_vars("s", HTTP_PROXY_VARS, vars(&[("HTTP_PROXY", "proxy:3128")]))
             .expect("valid")
             .expect("a proxy");
         assert_eq!((bare.host.as_str(), bare.port), ("proxy", 3128));
@@ -2181,7 +2402,8 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
 
     #[test]
     fn env_proxy_error_names_variable() {
-        let err = proxy_from_vars("s", vars(&[("http_proxy", "https://p:1")])).unwrap_err();
+        let err = proxy_from_vars("s", HTTP_PROXY_VARS, vars(&[("http_proxy", "https://p:1")]))
+            .unwrap_err();
         assert_eq!(err.file, "environment");
         assert_err(&err, "http_proxy", "https is not supported");
         assert!(err.to_string().starts_with("environment: http_proxy: https"));
@@ -2190,9 +2412,13 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
     #[test]
     fn env_no_proxy() {
         let proxied = |host: &str, no_proxy: &str| {
-            proxy_from_vars(host, vars(&[("HTTP_PROXY", "http://p:3128"), ("no_proxy", no_proxy)]))
-                .expect("valid")
-                .is_some()
+            proxy_from_vars(
+                host,
+                HTTP_PROXY_VARS,
+                vars(&[("HTTP_PROXY", "http://p:3128"), ("no_proxy", no_proxy)]),
+            )
+            .expect("valid")
+            .is_some()
         };
         assert!(!proxied("station.example.com", "*"));
         assert!(!proxied("station.example.com", "localhost, example.com"));
@@ -2207,6 +2433,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         // NO_PROXY wins over no_proxy when both are set.
         assert!(proxy_from_vars(
             "s.example",
+            HTTP_PROXY_VARS,
             vars(&[
                 ("HTTP_PROXY", "http://p:3128"),
                 ("NO_PROXY", "other"),

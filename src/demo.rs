@@ -22,8 +22,8 @@ use snow::types::Hash;
 
 use crate::agent::Agent;
 use crate::config::{
-    AgentConfig, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig, StationUrl,
-    DEFAULT_SESSION_TIMEOUT,
+    AgentConfig, AgentTls, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig,
+    StationUrl, DEFAULT_SESSION_TIMEOUT,
 };
 use crate::crypto::Blake2s;
 use crate::keys::PrivateKey;
@@ -169,6 +169,7 @@ impl Lab {
                 allow: vec!["echo".to_owned()],
                 expose: BTreeMap::new(),
             }],
+            tls: None,
         })
         .await?;
         let station_addr = station.local_addr();
@@ -176,6 +177,7 @@ impl Lab {
 
         let agent = Agent::bind(AgentConfig {
             station: StationUrl {
+                https: false,
                 host: Ipv4Addr::LOCALHOST.to_string(),
                 port: station_addr.port(),
                 path_prefix: "/".to_owned(),
@@ -190,6 +192,7 @@ impl Lab {
                 target: "echo".to_owned(),
             }],
             services: BTreeMap::new(),
+            tls: AgentTls::default(),
         })
         .await?;
         let forward = agent.forward_addrs()[0];

@@ -281,7 +281,7 @@ fn station(_: PathBuf) -> Result<(), String> {
 fn agent(path: PathBuf) -> Result<(), String> {
     let mut config = config::AgentConfig::load(&path).map_err(|e| e.to_string())?;
     if config.proxy.is_none() {
-        config.proxy = config::proxy_from_env(&config.station.host).map_err(|e| e.to_string())?;
+        config.proxy = config::proxy_from_env_for(&config.station).map_err(|e| e.to_string())?;
     }
     use async_signal::Signal;
     let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;

@@ -197,18 +197,36 @@ fn agent_config_errors_name_file_field_and_reason() {
         "forward[0].listen: unparseable address \"127.0.0.1:99999\", expected IP:PORT such as \
          127.0.0.1:5020 (host names are not resolved here)",
     );
+    // TLS settings (issue 15): only for an https:// station, and checked.
     assert_rejected(
         &dir,
-        "agent-https.toml",
-        &format!(
+        "agent-ca-file-http.toml",
+        &agent_text(&keys, "ca_file = \"ca.pem\"\n"),
+        "ca_file: applies only to an https:// station; the station URL is http://",
+    );
+    let https = |extra: &str| {
+        format!(
             "station = \"https://station.example.com/\"\nstation_public_key = \"{}\"\n\
-             private_key = \"{}\"\n{forward}",
+             private_key = \"{}\"\n{extra}{forward}",
             keys.station.public_key().to_base64(),
             keys.device.to_base64()
+        )
+    };
+    assert_rejected(
+        &dir,
+        "agent-short-pin.toml",
+        &https("tls_pin = [\"sha256//AAAA\"]\n"),
+        "tls_pin[0]: \"sha256//AAAA\" is 3 bytes, a SHA-256 is 32",
+    );
+    let missing = dir.path().join("no-such-ca.pem");
+    assert_rejected(
+        &dir,
+        "agent-missing-ca.toml",
+        &https(&format!("ca_file = {:?}\n", missing.display().to_string())),
+        &format!(
+            "ca_file: cannot read {}: No such file or directory (os error 2)",
+            missing.display()
         ),
-        "station: https is not supported; postern already encrypts end to end with Noise, so \
-         use http://; where TLS is required on the way, put a TLS-terminating proxy in front of \
-         the station",
     );
     assert_rejected(
         &dir,

@@ -152,7 +152,7 @@ fn reload_adds_and_removes_a_device_while_another_keeps_working() {
     });
 
     std::fs::write(&config, &both).expect("write the new config");
-    common::signal(&station, "HUP");
+    station.signal("HUP");
     station.wait_log(&["reloaded: device second added"]);
     let (second_agent, second_forwards) =
         start_agent(&dir, "second", &agent_toml(station_addr, &keys.station, &second), &["echo"]);
@@ -164,11 +164,11 @@ fn reload_adds_and_removes_a_device_while_another_keeps_working() {
 
     // A broken config is refused and changes nothing.
     std::fs::write(&config, one.replace("127.0.0.1:0", "nowhere")).expect("write a bad config");
-    common::signal(&station, "HUP");
+    station.signal("HUP");
     station.wait_log(&["reload refused, the running config stays", "listen: unparseable address"]);
 
     std::fs::write(&config, &one).expect("write the config without the second device");
-    common::signal(&station, "HUP");
+    station.signal("HUP");
     station.wait_log(&["reloaded: device second removed; its session ends"]);
     second_agent.wait_log(&["session", "ended"]);
     station.wait_log(&["unknown device key", &second.public_key().fingerprint()]);
@@ -209,7 +209,7 @@ fn sigterm_lets_open_streams_finish_then_stops() {
     let mut got = [0u8; 11];
     socket.read_exact(&mut got).expect("echo");
     let started = Instant::now();
-    common::signal(&station, "TERM");
+    station.signal("TERM");
     station.wait_log(&["stopping: waiting up to 10 s for 1 streams to end"]);
     // New streams are refused while it drains.
     let refused = echo_round_trip(forwards["echo"], 1, 10);
@@ -225,7 +225,7 @@ fn sigterm_lets_open_streams_finish_then_stops() {
     agent.wait_log(&["session", "ended", "the station is stopping"]);
 
     // The agent stops too, at once when nothing is open.
-    common::signal(&agent, "TERM");
+    agent.signal("TERM");
     let status = agent.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "agent exit: {status:?}\n{}", agent.describe());
 }
@@ -254,7 +254,7 @@ fn a_stopped_agent_is_offline_at_the_station_at_once() {
     };
     assert!(connected(1), "{}", get(status, "/metrics").1);
 
-    common::signal(&agent, "TERM");
+    agent.signal("TERM");
     let exit = agent.wait_exit(Duration::from_secs(15));
     assert!(exit.success(), "agent exit: {exit:?}\n{}", agent.describe());
     common::wait_until("the station to show the device offline", Duration::from_secs(2), || {

@@ -94,7 +94,7 @@ fn device_and_station_keys_rotate_under_a_running_stream() {
     });
     let step = |proc: &Proc, file: &std::path::Path, text: String, wait_for: &[&str], n: usize| {
         std::fs::write(file, text).expect("write the config");
-        common::signal(proc, "HUP");
+        proc.signal("HUP");
         proc.wait_log_nth(wait_for, n, LOG_WAIT);
         step_done.send(()).expect("the sender waits");
         thread::sleep(Duration::from_millis(100));
@@ -218,7 +218,7 @@ fn removing_the_key_of_a_session_ends_it() {
         station_toml(&keys.station, None, &[other.public_key()], &target),
     )
     .expect("write");
-    common::signal(&station, "HUP");
+    station.signal("HUP");
     station.wait_log(&["device pump-17: session", "ends: the key of its session was removed"]);
     agent.wait_log(&["session", "ended"]);
 }

@@ -17,10 +17,12 @@ use std::time::Duration;
 use futures_lite::future;
 use smol::net::TcpStream;
 
+use super::egress::{Egress, EgressError};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, ResponseHead};
+use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, STATION_MARK};
-use crate::config::{ProxyUrl, StationUrl};
+use crate::config::{AgentTls, ProxyUrl, StationUrl};
 use crate::crypto::{self, SessionId};
 
 /// Time to open a TCP connection to the station or proxy.
@@ -65,6 +67,9 @@ pub enum CarrierError {
     Handshake(crypto::CryptoError),
     #[error("the reply was not the station's sealed packets ({0}): changed on the way?")]
     BadBody(crate::tunnel::BadBody),
+    /// TLS, CONNECT or proxy authentication (agent/egress.rs).
+    #[error(transparent)]
+    Egress(EgressError),
 }
 
 /// Exponential backoff with jitter.
@@ -112,16 +117,17 @@ pub async fn deadline<T>(
 pub struct Client {
     station: StationUrl,
     proxy: Option<ProxyUrl>,
-    proxy_auth: Option<String>,
+    /// TLS, CONNECT and proxy authentication.
+    egress: Egress,
     /// `name=value` pairs from `Set-Cookie`, sent back on every request so
     /// a cookie-sticky load balancer keeps us on one station.
     cookies: Mutex<Vec<String>>,
 }
 
 impl Client {
-    pub fn new(station: StationUrl, proxy: Option<ProxyUrl>) -> Self {
-        let proxy_auth = proxy.as_ref().and_then(ProxyUrl::authorization);
-        Client { station, proxy, proxy_auth, cookies: Mutex::new(Vec::new()) }
+    pub fn new(station: StationUrl, proxy: Option<ProxyUrl>, tls: &AgentTls) -> Self {
+        let egress = Egress::new(station.clone(), proxy.clone(), tls);
+        Client { station, proxy, egress, cookies: Mutex::new(Vec::new()) }
     }
 
     /// Where requests go, for log lines.
@@ -132,7 +138,7 @@ impl Client {
         }
     }
 
-    pub async fn connect(&self) -> Result<HttpConn<TcpStream>, CarrierError> {
+    pub async fn connect(&self) -> Result<HttpConn<Link>, CarrierError> {
         let (what, host, port) = match &self.proxy {
             Some(p) => ("proxy", p.host.as_str(), p.port),
             None => ("station", self.station.host.as_str(), self.station.port),
@@ -151,7 +157,7 @@ impl Client {
         };
         let socket = future::or(connect, timeout).await?;
         let _ = socket.set_nodelay(true);
-        Ok(HttpConn::new(socket))
+        self.egress.over(socket).await
     }
 
     /// The path of a carrier request, with `query` (without `?`) if any.
@@ -167,16 +173,17 @@ impl Client {
     /// Appends the head of a carrier request for `path`.
     pub fn head(&self, out: &mut Vec<u8>, path: &str, body: BodyKind) {
         let authority = self.station.authority();
-        let target = match self.proxy {
-            Some(_) => format!("http://{authority}{path}"),
-            None => path.to_owned(),
+        let target = match self.egress.absolute_form() {
+            true => format!("http://{authority}{path}"),
+            false => path.to_owned(),
         };
         let cookie = lock(&self.cookies).join("; ");
         let mut headers = vec![("Content-Type", "application/octet-stream")];
         if !cookie.is_empty() {
             headers.push(("Cookie", cookie.as_str()));
         }
-        if let Some(auth) = &self.proxy_auth {
+        let proxy_auth = self.egress.request_authorization();
+        if let Some(auth) = &proxy_auth {
             headers.push(("Proxy-Authorization", auth.as_str()));
         }
         http::write_request_head(out, "POST", &target, &authority, &headers, body);
@@ -191,7 +198,7 @@ impl Client {
         match head.status {
             200 => Ok(()),
             410 if from_station => Err(CarrierError::SessionGone),
-            407 => Err(CarrierError::ProxyAuth(self.describe())),
+            407 => Err(self.egress.request_refused(head)),
             status => Err(CarrierError::Status {
                 who: match (from_station, &self.proxy) {
                     (true, _) => "the station",
@@ -229,7 +236,7 @@ impl Client {
     /// made.
     pub async fn exchange(
         &self,
-        conn: &mut Option<HttpConn<TcpStream>>,
+        conn: &mut Option<HttpConn<Link>>,
         path: &str,
         body: &[u8],
         wait: Duration,
@@ -271,8 +278,13 @@ mod tests {
     use super::*;
 
     fn client(proxy: Option<ProxyUrl>) -> Client {
-        let station = StationUrl { host: "st".into(), port: 8080, path_prefix: "/tunnel/".into() };
-        Client::new(station, proxy)
+        let station = StationUrl {
+            https: false,
+            host: "st".into(),
+            port: 8080,
+            path_prefix: "/tunnel/".into(),
+        };
+        Client::new(station, proxy, &AgentTls::default())
     }
 
     fn response(text: &str) -> ResponseHead {

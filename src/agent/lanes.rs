@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWriteExt};
-use smol::net::TcpStream;
 
 use super::client::{deadline, Backoff, CarrierError, REPLY_TIMEOUT};
 use super::Shared;
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
+use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, POLL_WAIT, STREAM_CHUNK};
 use crate::config::CarrierKind;
 use crate::core::session::Lane;
@@ -291,7 +291,7 @@ async fn read_downlink(
     ctx: &LaneCtx,
     watch: &StreamWatch,
     backoff: &mut Backoff,
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
 ) -> Result<(), CarrierError> {
     let head =
         deadline(REPLY_TIMEOUT, async { conn.read_response(false).await.map_err(Into::into) })
@@ -328,6 +328,8 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
     let path = client.path(&ctx.session, Verb::Up, None);
     client.head(&mut out, &path, BodyKind::Chunked);
     writer.write_all(&out).await.map_err(HttpError::Io)?;
+    // A TLS link holds ciphertext until flushed (carrier/link.rs).
+    writer.flush().await.map_err(HttpError::Io)?;
     let lane = ctx.tunnel.begin_lane(Lane::Data);
     let sending = async {
         loop {
@@ -340,6 +342,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
                     out[..8].copy_from_slice(size.as_bytes());
                     out.extend_from_slice(CHUNK_END);
                     writer.write_all(&out).await.map_err(HttpError::Io)?;
+                    writer.flush().await.map_err(HttpError::Io)?;
                 }
                 Err(LaneEnd::Superseded) | Err(LaneEnd::Closed(_)) => return Ok(()),
             }

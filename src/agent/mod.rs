@@ -14,7 +14,9 @@
 //! form (`POST http://station/...`); CONNECT is never used.
 
 mod client;
+mod egress;
 mod lanes;
+pub mod proxy_auth;
 mod serial;
 
 use std::collections::{BTreeMap, HashMap};
@@ -158,7 +160,7 @@ impl Agent {
             }
         }
         let shared = Shared {
-            client: Client::new(config.station, proxy),
+            client: Client::new(config.station, proxy, &config.tls),
             keys: Mutex::new(Keys {
                 own: config.private_key,
                 station: config.station_public_keys,

@@ -109,9 +109,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HttpConn<S> {
         BodyReader { conn: self, framing, max_len, delivered: 0 }
     }
 
-    /// Writes all of `bytes` to the stream.
+    /// Writes all of `bytes` to the stream and flushes it: a TLS link
+    /// holds what it could not send yet until flushed (a no-op on TCP).
     pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.io.write_all(bytes).await
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
     }
 
     /// Flushes the stream.

@@ -21,6 +21,9 @@ pub mod conn;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;
 pub mod http;
+pub mod link;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::time::Duration;
 

@@ -34,6 +34,7 @@ use crate::tunnel::{self, Incoming, Tunnel};
 mod expose;
 mod requests;
 mod status;
+mod tls;
 
 use expose::{Bound, ExposeSpec, Exposes};
 use requests::{refuse_log, serve_connection};
@@ -57,6 +58,8 @@ pub enum Error {
     /// A `[devices.expose]` listener could not bind.
     #[error("device {device}: cannot expose service {service:?} on {addr}: {source}")]
     Expose { addr: SocketAddr, device: String, service: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsStartError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +173,8 @@ struct Shared {
     limits: Limits,
     /// Owns every connection and session task of the station.
     scope: Scope,
+    /// TLS on the carrier listener, if configured.
+    tls: tls::ListenerTls,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,6 +264,7 @@ impl Station {
             ),
             None => None,
         };
+        let tls = tls::ListenerTls::new(&config)?;
         let shared = Shared {
             started_with: Fixed::of(&config),
             exposes,
@@ -273,6 +279,7 @@ impl Station {
             rejects: Mutex::new(RejectLog::new(Instant::now())),
             limits,
             scope: Scope::new(),
+            tls,
         };
         Ok(Station { listener, shared: Arc::new(shared), exposes: bound, status })
     }
@@ -284,7 +291,11 @@ impl Station {
     /// Serves until the future is dropped; then every connection and
     /// session of this station ends.
     pub async fn run(self) {
-        log::info!("station listening on {} (HTTP carrier)", self.local_addr());
+        log::info!(
+            "station listening on {} (HTTP carrier){}",
+            self.local_addr(),
+            self.shared.tls.describe()
+        );
         let shared = self.shared;
         let _stop_all = StopOnDrop(shared.clone());
         let specs: Vec<ExposeSpec> = self.exposes.iter().map(|b| b.spec().clone()).collect();
@@ -349,6 +360,7 @@ impl Handle {
         let bound = shared.exposes.bind_new(&specs).await?;
         let mut changes = shared.started_with.restart_needed(&Fixed::of(&config));
         changes.extend(shared.reload_keys(&config));
+        changes.extend(shared.tls.reload(&config));
         let new = Arc::new(Roster::new(&config));
         let old = std::mem::replace(
             &mut *shared.roster.write().unwrap_or_else(|poisoned| poisoned.into_inner()),

@@ -23,6 +23,7 @@ use super::{confirm, drive_session, lock, log_unknown_key, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
+use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::core::session::Lane;
 use crate::core::streams::Side;
@@ -77,7 +78,14 @@ pub(super) async fn serve_connection(
     peer: SocketAddr,
     slot: Slot,
 ) {
-    let mut conn = HttpConn::with_capacity(socket, MIN_READ_BUF_BYTES);
+    let link = match shared.tls.accept(socket, HEAD_TIMEOUT).await {
+        Ok(link) => link,
+        Err(e) => {
+            refuse_log(&shared, peer, 400, &format!("TLS handshake failed: {e}"));
+            return;
+        }
+    };
+    let mut conn = HttpConn::with_capacity(link, MIN_READ_BUF_BYTES);
     let mut slot = slot;
     let mut first = true;
     loop {
@@ -133,7 +141,7 @@ pub(super) fn refuse_log(shared: &Shared, peer: SocketAddr, status: u16, what: &
 
 async fn handle(
     shared: &Arc<Shared>,
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
     head: &RequestHead,
     peer: SocketAddr,
     slot: &mut Slot,
@@ -193,7 +201,7 @@ impl Request<'_> {
     /// with the rest of the body unread.
     async fn receive_body(
         &mut self,
-        conn: &mut HttpConn<TcpStream>,
+        conn: &mut HttpConn<Link>,
         max: u64,
         shape: Shape,
     ) -> Result<Result<(), Outcome>, HttpError> {
@@ -235,7 +243,7 @@ impl Request<'_> {
 
 /// Reads a small bounded body whole (a handshake message).
 async fn read_body(
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
     head: &RequestHead,
     max: u64,
     limit: Duration,
@@ -258,7 +266,7 @@ fn reply_buffer(capacity: usize) -> Vec<u8> {
 }
 
 async fn respond(
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
     keep_alive: bool,
     body: &[u8],
 ) -> Result<Outcome, HttpError> {
@@ -271,7 +279,7 @@ async fn respond(
 /// ([`reply_buffer`]): the head is written into that room, so head and a
 /// poll reply of up to [`POLL_BODY_MAX`] leave in one write, uncopied.
 async fn respond_in_place(
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
     keep_alive: bool,
     mut out: Vec<u8>,
 ) -> Result<Outcome, HttpError> {
@@ -286,7 +294,7 @@ async fn respond_in_place(
 
 async fn hello(
     shared: &Arc<Shared>,
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
     head: &RequestHead,
     session: SessionId,
     peer: SocketAddr,
@@ -354,7 +362,7 @@ async fn hello(
 /// Diffie-Hellman work is done.
 async fn rekey(
     req: Request<'_>,
-    conn: &mut HttpConn<TcpStream>,
+    conn: &mut HttpConn<Link>,
     session: SessionId,
     peer: SocketAddr,
 ) -> Result<Outcome, HttpError> {
@@ -411,7 +419,7 @@ async fn rekey(
     respond(conn, req.head.keep_alive, &reply).await
 }
 
-async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     if let Err(refused) = req.receive_body(conn, DOWN_BODY_MAX, Shape::Stream).await? {
         return Ok(refused);
@@ -469,7 +477,7 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
     }
 }
 
-async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+async fn up(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     // A long body streams through this buffer: give it the full size. The
     // session id in the path bounds who gets this far to those who saw it.
@@ -498,7 +506,7 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outc
     respond(conn, head.keep_alive, &[]).await
 }
 
-async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+async fn poll(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     if let Err(refused) = req.receive_body(conn, POLL_BODY_MAX as u64, Shape::Poll).await? {
         return Ok(refused);
@@ -518,7 +526,7 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Ou
     respond_in_place(conn, head.keep_alive, out).await
 }
 
-async fn push(mut req: Request<'_>, conn: &mut HttpConn<TcpStream>) -> Result<Outcome, HttpError> {
+async fn push(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
     let max = POLL_BODY_MAX as u64 + MAX_RECORD as u64;
     if let Err(refused) = req.receive_body(conn, max, Shape::Poll).await? {

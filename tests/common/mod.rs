@@ -265,7 +265,15 @@ impl Proc {
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for var in ["POSTERN_LOG", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"] {
+        for var in [
+            "POSTERN_LOG",
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
             command.env_remove(var);
         }
         let mut child =
@@ -290,6 +298,15 @@ impl Proc {
     }
 
     /// Waits for a line on stderr containing every one of `needles`.
+    /// Sends the signal `name` (e.g. `HUP`) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
     pub fn wait_log(&self, needles: &[&str]) -> String {
         self.stderr.wait_for(&format!("{} stderr", self.name), needles, LOG_WAIT)
     }
@@ -359,15 +376,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Sends signal `name` (`HUP`, `TERM`, ...) to `proc`.
-pub fn signal(proc: &Proc, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &proc.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} failed");
 }
 
 /// What a finished one-shot command printed.

@@ -10,6 +10,8 @@
 //! with their stock timeouts (`squid_with`, `nginx_with`).
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
@@ -70,7 +72,6 @@ impl Middlebox {
     /// seconds, or squid's own (15 minutes to read, 1 to 2 idle) if `None`.
     pub fn squid_with(auth: Option<(&str, &str)>, timeout: Option<u64>) -> Middlebox {
         let dir = shared_dir("squid");
-        let port = free_port();
         let auth_lines = match auth {
             Some((user, password)) => {
                 let hash = openssl_apr1(password);
@@ -87,6 +88,102 @@ impl Middlebox {
             }
             None => String::new(),
         };
+        let access = format!(
+            "acl CONNECT method CONNECT\n\
+             http_access deny CONNECT\n\
+             {auth_lines}\
+             http_access allow localhost\n"
+        );
+        Self::squid_serving(dir, &access, timeout)
+    }
+
+    /// Squid as the proxy of a site whose egress is HTTPS only: CONNECT to
+    /// `tls_port` alone, and every plain (absolute-form) request refused.
+    pub fn squid_connect_only(tls_port: u16) -> Middlebox {
+        let access = format!(
+            "acl CONNECT method CONNECT\n\
+             acl tls_port port {tls_port}\n\
+             http_access allow CONNECT tls_port localhost\n"
+        );
+        Self::squid_serving(shared_dir("squid"), &access, Some(SHORT_TIMEOUT_SECS))
+    }
+
+    /// Squid requiring NTLM (squid's `ntlm_fake_auth` runs the real
+    /// three-message handshake and accepts any password), letting in only
+    /// `user`: any other user gets a 407, as a wrong password would.
+    /// CONNECT is allowed to any port, plain requests too.
+    pub fn squid_ntlm(user: &str) -> Middlebox {
+        let access = format!(
+            "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth -S\n\
+             auth_param ntlm children 2\n\
+             acl users proxy_auth {user}\n\
+             http_access deny !users\n\
+             http_access allow localhost\n"
+        );
+        Self::squid_serving(shared_dir("squid"), &access, Some(SHORT_TIMEOUT_SECS))
+    }
+
+    /// Squid built with OpenSSL (`root`: Debian's squid-openssl package
+    /// unpacked, see scripts/test) intercepting TLS: it answers CONNECT,
+    /// lets the requests inside through, bumps the TLS inside with certificates it makes with `bump_ca`
+    /// (certificate and key files), and trusts `upstream_ca` for the
+    /// station's own certificate.
+    pub fn squid_bump(
+        root: &std::path::Path,
+        bump_ca: &pki::Cert,
+        upstream_ca: &std::path::Path,
+    ) -> Middlebox {
+        let dir = shared_dir("squid-bump");
+        let certgen = root.join("usr/lib/squid/security_file_certgen");
+        let db = dir.path().join("ssl_db");
+        let out = Command::new(&certgen)
+            .args(["-c", "-s", db.to_str().expect("utf-8 path"), "-M", "4MB"])
+            .output()
+            .expect("run security_file_certgen");
+        assert!(out.status.success(), "security_file_certgen -c: {out:?}");
+        let _ = Command::new("chown").args(["-R", "proxy:proxy"]).arg(&db).status();
+        let access = format!(
+            "acl CONNECT method CONNECT\n\
+             http_access allow localhost\n\
+             sslcrtd_program {} -s {} -M 4MB\n\
+             acl step1 at_step SslBump1\n\
+             acl step2 at_step SslBump2\n\
+             ssl_bump peek step1\n\
+             ssl_bump stare step2\n\
+             ssl_bump bump all\n\
+             tls_outgoing_options cafile={}\n",
+            certgen.display(),
+            db.display(),
+            upstream_ca.display()
+        );
+        let port_options = format!(
+            " ssl-bump generate-host-certificates=on tls-cert={} tls-key={}",
+            bump_ca.cert.display(),
+            bump_ca.key.display()
+        );
+        let binary = root.join("usr/sbin/squid");
+        Self::squid_run(
+            binary.to_str().expect("utf-8 path"),
+            dir,
+            &access,
+            Some(SHORT_TIMEOUT_SECS),
+            &port_options,
+        )
+    }
+
+    /// Squid with `access` as its http_access rules (anything else denied).
+    fn squid_serving(dir: TempDir, access: &str, timeout: Option<u64>) -> Middlebox {
+        Self::squid_run("squid", dir, access, timeout, "")
+    }
+
+    fn squid_run(
+        program: &str,
+        dir: TempDir,
+        access: &str,
+        timeout: Option<u64>,
+        port_options: &str,
+    ) -> Middlebox {
+        let port = free_port();
         let d = dir.path().display();
         let timeouts = timeout.map_or(String::new(), |t| {
             format!(
@@ -96,11 +193,8 @@ impl Middlebox {
             )
         });
         let conf = format!(
-            "http_port 127.0.0.1:{port}\n\
-             acl CONNECT method CONNECT\n\
-             http_access deny CONNECT\n\
-             {auth_lines}\
-             http_access allow localhost\n\
+            "http_port 127.0.0.1:{port}{port_options}\n\
+             {access}\
              http_access deny all\n\
              cache deny all\n\
              {timeouts}\
@@ -111,7 +205,7 @@ impl Middlebox {
              shutdown_lifetime 0 seconds\n"
         );
         let path = dir.write("squid.conf", &conf);
-        let child = spawn("squid", &["-N", "-f", path.to_str().expect("utf-8 path")], &dir);
+        let child = spawn(program, &["-N", "-f", path.to_str().expect("utf-8 path")], &dir);
         Self::started("squid", port, child, dir)
     }
 
@@ -146,6 +240,22 @@ impl Middlebox {
         extra: &str,
         timeout: Option<u64>,
     ) -> Middlebox {
+        Self::nginx_serving(station, prefix, extra, timeout, None)
+    }
+
+    /// As [`Middlebox::nginx`], terminating TLS with `tls` (certificate
+    /// and key files) and proxying plain HTTP to the station.
+    pub fn nginx_tls(station: SocketAddr, prefix: &str, extra: &str, tls: &pki::Cert) -> Middlebox {
+        Self::nginx_serving(station, prefix, extra, Some(SHORT_TIMEOUT_SECS), Some(tls))
+    }
+
+    fn nginx_serving(
+        station: SocketAddr,
+        prefix: &str,
+        extra: &str,
+        timeout: Option<u64>,
+        tls: Option<&pki::Cert>,
+    ) -> Middlebox {
         let dir = shared_dir("nginx");
         let port = free_port();
         let d = dir.path().display();
@@ -156,6 +266,17 @@ impl Middlebox {
                     format!("proxy_read_timeout {t}s; proxy_send_timeout {t}s;"),
                 )
             });
+        let (ssl, certs) = match tls {
+            Some(files) => (
+                " ssl",
+                format!(
+                    "ssl_certificate {}; ssl_certificate_key {};",
+                    files.cert.display(),
+                    files.key.display()
+                ),
+            ),
+            None => ("", String::new()),
+        };
         let conf = format!(
             "worker_processes 1;\ndaemon off;\nerror_log {d}/error.log info;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 256; }}\n\
@@ -165,7 +286,8 @@ impl Middlebox {
                fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
                {server_timeouts}\n\
                server {{\n\
-                 listen 127.0.0.1:{port};\n\
+                 listen 127.0.0.1:{port}{ssl};\n\
+                 {certs}\n\
                  location {prefix} {{\n\
                    proxy_pass http://{station}/;\n\
                    {proxy_timeouts}\n\

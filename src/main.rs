@@ -195,8 +195,20 @@ fn run(command: Command) -> Result<(), String> {
                 Ok(())
             }
             config::AnyConfig::Agent(agent) => {
+                // What the agent would take from the environment at start
+                // is checked too: an OK here must mean the agent starts.
+                let proxy = match &agent.proxy {
+                    Some(proxy) => Some(proxy.clone()),
+                    None => {
+                        config::proxy_from_env_for(&agent.station).map_err(|e| e.to_string())?
+                    }
+                };
+                let route = match proxy {
+                    Some(proxy) => format!("through proxy {}:{}", proxy.host, proxy.port),
+                    None => "direct".to_owned(),
+                };
                 println!(
-                    "{}: agent config OK ({} forwards, {} services)",
+                    "{}: agent config OK ({} forwards, {} services; {route})",
                     path.display(),
                     agent.forwards.len(),
                     agent.services.len()

@@ -263,7 +263,7 @@ fn valid_configs_pass_check() {
     );
     for (path, summary) in [
         (&station, "station config OK (1 devices, 2 targets)"),
-        (&agent, "agent config OK (2 forwards, 1 services)"),
+        (&agent, "agent config OK (2 forwards, 1 services; direct)"),
     ] {
         let file = path.to_str().expect("utf-8 path");
         let out = run(&["check", "-c", file], None, QUICK);
@@ -322,4 +322,31 @@ fn key_files_work_and_loose_modes_warn() {
     );
     assert_eq!(station.stderr.count(&warning), 1, "station warns once:\n{}", station.describe());
     assert_eq!(agent.stderr.count("can be read by group or others"), 0, "agent key is 0600");
+}
+
+/// `check` takes the proxy from the environment as the agent does at
+/// start: a config it calls OK is one the agent starts with.
+#[test]
+fn check_judges_the_proxy_from_the_environment_as_the_agent_does() {
+    let dir = TempDir::new("env-proxy");
+    let keys = Keys::new();
+    let agent = dir.write("agent.toml", &agent_text(&keys, ""));
+    let check = |proxy: &str| {
+        let mut command = std::process::Command::new(common::BIN);
+        command.args(["check", "-c", agent.to_str().expect("utf-8 path")]);
+        for var in
+            ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"]
+        {
+            command.env_remove(var);
+        }
+        command.env("HTTP_PROXY", proxy).output().expect("run postern check")
+    };
+    let bad = check("ftp://proxy.example:21");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{stderr}");
+    assert!(stderr.contains("HTTP_PROXY"), "{stderr}");
+    let good = check("http://proxy.example:3128");
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    assert!(stdout.ends_with("; through proxy proxy.example:3128)\n"), "{stdout}");
 }

@@ -38,8 +38,9 @@ const MAX_COOKIES: usize = 8;
 /// Longest `name=value` kept; longer cookies are not stickiness cookies.
 const MAX_COOKIE_BYTES: usize = 512;
 
-/// Reconnect delays: doubling from the first to the last, each scaled by a
-/// random factor in [0.5, 1.5) so a fleet does not return in step.
+/// Reconnect delays: a step doubling from the first, each delay the step
+/// scaled by a random factor in [0.5, 1.5) so a fleet does not return in
+/// step; the step stops at two thirds of the last, so no delay reaches it.
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_LAST: Duration = Duration::from_secs(30);
 
@@ -96,7 +97,9 @@ impl Backoff {
         self.rng ^= self.rng << 17;
         let factor = 0.5 + (self.rng % 1000) as f64 / 1000.0;
         let delay = self.next.mul_f64(factor);
-        self.next = (self.next * 2).min(BACKOFF_LAST);
+        // The step stops where the largest factor meets the last delay (a
+        // step of the last itself made delays of up to 45 s).
+        self.next = (self.next * 2).min(BACKOFF_LAST * 2 / 3);
         delay
     }
 }
@@ -296,8 +299,12 @@ mod tests {
         let mut one = Backoff::new();
         let delays: Vec<Duration> = (0..12).map(|_| one.delay()).collect();
         assert!(delays[0] >= BACKOFF_FIRST / 2 && delays[0] < BACKOFF_FIRST * 3 / 2);
-        assert!(delays.iter().all(|d| *d < BACKOFF_LAST * 3 / 2), "{delays:?}");
-        assert!(delays[11] >= BACKOFF_LAST / 2, "{delays:?}");
+        assert!(delays.iter().all(|d| *d < BACKOFF_LAST), "{delays:?}");
+        assert!(delays[11] >= BACKOFF_LAST / 3, "{delays:?}");
+        // Still jittered at the cap: a fleet must not retry in step.
+        let capped: Vec<Duration> = (0..50).map(|_| one.delay()).collect();
+        assert!(capped.iter().all(|d| *d < BACKOFF_LAST), "{capped:?}");
+        assert!(capped.iter().any(|d| *d != capped[0]), "{capped:?}");
         one.reset();
         assert!(one.delay() < BACKOFF_FIRST * 3 / 2);
         // A thousand devices that lost the station at once come back over

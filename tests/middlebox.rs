@@ -237,6 +237,36 @@ fn varnish_with_its_builtin_vcl() {
     path.exercise();
 }
 
+/// A box that closes idle kept-alive connections (Apache's
+/// KeepAliveTimeout 5, privoxy) costs nothing: the push that meets the
+/// closed connection goes again at once on a new one, with no warning and
+/// no backoff.
+fn idle_connections_closed_by_the_box_cost_no_backoff(label: &str, start: StartBox) {
+    let path = Path::start(label, "poll", 1, start, via_proxy);
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(11, 64 << 10);
+    // Idleness is the condition under test: past the box's keep-alive.
+    thread::sleep(Duration::from_secs(7));
+    path.round_trip(12, 1024);
+    path.round_trip(13, 64 << 10);
+    let pushes = path.agent.stderr.matching(&["push lane:"]);
+    assert!(pushes.is_empty(), "{pushes:?}\n{}", path.describe());
+}
+
+#[test]
+fn apache_closing_idle_connections_costs_no_backoff() {
+    idle_connections_closed_by_the_box_cost_no_backoff("apache-idle", |_| {
+        Some(Middlebox::apache(None, "/"))
+    });
+}
+
+#[test]
+fn privoxy_closing_idle_connections_costs_no_backoff() {
+    idle_connections_closed_by_the_box_cost_no_backoff("privoxy-idle", |_| {
+        Some(Middlebox::privoxy())
+    });
+}
+
 #[test]
 fn a_proxy_that_holds_back_whole_responses() {
     // Content-scanning proxies pass requests on at once but hand a

@@ -73,6 +73,24 @@ pub enum CarrierError {
     Egress(EgressError),
 }
 
+/// How sending a request on a connection failed.
+enum Stale {
+    /// The connection was closed before any byte of an answer: on a
+    /// kept-alive connection, the peer let it expire while it sat idle.
+    Closed,
+    Failed(CarrierError),
+}
+
+impl Stale {
+    /// On a fresh connection, a close is an error like any other.
+    fn into_error(self) -> CarrierError {
+        match self {
+            Stale::Closed => HttpError::UnexpectedEof.into(),
+            Stale::Failed(e) => e,
+        }
+    }
+}
+
 /// Exponential backoff with jitter.
 pub struct Backoff {
     next: Duration,
@@ -246,16 +264,33 @@ impl Client {
         max_reply: u64,
         mut deliver: impl FnMut(&[u8]) -> Result<(), CarrierError>,
     ) -> Result<(), CarrierError> {
-        let mut live = match conn.take() {
-            Some(live) => live,
-            None => self.connect().await?,
-        };
         let mut out = Vec::with_capacity(512 + body.len());
         self.head(&mut out, path, BodyKind::Length(body.len() as u64));
         out.extend_from_slice(body);
-        live.write_all(&out).await.map_err(HttpError::Io)?;
-        let head =
-            deadline(wait, async { live.read_response(false).await.map_err(Into::into) }).await?;
+        let (mut live, head) = match conn.take() {
+            Some(mut reused) => {
+                match self.send(&mut reused, &out, wait).await {
+                    Ok(head) if head.status != 408 => (reused, head),
+                    // The box (or the station) closed the connection while it
+                    // sat idle, before any byte of an answer: the request was
+                    // never served, so it goes again at once on a fresh
+                    // connection, as HTTP clients do. Not an error to back off from.
+                    Ok(_) | Err(Stale::Closed) => {
+                        log::debug!("{path}: kept-alive connection was closed while idle; sending on a new one");
+                        let mut fresh = self.connect().await?;
+                        let head =
+                            self.send(&mut fresh, &out, wait).await.map_err(Stale::into_error)?;
+                        (fresh, head)
+                    }
+                    Err(Stale::Failed(e)) => return Err(e),
+                }
+            }
+            None => {
+                let mut fresh = self.connect().await?;
+                let head = self.send(&mut fresh, &out, wait).await.map_err(Stale::into_error)?;
+                (fresh, head)
+            }
+        };
         self.check(&head)?;
         let reading = async {
             let mut reply = live.body(head.body, Some(max_reply));
@@ -269,6 +304,36 @@ impl Client {
             *conn = Some(live);
         }
         Ok(())
+    }
+
+    /// Writes a whole request and reads the head of its answer.
+    async fn send(
+        &self,
+        live: &mut HttpConn<Link>,
+        request: &[u8],
+        wait: Duration,
+    ) -> Result<ResponseHead, Stale> {
+        let closed = |e: &std::io::Error| {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+        };
+        if let Err(e) = live.write_all(request).await {
+            return Err(if closed(&e) {
+                Stale::Closed
+            } else {
+                Stale::Failed(HttpError::Io(e).into())
+            });
+        }
+        match deadline(wait, async { live.read_response(false).await.map_err(Into::into) }).await {
+            Ok(head) => Ok(head),
+            Err(CarrierError::Http(HttpError::UnexpectedEof)) if !live.has_buffered() => {
+                Err(Stale::Closed)
+            }
+            Err(CarrierError::Http(HttpError::Io(e))) if closed(&e) && !live.has_buffered() => {
+                Err(Stale::Closed)
+            }
+            Err(e) => Err(Stale::Failed(e)),
+        }
     }
 }
 

@@ -93,6 +93,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HttpConn<S> {
         self.read_head(parse).await?.ok_or(HttpError::UnexpectedEof)
     }
 
+    /// Whether bytes the peer sent wait unread: none after a timeout means
+    /// the peer sent nothing, not part of a message.
+    pub fn has_buffered(&self) -> bool {
+        self.end > self.start
+    }
+
     /// A reader for the body that follows the head just read. With
     /// `max_len`, a longer body is [`HttpError::BodyTooLarge`]: at once if
     /// its `Content-Length` says so, otherwise as soon as it grows past.

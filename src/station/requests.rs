@@ -89,11 +89,20 @@ pub(super) async fn serve_connection(
     let mut slot = slot;
     let mut first = true;
     loop {
+        let kept_alive = !first;
         let wait = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
         first = false;
         let head = match deadline(wait, conn.read_request()).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
+            // A kept-alive connection that carried no new request for
+            // IDLE_TIMEOUT expires, closed without an answer as HTTP servers
+            // do: an answer would wait unread and greet the agent's next
+            // request on it instead of that request's own.
+            Err(HttpError::Timeout) if kept_alive && !conn.has_buffered() => {
+                log::debug!("{peer}: idle kept-alive connection closed");
+                return;
+            }
             Err(e) => {
                 if !matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof) || !slot.is_proven() {
                     refuse_log(&shared, peer, e.status(), &format!("bad request: {e}"));
@@ -107,6 +116,13 @@ pub(super) async fn serve_connection(
         let keep_alive = head.keep_alive;
         let outcome = match handle(&shared, &mut conn, &head, peer, &mut slot).await {
             Ok(outcome) => outcome,
+            // An agent's lane that reconnects, or stops, leaves its request
+            // unfinished: routine for a connection that proved itself, not
+            // a refusal.
+            Err(e @ (HttpError::Io(_) | HttpError::UnexpectedEof)) if slot.is_proven() => {
+                log::debug!("{peer}: {} {} ended: {e}", head.method, head.target);
+                Outcome::Close
+            }
             Err(e) => Outcome::Refuse(e.status(), Some(e.to_string())),
         };
         match outcome {

@@ -359,15 +359,15 @@ impl Middlebox {
         Self::started("apache", port, child, dir)
     }
 
-    /// privoxy as a forward proxy with its stock settings (it closes idle
-    /// client connections; no action or filter files).
+    /// privoxy as a forward proxy with Debian's stock timeouts (it closes
+    /// connections idle for 5 s; no action or filter files).
     pub fn privoxy() -> Middlebox {
         let dir = shared_dir("privoxy");
         let port = free_port();
         let d = dir.path().display();
         let conf = format!(
             "listen-address 127.0.0.1:{port}\nconfdir {d}\nlogdir {d}\nlogfile privoxy.log\n\
-             debug 1\ndebug 4096\n"
+             keep-alive-timeout 5\nsocket-timeout 300\ndebug 1\ndebug 4096\n"
         );
         let path = dir.write("privoxy.conf", &conf);
         let child = spawn("privoxy", &["--no-daemon", path.to_str().expect("utf-8 path")], &dir);

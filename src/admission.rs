@@ -174,11 +174,36 @@ impl RejectLog {
             (false, summary)
         }
     }
+
+    /// How many refusals went unlogged in a minute that is over, if any:
+    /// called once a minute, so the count is told even when no refusal
+    /// follows to carry it.
+    pub fn flush(&mut self, now: Instant) -> Option<u64> {
+        if now.saturating_duration_since(self.minute_started) < MINUTE || self.suppressed == 0 {
+            return None;
+        }
+        let count = self.suppressed;
+        *self = RejectLog::new(now);
+        Some(count)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unlogged_refusals_are_told_when_their_minute_is_over() {
+        let start = Instant::now();
+        let mut log = RejectLog::new(start);
+        let logged = (0..200).filter(|_| log.admit(start).0).count() as u64;
+        assert_eq!(logged, u64::from(REJECTS_LOGGED_PER_MINUTE));
+        assert_eq!(log.flush(start + MINUTE / 2), None, "the minute is not over");
+        assert_eq!(log.flush(start + MINUTE), Some(200 - logged));
+        assert_eq!(log.flush(start + MINUTE * 3), None, "told once");
+        // A refusal after the flush starts a fresh minute with its own line.
+        assert_eq!(log.admit(start + MINUTE * 3), (true, None));
+    }
 
     #[test]
     fn strangers_are_bounded_and_promotion_frees_their_room() {

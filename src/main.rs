@@ -166,12 +166,19 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
     Ok(Some((command, level)))
 }
 
+/// Writes `line` to stdout: a key lost to a full disk or a closed pipe is
+/// an error to report, not a panic (println! panics).
+fn print_line(line: &str, what: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write {what} to stdout: {e}"))
+}
+
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Genkey => {
-            println!("{}", PrivateKey::generate().to_base64());
-            Ok(())
-        }
+        Command::Genkey => print_line(&PrivateKey::generate().to_base64(), "the new key"),
         Command::Pubkey => {
             let mut text = String::new();
             // A key is 44 characters; read a little more to say "too long".
@@ -181,8 +188,7 @@ fn run(command: Command) -> Result<(), String> {
                 .map_err(|e| format!("cannot read a private key from stdin: {e}"))?;
             let key = PrivateKey::from_base64(&text)
                 .map_err(|e| format!("stdin is not a private key: {e}"))?;
-            println!("{}", key.public_key().to_base64());
-            Ok(())
+            print_line(&key.public_key().to_base64(), "the public key")
         }
         Command::Check(path) => match config::load_any(&path).map_err(|e| e.to_string())? {
             config::AnyConfig::Station(station) => {

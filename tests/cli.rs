@@ -140,3 +140,21 @@ fn demo_once_verifies() {
     let sent = format!("sent:     {} bytes", postern::demo::DEFAULT_BYTES);
     assert!(out.stdout.contains(&sent), "demo did not send its default size:\n{}", out.stdout);
 }
+
+/// A key that cannot be written (a full disk, a closed pipe) is an error
+/// with the reason and exit 1, not a panic.
+#[test]
+fn genkey_to_a_full_disk_is_an_error_not_a_panic() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("open /dev/full");
+    let out = std::process::Command::new(BIN)
+        .arg("genkey")
+        .stdout(full)
+        .output()
+        .expect("run postern genkey");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        "postern: cannot write the new key to stdout: No space left on device (os error 28)\n"
+    );
+}

@@ -264,3 +264,39 @@ fn a_stopped_agent_is_offline_at_the_station_at_once() {
     assert_eq!(agent.stderr.count("connected to the station"), 1, "{}", agent.describe());
     assert_eq!(agent.stderr.matching(&["WARN"]).len(), 0, "{}", agent.describe());
 }
+
+/// What an agent says when it is pointed at the wrong station key or at
+/// the station's status listener: the cause, not a bare status code.
+#[test]
+fn a_wrong_station_key_and_the_status_port_are_named_as_such() {
+    let echo = Server::echo();
+    let dir = TempDir::new("misleading");
+    let keys = Keys::new();
+    let devices = [("pump-17", keys.device.public_key(), &["echo"][..])];
+    let toml = with_status(&station_toml(&keys.station, &[("echo", echo.target())], &devices));
+    let (station, station_addr) = start_station(&dir, &toml);
+    let status = status_addr(&station);
+
+    let other_station = PrivateKey::generate();
+    let (wrong_key, _) = start_agent(
+        &dir,
+        "wrong-key",
+        &agent_toml(station_addr, &other_station, &keys.device),
+        &["echo"],
+    );
+    wrong_key.wait_log(&[
+        "the station could not decrypt our handshake (400)",
+        &other_station.public_key().fingerprint(),
+        "probably not this station's key",
+    ]);
+
+    let (status_port, _) = start_agent(
+        &dir,
+        "status-port",
+        &agent_toml(status, &keys.station, &keys.device),
+        &["echo"],
+    );
+    status_port
+        .wait_log(&["something in front of the station (not the station itself) answered 404"]);
+    assert_eq!(status_port.stderr.count("the station answered"), 0, "{}", status_port.describe());
+}

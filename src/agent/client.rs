@@ -59,6 +59,12 @@ pub enum CarrierError {
     ProxyAuth(String),
     #[error("the station refused our key {0} (403): add it to the station's [[devices]]")]
     KeyRefused(String),
+    /// The station could not read a handshake made for any pinned key.
+    #[error(
+        "the station could not decrypt our handshake (400): station_public_key ({0}) is \
+         probably not this station's key; `postern pubkey < KEY` on the station prints the right one"
+    )]
+    StationKeyWrong(String),
     /// A non-200 reply. `who` says whether the station itself answered.
     #[error("{who} answered {status} {reason}")]
     Status { who: &'static str, status: u16, reason: String },

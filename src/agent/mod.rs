@@ -460,9 +460,11 @@ where
                 lock(&shared.keys).working = index;
                 return Ok(done);
             }
-            Err(e @ CarrierError::Status { status: 400, who: "the station", .. })
-                if tried + 1 < station.len() =>
-            {
+            Err(e @ CarrierError::Status { status: 400, who: "the station", .. }) => {
+                if tried + 1 == station.len() {
+                    let pinned: Vec<String> = station.iter().map(PublicKey::fingerprint).collect();
+                    return Err(CarrierError::StationKeyWrong(pinned.join(", ")));
+                }
                 log::info!(
                     "the station could not read a handshake for its key {} ({e}); trying the next pinned key",
                     station[index].fingerprint()

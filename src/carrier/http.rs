@@ -716,6 +716,17 @@ pub fn write_chunk_header(out: &mut Vec<u8>, len: usize) {
 /// than 400, 403, 404, 405, 408, 410, 413, 431, 502 and 503 give a 500, so a
 /// caller's slip cannot put a status line we did not mean on the wire.
 pub fn error_response(status: u16) -> Vec<u8> {
+    error_response_marked(status, Some(super::STATION_MARK))
+}
+
+/// As [`error_response`] without the station's mark, for listeners that
+/// are not the carrier's (the status listener): an agent pointed at one by
+/// mistake must not take its answer for the station's.
+pub fn unmarked_error_response(status: u16) -> Vec<u8> {
+    error_response_marked(status, None)
+}
+
+fn error_response_marked(status: u16, mark: Option<(&'static str, &'static str)>) -> Vec<u8> {
     let (status, reason, text) = match status {
         400 => (400, "Bad Request", "bad request\n"),
         403 => (403, "Forbidden", "forbidden\n"),
@@ -731,8 +742,8 @@ pub fn error_response(status: u16) -> Vec<u8> {
     };
     // 404 and 405 are cacheable by default; a proxy must not replay one to
     // the next carrier request for the same path.
-    let mut fields =
-        vec![("Content-Type", "text/plain"), ("Cache-Control", "no-store"), super::STATION_MARK];
+    let mut fields = vec![("Content-Type", "text/plain"), ("Cache-Control", "no-store")];
+    fields.extend(mark);
     // RFC 9110 requires Allow on 405; the carrier uses only these two.
     if status == 405 {
         fields.push(("Allow", "GET, POST"));

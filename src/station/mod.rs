@@ -44,6 +44,9 @@ use status::{Counters, LiveStatus, Totals};
 /// Time a target has to accept a connection before the stream is refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the unlogged refusals of the last minute are counted in the log.
+const REFUSAL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
 /// Distinct unknown device keys remembered so each is logged once.
 const UNKNOWN_KEYS_LOGGED: usize = 1024;
 
@@ -303,6 +306,7 @@ impl Station {
         if let Some(listener) = self.status {
             shared.scope.spawn(status::serve(shared.clone(), listener));
         }
+        shared.scope.spawn(tell_unlogged_refusals(shared.clone()));
         loop {
             let (socket, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -334,6 +338,21 @@ impl Station {
             shared.scope.spawn(serve_connection(shared.clone(), socket, peer, slot));
         }
     }
+}
+
+/// Once a minute, how many refusals the log budget left unlogged, so a
+/// burst is never silent even when nothing follows it.
+async fn tell_unlogged_refusals(shared: Arc<Shared>) {
+    loop {
+        smol::Timer::after(REFUSAL_SUMMARY_EVERY).await;
+        if let Some(count) = lock(&shared.rejects).flush(Instant::now()) {
+            log_unlogged_refusals(count);
+        }
+    }
+}
+
+fn log_unlogged_refusals(count: u64) {
+    log::info!("{count} more requests were refused in the last minute (not logged each)");
 }
 
 /// Controls a running station from outside its task: reload and stop.

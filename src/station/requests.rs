@@ -19,7 +19,7 @@ use futures_lite::future;
 use smol::net::TcpStream;
 
 use super::status::{LiveStatus, Shape};
-use super::{confirm, drive_session, lock, log_unknown_key, Live, Shared};
+use super::{confirm, drive_session, lock, log_unknown_key, log_unlogged_refusals, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
@@ -148,7 +148,7 @@ pub(super) fn refuse_log(shared: &Shared, peer: SocketAddr, status: u16, what: &
     shared.counters.refused(status);
     let (own_line, summary) = lock(&shared.rejects).admit(Instant::now());
     if let Some(count) = summary {
-        log::info!("{count} more requests were refused in the last minute (not logged each)");
+        log_unlogged_refusals(count);
     }
     if own_line {
         log::info!("{peer}: refused with {status}: {what}");

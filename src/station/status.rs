@@ -453,7 +453,7 @@ async fn answer(shared: &Shared, socket: TcpStream) {
         }
         ("GET", "/status") => ("application/json", render_status(&snapshot(shared))),
         _ => {
-            let _ = conn.write_all(&http::error_response(404)).await;
+            let _ = conn.write_all(&http::unmarked_error_response(404)).await;
             return;
         }
     };

@@ -7,10 +7,13 @@
 //!  hello  ─▶ HandshakeBudget::take (token bucket) ─▶ 503 past it, before any Diffie-Hellman
 //!  first authentic packet ─▶ Slot::promote (no longer a stranger)
 //!  refusals ─▶ RejectLog: a line each, up to a budget a minute, then one summary
+//!  a device's sessions replacing each other ─▶ CloneWatch: two agents share a key ─▶ 409
 //! ```
 //!
 //! No I/O and no clock of its own: callers pass `now`, so tests drive time.
 
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -188,9 +191,159 @@ impl RejectLog {
     }
 }
 
+/// Replacements of a live session within [`CLONE_WINDOW`] that mean two
+/// agents share one device key: a restarting agent replaces its old
+/// session once, two clones replace each other's every second or so.
+const CLONE_REPLACEMENTS: usize = 3;
+const CLONE_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a device's new handshakes are refused once clones are seen,
+/// doubling while they keep coming back, up to [`CLONE_REFUSAL_LAST`].
+const CLONE_REFUSAL_FIRST: Duration = Duration::from_secs(60);
+const CLONE_REFUSAL_LAST: Duration = Duration::from_secs(960);
+
+/// Shortest time between two log lines about one device's clones.
+const CLONE_LOG_EVERY: Duration = MINUTE;
+
+/// Devices watched at once: the ones seen replacing sessions lately. A
+/// bound on memory whatever the fleet does; the oldest entry goes first.
+const CLONE_WATCHED: usize = 1024;
+
+/// Tells two agents with one device key (a cloned SD card image, most
+/// often) from an agent that restarted: a session replaced while still in
+/// use, again and again. While it refuses, the session connected first
+/// keeps working and the other agent is told why, so neither keeps
+/// knocking and the other devices' handshakes are not crowded out.
+#[derive(Debug, Default)]
+pub struct CloneWatch {
+    devices: HashMap<String, Clones>,
+}
+
+#[derive(Debug)]
+struct Clones {
+    /// When a new session replaced one still in use, newest last.
+    replaced: VecDeque<Instant>,
+    refusing_until: Option<Instant>,
+    /// The next refusal period, doubling while clones come back.
+    next_refusal: Duration,
+    /// Where the sessions that replaced each other came from, last two.
+    sources: [Option<SocketAddr>; 2],
+    last_logged: Option<Instant>,
+    last_seen: Instant,
+}
+
+/// A handshake to refuse because two agents share the device's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneRefusal {
+    /// Seconds until handshakes are accepted again.
+    pub retry_after: u64,
+    /// The two sources, when this refusal should also be logged.
+    pub log: Option<[Option<SocketAddr>; 2]>,
+}
+
+impl CloneWatch {
+    /// A new session of `device` from `source` replaced one that was still
+    /// in use. Returns whether this starts a refusal period.
+    pub fn replaced(&mut self, device: &str, source: SocketAddr, now: Instant) -> bool {
+        if !self.devices.contains_key(device) && self.devices.len() >= CLONE_WATCHED {
+            let oldest =
+                self.devices.iter().min_by_key(|(_, c)| c.last_seen).map(|(d, _)| d.clone());
+            if let Some(oldest) = oldest {
+                self.devices.remove(&oldest);
+            }
+        }
+        let clones = self.devices.entry(device.to_owned()).or_insert_with(|| Clones {
+            replaced: VecDeque::new(),
+            refusing_until: None,
+            next_refusal: CLONE_REFUSAL_FIRST,
+            sources: [None, None],
+            last_logged: None,
+            last_seen: now,
+        });
+        clones.last_seen = now;
+        clones.sources = [clones.sources[1], Some(source)];
+        while clones
+            .replaced
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) > CLONE_WINDOW)
+        {
+            clones.replaced.pop_front();
+        }
+        clones.replaced.push_back(now);
+        if clones.replaced.len() < CLONE_REPLACEMENTS {
+            return false;
+        }
+        clones.replaced.clear();
+        clones.refusing_until = Some(now + clones.next_refusal);
+        clones.next_refusal = (clones.next_refusal * 2).min(CLONE_REFUSAL_LAST);
+        true
+    }
+
+    /// Whether a handshake for `device` is refused now.
+    pub fn refusal(&mut self, device: &str, now: Instant) -> Option<CloneRefusal> {
+        let clones = self.devices.get_mut(device)?;
+        let until = clones.refusing_until.filter(|until| now < *until)?;
+        let log = !clones
+            .last_logged
+            .is_some_and(|at| now.saturating_duration_since(at) < CLONE_LOG_EVERY);
+        if log {
+            clones.last_logged = Some(now);
+        }
+        Some(CloneRefusal {
+            retry_after: until.saturating_duration_since(now).as_secs().max(1),
+            log: log.then_some(clones.sources),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clones_are_told_from_a_restart_and_refused_for_growing_periods() {
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("10.0.0.1:4000".parse().unwrap(), "10.0.0.2:5000".parse().unwrap());
+        let start = Instant::now();
+        let mut watch = CloneWatch::default();
+        // An agent that restarts replaces its session once in a while.
+        assert!(!watch.replaced("pump", a, start));
+        assert!(!watch.replaced("pump", a, start + CLONE_WINDOW + Duration::from_secs(1)));
+        assert_eq!(watch.refusal("pump", start + CLONE_WINDOW * 2), None);
+
+        // Two clones replace each other within seconds.
+        let t = start + CLONE_WINDOW * 3;
+        assert!(!watch.replaced("pump", a, t));
+        assert!(!watch.replaced("pump", b, t + Duration::from_secs(1)));
+        assert!(watch.replaced("pump", a, t + Duration::from_secs(2)));
+        let first = watch.refusal("pump", t + Duration::from_secs(3)).expect("refused");
+        assert_eq!(first.retry_after, CLONE_REFUSAL_FIRST.as_secs() - 1);
+        assert_eq!(first.log, Some([Some(b), Some(a)]), "both sources, logged");
+        let again = watch.refusal("pump", t + Duration::from_secs(4)).expect("refused");
+        assert_eq!(again.log, None, "logged once a minute");
+        assert_eq!(watch.refusal("other", t + Duration::from_secs(4)), None);
+
+        // After the period, the next round of clones is refused for twice as long.
+        let later = t + Duration::from_secs(2) + CLONE_REFUSAL_FIRST;
+        assert_eq!(watch.refusal("pump", later), None);
+        for i in 0..3 {
+            watch.replaced("pump", if i % 2 == 0 { b } else { a }, later + Duration::from_secs(i));
+        }
+        let second = watch.refusal("pump", later + Duration::from_secs(2)).expect("refused");
+        assert_eq!(second.retry_after, 2 * CLONE_REFUSAL_FIRST.as_secs());
+    }
+
+    #[test]
+    fn clone_watch_memory_is_bounded() {
+        let mut watch = CloneWatch::default();
+        let now = Instant::now();
+        let source: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        for i in 0..(CLONE_WATCHED + 10) {
+            watch.replaced(&format!("d{i}"), source, now + Duration::from_millis(i as u64));
+        }
+        assert_eq!(watch.devices.len(), CLONE_WATCHED);
+        assert!(!watch.devices.contains_key("d0"), "the oldest went first");
+    }
 
     #[test]
     fn unlogged_refusals_are_told_when_their_minute_is_over() {

@@ -300,3 +300,62 @@ fn a_wrong_station_key_and_the_status_port_are_named_as_such() {
         .wait_log(&["something in front of the station (not the station itself) answered 404"]);
     assert_eq!(status_port.stderr.count("the station answered"), 0, "{}", status_port.describe());
 }
+
+/// Two agents with one device key (a cloned image): the station says so
+/// with both sources, refuses the newcomer's handshakes for a while, the
+/// refused agent says why and backs off for tens of seconds, and another
+/// device is not disturbed. (Before: thousands of sessions in 20 s.)
+#[test]
+fn two_agents_with_one_key_are_named_and_calmed() {
+    let echo = Server::echo();
+    let dir = TempDir::new("clones");
+    let keys = Keys::new();
+    let other = PrivateKey::generate();
+    let devices = [
+        ("pump-17", keys.device.public_key(), &["echo"][..]),
+        ("pump-18", other.public_key(), &["echo"][..]),
+    ];
+    let toml = with_status(&station_toml(&keys.station, &[("echo", echo.target())], &devices));
+    let (station, station_addr) = start_station(&dir, &toml);
+    let status = status_addr(&station);
+    let clone_toml = agent_toml(station_addr, &keys.station, &keys.device);
+    let (first, _) = start_agent(&dir, "first", &clone_toml, &["echo"]);
+    first.wait_log(&["connected to the station"]);
+    let (second, _) = start_agent(&dir, "second", &clone_toml, &["echo"]);
+
+    station.wait_log(&["device pump-17: two agents use its key"]);
+    let mut refused = String::new();
+    common::wait_until("an agent to say another uses its key", LOG_WAIT, || {
+        let said = [&first, &second].iter().find_map(|agent| {
+            agent.stderr.matching(&["another agent uses this device's key"]).pop()
+        });
+        refused = said.unwrap_or_default();
+        !refused.is_empty()
+    });
+    let delay: f64 = refused
+        .rsplit("retrying in ")
+        .next()
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("no delay in {refused:?}"));
+    assert!(delay >= 20.0, "backs off for tens of seconds: {refused}");
+
+    // Another device connects and carries bytes as usual meanwhile.
+    let (neighbour, forwards) =
+        start_agent(&dir, "neighbour", &agent_toml(station_addr, &keys.station, &other), &["echo"]);
+    neighbour.wait_log(&["connected to the station"]);
+    assert_eq!(echo_round_trip(forwards["echo"], 18, 1 << 20), Received::expected(18, 1 << 20));
+
+    // A handful of sessions, not thousands; the refusals are counted.
+    let sessions = station.stderr.count("device pump-17 handshake from");
+    assert!(sessions <= 6, "{sessions} sessions\n{}", station.describe());
+    let metrics = get(status, "/metrics").1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("postern_auth_failures_total{kind=\"duplicate_key\"} ")
+                && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_eq!(station.stderr.count("overload"), 0, "{}", station.describe());
+}

@@ -59,6 +59,12 @@ pub enum CarrierError {
     ProxyAuth(String),
     #[error("the station refused our key {0} (403): add it to the station's [[devices]]")]
     KeyRefused(String),
+    /// The station sees another agent with this device's key.
+    #[error(
+        "the station refused our handshake (409): another agent uses this device's key {0} \
+         (a cloned device image?); give each device its own key (postern genkey)"
+    )]
+    KeyInUse(String),
     /// The station could not read a handshake made for any pinned key.
     #[error(
         "the station could not decrypt our handshake (400): station_public_key ({0}) is \
@@ -100,19 +106,26 @@ impl Stale {
 /// Exponential backoff with jitter.
 pub struct Backoff {
     next: Duration,
+    first: Duration,
+    last: Duration,
     rng: u64,
 }
 
 impl Backoff {
     pub fn new() -> Self {
+        Self::between(BACKOFF_FIRST, BACKOFF_LAST)
+    }
+
+    /// Delays from about `first` growing to under `last`.
+    pub fn between(first: Duration, last: Duration) -> Self {
         let mut seed = [0u8; 8];
         // Without OS randomness the jitter is merely less random.
         let _ = getrandom::fill(&mut seed);
-        Backoff { next: BACKOFF_FIRST, rng: u64::from_le_bytes(seed) | 1 }
+        Backoff { next: first, first, last, rng: u64::from_le_bytes(seed) | 1 }
     }
 
     pub fn reset(&mut self) {
-        self.next = BACKOFF_FIRST;
+        self.next = self.first;
     }
 
     pub fn delay(&mut self) -> Duration {
@@ -123,7 +136,7 @@ impl Backoff {
         let delay = self.next.mul_f64(factor);
         // The step stops where the largest factor meets the last delay (a
         // step of the last itself made delays of up to 45 s).
-        self.next = (self.next * 2).min(BACKOFF_LAST * 2 / 3);
+        self.next = (self.next * 2).min(self.last * 2 / 3);
         delay
     }
 }

@@ -39,6 +39,11 @@ use crate::task::Scope;
 use crate::tunnel::{self, Incoming, Tunnel};
 use client::{Backoff, CarrierError, Client, REPLY_TIMEOUT};
 
+/// Retry delays while the station sees another agent with our key: tens
+/// of seconds, growing (the station refuses for a minute and more).
+const KEY_IN_USE_FIRST: Duration = Duration::from_secs(40);
+const KEY_IN_USE_LAST: Duration = Duration::from_secs(600);
+
 /// Time a local connection waits for a session before it is closed.
 const SESSION_WAIT: Duration = Duration::from_secs(10);
 
@@ -359,6 +364,8 @@ impl Handle {
 /// Keeps a session with the station for as long as the agent runs.
 async fn keep_session(shared: &Arc<Shared>) {
     let mut backoff = Backoff::new();
+    // Another agent with our key holds the session: knock rarely.
+    let mut key_in_use = Backoff::between(KEY_IN_USE_FIRST, KEY_IN_USE_LAST);
     loop {
         // A stopping agent opens nothing new: the station must see the
         // device go offline at the Close, not meet a fresh session.
@@ -368,6 +375,7 @@ async fn keep_session(shared: &Arc<Shared>) {
         match handshake(shared).await {
             Ok((tunnel, incoming, session)) => {
                 backoff.reset();
+                key_in_use.reset();
                 log::info!(
                     "connected to the station via {} (session {}, carrier {:?})",
                     shared.client.describe(),
@@ -389,7 +397,10 @@ async fn keep_session(shared: &Arc<Shared>) {
                 }
             }
             Err(e) => {
-                let delay = backoff.delay();
+                let delay = match e {
+                    CarrierError::KeyInUse(_) => key_in_use.delay(),
+                    _ => backoff.delay(),
+                };
                 log::warn!("cannot start a session: {e}; retrying in {:.1} s", delay.as_secs_f32());
                 smol::Timer::after(delay).await;
             }
@@ -495,6 +506,9 @@ async fn handshake_exchange(
         .map_err(|e| match e {
             CarrierError::Status { status: 403, who: "the station", .. } => {
                 CarrierError::KeyRefused(lock(&shared.keys).own.public_key().to_base64())
+            }
+            CarrierError::Status { status: 409, who: "the station", .. } => {
+                CarrierError::KeyInUse(lock(&shared.keys).own.public_key().fingerprint())
             }
             other => other,
         })?;

@@ -733,6 +733,7 @@ fn error_response_marked(status: u16, mark: Option<(&'static str, &'static str)>
         404 => (404, "Not Found", "not found\n"),
         410 => (410, "Gone", "gone\n"),
         405 => (405, "Method Not Allowed", "method not allowed\n"),
+        409 => (409, "Conflict", "another agent uses this device's key\n"),
         408 => (408, "Request Timeout", "request timeout\n"),
         413 => (413, "Content Too Large", "content too large\n"),
         431 => (431, "Request Header Fields Too Large", "request header fields too large\n"),

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use futures_lite::{future, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 
-use crate::admission::{Full, HandshakeBudget, RejectLog, Slots, MAX_CONNECTIONS, MAX_STRANGERS};
+use crate::admission::{
+    CloneWatch, Full, HandshakeBudget, RejectLog, Slots, MAX_CONNECTIONS, MAX_STRANGERS,
+};
 use crate::carrier::{self, http};
 use crate::config::StationConfig;
 use crate::core::session::Limits;
@@ -46,6 +48,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the unlogged refusals of the last minute are counted in the log.
 const REFUSAL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// A session heard from this recently is in use (keepalives come every
+/// 15 s; clones replace each other within a second or two).
+const SESSION_IN_USE: Duration = Duration::from_secs(10);
 
 /// Distinct unknown device keys remembered so each is logged once.
 const UNKNOWN_KEYS_LOGGED: usize = 1024;
@@ -142,6 +148,8 @@ struct Live {
     /// An authentic packet arrived, so this is not a replayed handshake.
     confirmed: AtomicBool,
     status: LiveStatus,
+    /// Where the handshake came from.
+    peer: SocketAddr,
 }
 
 impl Live {
@@ -172,6 +180,7 @@ struct Shared {
     unknown_logged: Mutex<HashSet<PublicKey>>,
     slots: Slots,
     handshakes: Mutex<HandshakeBudget>,
+    clones: Mutex<CloneWatch>,
     rejects: Mutex<RejectLog>,
     limits: Limits,
     /// Owns every connection and session task of the station.
@@ -279,6 +288,7 @@ impl Station {
             unknown_logged: Mutex::new(HashSet::new()),
             slots: Slots::default(),
             handshakes: Mutex::new(HandshakeBudget::new(Instant::now())),
+            clones: Mutex::new(CloneWatch::default()),
             rejects: Mutex::new(RejectLog::new(Instant::now())),
             limits,
             scope: Scope::new(),
@@ -568,6 +578,18 @@ fn confirm(shared: &Shared, live: &Arc<Live>) {
         .cloned()
         .collect();
     for old in older {
+        // A session still heard from lately was in use: replacing it again
+        // and again is two agents with one key, not one that restarted.
+        let heard = old.status.heard_within(SESSION_IN_USE);
+        if heard && lock(&shared.clones).replaced(&live.name, live.peer, Instant::now()) {
+            log::warn!(
+                "device {}: two agents use its key, from {} and {} (a cloned device image?); \
+                 its new handshakes are refused for a while, the connected one keeps its session",
+                live.name,
+                old.peer,
+                live.peer
+            );
+        }
         old.tunnel.end("the device started a new session");
     }
 }

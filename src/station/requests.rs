@@ -337,6 +337,22 @@ async fn hello(
         log_unknown_key(shared, &responder.device, peer);
         return Ok(Outcome::Refuse(403, None));
     };
+    if let Some(refusal) = lock(&shared.clones).refusal(&device.name, Instant::now()) {
+        shared.counters.duplicate_keys.fetch_add(1, Ordering::Relaxed);
+        if let Some([first, second]) = refusal.log {
+            let show = |a: Option<SocketAddr>| a.map_or("?".to_owned(), |a| a.to_string());
+            log::warn!(
+                "device {}: two agents use its key (sessions from {} and {}); refusing the \
+                 handshake from {peer} for {} s more (a cloned device image? give each device \
+                 its own key)",
+                device.name,
+                show(first),
+                show(second),
+                refusal.retry_after
+            );
+        }
+        return Ok(Outcome::Refuse(409, None));
+    }
     if responder.session_id != session || lock(&shared.sessions).contains_key(&session) {
         return Ok(refuse(400, "handshake for a session id it does not own"));
     }
@@ -358,6 +374,7 @@ async fn hello(
         scope: Scope::new(),
         confirmed: AtomicBool::new(false),
         status: LiveStatus::new(),
+        peer,
     });
     shared.counters.handshakes.fetch_add(1, Ordering::Relaxed);
     lock(&shared.sessions).insert(session, live.clone());

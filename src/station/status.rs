@@ -36,6 +36,8 @@ pub(super) struct Counters {
     pub handshakes: AtomicU64,
     pub unknown_keys: AtomicU64,
     pub bad_handshakes: AtomicU64,
+    /// Handshakes refused because two agents use one device key.
+    pub duplicate_keys: AtomicU64,
     /// Refused requests by reason label (a small fixed set, see [`reason`]).
     pub rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// What sessions that ended carried, per device name.
@@ -55,6 +57,7 @@ fn reason(status: u16) -> &'static str {
         403 => "not_authentic",
         404 => "not_found",
         405 => "method",
+        409 => "duplicate_key",
         410 => "unknown_session",
         408 => "timeout",
         413 | 431 => "too_large",
@@ -114,6 +117,12 @@ impl LiveStatus {
     }
 
     /// An authentic packet arrived over a carrier of this shape.
+    /// Whether an authentic packet arrived within `window`.
+    pub fn heard_within(&self, window: Duration) -> bool {
+        let now = unix_millis(SystemTime::now());
+        now.saturating_sub(self.last_seen.load(Ordering::Relaxed)) < window.as_millis() as u64
+    }
+
     pub fn seen(&self, shape: Shape) {
         self.last_seen.store(unix_millis(SystemTime::now()), Ordering::Relaxed);
         self.shape.store(shape as u8, Ordering::Relaxed);
@@ -161,6 +170,7 @@ pub struct Snapshot {
     pub handshakes: u64,
     pub unknown_keys: u64,
     pub bad_handshakes: u64,
+    pub duplicate_keys: u64,
     pub rejected: BTreeMap<&'static str, u64>,
 }
 
@@ -215,6 +225,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
         handshakes: counters.handshakes.load(Ordering::Relaxed),
         unknown_keys: counters.unknown_keys.load(Ordering::Relaxed),
         bad_handshakes: counters.bad_handshakes.load(Ordering::Relaxed),
+        duplicate_keys: counters.duplicate_keys.load(Ordering::Relaxed),
         rejected: lock(&counters.rejected).clone(),
     }
 }
@@ -284,6 +295,7 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         &[
             ("{kind=\"unknown_key\"}".into(), snap.unknown_keys.to_string()),
             ("{kind=\"bad_handshake\"}".into(), snap.bad_handshakes.to_string()),
+            ("{kind=\"duplicate_key\"}".into(), snap.duplicate_keys.to_string()),
             ("{kind=\"forged_or_replayed_packet\"}".into(), rejected_packets.to_string()),
         ],
     );
@@ -497,6 +509,7 @@ mod tests {
             handshakes: 1,
             unknown_keys: 5,
             bad_handshakes: 0,
+            duplicate_keys: 0,
             rejected: BTreeMap::from([("malformed", 7)]),
         }
     }

@@ -126,6 +126,42 @@ fn reverse_serial_console_has_one_holder_at_a_time() {
     assert_eq!(read_n(&mut third, 2), b"ok");
 }
 
+/// A client that sends a command and half-closes, as `printf 'status\r' |
+/// nc -N` does, still gets the answer: the console keeps reading the line
+/// to it until the line is quiet for CONSOLE_LINGER, then ends cleanly.
+#[test]
+fn reverse_serial_console_answers_a_client_that_half_closed() {
+    let dir = TempDir::new("reverse-half-close");
+    let keys = Keys::new();
+    let (station, station_addr) =
+        start_exposing(&dir, &keys, "[devices.expose]\n\"127.0.0.5:0\" = \"console\"\n");
+    let console = exposed(&station, "console");
+    let pty = PtyPair::start(dir.path(), "half-close");
+    let services = format!(
+        "[services]\nconsole = {{ serial = \"{}\", baud = 115200 }}\n",
+        pty.agent_end.display()
+    );
+    let agent = start_device(&dir, &station, station_addr, &keys, &services);
+    let mut device = pty.open_test_end();
+
+    let mut client = connect(console);
+    client.write_all(b"status\r").expect("write");
+    client.shutdown(std::net::Shutdown::Write).expect("half-close");
+    assert_eq!(device.read_exact(7), b"status\r");
+    // The answer comes after the client finished sending, in two parts.
+    thread::sleep(Duration::from_millis(300));
+    device.write_all(b"pump 17: running\r\n");
+    thread::sleep(Duration::from_millis(300));
+    device.write_all(b"pressure 4.2 bar\r\n");
+    let got = receive_all(&mut client);
+    let answer = b"pump 17: running\r\npressure 4.2 bar\r\n";
+    let mut digest = Digest::default();
+    digest.update(answer);
+    let expected = Received { len: answer.len() as u64, hash: digest.finish(), error: None };
+    assert_eq!(got, expected, "the whole answer, then a clean end\n{}", agent.describe());
+    agent.wait_log(&["released serial"]);
+}
+
 #[test]
 fn reverse_unknown_service_is_refused_on_both_sides() {
     let dir = TempDir::new("reverse-unknown");

@@ -59,6 +59,12 @@ const REOPEN_LAST: Duration = Duration::from_secs(5);
 /// when the target is down or not allowed).
 const QUICK_END: Duration = Duration::from_secs(1);
 
+/// How long a console keeps reading its line to a client that finished
+/// sending (`printf 'status\r' | nc -N`, the usual scripted question): a
+/// serial line has no end of input, so the answer ends when the line has
+/// been quiet this long, or when the client closes.
+pub const CONSOLE_LINGER: Duration = Duration::from_secs(3);
+
 /// First and longest wait before opening a stream again after a refusal.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_LAST: Duration = Duration::from_secs(30);
@@ -386,7 +392,7 @@ pub(super) async fn serve_console(
     let line = Line::new(config.clone(), format!("service {service:?}"));
     let generation = line.set_port(Some(port.clone()));
     line.attach();
-    let link = LineLink::new(line.clone(), generation);
+    let link = LineLink::lingering(line.clone(), generation, CONSOLE_LINGER);
     // The reader ends only when the line vanishes; the link then fails and
     // the pump resets the stream. Once the pump is over, the read is dropped.
     let read = async {
@@ -428,11 +434,29 @@ struct LineLink {
     counts: Arc<LinkCounts>,
     /// Registered while a read waits for the backlog.
     listener: Option<EventListener>,
+    /// After the far end finished, reading goes on until the line is quiet
+    /// this long (a console), instead of ending at once (a forward line,
+    /// whose later bytes belong to the next conversation).
+    linger: Option<Duration>,
+    /// Running while a lingering read waits for the line.
+    quiet: Option<async_io::Timer>,
 }
 
 impl LineLink {
     fn new(line: Arc<Line>, generation: u64) -> LineLink {
-        LineLink { line, generation, counts: Arc::default(), listener: None }
+        LineLink {
+            line,
+            generation,
+            counts: Arc::default(),
+            listener: None,
+            linger: None,
+            quiet: None,
+        }
+    }
+
+    /// A console's link: see [`CONSOLE_LINGER`].
+    fn lingering(line: Arc<Line>, generation: u64, linger: Duration) -> LineLink {
+        LineLink { linger: Some(linger), ..LineLink::new(line, generation) }
     }
 
     fn vanished(&self) -> io::Error {
@@ -455,6 +479,8 @@ impl Clone for LineLink {
             generation: self.generation,
             counts: self.counts.clone(),
             listener: None,
+            linger: self.linger,
+            quiet: None,
         }
     }
 }
@@ -466,12 +492,13 @@ impl AsyncRead for LineLink {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         loop {
+            let finished = self.counts.finished.load(Ordering::Acquire);
             {
                 let mut state = self.line.lock();
                 if self.port(&state).is_none() {
                     return Poll::Ready(Err(self.vanished()));
                 }
-                if self.counts.finished.load(Ordering::Acquire) {
+                if finished && self.linger.is_none() {
                     return Poll::Ready(Ok(0));
                 }
                 if !state.backlog.is_empty() {
@@ -479,7 +506,14 @@ impl AsyncRead for LineLink {
                     drop(state);
                     self.counts.sent.fetch_add(n as u64, Ordering::Relaxed);
                     self.line.changed.notify(usize::MAX);
+                    self.quiet = None;
                     return Poll::Ready(Ok(n));
+                }
+            }
+            if let (true, Some(linger)) = (finished, self.linger) {
+                let quiet = self.quiet.get_or_insert_with(|| async_io::Timer::after(linger));
+                if Pin::new(quiet).poll(cx).is_ready() {
+                    return Poll::Ready(Ok(0));
                 }
             }
             // Listen, then look again before sleeping, so a push between the

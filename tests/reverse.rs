@@ -207,3 +207,29 @@ fn reverse_client_of_an_offline_device_is_closed_at_once() {
     client.write_all(b"hello").expect("write");
     assert_eq!(read_n(&mut client, 5), b"hello");
 }
+
+/// A client of a device whose agent died (SIGKILL: its session lives on at
+/// the station until session_timeout) is closed once the device fails to
+/// answer within DEVICE_ANSWER_LIMIT (10 s), with a log line saying so,
+/// instead of waiting in silence.
+#[test]
+fn reverse_client_of_a_dead_agent_is_closed_after_a_bound() {
+    let dir = TempDir::new("reverse-dead");
+    let service = Server::echo();
+    let keys = Keys::new();
+    let (station, station_addr) =
+        start_exposing(&dir, &keys, "[devices.expose]\n\"127.0.0.7:0\" = \"modbus\"\n");
+    let modbus = exposed(&station, "modbus");
+    let services = format!("[services]\nmodbus = \"{}\"\n", service.addr);
+    let agent = start_device(&dir, &station, station_addr, &keys, &services);
+    let mut alive = connect(modbus);
+    alive.write_all(b"ping").expect("write");
+    assert_eq!(read_n(&mut alive, 4), b"ping");
+
+    agent.signal("KILL");
+    let mut client = connect(modbus);
+    client.write_all(b"anyone?").expect("write");
+    assert_closed_within(&mut client, Duration::from_secs(20));
+    station
+        .wait_log(&[&format!("device {DEVICE} did not answer within 10 s (is its agent down?)")]);
+}

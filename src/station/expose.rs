@@ -16,13 +16,22 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
+use futures_lite::future;
 use smol::net::TcpListener;
 
 use super::{live_session, lock, Error, Shared};
 use crate::config::StationConfig;
 use crate::task::Scope;
+
+/// How long a reverse client's device has to show it is alive (any
+/// authentic packet) once its stream is opened: a live agent answers
+/// within a round trip, a congested cellular one within seconds.
+pub const DEVICE_ANSWER_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often the device's liveness is looked at meanwhile.
+const DEVICE_ANSWER_POLL: Duration = Duration::from_millis(100);
 
 /// What one listener serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,12 +175,43 @@ async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<Rw
             "client {peer} on {addr} -> device {device_name} service {service:?} (stream {id})"
         );
         let _ = socket.set_nodelay(true);
-        let tunnel = live.tunnel.clone();
+        let opened = SystemTime::now();
+        let (session, listener_addr) = (live.clone(), addr.clone());
         // The session's scope owns the pump, so the client is closed when
         // the session ends.
         live.scope.spawn(async move {
-            tunnel.pump(id, socket).await;
-            log::debug!("client {peer} -> device {device_name}: stream {id} ended");
+            let silent = async {
+                // A live agent acknowledges the new stream within a round
+                // trip; a dead one (killed, its session not yet timed out)
+                // never does, and the client must not wait in silence.
+                let deadline = Instant::now() + DEVICE_ANSWER_LIMIT;
+                while !session.status.heard_since(opened) {
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    smol::Timer::after(DEVICE_ANSWER_POLL).await;
+                }
+                future::pending::<()>().await;
+            };
+            let pumped = async {
+                session.tunnel.pump(id, socket).await;
+                true
+            };
+            let gave_up = async {
+                silent.await;
+                false
+            };
+            match future::or(pumped, gave_up).await {
+                true => log::debug!("client {peer} -> device {device_name}: stream {id} ended"),
+                false => {
+                    log::warn!(
+                        "client {peer} on {listener_addr}: device {device_name} did not answer \
+                         within {} s (is its agent down?); closed the connection",
+                        DEVICE_ANSWER_LIMIT.as_secs()
+                    );
+                    session.tunnel.reset(id, "the device did not answer in time");
+                }
+            }
         });
     }
 }

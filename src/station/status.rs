@@ -117,6 +117,11 @@ impl LiveStatus {
     }
 
     /// An authentic packet arrived over a carrier of this shape.
+    /// Whether an authentic packet arrived at `since` or later.
+    pub fn heard_since(&self, since: SystemTime) -> bool {
+        self.last_seen.load(Ordering::Relaxed) >= unix_millis(since)
+    }
+
     /// Whether an authentic packet arrived within `window`.
     pub fn heard_within(&self, window: Duration) -> bool {
         let now = unix_millis(SystemTime::now());

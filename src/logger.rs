@@ -12,6 +12,15 @@
 //! peer sent, so control characters are escaped and length is capped: no
 //! peer can forge or flood a log line.
 //!
+//! When stderr is the journal (systemd's `JOURNAL_STREAM` names the
+//! stream it gave us), each line starts with its syslog priority instead of
+//! a timestamp, which journald records itself, so `journalctl -p warning`
+//! shows the warnings and errors:
+//!
+//! ```text
+//! <4>WARN  postern::agent: cannot start a session: ...
+//! ```
+//!
 //! Not here: log files, rotation, or structured output. journald does those.
 
 use std::fmt::{self, Write as _};
@@ -19,6 +28,10 @@ use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Set by systemd to `DEVICE:INODE` of the journal stream it connected to
+/// stdout and stderr.
+const JOURNAL_VAR: &str = "JOURNAL_STREAM";
 
 /// The environment variable that overrides the level given to [`init`].
 const LEVEL_VAR: &str = "POSTERN_LOG";
@@ -42,8 +55,13 @@ const SECONDS_PER_DAY: u64 = 86_400;
 /// and `level` kept. A second call changes nothing.
 pub fn init(level: LevelFilter) {
     let (level, complaint) = choose_level(level, std::env::var_os(LEVEL_VAR));
-    let logger =
-        StderrLogger { our_crate: our_crate(), ours: level, others: level.min(OTHER_CRATES_MAX) };
+    let journal = stderr_is(std::env::var_os(JOURNAL_VAR));
+    let logger = StderrLogger {
+        our_crate: our_crate(),
+        ours: level,
+        others: level.min(OTHER_CRATES_MAX),
+        journal,
+    };
     if log::set_boxed_logger(Box::new(logger)).is_err() {
         // Already installed: the first call's choice stands.
         return;
@@ -52,7 +70,7 @@ pub fn init(level: LevelFilter) {
     if let Some(complaint) = complaint {
         // Written directly so the complaint shows even at `-q`.
         write_line(&format_line(
-            SystemTime::now(),
+            if journal { Stamp::Priority } else { Stamp::Time(SystemTime::now()) },
             Level::Warn,
             module_path!(),
             format_args!("{complaint}"),
@@ -67,6 +85,8 @@ struct StderrLogger {
     ours: LevelFilter,
     /// Level for every other target.
     others: LevelFilter,
+    /// stderr is the journal: lines carry a priority, not a timestamp.
+    journal: bool,
 }
 
 impl StderrLogger {
@@ -85,12 +105,8 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record<'_>) {
         if self.enabled(record.metadata()) {
-            write_line(&format_line(
-                SystemTime::now(),
-                record.level(),
-                record.target(),
-                *record.args(),
-            ));
+            let stamp = if self.journal { Stamp::Priority } else { Stamp::Time(SystemTime::now()) };
+            write_line(&format_line(stamp, record.level(), record.target(), *record.args()));
         }
     }
 
@@ -134,12 +150,57 @@ fn choose_level(
     }
 }
 
+/// What a line starts with.
+#[derive(Debug, Clone, Copy)]
+enum Stamp {
+    /// The time, for a terminal or a file.
+    Time(SystemTime),
+    /// The syslog priority (`<4>`), for the journal, which records the time.
+    Priority,
+}
+
+/// Whether `journal_stream` (`DEVICE:INODE` from [`JOURNAL_VAR`]) names
+/// the stream our stderr is: a process started by systemd whose stderr was
+/// redirected since still inherits the variable.
+fn stderr_is(journal_stream: Option<std::ffi::OsString>) -> bool {
+    let Some(value) = journal_stream else { return false };
+    let parsed = value.to_str().and_then(|text| {
+        let (dev, ino) = text.split_once(':')?;
+        Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?))
+    });
+    let Some((dev, ino)) = parsed else { return false };
+    match rustix::fs::fstat(std::io::stderr()) {
+        // st_dev and st_ino are u64 on Linux and narrower only elsewhere.
+        #[allow(clippy::useless_conversion)]
+        Ok(stat) => u64::from(stat.st_dev) == dev && u64::from(stat.st_ino) == ino,
+        Err(_) => false,
+    }
+}
+
+/// syslog(3) priorities journald reads from the `<N>` prefix.
+fn priority(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
 /// One whole line, newline included, so it goes out in one write.
-fn format_line(now: SystemTime, level: Level, target: &str, message: fmt::Arguments<'_>) -> String {
+fn format_line(stamp: Stamp, level: Level, target: &str, message: fmt::Arguments<'_>) -> String {
     let mut line = String::with_capacity(128);
-    write_timestamp(&mut line, now);
     // Writing to a String cannot fail.
-    let _ = write!(line, " {level:<5} {target}: ");
+    match stamp {
+        Stamp::Time(now) => {
+            write_timestamp(&mut line, now);
+            line.push(' ');
+        }
+        Stamp::Priority => {
+            let _ = write!(line, "<{}>", priority(level));
+        }
+    }
+    let _ = write!(line, "{level:<5} {target}: ");
     let mut body = OneLine { out: &mut line, room: MAX_MESSAGE_BYTES, truncated: false };
     // An error here only means the message was cut short, which is marked.
     let _ = body.write_fmt(message);
@@ -238,13 +299,13 @@ mod tests {
     use std::ffi::OsString;
     use std::time::Duration;
 
-    fn at(millis: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(millis)
+    fn at(millis: u64) -> Stamp {
+        Stamp::Time(UNIX_EPOCH + Duration::from_millis(millis))
     }
 
     fn stamp(millis: u64) -> String {
         let mut out = String::new();
-        write_timestamp(&mut out, at(millis));
+        write_timestamp(&mut out, UNIX_EPOCH + Duration::from_millis(millis));
         out
     }
 
@@ -289,6 +350,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn journal_lines_start_with_the_priority_not_the_time() {
+        for (level, prefix) in [
+            (Level::Error, "<3>ERROR"),
+            (Level::Warn, "<4>WARN "),
+            (Level::Info, "<6>INFO "),
+            (Level::Debug, "<7>DEBUG"),
+            (Level::Trace, "<7>TRACE"),
+        ] {
+            let line = format_line(Stamp::Priority, level, "postern::agent", format_args!("m"));
+            assert_eq!(line, format!("{prefix} postern::agent: m\n"));
+        }
+    }
+
+    #[test]
+    fn journal_stream_must_name_our_stderr() {
+        assert!(!stderr_is(None));
+        assert!(!stderr_is(Some("".into())));
+        assert!(!stderr_is(Some("8:x".into())));
+        let stat = rustix::fs::fstat(std::io::stderr()).expect("fstat stderr");
+        #[allow(clippy::useless_conversion)]
+        let (dev, ino) = (u64::from(stat.st_dev), u64::from(stat.st_ino));
+        assert!(stderr_is(Some(format!("{dev}:{ino}").into())));
+        assert!(!stderr_is(Some(format!("{dev}:{}", ino + 1).into())));
     }
 
     #[test]
@@ -344,6 +431,7 @@ mod tests {
             our_crate: "postern",
             ours: LevelFilter::Debug,
             others: LevelFilter::Debug.min(OTHER_CRATES_MAX),
+            journal: false,
         };
         let enabled = |level: Level, target: &str| {
             logger.enabled(&Metadata::builder().level(level).target(target).build())
@@ -359,6 +447,7 @@ mod tests {
             our_crate: "postern",
             ours: LevelFilter::Error,
             others: LevelFilter::Error.min(OTHER_CRATES_MAX),
+            journal: false,
         };
         let quiet_enabled = |level: Level, target: &str| {
             quiet.enabled(&Metadata::builder().level(level).target(target).build())

@@ -158,3 +158,54 @@ fn genkey_to_a_full_disk_is_an_error_not_a_panic() {
         "postern: cannot write the new key to stdout: No space left on device (os error 28)\n"
     );
 }
+
+/// Under systemd (JOURNAL_STREAM names stderr's device and inode) lines
+/// start with their syslog priority and carry no timestamp, so that
+/// `journalctl -p warning` finds the warnings. The test owns the pipe.
+#[test]
+fn journal_lines_carry_their_priority() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("journal");
+    let keys = Keys::new();
+    let config = dir.write(
+        "agent.toml",
+        &agent_toml(refused_addr(), &keys.station.public_key(), &keys.device, "poll", &["echo"]),
+    );
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    let stat = rustix::fs::fstat(&writer).expect("fstat the pipe");
+    #[allow(clippy::useless_conversion)]
+    let stream = format!("{}:{}", u64::from(stat.st_dev), u64::from(stat.st_ino));
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["agent", "-c", config.to_str().expect("utf-8 path")])
+        .env_remove("POSTERN_LOG")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env("JOURNAL_STREAM", stream)
+        .stdout(std::process::Stdio::null())
+        .stderr(writer);
+    let agent = std::sync::Arc::new(std::sync::Mutex::new(command.spawn().expect("start")));
+    // Our copy of the pipe's writing end goes with the command, so the
+    // read below ends when the agent does; the agent ends at LOG_WAIT.
+    drop(command);
+    let watchdog = agent.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(LOG_WAIT);
+        let _ = watchdog.lock().map(|mut agent| agent.kill());
+    });
+    let mut lines = Vec::new();
+    for line in BufReader::new(reader).lines().map_while(Result::ok) {
+        let warned = line.contains("cannot start a session");
+        lines.push(line);
+        if warned {
+            break;
+        }
+    }
+    if let Ok(mut agent) = agent.lock() {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+    assert!(lines[0].starts_with("<6>INFO  postern::agent: forwarding "), "{lines:?}");
+    let last = lines.last().expect("a line");
+    assert!(last.starts_with("<4>WARN  postern::agent: cannot start a session"), "{lines:?}");
+}

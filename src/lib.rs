@@ -24,6 +24,8 @@ pub mod demo;
 pub mod endpoint;
 pub mod keys;
 pub mod logger;
+#[cfg(any(feature = "agent", feature = "station"))]
+pub mod notify;
 #[cfg(feature = "station")]
 pub mod station;
 pub mod task;

@@ -251,13 +251,17 @@ fn station(path: PathBuf) -> Result<(), String> {
     run_on_executor(async move {
         let station = postern::station::Station::bind(config).await.map_err(|e| e.to_string())?;
         let handle = station.handle();
+        let notifier = postern::notify::Notifier::from_env();
+        notifier.ready();
         let control = async {
             while let Some(Ok(signal)) = signals.next().await {
                 if signal != Signal::Hup {
                     log::info!("{signal:?}: stopping");
+                    notifier.stopping();
                     handle.drain(DRAIN_LIMIT).await;
                     return;
                 }
+                notifier.reloading();
                 log::info!("SIGHUP: reloading {}", path.display());
                 let reloaded = match config::StationConfig::load(&path) {
                     Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
@@ -272,9 +276,10 @@ fn station(path: PathBuf) -> Result<(), String> {
                     }
                     Err(e) => log::error!("reload refused, the running config stays: {e}"),
                 }
+                notifier.ready();
             }
         };
-        future::or(station.run(), control).await;
+        future::or(future::or(station.run(), notifier.keep_watchdog()), control).await;
         Ok(())
     })
 }
@@ -306,9 +311,12 @@ fn agent(path: PathBuf) -> Result<(), String> {
     run_on_executor(async move {
         let agent = postern::agent::Agent::bind(config).await.map_err(|e| e.to_string())?;
         let handle = agent.handle();
+        let notifier = postern::notify::Notifier::from_env();
+        notifier.ready();
         let control = async {
             while let Some(Ok(signal)) = signals.next().await {
                 if signal == Signal::Hup {
+                    notifier.reloading();
                     log::info!("SIGHUP: reloading the keys of {}", path.display());
                     match config::AgentConfig::load(&path) {
                         Ok(config) => {
@@ -326,14 +334,16 @@ fn agent(path: PathBuf) -> Result<(), String> {
                         }
                         Err(e) => log::error!("reload refused, the running config stays: {e}"),
                     }
+                    notifier.ready();
                     continue;
                 }
                 log::info!("{signal:?}: stopping");
+                notifier.stopping();
                 handle.drain(DRAIN_LIMIT).await;
                 return;
             }
         };
-        future::or(agent.run(), control).await;
+        future::or(future::or(agent.run(), notifier.keep_watchdog()), control).await;
         Ok(())
     })
 }

@@ -171,8 +171,9 @@ fn journal_lines_carry_their_priority() {
         "agent.toml",
         &agent_toml(refused_addr(), &keys.station.public_key(), &keys.device, "poll", &["echo"]),
     );
-    let (reader, writer) = std::io::pipe().expect("a pipe");
-    let stat = rustix::fs::fstat(&writer).expect("fstat the pipe");
+    // journald hands a service a stream socket; the test owns the pair.
+    let (reader, writer) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+    let stat = rustix::fs::fstat(&writer).expect("fstat the socket");
     #[allow(clippy::useless_conversion)]
     let stream = format!("{}:{}", u64::from(stat.st_dev), u64::from(stat.st_ino));
     let mut command = std::process::Command::new(BIN);
@@ -183,10 +184,10 @@ fn journal_lines_carry_their_priority() {
         .env_remove("http_proxy")
         .env("JOURNAL_STREAM", stream)
         .stdout(std::process::Stdio::null())
-        .stderr(writer);
+        .stderr(std::os::fd::OwnedFd::from(writer));
     let agent = std::sync::Arc::new(std::sync::Mutex::new(command.spawn().expect("start")));
-    // Our copy of the pipe's writing end goes with the command, so the
-    // read below ends when the agent does; the agent ends at LOG_WAIT.
+    // Our copy of the writing end goes with the command, so the read below
+    // ends when the agent does; the agent ends at LOG_WAIT at the latest.
     drop(command);
     let watchdog = agent.clone();
     std::thread::spawn(move || {

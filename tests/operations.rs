@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
 use std::sync::atomic::AtomicU64;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -358,4 +359,53 @@ fn two_agents_with_one_key_are_named_and_calmed() {
         "{metrics}"
     );
     assert_eq!(station.stderr.count("overload"), 0, "{}", station.describe());
+}
+
+/// Under a Type=notify unit: READY=1 once listening, WATCHDOG=1 at half
+/// of WATCHDOG_USEC, RELOADING=1 then READY=1 around SIGHUP, STOPPING=1 at
+/// SIGTERM, as datagrams to the socket NOTIFY_SOCKET names (the test's).
+#[test]
+fn the_station_speaks_systemds_notify_protocol() {
+    use std::os::unix::net::UnixDatagram;
+    let echo = Server::echo();
+    let dir = TempDir::new("notify");
+    let keys = Keys::new();
+    let devices = [("pump-17", keys.device.public_key(), &["echo"][..])];
+    let config = dir
+        .write("station.toml", &station_toml(&keys.station, &[("echo", echo.target())], &devices));
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket.set_read_timeout(Some(LOG_WAIT)).expect("timeout");
+    let mut station = std::process::Command::new(common::BIN)
+        .args(["station", "-c", config.to_str().expect("utf-8 path")])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the station");
+    let next = |skip_watchdog: bool| loop {
+        let mut buf = [0u8; 128];
+        let n = socket.recv(&mut buf).expect("a notification");
+        let state = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if !(skip_watchdog && state == "WATCHDOG=1") {
+            return state;
+        }
+    };
+    assert_eq!(next(false), "READY=1");
+    // 100 ms apart: a few within a second.
+    assert_eq!(next(false), "WATCHDOG=1");
+    assert_eq!(next(false), "WATCHDOG=1");
+    let pid = station.id().to_string();
+    let kill = |sig: &str| {
+        let status = Command::new("kill").args([sig, &pid]).status().expect("kill");
+        assert!(status.success());
+    };
+    kill("-HUP");
+    assert_eq!(next(true), "RELOADING=1");
+    assert_eq!(next(true), "READY=1");
+    kill("-TERM");
+    assert_eq!(next(true), "STOPPING=1");
+    let status = station.wait().expect("the station exits");
+    assert!(status.success(), "{status:?}");
 }

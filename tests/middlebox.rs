@@ -708,3 +708,92 @@ fn measure_through(
         });
     (rate, chose)
 }
+
+/// Seconds of idle the measurement watches (a script's run, not a test's).
+const IDLE_WATCHED: Duration = Duration::from_secs(120);
+
+/// Carrier bytes (both ways, HTTP included) and socket reads an idle tunnel
+/// costs, measured by a relay between agent and station that counts what it
+/// passes; printed per hour. `scripts/bench-idle` runs it.
+#[test]
+#[ignore = "a measurement of 2 minutes: scripts/bench-idle runs it"]
+fn idle_bytes_per_hour() {
+    println!("| carrier | payload bytes/hour | socket reads/hour | connections |");
+    println!("|---|---:|---:|---:|");
+    for carrier in ["stream", "poll"] {
+        let relay: Arc<Mutex<Option<CountingRelay>>> = Arc::default();
+        let keep = relay.clone();
+        let path = Path::start(
+            &format!("idle-{carrier}"),
+            carrier,
+            1,
+            |_| None,
+            move |stations, _| {
+                let counting = CountingRelay::start(stations[0]);
+                let url = format!("http://{}/", counting.addr);
+                *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(counting);
+                (url, None)
+            },
+        );
+        path.agent.wait_log(&["connected to the station"]);
+        path.round_trip(1, 1024);
+        let relay = relay.lock().unwrap_or_else(|p| p.into_inner()).take().expect("relay");
+        let before = relay.totals();
+        thread::sleep(IDLE_WATCHED);
+        let after = relay.totals();
+        let per_hour = |n: u64| n * 3600 / IDLE_WATCHED.as_secs();
+        println!(
+            "| {carrier} | {} | {} | {} |",
+            per_hour(after.0 - before.0),
+            per_hour(after.1 - before.1),
+            after.2 - before.2
+        );
+        assert_eq!(path.agent.stderr.matching(&["WARN"]).len(), 0, "{}", path.describe());
+    }
+}
+
+/// A TCP relay that counts bytes, reads and connections.
+struct CountingRelay {
+    addr: SocketAddr,
+    counts: Arc<[AtomicUsize; 3]>,
+}
+
+impl CountingRelay {
+    fn start(upstream: SocketAddr) -> CountingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        let counts: Arc<[AtomicUsize; 3]> = Arc::default();
+        let counted = counts.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                counted[2].fetch_add(1, Ordering::Relaxed);
+                for (from, to) in
+                    [(client.try_clone(), server.try_clone()), (Ok(server), Ok(client))]
+                {
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                    let counted = counted.clone();
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            counted[0].fetch_add(n, Ordering::Relaxed);
+                            counted[1].fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        CountingRelay { addr, counts }
+    }
+
+    /// Bytes, reads, connections so far.
+    fn totals(&self) -> (u64, u64, u64) {
+        let get = |i: usize| self.counts[i].load(Ordering::Relaxed) as u64;
+        (get(0), get(1), get(2))
+    }
+}

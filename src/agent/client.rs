@@ -26,10 +26,10 @@ use crate::config::{AgentTls, ProxyUrl, StationUrl};
 use crate::crypto::{self, SessionId};
 
 /// Time to open a TCP connection to the station or proxy.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Time for a reply to a request that the station answers at once.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Cookies kept for a load balancer's stickiness. Balancers set one or two;
 /// the bound keeps a misbehaving middlebox from growing our requests.
@@ -46,7 +46,7 @@ const BACKOFF_LAST: Duration = Duration::from_secs(30);
 
 /// Why one carrier request failed.
 #[derive(Debug, thiserror::Error)]
-pub enum CarrierError {
+pub(super) enum CarrierError {
     #[error("cannot connect to {what} {addr}: {source}")]
     Connect { what: &'static str, addr: String, source: std::io::Error },
     #[error("connecting to {what} {addr} timed out")]
@@ -104,7 +104,7 @@ impl Stale {
 }
 
 /// Exponential backoff with jitter.
-pub struct Backoff {
+pub(super) struct Backoff {
     next: Duration,
     first: Duration,
     last: Duration,
@@ -112,23 +112,23 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::between(BACKOFF_FIRST, BACKOFF_LAST)
     }
 
     /// Delays from about `first` growing to under `last`.
-    pub fn between(first: Duration, last: Duration) -> Self {
+    pub(super) fn between(first: Duration, last: Duration) -> Self {
         let mut seed = [0u8; 8];
         // Without OS randomness the jitter is merely less random.
         let _ = getrandom::fill(&mut seed);
         Backoff { next: first, first, last, rng: u64::from_le_bytes(seed) | 1 }
     }
 
-    pub fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.next = self.first;
     }
 
-    pub fn delay(&mut self) -> Duration {
+    pub(super) fn delay(&mut self) -> Duration {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -142,7 +142,7 @@ impl Backoff {
 }
 
 /// Races `work` against a deadline.
-pub async fn deadline<T>(
+pub(super) async fn deadline<T>(
     limit: Duration,
     work: impl std::future::Future<Output = Result<T, CarrierError>>,
 ) -> Result<T, CarrierError> {
@@ -154,7 +154,7 @@ pub async fn deadline<T>(
 }
 
 /// How to reach the station: directly or through a forward proxy.
-pub struct Client {
+pub(super) struct Client {
     station: StationUrl,
     proxy: Option<ProxyUrl>,
     /// TLS, CONNECT and proxy authentication.
@@ -165,20 +165,20 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(station: StationUrl, proxy: Option<ProxyUrl>, tls: &AgentTls) -> Self {
+    pub(super) fn new(station: StationUrl, proxy: Option<ProxyUrl>, tls: &AgentTls) -> Self {
         let egress = Egress::new(station.clone(), proxy.clone(), tls);
         Client { station, proxy, egress, cookies: Mutex::new(Vec::new()) }
     }
 
     /// Where requests go, for log lines.
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match &self.proxy {
             Some(p) => format!("proxy {}:{}", p.host, p.port),
             None => format!("station {}", self.station.authority()),
         }
     }
 
-    pub async fn connect(&self) -> Result<HttpConn<Link>, CarrierError> {
+    pub(super) async fn connect(&self) -> Result<HttpConn<Link>, CarrierError> {
         let (what, host, port) = match &self.proxy {
             Some(p) => ("proxy", p.host.as_str(), p.port),
             None => ("station", self.station.host.as_str(), self.station.port),
@@ -201,7 +201,7 @@ impl Client {
     }
 
     /// The path of a carrier request, with `query` (without `?`) if any.
-    pub fn path(&self, session: &SessionId, verb: Verb, query: Option<&str>) -> String {
+    pub(super) fn path(&self, session: &SessionId, verb: Verb, query: Option<&str>) -> String {
         let mut path = carrier::path(&self.station.path_prefix, session, verb);
         if let Some(query) = query {
             path.push('?');
@@ -211,7 +211,7 @@ impl Client {
     }
 
     /// Appends the head of a carrier request for `path`.
-    pub fn head(&self, out: &mut Vec<u8>, path: &str, body: BodyKind) {
+    pub(super) fn head(&self, out: &mut Vec<u8>, path: &str, body: BodyKind) {
         let authority = self.station.authority();
         let target = match self.egress.absolute_form() {
             true => format!("http://{authority}{path}"),
@@ -231,7 +231,7 @@ impl Client {
 
     /// Keeps the reply's cookies, then turns a non-200 reply into the error
     /// a user can act on.
-    pub fn check(&self, head: &ResponseHead) -> Result<(), CarrierError> {
+    pub(super) fn check(&self, head: &ResponseHead) -> Result<(), CarrierError> {
         self.keep_cookies(head);
         let from_station =
             head.header(STATION_MARK.0).is_some_and(|v| v == STATION_MARK.1.as_bytes());
@@ -274,7 +274,7 @@ impl Client {
     /// as it arrives: the tunnel opens records while the rest of a long
     /// poll reply is still on the wire, and no copy of the whole body is
     /// made.
-    pub async fn exchange(
+    pub(super) async fn exchange(
         &self,
         conn: &mut Option<HttpConn<Link>>,
         path: &str,

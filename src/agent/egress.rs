@@ -47,7 +47,7 @@ const MAX_PROXY_PAGE: u64 = 64 * 1024;
 /// Why the way out failed, before any request reached the station.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum EgressError {
+pub(super) enum EgressError {
     #[error("the proxy {proxy} refused CONNECT to {target}: {status} {reason}")]
     ConnectRefused { proxy: String, target: String, status: u16, reason: String },
     #[error("the proxy {proxy} refused our {scheme} credentials (407): check the user and password in `proxy`")]
@@ -83,7 +83,7 @@ fn scheme_name(scheme: Scheme) -> &'static str {
 }
 
 /// The agent's way out: proxy authentication state and TLS settings.
-pub struct Egress {
+pub(super) struct Egress {
     station: StationUrl,
     proxy: Option<ProxyUrl>,
     credentials: Option<Credentials>,
@@ -94,7 +94,7 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn new(station: StationUrl, proxy: Option<ProxyUrl>, tls: &AgentTls) -> Egress {
+    pub(super) fn new(station: StationUrl, proxy: Option<ProxyUrl>, tls: &AgentTls) -> Egress {
         let credentials =
             proxy.as_ref().and_then(|p| p.auth.as_ref()).map(|(u, p)| Credentials::new(u, p));
         #[cfg(feature = "tls")]
@@ -116,7 +116,7 @@ impl Egress {
     /// Requests name the station in absolute form: a proxy that is not
     /// CONNECTed through (an http:// station).
     #[must_use]
-    pub fn absolute_form(&self) -> bool {
+    pub(super) fn absolute_form(&self) -> bool {
         self.proxy.is_some() && !self.station.https
     }
 
@@ -124,14 +124,14 @@ impl Egress {
     /// proxy that sees the requests. NTLM authenticated the connection
     /// instead, and CONNECT hides the requests from the proxy.
     #[must_use]
-    pub fn request_authorization(&self) -> Option<String> {
+    pub(super) fn request_authorization(&self) -> Option<String> {
         let creds = self.credentials.as_ref()?;
         (self.absolute_form() && *lock(&self.scheme) == Scheme::Basic).then(|| creds.basic())
     }
 
     /// A 407 answered a request: learns the scheme the proxy offers (NTLM
     /// then authenticates the next connection) and says what went wrong.
-    pub fn request_refused(&self, head: &ResponseHead) -> CarrierError {
+    pub(super) fn request_refused(&self, head: &ResponseHead) -> CarrierError {
         if self.credentials.is_none() {
             return CarrierError::ProxyAuth(format!("proxy {}", self.proxy_text()));
         }
@@ -177,7 +177,7 @@ impl Egress {
 
     /// Everything between the TCP connection (to the proxy when there is
     /// one) and the first carrier request.
-    pub async fn over(&self, tcp: TcpStream) -> Result<HttpConn<Link>, CarrierError> {
+    pub(super) async fn over(&self, tcp: TcpStream) -> Result<HttpConn<Link>, CarrierError> {
         let tcp = match (&self.proxy, self.station.https) {
             (None, _) => tcp,
             (Some(_), true) => self.tunnel(tcp).await?,

@@ -36,7 +36,7 @@ const WATCH_TICK: Duration = Duration::from_secs(1);
 /// How long a path may hold back what the stream lanes carry before it is
 /// judged to buffer them. A streaming path delivers within a round trip;
 /// 10 s leaves room for a congested cellular link.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Stream lanes that lasted this long worked: the next rebuild starts its
 /// backoff afresh.
@@ -102,7 +102,7 @@ pub(super) struct ShapeMemory {
 
 impl ShapeMemory {
     /// The shape in use, for status lines.
-    pub fn describe(&self, configured: CarrierKind) -> &'static str {
+    pub(super) fn describe(&self, configured: CarrierKind) -> &'static str {
         match configured {
             CarrierKind::Stream => "stream",
             CarrierKind::Poll => "poll",

@@ -42,7 +42,7 @@ use crate::tunnel::Tunnel;
 /// 115200 baud line and over a minute at 9600: enough to ride out a
 /// carrier reconnect, small next to the agent's other buffers (a stream
 /// is 128 KiB of send buffer plus a 256 KiB window).
-pub const LINE_BACKLOG: usize = 64 * 1024;
+pub(super) const LINE_BACKLOG: usize = 64 * 1024;
 
 /// Bytes one read takes from the line. The kernel's N_TTY receive buffer
 /// is 4 KiB, so a read rarely finds more.
@@ -63,7 +63,7 @@ const QUICK_END: Duration = Duration::from_secs(1);
 /// sending (`printf 'status\r' | nc -N`, the usual scripted question): a
 /// serial line has no end of input, so the answer ends when the line has
 /// been quiet this long, or when the client closes.
-pub const CONSOLE_LINGER: Duration = Duration::from_secs(3);
+pub(super) const CONSOLE_LINGER: Duration = Duration::from_secs(3);
 
 /// First and longest wait before opening a stream again after a refusal.
 const RETRY_FIRST: Duration = Duration::from_millis(500);

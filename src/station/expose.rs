@@ -28,7 +28,7 @@ use crate::task::Scope;
 /// How long a reverse client's device has to show it is alive (any
 /// authentic packet) once its stream is opened: a live agent answers
 /// within a round trip, a congested cellular one within seconds.
-pub const DEVICE_ANSWER_LIMIT: Duration = Duration::from_secs(10);
+pub(super) const DEVICE_ANSWER_LIMIT: Duration = Duration::from_secs(10);
 
 /// How often the device's liveness is looked at meanwhile.
 const DEVICE_ANSWER_POLL: Duration = Duration::from_millis(100);
@@ -63,7 +63,7 @@ pub(super) struct Bound {
 }
 
 impl Bound {
-    pub fn spec(&self) -> &ExposeSpec {
+    pub(super) fn spec(&self) -> &ExposeSpec {
         &self.spec
     }
 }
@@ -81,7 +81,7 @@ struct Running {
 impl Exposes {
     /// Binds the addresses of `specs` not served yet. Fails, binding
     /// nothing, if one cannot be bound.
-    pub async fn bind_new(&self, specs: &[ExposeSpec]) -> Result<Vec<Bound>, Error> {
+    pub(super) async fn bind_new(&self, specs: &[ExposeSpec]) -> Result<Vec<Bound>, Error> {
         let mut bound = Vec::new();
         for spec in specs {
             if lock(&self.0).contains_key(&spec.addr) {
@@ -101,7 +101,7 @@ impl Exposes {
 
     /// Serves `specs`: starts the `bound` listeners, points kept ones at
     /// their new spec, and stops those whose address is gone.
-    pub fn apply(&self, shared: &Arc<Shared>, specs: &[ExposeSpec], bound: Vec<Bound>) {
+    pub(super) fn apply(&self, shared: &Arc<Shared>, specs: &[ExposeSpec], bound: Vec<Bound>) {
         let mut running = lock(&self.0);
         running.retain(|addr, run| {
             let Some(spec) = specs.iter().find(|s| s.addr == *addr) else {

@@ -45,7 +45,7 @@ pub(super) struct Counters {
 }
 
 impl Counters {
-    pub fn refused(&self, status: u16) {
+    pub(super) fn refused(&self, status: u16) {
         *lock(&self.rejected).entry(reason(status)).or_default() += 1;
     }
 }
@@ -107,7 +107,7 @@ pub(super) struct LiveStatus {
 }
 
 impl LiveStatus {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         LiveStatus {
             since: SystemTime::now(),
             last_seen: AtomicU64::new(unix_millis(SystemTime::now())),
@@ -118,17 +118,17 @@ impl LiveStatus {
 
     /// An authentic packet arrived over a carrier of this shape.
     /// Whether an authentic packet arrived at `since` or later.
-    pub fn heard_since(&self, since: SystemTime) -> bool {
+    pub(super) fn heard_since(&self, since: SystemTime) -> bool {
         self.last_seen.load(Ordering::Relaxed) >= unix_millis(since)
     }
 
     /// Whether an authentic packet arrived within `window`.
-    pub fn heard_within(&self, window: Duration) -> bool {
+    pub(super) fn heard_within(&self, window: Duration) -> bool {
         let now = unix_millis(SystemTime::now());
         now.saturating_sub(self.last_seen.load(Ordering::Relaxed)) < window.as_millis() as u64
     }
 
-    pub fn seen(&self, shape: Shape) {
+    pub(super) fn seen(&self, shape: Shape) {
         self.last_seen.store(unix_millis(SystemTime::now()), Ordering::Relaxed);
         self.shape.store(shape as u8, Ordering::Relaxed);
     }

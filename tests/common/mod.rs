@@ -16,7 +16,7 @@
 //! pseudo-terminal pairs for the serial suites.
 #![allow(dead_code)]
 
-pub mod pty;
+pub(crate) mod pty;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
@@ -28,20 +28,20 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use postern::demo::{Digest, Pattern};
+pub(crate) use postern::demo::{Digest, Pattern};
 use postern::keys::{PrivateKey, PublicKey};
 
 /// The binary under test, built by cargo for the integration tests.
-pub const BIN: &str = env!("CARGO_BIN_EXE_postern");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_postern");
 
 /// Longest wait for something we expect to happen soon: a process
 /// printing a line (startup, a session, a log line after an event), a
 /// short answer through the tunnel, a pty appearing. Generous: the machine
 /// is shared and may be busy compiling.
-pub const LOG_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const LOG_WAIT: Duration = Duration::from_secs(30);
 
 /// Longest a socket operation may make no progress before the test fails.
-pub const IO_STALL: Duration = Duration::from_secs(60);
+pub(crate) const IO_STALL: Duration = Duration::from_secs(60);
 
 /// Bytes per write of the test clients and servers.
 const CHUNK: usize = 64 * 1024;
@@ -53,7 +53,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Polls `done` until it holds or `limit` passes. For conditions that have
 /// no wakeup to wait on (a child's exit, a counter in another thread); the
 /// poll interval is short and the deadline is the bound.
-pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
@@ -65,12 +65,12 @@ pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 // Temp dirs.
 
 /// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir {
+pub(crate) struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
-    pub fn new(label: &str) -> TempDir {
+    pub(crate) fn new(label: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let path = std::env::temp_dir().join(format!(
@@ -83,12 +83,12 @@ impl TempDir {
         TempDir { path }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Writes `text` to `name` in this dir and returns the full path.
-    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.path.join(name);
         std::fs::write(&path, text)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
@@ -114,7 +114,7 @@ struct LinesState {
 
 /// The lines a child wrote to one pipe, collected by a thread as they come.
 #[derive(Clone, Default)]
-pub struct Lines(Arc<(Mutex<LinesState>, Condvar)>);
+pub(crate) struct Lines(Arc<(Mutex<LinesState>, Condvar)>);
 
 impl Lines {
     fn collect(pipe: impl Read + Send + 'static) -> Lines {
@@ -142,22 +142,22 @@ impl Lines {
         lines
     }
 
-    pub fn snapshot(&self) -> Vec<String> {
+    pub(crate) fn snapshot(&self) -> Vec<String> {
         lock(&self.0 .0).lines.clone()
     }
 
     /// Everything so far, one line each, for failure messages.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         self.snapshot().join("\n")
     }
 
     /// How many lines so far contain `needle`.
-    pub fn count(&self, needle: &str) -> usize {
+    pub(crate) fn count(&self, needle: &str) -> usize {
         lock(&self.0 .0).lines.iter().filter(|l| l.contains(needle)).count()
     }
 
     /// Lines so far that contain every one of `needles`.
-    pub fn matching(&self, needles: &[&str]) -> Vec<String> {
+    pub(crate) fn matching(&self, needles: &[&str]) -> Vec<String> {
         lock(&self.0 .0)
             .lines
             .iter()
@@ -168,7 +168,13 @@ impl Lines {
 
     /// Waits until at least `n` lines contain every one of `needles`, and
     /// returns the `n`th. Panics after `limit` saying what was awaited.
-    pub fn wait_for_nth(&self, who: &str, needles: &[&str], n: usize, limit: Duration) -> String {
+    pub(crate) fn wait_for_nth(
+        &self,
+        who: &str,
+        needles: &[&str],
+        n: usize,
+        limit: Duration,
+    ) -> String {
         let deadline = Instant::now() + limit;
         let (state, changed) = &*self.0;
         let mut guard = lock(state);
@@ -196,12 +202,12 @@ impl Lines {
     }
 
     /// Waits for the first line containing every one of `needles`.
-    pub fn wait_for(&self, who: &str, needles: &[&str], limit: Duration) -> String {
+    pub(crate) fn wait_for(&self, who: &str, needles: &[&str], limit: Duration) -> String {
         self.wait_for_nth(who, needles, 1, limit)
     }
 
     /// Waits until the pipe closes (the process exited or closed it).
-    pub fn wait_closed(&self, who: &str, limit: Duration) {
+    pub(crate) fn wait_closed(&self, who: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         let (state, changed) = &*self.0;
         let mut guard = lock(state);
@@ -220,7 +226,7 @@ impl Lines {
 // Child processes.
 
 /// A running `postern` process, killed on drop.
-pub struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
     pub stdout: Lines,
@@ -229,7 +235,7 @@ pub struct Proc {
 
 /// Peak and current resident memory of a process, from /proc/PID/status.
 #[derive(Debug, Clone, Copy)]
-pub struct Memory {
+pub(crate) struct Memory {
     /// VmHWM: the most the process has ever had resident.
     pub peak_kib: u64,
     /// VmRSS: resident now.
@@ -244,19 +250,24 @@ pub struct Memory {
 impl Proc {
     /// Starts `postern ARGS` with no stdin and a clean environment for
     /// what postern reads (no proxy, no log override).
-    pub fn spawn(name: &str, args: &[&str]) -> Proc {
+    pub(crate) fn spawn(name: &str, args: &[&str]) -> Proc {
         Self::spawn_with(name, args, None)
     }
 
     /// As [`Proc::spawn`], writing `stdin` to the child and closing it.
-    pub fn spawn_with(name: &str, args: &[&str], stdin: Option<&str>) -> Proc {
+    pub(crate) fn spawn_with(name: &str, args: &[&str], stdin: Option<&str>) -> Proc {
         Self::spawn_via(&[BIN], name, args, stdin)
     }
 
     /// As [`Proc::spawn_with`], running `program` (another build of
     /// postern, with any wrapper before it, e.g. `scripts/board-run BOARD`)
     /// instead of [`BIN`].
-    pub fn spawn_via(program: &[&str], name: &str, args: &[&str], stdin: Option<&str>) -> Proc {
+    pub(crate) fn spawn_via(
+        program: &[&str],
+        name: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Proc {
         let (first, wrapped) = program.split_first().expect("a program to run");
         let mut command = Command::new(first);
         command
@@ -288,18 +299,18 @@ impl Proc {
         Proc { name: name.to_owned(), child, stdout, stderr }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Whether the process has not exited yet.
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for a line on stderr containing every one of `needles`.
     /// Sends the signal `name` (e.g. `HUP`) to the process.
-    pub fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
@@ -307,17 +318,17 @@ impl Proc {
         assert!(status.success(), "kill -{name} {} failed", self.pid());
     }
 
-    pub fn wait_log(&self, needles: &[&str]) -> String {
+    pub(crate) fn wait_log(&self, needles: &[&str]) -> String {
         self.stderr.wait_for(&format!("{} stderr", self.name), needles, LOG_WAIT)
     }
 
     /// Waits for the `n`th such line.
-    pub fn wait_log_nth(&self, needles: &[&str], n: usize, limit: Duration) -> String {
+    pub(crate) fn wait_log_nth(&self, needles: &[&str], n: usize, limit: Duration) -> String {
         self.stderr.wait_for_nth(&format!("{} stderr", self.name), needles, n, limit)
     }
 
     /// Waits for the process to exit and for both pipes to be read to the end.
-    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         let status = loop {
             match self.child.try_wait() {
@@ -340,7 +351,7 @@ impl Proc {
     }
 
     /// Resident memory now and at its peak.
-    pub fn memory(&self) -> Memory {
+    pub(crate) fn memory(&self) -> Memory {
         let path = format!("/proc/{}/status", self.pid());
         let status = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {path} of {}: {e}", self.name));
@@ -360,7 +371,7 @@ impl Proc {
     }
 
     /// Both logs, for failure messages.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "--- {} stderr ---\n{}\n--- {} stdout ---\n{}",
             self.name,
@@ -379,14 +390,14 @@ impl Drop for Proc {
 }
 
 /// What a finished one-shot command printed.
-pub struct Output {
+pub(crate) struct Output {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs `postern ARGS` to completion (bounded) and returns what it printed.
-pub fn run(args: &[&str], stdin: Option<&str>, limit: Duration) -> Output {
+pub(crate) fn run(args: &[&str], stdin: Option<&str>, limit: Duration) -> Output {
     let mut proc = Proc::spawn_with(&format!("postern {}", args.join(" ")), args, stdin);
     let status = proc.wait_exit(limit);
     let join = |lines: &Lines| {
@@ -403,34 +414,44 @@ pub fn run(args: &[&str], stdin: Option<&str>, limit: Duration) -> Output {
 // Configs.
 
 /// A station key and one device key, fresh for each test.
-pub struct Keys {
+pub(crate) struct Keys {
     pub station: PrivateKey,
     pub device: PrivateKey,
 }
 
 impl Keys {
-    pub fn new() -> Keys {
+    pub(crate) fn new() -> Keys {
         Keys { station: PrivateKey::generate(), device: PrivateKey::generate() }
     }
 
     /// [`station_toml`] with this station key and the one device, named
     /// `device` and allowed `allow`. The device's table comes last, so
     /// text appended (e.g. `[devices.expose]`) belongs to it.
-    pub fn station_toml(&self, targets: &[(&str, String)], device: &str, allow: &[&str]) -> String {
+    pub(crate) fn station_toml(
+        &self,
+        targets: &[(&str, String)],
+        device: &str,
+        allow: &[&str],
+    ) -> String {
         station_toml(&self.station, targets, &[(device, self.device.public_key(), allow)])
     }
 
     /// [`agent_toml`] for the device, carrier auto, with a listener per
     /// target in `forwards`, then `tables` as written (serial forwards,
     /// `[services]`).
-    pub fn agent_toml(&self, station: SocketAddr, forwards: &[&str], tables: &str) -> String {
+    pub(crate) fn agent_toml(
+        &self,
+        station: SocketAddr,
+        forwards: &[&str],
+        tables: &str,
+    ) -> String {
         let toml = agent_toml(station, &self.station.public_key(), &self.device, "auto", forwards);
         format!("{toml}\n{tables}")
     }
 }
 
 /// `station.toml` listening on an ephemeral loopback port.
-pub fn station_toml(
+pub(crate) fn station_toml(
     key: &PrivateKey,
     targets: &[(&str, String)],
     devices: &[(&str, PublicKey, &[&str])],
@@ -452,7 +473,7 @@ pub fn station_toml(
 }
 
 /// `agent.toml` with one ephemeral loopback forward per target name.
-pub fn agent_toml(
+pub(crate) fn agent_toml(
     station: SocketAddr,
     station_key: &PublicKey,
     key: &PrivateKey,
@@ -473,7 +494,7 @@ pub fn agent_toml(
 
 /// Starts a station from `toml` and returns it with its carrier address,
 /// parsed from `station listening on ADDR (HTTP carrier)`.
-pub fn start_station(dir: &TempDir, toml: &str) -> (Proc, SocketAddr) {
+pub(crate) fn start_station(dir: &TempDir, toml: &str) -> (Proc, SocketAddr) {
     let path = dir.write("station.toml", toml);
     let station = Proc::spawn("station", &["station", "-c", path.to_str().expect("utf-8 path")]);
     let line = station.wait_log(&["station listening on ", "(HTTP carrier)"]);
@@ -485,7 +506,7 @@ pub fn start_station(dir: &TempDir, toml: &str) -> (Proc, SocketAddr) {
 /// Starts an agent from `toml` (file `name`.toml) and returns it with its
 /// forward addresses by target, parsed from
 /// `forwarding ADDR to station target "NAME"`.
-pub fn start_agent(
+pub(crate) fn start_agent(
     dir: &TempDir,
     name: &str,
     toml: &str,
@@ -495,7 +516,7 @@ pub fn start_agent(
 }
 
 /// As [`start_agent`], running `program` as [`Proc::spawn_via`] does.
-pub fn start_agent_via(
+pub(crate) fn start_agent_via(
     program: &[&str],
     dir: &TempDir,
     name: &str,
@@ -526,7 +547,7 @@ pub fn start_agent_via(
 /// As [`start_agent`], and waits until the agent and `station` both have
 /// the session of device `device`: the agent's `connected to the station`
 /// and the station's `device DEVICE handshake from`.
-pub fn start_agent_session(
+pub(crate) fn start_agent_session(
     dir: &TempDir,
     station: &Proc,
     device: &str,
@@ -542,13 +563,13 @@ pub fn start_agent_session(
 /// The socket address right after `marker` in a log line, as in
 /// `station listening on ADDR (HTTP carrier)`; `None` if the word there is
 /// not one.
-pub fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+pub(crate) fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let (_, rest) = line.split_once(marker)?;
     rest.split_whitespace().next()?.parse().ok()
 }
 
 /// A station and one connected agent with forwards, on loopback.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     pub agent: Proc,
     pub station: Proc,
     pub station_addr: SocketAddr,
@@ -561,7 +582,7 @@ impl Tunnel {
     /// Starts a station with `targets`, one device allowed `allow`, and its
     /// agent with one forward per name in `forwards`; returns once the
     /// agent has a session.
-    pub fn start(
+    pub(crate) fn start(
         carrier: &str,
         targets: &[(&str, String)],
         allow: &[&str],
@@ -572,7 +593,7 @@ impl Tunnel {
 
     /// As [`Tunnel::start`], running the agent as `program` (see
     /// [`Proc::spawn_via`]); the station is always [`BIN`].
-    pub fn start_via(
+    pub(crate) fn start_via(
         program: &[&str],
         carrier: &str,
         targets: &[(&str, String)],
@@ -591,12 +612,12 @@ impl Tunnel {
     }
 
     /// The agent's listener for `target`.
-    pub fn forward(&self, target: &str) -> SocketAddr {
+    pub(crate) fn forward(&self, target: &str) -> SocketAddr {
         *self.forwards.get(target).unwrap_or_else(|| panic!("no forward to {target}"))
     }
 
     /// Both processes' logs, for failure messages.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("{}\n{}", self.agent.describe(), self.station.describe())
     }
 }
@@ -607,7 +628,7 @@ impl Tunnel {
 /// A listener on an ephemeral loopback port that runs `handler` on a thread
 /// per connection and counts the connections it accepted. Dropping it stops
 /// accepting.
-pub struct Server {
+pub(crate) struct Server {
     pub addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
     /// Bytes an [`Server::echo`] received, over all its connections.
@@ -616,7 +637,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
+    pub(crate) fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
         let addr = listener.local_addr().expect("a bound listener has an address");
         let accepts = Arc::new(AtomicUsize::new(0));
@@ -640,7 +661,7 @@ impl Server {
 
     /// Sends back every byte it receives, then half-closes; counts the
     /// bytes in [`Server::echoed`].
-    pub fn echo() -> Server {
+    pub(crate) fn echo() -> Server {
         let echoed = Arc::new(AtomicU64::new(0));
         let count = echoed.clone();
         let mut server = Server::start(move |mut socket| {
@@ -668,23 +689,23 @@ impl Server {
     }
 
     /// Accepts and counts connections, and closes them at once.
-    pub fn recorder() -> Server {
+    pub(crate) fn recorder() -> Server {
         Server::start(drop)
     }
 
     /// Connections accepted so far.
-    pub fn accepts(&self) -> usize {
+    pub(crate) fn accepts(&self) -> usize {
         self.accepts.load(Ordering::Acquire)
     }
 
     /// Bytes an echo server received so far, over all connections; always
     /// 0 for other servers.
-    pub fn echoed(&self) -> u64 {
+    pub(crate) fn echoed(&self) -> u64 {
         self.echoed.load(Ordering::Acquire)
     }
 
     /// The address as a `[targets]` value.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         self.addr.to_string()
     }
 }
@@ -698,7 +719,7 @@ impl Drop for Server {
 }
 
 /// An address where nothing listens: connecting is refused.
-pub fn refused_addr() -> SocketAddr {
+pub(crate) fn refused_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
     listener.local_addr().expect("a bound listener has an address")
     // Dropped here: the port is closed; nothing else binds it this soon.
@@ -708,7 +729,7 @@ pub fn refused_addr() -> SocketAddr {
 // Bytes and hashes.
 
 /// BLAKE2s of `len` bytes of `Pattern::new(seed)`.
-pub fn pattern_hash(seed: u64, len: u64) -> String {
+pub(crate) fn pattern_hash(seed: u64, len: u64) -> String {
     let mut pattern = Pattern::new(seed);
     let mut digest = Digest::default();
     let mut buf = vec![0u8; CHUNK];
@@ -724,7 +745,7 @@ pub fn pattern_hash(seed: u64, len: u64) -> String {
 
 /// Writes `len` bytes of `Pattern::new(seed)`, counting progress in
 /// `written` after each write.
-pub fn send_pattern(
+pub(crate) fn send_pattern(
     socket: &mut TcpStream,
     seed: u64,
     len: u64,
@@ -745,7 +766,7 @@ pub fn send_pattern(
 
 /// What a reader got before the end of the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
+pub(crate) struct Received {
     pub len: u64,
     pub hash: String,
     /// How the stream ended: `None` for a clean end of file, else the
@@ -755,13 +776,13 @@ pub struct Received {
 
 impl Received {
     /// The bytes expected, ended by a clean end of file.
-    pub fn expected(seed: u64, len: u64) -> Received {
+    pub(crate) fn expected(seed: u64, len: u64) -> Received {
         Received { len, hash: pattern_hash(seed, len), error: None }
     }
 }
 
 /// Reads until end of file or an error, hashing everything.
-pub fn receive_all(socket: &mut TcpStream) -> Received {
+pub(crate) fn receive_all(socket: &mut TcpStream) -> Received {
     receive_until(socket, None)
 }
 
@@ -791,21 +812,21 @@ fn receive_until(socket: &mut TcpStream, deadline: Option<Instant>) -> Received 
 /// Connects to `addr`, sends `len` bytes of `Pattern::new(seed)`, half-closes
 /// and reads until end of file; what came back. With an echo target at the
 /// far end, a byte-exact tunnel returns `Received::expected(seed, len)`.
-pub fn echo_round_trip(addr: SocketAddr, seed: u64, len: u64) -> Received {
+pub(crate) fn echo_round_trip(addr: SocketAddr, seed: u64, len: u64) -> Received {
     let socket = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     echo_on(socket, seed, len)
 }
 
 /// As [`echo_round_trip`], with the whole round trip bounded by `limit`:
 /// past it, what came back so far, ended by `TimedOut`.
-pub fn echo_within(addr: SocketAddr, seed: u64, len: u64, limit: Duration) -> Received {
+pub(crate) fn echo_within(addr: SocketAddr, seed: u64, len: u64, limit: Duration) -> Received {
     let deadline = Instant::now() + limit;
     let socket = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     echo_until(socket, seed, len, Some(deadline))
 }
 
 /// As [`echo_round_trip`] on a connected socket.
-pub fn echo_on(socket: TcpStream, seed: u64, len: u64) -> Received {
+pub(crate) fn echo_on(socket: TcpStream, seed: u64, len: u64) -> Received {
     echo_until(socket, seed, len, None)
 }
 
@@ -834,7 +855,7 @@ fn echo_until(mut socket: TcpStream, seed: u64, len: u64, deadline: Option<Insta
 /// Bytes 0..n of a pattern in which every byte value occurs in every
 /// 256-byte block, in an order that changes from block to block: what a
 /// serial line must carry untouched (0x00, XON, XOFF, CR, LF, 0xFF).
-pub fn every_byte_value(n: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn every_byte_value(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| {
             let block = (i / 256) as u8;
@@ -844,12 +865,12 @@ pub fn every_byte_value(n: usize, seed: u8) -> Vec<u8> {
 }
 
 /// First offset where two byte strings differ, for failure messages.
-pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+pub(crate) fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y).or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
 /// FNV-1a, to print a short digest of what was carried.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
@@ -857,7 +878,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// Connects to `addr` with read and write deadlines of [`LOG_WAIT`], for
 /// short exchanges.
-pub fn connect(addr: SocketAddr) -> TcpStream {
+pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
     let socket = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     socket.set_read_timeout(Some(LOG_WAIT)).expect("set a read timeout");
     socket.set_write_timeout(Some(LOG_WAIT)).expect("set a write timeout");
@@ -866,7 +887,7 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Reads until `n` bytes or end of stream, each read within the socket's
 /// read timeout.
-pub fn read_n(socket: &mut TcpStream, n: usize) -> Vec<u8> {
+pub(crate) fn read_n(socket: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut got = Vec::with_capacity(n);
     let mut buf = vec![0u8; CHUNK];
     while got.len() < n {
@@ -881,7 +902,7 @@ pub fn read_n(socket: &mut TcpStream, n: usize) -> Vec<u8> {
 }
 
 /// Asserts the peer closes `socket` within `limit` without sending data.
-pub fn assert_closed_within(socket: &mut TcpStream, limit: Duration) {
+pub(crate) fn assert_closed_within(socket: &mut TcpStream, limit: Duration) {
     socket.set_read_timeout(Some(limit)).expect("set a read timeout");
     let started = Instant::now();
     let mut buf = [0u8; 64];
@@ -895,22 +916,22 @@ pub fn assert_closed_within(socket: &mut TcpStream, limit: Duration) {
 }
 
 /// A channel for results that server threads report to the test.
-pub fn report<T: Send + 'static>() -> (mpsc::Sender<T>, Reports<T>) {
+pub(crate) fn report<T: Send + 'static>() -> (mpsc::Sender<T>, Reports<T>) {
     let (tx, rx) = mpsc::channel();
     (tx, Reports(rx))
 }
 
 /// The receiving end of [`report`].
-pub struct Reports<T>(mpsc::Receiver<T>);
+pub(crate) struct Reports<T>(mpsc::Receiver<T>);
 
 impl<T> Reports<T> {
     /// The next report, waiting at most [`LOG_WAIT`] + [`IO_STALL`].
-    pub fn next(&self, what: &str) -> T {
+    pub(crate) fn next(&self, what: &str) -> T {
         self.within(what, LOG_WAIT + IO_STALL)
     }
 
     /// The next report, waiting at most `limit`.
-    pub fn within(&self, what: &str, limit: Duration) -> T {
+    pub(crate) fn within(&self, what: &str, limit: Duration) -> T {
         self.0
             .recv_timeout(limit)
             .unwrap_or_else(|e| panic!("no report of {what} within {limit:?}: {e}"))

@@ -15,14 +15,14 @@ use super::{wait_until, LOG_WAIT};
 
 /// A pair of pseudo-terminals joined by socat: what is written to one
 /// comes out of the other. `agent_end` is for the agent, `test_end` for us.
-pub struct PtyPair {
+pub(crate) struct PtyPair {
     socat: Option<Child>,
     pub agent_end: PathBuf,
     pub test_end: PathBuf,
 }
 
 impl PtyPair {
-    pub fn start(dir: &Path, name: &str) -> PtyPair {
+    pub(crate) fn start(dir: &Path, name: &str) -> PtyPair {
         let mut pair = PtyPair {
             socat: None,
             agent_end: dir.join(format!("{name}-agent")),
@@ -33,7 +33,7 @@ impl PtyPair {
     }
 
     /// Starts socat (again) with the same link paths.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         assert!(self.socat.is_none(), "socat already runs");
         let link = |p: &Path| format!("pty,raw,echo=0,link={}", p.display());
         let child = Command::new("socat")
@@ -52,7 +52,7 @@ impl PtyPair {
 
     /// Ends socat the way a USB adapter goes away: the agent's end hangs
     /// up and its device node disappears.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.socat.take() else { return };
         // SIGTERM, so socat removes its links as a vanished node would be.
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
@@ -68,7 +68,7 @@ impl PtyPair {
     }
 
     /// Opens the test's end, raw, with a reader thread.
-    pub fn open_test_end(&self) -> Tty {
+    pub(crate) fn open_test_end(&self) -> Tty {
         Tty::open(&self.test_end)
     }
 }
@@ -84,14 +84,14 @@ impl Drop for PtyPair {
 
 /// A terminal we write to directly and read through a thread, so reads
 /// can have a deadline.
-pub struct Tty {
+pub(crate) struct Tty {
     writer: File,
     chunks: Receiver<Vec<u8>>,
     pending: Vec<u8>,
 }
 
 impl Tty {
-    pub fn open(path: &Path) -> Tty {
+    pub(crate) fn open(path: &Path) -> Tty {
         let file = OpenOptions::new().read(true).write(true).open(path).expect("pty opens");
         // socat made it raw already; make sure, independently of postern.
         let mut settings = rustix::termios::tcgetattr(&file).expect("a terminal");
@@ -111,17 +111,17 @@ impl Tty {
         Tty { writer: file, chunks: rx, pending: Vec::new() }
     }
 
-    pub fn write_all(&mut self, bytes: &[u8]) {
+    pub(crate) fn write_all(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).expect("write to pty");
     }
 
     /// A writer usable from another thread.
-    pub fn writer(&self) -> File {
+    pub(crate) fn writer(&self) -> File {
         self.writer.try_clone().expect("dup")
     }
 
     /// Exactly `n` bytes, or a panic after [`LOG_WAIT`].
-    pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) fn read_exact(&mut self, n: usize) -> Vec<u8> {
         let deadline = Instant::now() + LOG_WAIT;
         while self.pending.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -142,7 +142,7 @@ impl Tty {
     }
 
     /// Whatever arrives within `quiet` (used to prove nothing arrives).
-    pub fn read_for(&mut self, quiet: Duration) -> Vec<u8> {
+    pub(crate) fn read_for(&mut self, quiet: Duration) -> Vec<u8> {
         let deadline = Instant::now() + quiet;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -10,7 +10,7 @@
 //! with their stock timeouts (`squid_with`, `nginx_with`).
 #![allow(dead_code)]
 
-pub mod pki;
+pub(crate) mod pki;
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -30,10 +30,10 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 
 /// Idle and read timeouts given to every middlebox, in seconds: short, so
 /// that a test can stay idle for longer than any of them.
-pub const SHORT_TIMEOUT_SECS: u64 = 4;
+pub(crate) const SHORT_TIMEOUT_SECS: u64 = 4;
 
 /// A running middlebox, killed on drop.
-pub struct Middlebox {
+pub(crate) struct Middlebox {
     pub name: &'static str,
     /// Where clients (the agent) connect.
     pub addr: SocketAddr,
@@ -43,7 +43,7 @@ pub struct Middlebox {
 
 impl Middlebox {
     /// The middlebox's own logs, for failure messages.
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut text = String::new();
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
             for entry in entries.flatten() {
@@ -64,13 +64,13 @@ impl Middlebox {
 
     /// Squid as a forward proxy that refuses CONNECT, optionally requiring
     /// Basic authentication of `user`/`password`.
-    pub fn squid(auth: Option<(&str, &str)>) -> Middlebox {
+    pub(crate) fn squid(auth: Option<(&str, &str)>) -> Middlebox {
         Self::squid_with(auth, Some(SHORT_TIMEOUT_SECS))
     }
 
     /// As [`Middlebox::squid`], with idle and read timeouts of `timeout`
     /// seconds, or squid's own (15 minutes to read, 1 to 2 idle) if `None`.
-    pub fn squid_with(auth: Option<(&str, &str)>, timeout: Option<u64>) -> Middlebox {
+    pub(crate) fn squid_with(auth: Option<(&str, &str)>, timeout: Option<u64>) -> Middlebox {
         let dir = shared_dir("squid");
         let auth_lines = match auth {
             Some((user, password)) => {
@@ -99,7 +99,7 @@ impl Middlebox {
 
     /// Squid as the proxy of a site whose egress is HTTPS only: CONNECT to
     /// `tls_port` alone, and every plain (absolute-form) request refused.
-    pub fn squid_connect_only(tls_port: u16) -> Middlebox {
+    pub(crate) fn squid_connect_only(tls_port: u16) -> Middlebox {
         let access = format!(
             "acl CONNECT method CONNECT\n\
              acl tls_port port {tls_port}\n\
@@ -112,7 +112,7 @@ impl Middlebox {
     /// three-message handshake and accepts any password), letting in only
     /// `user`: any other user gets a 407, as a wrong password would.
     /// CONNECT is allowed to any port, plain requests too.
-    pub fn squid_ntlm(user: &str) -> Middlebox {
+    pub(crate) fn squid_ntlm(user: &str) -> Middlebox {
         let access = format!(
             "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth -S\n\
              auth_param ntlm children 2\n\
@@ -128,7 +128,7 @@ impl Middlebox {
     /// lets the requests inside through, bumps the TLS inside with certificates it makes with `bump_ca`
     /// (certificate and key files), and trusts `upstream_ca` for the
     /// station's own certificate.
-    pub fn squid_bump(
+    pub(crate) fn squid_bump(
         root: &std::path::Path,
         bump_ca: &pki::Cert,
         upstream_ca: &std::path::Path,
@@ -210,7 +210,7 @@ impl Middlebox {
     }
 
     /// tinyproxy as a forward proxy (it allows CONNECT only to 443 and 563).
-    pub fn tinyproxy() -> Middlebox {
+    pub(crate) fn tinyproxy() -> Middlebox {
         let dir = shared_dir("tinyproxy");
         let port = free_port();
         let d = dir.path().display();
@@ -228,13 +228,13 @@ impl Middlebox {
     /// response buffering on, HTTP/1.0 upstream, 1 MiB body limit), serving
     /// the station under `prefix` (e.g. `/tunnel/`). `extra` goes into the
     /// location block, to change one setting for a test.
-    pub fn nginx(station: SocketAddr, prefix: &str, extra: &str) -> Middlebox {
+    pub(crate) fn nginx(station: SocketAddr, prefix: &str, extra: &str) -> Middlebox {
         Self::nginx_with(station, prefix, extra, Some(SHORT_TIMEOUT_SECS))
     }
 
     /// As [`Middlebox::nginx`], with client, keepalive and proxy timeouts of
     /// `timeout` seconds, or nginx's own (60 s, keepalive 75 s) if `None`.
-    pub fn nginx_with(
+    pub(crate) fn nginx_with(
         station: SocketAddr,
         prefix: &str,
         extra: &str,
@@ -245,7 +245,12 @@ impl Middlebox {
 
     /// As [`Middlebox::nginx`], terminating TLS with `tls` (certificate
     /// and key files) and proxying plain HTTP to the station.
-    pub fn nginx_tls(station: SocketAddr, prefix: &str, extra: &str, tls: &pki::Cert) -> Middlebox {
+    pub(crate) fn nginx_tls(
+        station: SocketAddr,
+        prefix: &str,
+        extra: &str,
+        tls: &pki::Cert,
+    ) -> Middlebox {
         Self::nginx_serving(station, prefix, extra, Some(SHORT_TIMEOUT_SECS), Some(tls))
     }
 
@@ -303,7 +308,7 @@ impl Middlebox {
 
     /// haproxy balancing round-robin over `stations`, sticky by an inserted
     /// cookie, with short client and server timeouts.
-    pub fn haproxy(stations: &[SocketAddr]) -> Middlebox {
+    pub(crate) fn haproxy(stations: &[SocketAddr]) -> Middlebox {
         let dir = shared_dir("haproxy");
         let port = free_port();
         let t = SHORT_TIMEOUT_SECS;
@@ -326,7 +331,7 @@ impl Middlebox {
     /// as in the issue that found idle connections closed under the agent:
     /// a reverse proxy serving `station` under `prefix`, or, with `station`
     /// `None`, a forward proxy (`ProxyRequests On`, no CONNECT).
-    pub fn apache(station: Option<SocketAddr>, prefix: &str) -> Middlebox {
+    pub(crate) fn apache(station: Option<SocketAddr>, prefix: &str) -> Middlebox {
         let dir = shared_dir("apache");
         let port = free_port();
         let d = dir.path().display();
@@ -361,7 +366,7 @@ impl Middlebox {
 
     /// privoxy as a forward proxy with Debian's stock timeouts (it closes
     /// connections idle for 5 s; no action or filter files).
-    pub fn privoxy() -> Middlebox {
+    pub(crate) fn privoxy() -> Middlebox {
         let dir = shared_dir("privoxy");
         let port = free_port();
         let d = dir.path().display();
@@ -376,7 +381,7 @@ impl Middlebox {
 
     /// varnish with its built-in VCL in front of `station` (POSTs are
     /// passed, not cached), in a work directory of its own.
-    pub fn varnish(station: SocketAddr) -> Middlebox {
+    pub(crate) fn varnish(station: SocketAddr) -> Middlebox {
         let dir = shared_dir("varnish");
         let port = free_port();
         let work = dir.path().join("work");

@@ -9,13 +9,13 @@ use std::process::Command;
 use crate::common::TempDir;
 
 /// A certificate and its key, as PEM files.
-pub struct Cert {
+pub(crate) struct Cert {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
 /// A CA and the files it signed.
-pub struct Pki {
+pub(crate) struct Pki {
     pub dir: TempDir,
     pub ca: Cert,
 }
@@ -33,7 +33,7 @@ const EC: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
 
 impl Pki {
     /// A new CA named `name`.
-    pub fn new(name: &str) -> Pki {
+    pub(crate) fn new(name: &str) -> Pki {
         let dir = TempDir::new("pki");
         let subject = format!("/CN={name}");
         let mut args = vec!["req", "-x509", "-nodes", "-keyout", "ca.key", "-out", "ca.pem"];
@@ -48,7 +48,7 @@ impl Pki {
 
     /// A server certificate for `san` (e.g. `IP:127.0.0.1`), valid for
     /// `days` (negative: expired), signed by the CA.
-    pub fn leaf(&self, label: &str, san: &str, days: i32) -> Cert {
+    pub(crate) fn leaf(&self, label: &str, san: &str, days: i32) -> Cert {
         let (key, csr, pem) =
             (format!("{label}.key"), format!("{label}.csr"), format!("{label}.pem"));
         let mut args = vec!["req", "-nodes", "-keyout", &key, "-out", &csr, "-subj", "/CN=station"];
@@ -86,7 +86,7 @@ impl Pki {
     }
 
     /// A self-signed server certificate for `san`.
-    pub fn self_signed(&self, label: &str, san: &str) -> Cert {
+    pub(crate) fn self_signed(&self, label: &str, san: &str) -> Cert {
         let (key, pem) = (format!("{label}.key"), format!("{label}.pem"));
         let san = format!("subjectAltName={san}");
         let mut args = vec!["req", "-x509", "-nodes", "-keyout", &key, "-out", &pem];

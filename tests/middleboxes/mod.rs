@@ -14,6 +14,7 @@ pub(crate) mod pki;
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -424,6 +425,10 @@ impl Middlebox {
 
 impl Drop for Middlebox {
     fn drop(&mut self) {
+        // The whole process group: Apache and nginx fork workers that
+        // outlive a killed master and keep its listening socket.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -443,6 +448,8 @@ fn spawn(program: &str, args: &[&str], dir: &TempDir) -> Child {
     let err = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
     Command::new(program)
         .args(args)
+        // Its own process group, so that drop ends its workers too.
+        .process_group(0)
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(out)

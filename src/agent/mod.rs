@@ -86,9 +86,8 @@ struct Shared {
     /// Serial services in use now, by service name.
     consoles: Mutex<HashMap<String, serial::Holder>>,
     limits: Limits,
-    current: Mutex<Option<Arc<Tunnel>>>,
-    /// The id of the current session, for renewing its keys.
-    session_id: Mutex<Option<SessionId>>,
+    /// The live session and its id (which renewing its keys needs).
+    current: Mutex<Option<(Arc<Tunnel>, SessionId)>>,
     changed: Notify,
     /// Carrier connections that failed and were made again.
     reconnects: AtomicU64,
@@ -101,8 +100,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn set_current(&self, tunnel: Option<Arc<Tunnel>>) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = tunnel;
+    /// The live session's tunnel, if there is one.
+    fn tunnel(&self) -> Option<Arc<Tunnel>> {
+        lock(&self.current).as_ref().map(|(tunnel, _)| tunnel.clone())
+    }
+
+    fn set_current(&self, session: Option<(Arc<Tunnel>, SessionId)>) {
+        *lock(&self.current) = session;
         self.changed.notify(usize::MAX);
     }
 
@@ -112,8 +116,7 @@ impl Shared {
         let wait = async {
             loop {
                 let listener = self.changed.listen();
-                let current = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(tunnel) = current.filter(|t| t.closed().is_none()) {
+                if let Some(tunnel) = self.tunnel().filter(|t| t.closed().is_none()) {
                     return Some(tunnel);
                 }
                 listener.await;
@@ -177,7 +180,6 @@ impl Agent {
             consoles: Mutex::new(HashMap::new()),
             limits,
             current: Mutex::new(None),
-            session_id: Mutex::new(None),
             changed: Notify::new(),
             reconnects: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -268,9 +270,8 @@ async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, t
 async fn report_status(shared: Arc<Shared>) {
     loop {
         smol::Timer::after(STATUS_EVERY).await;
-        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let reconnects = shared.reconnects.load(Ordering::Relaxed);
-        match current {
+        match shared.tunnel() {
             Some(tunnel) => {
                 let stats = tunnel.stats();
                 log::info!(
@@ -331,9 +332,8 @@ impl Handle {
         if changes.is_empty() {
             return changes;
         }
-        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let session = *lock(&shared.session_id);
-        if let (Some(tunnel), Some(session)) = (current, session) {
+        let current = lock(&shared.current).clone();
+        if let Some((tunnel, session)) = current {
             changes.push(match renew_keys(shared, &tunnel, session).await {
                 Ok(station) => format!(
                     "session {} renewed its keys (station key {})",
@@ -354,8 +354,7 @@ impl Handle {
     pub async fn drain(&self, limit: Duration) {
         let shared = &self.0;
         shared.draining.store(true, Ordering::Release);
-        let current = shared.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(tunnel) = current {
+        if let Some(tunnel) = shared.tunnel() {
             tunnel::close_after_drain(&[tunnel], limit, "the agent is stopping").await;
         }
     }
@@ -382,11 +381,9 @@ async fn keep_session(shared: &Arc<Shared>) {
                     carrier::short(&session),
                     shared.carrier
                 );
-                *lock(&shared.session_id) = Some(session);
-                shared.set_current(Some(tunnel.clone()));
+                shared.set_current(Some((tunnel.clone(), session)));
                 let reason = run_session(shared, &tunnel, session, incoming).await;
                 shared.set_current(None);
-                *lock(&shared.session_id) = None;
                 if shared.draining.load(Ordering::Acquire) {
                     log::info!(
                         "session {} closed: the agent is stopping",

@@ -419,6 +419,16 @@ pub fn proxy_from_env_for(station: &StationUrl) -> Result<Option<ProxyUrl>, Conf
     proxy_from_vars(&station.host, names, |name| std::env::var_os(name))
 }
 
+/// The proxy the agent uses: its config's `proxy`, else the environment's
+/// ([`proxy_from_env_for`]). The agent and `postern check` both ask this,
+/// so a config check calls OK is one the agent starts with.
+pub fn agent_proxy(config: &AgentConfig) -> Result<Option<ProxyUrl>, ConfigError> {
+    match &config.proxy {
+        Some(proxy) => Ok(Some(proxy.clone())),
+        None => proxy_from_env_for(&config.station),
+    }
+}
+
 const HTTP_PROXY_VARS: &[&str] = &["HTTP_PROXY", "http_proxy"];
 const HTTPS_PROXY_VARS: &[&str] = &["HTTPS_PROXY", "https_proxy"];
 

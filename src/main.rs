@@ -201,15 +201,7 @@ fn run(command: Command) -> Result<(), String> {
                 Ok(())
             }
             config::AnyConfig::Agent(agent) => {
-                // What the agent would take from the environment at start
-                // is checked too: an OK here must mean the agent starts.
-                let proxy = match &agent.proxy {
-                    Some(proxy) => Some(proxy.clone()),
-                    None => {
-                        config::proxy_from_env_for(&agent.station).map_err(|e| e.to_string())?
-                    }
-                };
-                let route = match proxy {
+                let route = match config::agent_proxy(&agent).map_err(|e| e.to_string())? {
                     Some(proxy) => format!("through proxy {}:{}", proxy.host, proxy.port),
                     None => "direct".to_owned(),
                 };
@@ -303,9 +295,7 @@ fn station(_: PathBuf) -> Result<(), String> {
 #[cfg(feature = "agent")]
 fn agent(path: PathBuf) -> Result<(), String> {
     let mut config = config::AgentConfig::load(&path).map_err(|e| e.to_string())?;
-    if config.proxy.is_none() {
-        config.proxy = config::proxy_from_env_for(&config.station).map_err(|e| e.to_string())?;
-    }
+    config.proxy = config::agent_proxy(&config).map_err(|e| e.to_string())?;
     use async_signal::Signal;
     let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
     run_on_executor(async move {

@@ -124,8 +124,8 @@ impl LiveStatus {
 
     /// Whether an authentic packet arrived within `window`.
     pub(super) fn heard_within(&self, window: Duration) -> bool {
-        let now = unix_millis(SystemTime::now());
-        now.saturating_sub(self.last_seen.load(Ordering::Relaxed)) < window.as_millis() as u64
+        // A window reaching back before the epoch covers every packet.
+        SystemTime::now().checked_sub(window).map_or(true, |since| self.heard_since(since))
     }
 
     pub(super) fn seen(&self, shape: Shape) {

@@ -31,8 +31,10 @@ Options:
   -V, --version       the version
 
 Logs go to stderr; POSTERN_LOG=error|warn|info|debug|trace overrides -v/-q.
-The agent uses HTTP_PROXY/http_proxy (honouring NO_PROXY) when its config
-names no proxy. See README.md for the config files.
+The agent uses HTTP_PROXY/http_proxy (HTTPS_PROXY/https_proxy for an https://
+station), honouring NO_PROXY, when its config names no proxy; check applies
+it too. SIGHUP reloads the station's config and the agent's keys.
+See README.md for the config files.
 ";
 
 enum Command {

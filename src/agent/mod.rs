@@ -421,7 +421,7 @@ async fn handshake(
     })
     .await?;
     let transport = initiator.finish(&reply).map_err(CarrierError::Handshake)?;
-    let (tunnel, incoming) = Tunnel::new(Side::Agent, transport, shared.limits);
+    let (tunnel, incoming) = Tunnel::new(Side::Agent, transport, shared.limits.clone());
     Ok((tunnel, incoming, session))
 }
 

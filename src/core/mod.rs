@@ -3,9 +3,11 @@
 
 pub mod frame;
 pub mod ring;
+pub mod rtt;
 pub mod session;
 pub mod streams;
 pub mod timer;
+pub mod window;
 
 #[cfg(test)]
 mod tests;

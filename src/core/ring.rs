@@ -30,6 +30,11 @@ impl Ring {
     /// Size of the first allocation: a few typical small writes.
     pub const FIRST: usize = 16 * 1024;
 
+    /// Allocations larger than this are given back when the ring drains,
+    /// so a stream that once buffered a long path's window holds nothing
+    /// big while it idles.
+    pub const KEEP: usize = 256 * 1024;
+
     /// An empty ring that will hold at most `limit` bytes.
     pub fn new(limit: usize) -> Ring {
         Ring { buf: Box::default(), head: 0, len: 0, limit }
@@ -45,7 +50,16 @@ impl Ring {
 
     /// Bytes that can still be added.
     pub fn room(&self) -> usize {
-        self.limit - self.len
+        self.limit.saturating_sub(self.len)
+    }
+
+    /// Moves the limit. Bytes held past a lowered limit stay; the ring
+    /// takes no more until it is below the limit again.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+        if self.len == 0 && self.buf.len() > limit {
+            self.buf = Box::default();
+        }
     }
 
     /// The held bytes, oldest first, as one or two slices.
@@ -92,6 +106,9 @@ impl Ring {
         assert!(n <= self.len, "consume of more than is held");
         self.len -= n;
         self.head = if self.len == 0 { 0 } else { (self.head + n) % self.buf.len() };
+        if self.len == 0 && self.buf.len() > Self::KEEP.min(self.limit) {
+            self.buf = Box::default();
+        }
     }
 
     /// Appends as much of `bytes` as there is room for; returns how much.
@@ -211,6 +228,25 @@ mod tests {
         let (a, b) = ring.free_mut(usize::MAX);
         assert!(a.is_empty() && b.is_empty());
         assert_eq!(ring.push(b"x"), 0);
+    }
+
+    #[test]
+    fn a_drained_large_ring_gives_its_memory_back() {
+        let mut ring = Ring::new(4 * Ring::KEEP);
+        assert_eq!(ring.push(&vec![1; 2 * Ring::KEEP]), 2 * Ring::KEEP);
+        assert_eq!(ring.buf.len(), 2 * Ring::KEEP);
+        ring.consume(Ring::KEEP);
+        assert_eq!(ring.buf.len(), 2 * Ring::KEEP, "kept while it holds bytes");
+        ring.consume(Ring::KEEP);
+        assert_eq!(ring.buf.len(), 0);
+        // A lowered limit takes effect at once on an empty ring, and stops
+        // a full one from taking more.
+        ring.push(&vec![2; 3 * Ring::KEEP]);
+        ring.set_limit(Ring::KEEP);
+        assert_eq!((ring.len(), ring.room()), (3 * Ring::KEEP, 0));
+        assert_eq!(ring.push(b"x"), 0);
+        ring.consume(3 * Ring::KEEP);
+        assert_eq!(ring.push(&vec![3; 2 * Ring::KEEP]), Ring::KEEP);
     }
 
     #[test]

@@ -22,20 +22,24 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::frame::{self, encode_header, Frames, Header, MAX_HEADER, MAX_PACKET};
+use super::rtt::Rtt;
 use super::streams::{Event, Side, StreamViolation, Streams};
 use super::timer::Timer;
+use super::window::{Budget, MAX_STREAM_WINDOW};
 
 /// Bytes of unacknowledged packets a sender keeps before it stops making new
-/// ones. It bounds the resend memory per session and the data in flight;
-/// 4 MiB keeps a fast loopback or LAN path busy between acks.
-pub const SESSION_WINDOW: usize = 4 * 1024 * 1024;
+/// ones: the resend memory per session and the data in flight. The peer's
+/// credit bounds stream data in flight already (each stream's window, which
+/// grows to at most [`MAX_STREAM_WINDOW`]); this bound sits just above one
+/// full-grown window so a single stream is never held back by it.
+pub const SESSION_WINDOW: usize = MAX_STREAM_WINDOW as usize + 2 * 1024 * 1024;
 
 /// Received bytes after which an ack goes out at once rather than after
 /// [`Limits::ack_delay`], so the sender's window keeps moving.
 pub const ACK_EVERY_BYTES: usize = 256 * 1024;
 
-/// Timing a session runs with.
-#[derive(Debug, Clone, Copy)]
+/// Timing a session runs with, and the window room it may take.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// No authentic packet from the peer for this long ends the session.
     pub idle_timeout: Duration,
@@ -44,6 +48,9 @@ pub struct Limits {
     pub keepalive: Duration,
     /// How long a received packet may wait for its ack to ride on data.
     pub ack_delay: Duration,
+    /// Room its streams' receive windows may grow into, shared with the
+    /// other sessions of this process (see [`super::window`]).
+    pub windows: Budget,
 }
 
 impl Default for Limits {
@@ -52,6 +59,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             keepalive: Duration::from_secs(15),
             ack_delay: Duration::from_millis(20),
+            windows: Budget::unlimited(),
         }
     }
 }
@@ -84,6 +92,10 @@ pub enum Lane {
 struct Unacked {
     seq: u64,
     frames: Vec<u8>,
+    /// When it was first sent, for a round-trip sample from its ack.
+    sent_at: Instant,
+    /// Sent more than once: its ack gives no sample.
+    resent: bool,
 }
 
 /// One end of a session: streams plus reliable delivery.
@@ -121,6 +133,7 @@ pub struct Session {
     /// Packets sent more than once.
     resent: u64,
     last_received: Instant,
+    rtt: Rtt,
     closed: bool,
     /// Frames buffers of acknowledged packets, reused for new ones.
     spare: Vec<Vec<u8>>,
@@ -129,7 +142,7 @@ pub struct Session {
 impl Session {
     pub fn new(side: Side, now: Instant, limits: Limits) -> Self {
         Session {
-            streams: Streams::new(side),
+            streams: Streams::new(side, limits.windows.clone()),
             limits,
             next_seq: 1,
             unacked: VecDeque::new(),
@@ -146,6 +159,7 @@ impl Session {
             highest_sent: 0,
             resent: 0,
             last_received: now,
+            rtt: Rtt::default(),
             closed: false,
             spare: Vec::new(),
         }
@@ -206,11 +220,16 @@ impl Session {
             return Err(PeerError::AckFromFuture { ack, sent: self.next_seq - 1 });
         }
         let mut progress = false;
+        let mut newest = None;
         while self.unacked.front().is_some_and(|p| p.seq <= ack) {
             let done = self.unacked.pop_front().expect("front exists");
             self.unacked_bytes -= done.frames.len();
+            newest = Some((done.sent_at, done.resent));
             self.recycle(done.frames);
             progress = true;
+        }
+        if let Some((sent_at, false)) = newest {
+            self.rtt.sample(now.saturating_duration_since(sent_at));
         }
         if self.unacked.is_empty() {
             self.waiting_since = None;
@@ -238,6 +257,12 @@ impl Session {
     #[must_use]
     pub fn stalled_since(&self) -> Option<Instant> {
         self.waiting_since
+    }
+
+    /// The path's round trip as the acks show it.
+    #[must_use]
+    pub fn rtt(&self) -> &Rtt {
+        &self.rtt
     }
 
     /// Packets sent again because a carrier lane restarted before their ack.
@@ -275,10 +300,11 @@ impl Session {
             if self.send_cursor < self.next_seq {
                 let index = usize::try_from(self.send_cursor - self.first_unacked())
                     .expect("cursor lies within the unacked queue");
-                let packet = &self.unacked[index];
+                let packet = &mut self.unacked[index];
                 let seq = packet.seq;
                 if seq <= self.highest_sent {
                     self.resent += 1;
+                    packet.resent = true;
                 }
                 self.highest_sent = self.highest_sent.max(seq);
                 encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
@@ -290,7 +316,7 @@ impl Session {
             let probe = std::mem::take(&mut self.probe_wanted);
             if self.unacked_bytes < SESSION_WINDOW && (probe || self.streams.has_output()) {
                 let mut frames = self.spare.pop().unwrap_or_default();
-                self.streams.fill(&mut frames, MAX_PACKET - MAX_HEADER);
+                self.streams.fill(&mut frames, MAX_PACKET - MAX_HEADER, now, self.rtt.smoothed());
                 if probe || !frames.is_empty() {
                     let seq = self.next_seq;
                     self.next_seq += 1;
@@ -298,7 +324,7 @@ impl Session {
                     encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
                     out.extend_from_slice(&frames);
                     self.unacked_bytes += frames.len();
-                    self.unacked.push_back(Unacked { seq, frames });
+                    self.unacked.push_back(Unacked { seq, frames, sent_at: now, resent: false });
                     self.waiting_since.get_or_insert(now);
                     self.send_cursor = self.next_seq;
                     self.sent(now);

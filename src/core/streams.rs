@@ -5,28 +5,29 @@
 //! the local socket). A sender may only send bytes the receiver has granted
 //! credit for, so a stream whose reader is slow fills its own window and
 //! stops, while every other stream keeps moving. Memory per stream is at most
-//! [`SEND_BUFFER`] + [`STREAM_WINDOW`] whatever the peer does.
+//! [`SEND_BUFFER`] + its receive window whatever the peer does; windows grow
+//! with the path within the budgets [`super::window`] describes.
 //!
-//! This module does no I/O and keeps no time. The session layer below it
-//! makes delivery of frames reliable and ordered, so nothing here resends.
+//! This module does no I/O and reads no clock: the session passes the time
+//! and the round trip in. The session layer below it makes delivery of
+//! frames reliable and ordered, so nothing here resends.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 pub use super::frame::StreamId;
 use super::frame::{self, encode_frame, Frame, FRAME_OVERHEAD, MAX_NAME, MAX_REASON};
 use super::ring::Ring;
-
-/// Bytes a receiver accepts on one stream beyond what its local socket has
-/// taken. 256 KiB keeps a 100 ms cellular round trip at about 2.5 MB/s per
-/// stream while a station with hundreds of streams stays within tens of MiB.
-pub const STREAM_WINDOW: u64 = 256 * 1024;
+pub use super::window::STREAM_WINDOW;
+use super::window::{self, Budget, Change, MAX_STREAM_WINDOW, SESSION_BUDGET};
 
 /// Bytes a stream buffers from its local socket before the socket waits.
 /// Two full packets, so a packet can be filled while the socket refills.
 pub const SEND_BUFFER: usize = 128 * 1024;
 
 /// Concurrent streams per session, each side counted together. Bounds the
-/// memory a peer can pin to about `MAX_STREAMS * (SEND_BUFFER + STREAM_WINDOW)`.
+/// memory a peer can pin to about `MAX_STREAMS * (SEND_BUFFER + STREAM_WINDOW)`
+/// plus the session's window budget.
 pub const MAX_STREAMS: usize = 256;
 
 /// Which end of the session this is; decides stream id parity.
@@ -124,13 +125,21 @@ struct Stream {
     peer_limit: u64,
     finish: Finish,
     writable_wanted: bool,
-    /// At most [`STREAM_WINDOW`] bytes: the peer may not send past the
+    /// At most `granted - consumed` bytes: the peer may not send past the
     /// credit, and credit is never more than a window past `consumed`.
     recv_buf: Ring,
     /// Bytes of this stream taken by the local socket so far.
     consumed: u64,
     /// Total offset we let the peer send up to.
     granted: u64,
+    /// How far past `consumed` the next grant reaches; the room it takes
+    /// past [`STREAM_WINDOW`] is on loan from the budgets.
+    window: u64,
+    /// When the current epoch began and what `consumed` was then: the
+    /// window is judged once the reader has taken a window since.
+    epoch: Option<(Instant, u64)>,
+    /// When credit last went out: a stream quiet for long gives room back.
+    last_grant: Option<Instant>,
     credit_due: bool,
     peer_fin: bool,
     fin_delivered: bool,
@@ -150,6 +159,9 @@ impl Stream {
             recv_buf: Ring::new(STREAM_WINDOW as usize),
             consumed: 0,
             granted: STREAM_WINDOW,
+            window: STREAM_WINDOW,
+            epoch: None,
+            last_grant: None,
             credit_due: false,
             peer_fin: false,
             fin_delivered: false,
@@ -167,6 +179,20 @@ impl Stream {
 
     fn is_done(&self) -> bool {
         self.finish == Finish::Sent && self.fin_delivered
+    }
+
+    /// Room this stream holds past [`STREAM_WINDOW`].
+    fn loan(&self) -> u64 {
+        self.window - STREAM_WINDOW
+    }
+
+    /// Sets the window; the receive buffer follows it, and always has
+    /// room for every byte already granted.
+    fn resize(&mut self, window: u64) {
+        self.window = window;
+        let outstanding = self.granted - self.consumed;
+        let limit = window.max(outstanding);
+        self.recv_buf.set_limit(usize::try_from(limit).unwrap_or(usize::MAX));
     }
 }
 
@@ -196,10 +222,14 @@ pub struct Streams {
     refusals: usize,
     events: VecDeque<Event>,
     peer_closed: bool,
+    /// Shared window room, and what is left of this session's.
+    budget: Budget,
+    session_room: u64,
 }
 
 impl Streams {
-    pub fn new(side: Side) -> Self {
+    /// Streams whose windows grow within `budget`, shared with other sessions.
+    pub fn new(side: Side, budget: Budget) -> Self {
         Streams {
             side,
             streams: BTreeMap::new(),
@@ -213,6 +243,8 @@ impl Streams {
             refusals: 0,
             events: VecDeque::new(),
             peer_closed: false,
+            budget,
+            session_room: SESSION_BUDGET,
         }
     }
 
@@ -245,6 +277,17 @@ impl Streams {
         self.streams.insert(id, Stream::new());
         self.control.push_back(Control::Open { id, name: name.to_owned() });
         Ok(id)
+    }
+
+    /// The receive window of `id` now: how far past what the local reader
+    /// took the peer may send.
+    pub fn window(&self, id: StreamId) -> Option<u64> {
+        self.streams.get(&id).map(|s| s.window)
+    }
+
+    /// Received bytes of `id` waiting for the local reader.
+    pub fn buffered(&self, id: StreamId) -> Option<usize> {
+        self.streams.get(&id).map(|s| s.recv_buf.len())
     }
 
     /// Copies as much of `bytes` as the send buffer takes; 0 means full, and
@@ -346,10 +389,8 @@ impl Streams {
     fn consumed(&mut self, id: StreamId, n: usize) {
         let Some(stream) = self.streams.get_mut(&id) else { return };
         stream.consumed += n as u64;
-        // Grant more once half the window is used, so credit frames are
-        // rare but the sender never waits for a full round trip.
-        if stream.granted - stream.consumed <= STREAM_WINDOW / 2 && !stream.peer_fin {
-            stream.granted = stream.consumed + STREAM_WINDOW;
+        // The grant itself is sized when it is sent, where the time is known.
+        if window::credit_due(stream.granted - stream.consumed, stream.window) && !stream.peer_fin {
             stream.credit_due = true;
             self.mark_ready(id);
         }
@@ -357,7 +398,7 @@ impl Streams {
 
     /// Ends the stream on both sides at once; `reason` reaches the peer's log.
     pub fn reset(&mut self, id: StreamId, reason: &str) {
-        if self.streams.remove(&id).is_some() {
+        if self.remove(id) {
             let reason = frame::truncate(reason, MAX_REASON).to_owned();
             self.control.push_back(Control::Reset { id, reason });
         }
@@ -371,6 +412,8 @@ impl Streams {
 
     /// Drops every stream (the session ended) and tells the driver.
     pub fn clear(&mut self, reason: &str) {
+        let loans: u64 = self.streams.values().map(Stream::loan).sum();
+        self.repay(loans);
         self.streams.clear();
         self.ready.clear();
         self.control.clear();
@@ -418,7 +461,7 @@ impl Streams {
                 }
             }
             Frame::Reset { id, reason } => {
-                if self.streams.remove(&id).is_some() {
+                if self.remove(id) {
                     self.events.push_back(Event::Reset { id, reason: reason.to_owned() });
                 }
             }
@@ -462,7 +505,8 @@ impl Streams {
 
     /// Encodes frames into `out` until it holds `capacity` bytes or nothing
     /// is left to send. Control frames go first so an Open precedes its data.
-    pub fn fill(&mut self, out: &mut Vec<u8>, capacity: usize) {
+    /// `now` and the path's round trip size the credit it grants.
+    pub fn fill(&mut self, out: &mut Vec<u8>, capacity: usize, now: Instant, rtt: Duration) {
         let refused = format!("too many streams open (limit {MAX_STREAMS})");
         while let Some(control) = self.control.front() {
             let frame = match control {
@@ -485,10 +529,15 @@ impl Streams {
         while turns > 0 && out.len() + 2 * FRAME_OVERHEAD < capacity {
             turns -= 1;
             let Some(id) = self.ready.pop_front() else { break };
+            if self.streams.get(&id).is_some_and(|s| s.credit_due) {
+                self.size_window(id, now, rtt);
+            }
             let Some(stream) = self.streams.get_mut(&id) else { continue };
             stream.queued = false;
             if stream.credit_due {
                 stream.credit_due = false;
+                stream.granted = stream.granted.max(stream.consumed + stream.window);
+                stream.last_grant = Some(now);
                 encode_frame(&Frame::Credit { id, limit: stream.granted }, out);
             }
             let credit = usize::try_from(stream.peer_limit - stream.sent).unwrap_or(usize::MAX);
@@ -538,8 +587,100 @@ impl Streams {
 
     fn remove_if_done(&mut self, id: StreamId) {
         if self.streams.get(&id).is_some_and(Stream::is_done) {
-            self.streams.remove(&id);
+            self.remove(id);
         }
+    }
+
+    /// Forgets stream `id` and repays its window's loan; false if unknown.
+    fn remove(&mut self, id: StreamId) -> bool {
+        let Some(stream) = self.streams.remove(&id) else { return false };
+        self.repay(stream.loan());
+        true
+    }
+
+    fn repay(&mut self, room: u64) {
+        self.session_room += room;
+        self.budget.give(room);
+    }
+
+    fn borrow(&mut self, room: u64) -> bool {
+        if self.session_room < room || !self.budget.take(room) {
+            return false;
+        }
+        self.session_room -= room;
+        true
+    }
+
+    /// Grows or shrinks the window of `id` before its credit goes out, if
+    /// its reader has taken a whole window since the epoch began; see
+    /// [`super::window`].
+    fn size_window(&mut self, id: StreamId, now: Instant, rtt: Duration) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let Some((began, at)) = stream.epoch else {
+            // The first epoch counts from the first byte on, though its
+            // clock starts at the first grant: a stream's first window is
+            // judged at the end of the first round trip, not the second.
+            stream.epoch = Some((now, 0));
+            return;
+        };
+        let window = stream.window;
+        let took = now.saturating_duration_since(began);
+        // A reader that took less than a window in a slow epoch's time is
+        // judged now, not once it has finally taken all of it.
+        if stream.consumed - at < window && took < rtt * window::SLOW_EPOCH {
+            return;
+        }
+        stream.epoch = Some((now, stream.consumed));
+        match window::judge(took, rtt) {
+            Change::Keep => {}
+            Change::Grow if window < MAX_STREAM_WINDOW => {
+                let wanted = (window * window::GROWTH).min(MAX_STREAM_WINDOW);
+                if self.borrow(wanted - window)
+                    || (self.reclaim_quiet(id, now, rtt) && self.borrow(wanted - window))
+                {
+                    self.streams.get_mut(&id).expect("looked up above").resize(wanted);
+                }
+            }
+            Change::Grow => {}
+            Change::Shrink => {
+                // Never below the credit already out: the bytes it lets
+                // the peer send must fit.
+                let outstanding = stream.granted - stream.consumed;
+                let smaller = (window / 2).max(outstanding).max(STREAM_WINDOW);
+                stream.resize(smaller);
+                self.repay(window - smaller);
+            }
+        }
+    }
+
+    /// Takes room back from streams other than `except` that granted
+    /// nothing for [`window::SLOW_EPOCH`] round trips and have no more
+    /// than [`STREAM_WINDOW`] outstanding; true if any gave some back.
+    fn reclaim_quiet(&mut self, except: StreamId, now: Instant, rtt: Duration) -> bool {
+        let mut freed = 0;
+        for (id, stream) in &mut self.streams {
+            let quiet = stream
+                .last_grant
+                .is_some_and(|at| now.saturating_duration_since(at) >= rtt * window::SLOW_EPOCH);
+            if *id != except
+                && stream.window > STREAM_WINDOW
+                && quiet
+                && stream.granted - stream.consumed <= STREAM_WINDOW
+            {
+                freed += stream.loan();
+                stream.resize(STREAM_WINDOW);
+            }
+        }
+        self.repay(freed);
+        freed > 0
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        // The shared budget outlives this session; the session's own does not.
+        let loans: u64 = self.streams.values().map(Stream::loan).sum();
+        self.budget.give(loans);
     }
 }
 
@@ -552,7 +693,7 @@ mod tests {
     fn deliver(from: &mut Streams, to: &mut Streams) {
         loop {
             let mut packet = Vec::new();
-            from.fill(&mut packet, frame::MAX_PACKET);
+            from.fill(&mut packet, frame::MAX_PACKET, Instant::now(), Duration::from_millis(20));
             if packet.is_empty() {
                 return;
             }
@@ -568,8 +709,8 @@ mod tests {
 
     #[test]
     fn open_data_and_half_close_each_way() {
-        let mut agent = Streams::new(Side::Agent);
-        let mut station = Streams::new(Side::Station);
+        let mut agent = Streams::new(Side::Agent, Budget::unlimited());
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         let id = agent.open("collector").unwrap();
         assert_eq!(agent.write(id, b"hello").unwrap(), 5);
         agent.finish(id).unwrap();
@@ -594,8 +735,8 @@ mod tests {
 
     #[test]
     fn in_place_writes_and_reads_move_the_same_bytes() {
-        let mut agent = Streams::new(Side::Agent);
-        let mut station = Streams::new(Side::Station);
+        let mut agent = Streams::new(Side::Agent, Budget::unlimited());
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         let id = agent.open("collector").unwrap();
         deliver(&mut agent, &mut station);
         drain_events(&mut station);
@@ -640,8 +781,8 @@ mod tests {
 
     #[test]
     fn a_slow_reader_stops_its_own_stream_only() {
-        let mut agent = Streams::new(Side::Agent);
-        let mut station = Streams::new(Side::Station);
+        let mut agent = Streams::new(Side::Agent, Budget::unlimited());
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         let slow = agent.open("a").unwrap();
         let fast = agent.open("b").unwrap();
         let chunk = vec![1u8; 64 * 1024];
@@ -664,7 +805,7 @@ mod tests {
 
     #[test]
     fn overrunning_credit_resets_the_stream() {
-        let mut station = Streams::new(Side::Station);
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         station.handle_frame(Frame::Open { id: 1, name: "t" }).unwrap();
         let big = vec![0u8; STREAM_WINDOW as usize + 1];
         assert_eq!(
@@ -676,7 +817,7 @@ mod tests {
 
     #[test]
     fn peer_ids_must_have_its_parity_and_grow() {
-        let mut station = Streams::new(Side::Station);
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         assert_eq!(
             station.handle_frame(Frame::Open { id: 2, name: "t" }),
             Err(StreamViolation::BadId(2))
@@ -690,8 +831,8 @@ mod tests {
 
     #[test]
     fn stream_limit_refuses_with_a_reset() {
-        let mut agent = Streams::new(Side::Agent);
-        let mut station = Streams::new(Side::Station);
+        let mut agent = Streams::new(Side::Agent, Budget::unlimited());
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         for _ in 0..MAX_STREAMS {
             agent.open("t").unwrap();
         }
@@ -702,7 +843,7 @@ mod tests {
         }
         assert_eq!(station.len(), MAX_STREAMS);
         let mut packet = Vec::new();
-        station.fill(&mut packet, frame::MAX_PACKET);
+        station.fill(&mut packet, frame::MAX_PACKET, Instant::now(), Duration::from_millis(20));
         let frames: Vec<_> = Frames::new(&packet).map(Result::unwrap).collect();
         assert_eq!(
             frames[0],
@@ -720,7 +861,7 @@ mod tests {
     /// outstanding; one that does is ending the session.
     #[test]
     fn refusals_waiting_to_be_sent_are_bounded() {
-        let mut station = Streams::new(Side::Station);
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         let mut ids = (1..).step_by(2);
         for id in ids.by_ref().take(2 * MAX_STREAMS) {
             station.handle_frame(Frame::Open { id, name: "t" }).unwrap();
@@ -734,12 +875,12 @@ mod tests {
 
         // Refusals that went out make room: a peer that hears them may
         // open (and be refused) again.
-        let mut station = Streams::new(Side::Station);
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         for id in ids.by_ref().take(2 * MAX_STREAMS) {
             station.handle_frame(Frame::Open { id, name: "t" }).unwrap();
         }
         let mut packet = Vec::new();
-        station.fill(&mut packet, frame::MAX_PACKET);
+        station.fill(&mut packet, frame::MAX_PACKET, Instant::now(), Duration::from_millis(20));
         assert_eq!(Frames::new(&packet).count(), MAX_STREAMS);
         let id = ids.next().unwrap();
         assert_eq!(station.handle_frame(Frame::Open { id, name: "t" }), Ok(()));
@@ -748,8 +889,8 @@ mod tests {
 
     #[test]
     fn reset_reaches_the_peer_with_its_reason() {
-        let mut agent = Streams::new(Side::Agent);
-        let mut station = Streams::new(Side::Station);
+        let mut agent = Streams::new(Side::Agent, Budget::unlimited());
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
         let id = agent.open("collector").unwrap();
         deliver(&mut agent, &mut station);
         drain_events(&mut station);

@@ -172,7 +172,8 @@ fn unacked_memory_is_bounded_when_the_peer_is_silent() {
     let now = Instant::now();
     let mut agent = End::new(Side::Agent, now);
     let mut ids = Vec::new();
-    for _ in 0..40 {
+    // Enough streams that their credit together passes the session window.
+    for _ in 0..100 {
         ids.push(agent.session.streams().open("t").unwrap());
     }
     let chunk = vec![9u8; 64 * 1024];
@@ -288,4 +289,236 @@ fn a_probe_is_acked_and_a_silent_path_shows_as_stalled() {
     }
     assert_eq!(agent.session.stalled_since(), None);
     assert_eq!(agent.session.unacked_bytes(), 0);
+}
+
+/// One direction of a path with a round trip and a rate: a packet leaves
+/// when the ones before it have, and lands half a round trip later. The
+/// sender hands it a packet only when its queue is short (a socket buffer).
+struct Pipe {
+    one_way: Duration,
+    bytes_per_sec: f64,
+    free_at: Instant,
+    queue: VecDeque<(Instant, Vec<u8>)>,
+}
+
+impl Pipe {
+    fn new(now: Instant, rtt: Duration, bytes_per_sec: f64) -> Pipe {
+        Pipe { one_way: rtt / 2, bytes_per_sec, free_at: now, queue: VecDeque::new() }
+    }
+
+    fn has_room(&self, now: Instant) -> bool {
+        self.free_at <= now + TICK
+    }
+
+    fn send(&mut self, now: Instant, packet: Vec<u8>) {
+        let start = self.free_at.max(now);
+        self.free_at = start + Duration::from_secs_f64(packet.len() as f64 / self.bytes_per_sec);
+        self.queue.push_back((self.free_at + self.one_way, packet));
+    }
+
+    fn deliver(&mut self, now: Instant, to: &mut Session) {
+        while self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, packet) = self.queue.pop_front().unwrap();
+            to.handle_packet(now, &packet).unwrap();
+        }
+    }
+}
+
+const TICK: Duration = Duration::from_millis(1);
+
+/// Bulk transfers agent to station over a [`Pipe`] pair, in 1 ms steps of
+/// simulated time.
+struct Path {
+    now: Instant,
+    agent: Session,
+    station: Session,
+    up: Pipe,
+    down: Pipe,
+    /// Streams the agent writes to, with what each has written and what the
+    /// station's reader got.
+    streams: Vec<(StreamId, u64, u64)>,
+    reading: bool,
+    /// Bytes each reader takes per millisecond at most.
+    read_per_tick: usize,
+}
+
+impl Path {
+    fn new(rtt: Duration, bytes_per_sec: f64, streams: usize, limits: Limits) -> Path {
+        let now = Instant::now();
+        let mut agent = Session::new(Side::Agent, now, Limits::default());
+        let ids = (0..streams).map(|_| (agent.streams().open("t").unwrap(), 0, 0)).collect();
+        Path {
+            now,
+            agent,
+            station: Session::new(Side::Station, now, limits),
+            up: Pipe::new(now, rtt, bytes_per_sec),
+            down: Pipe::new(now, rtt, bytes_per_sec),
+            streams: ids,
+            reading: true,
+            read_per_tick: usize::MAX,
+        }
+    }
+
+    fn run(&mut self, time: Duration) {
+        let chunk: Vec<u8> = (0..64 * 1024).map(pattern).collect();
+        let mut buf = vec![0u8; 256 * 1024];
+        let end = self.now + time;
+        while self.now < end {
+            self.up.deliver(self.now, &mut self.station);
+            self.down.deliver(self.now, &mut self.agent);
+            while self.station.poll_event().is_some() {}
+            while self.agent.poll_event().is_some() {}
+            for (id, written, got) in &mut self.streams {
+                while let Ok(n) = self.agent.streams().write(*id, &chunk) {
+                    *written += n as u64;
+                    if n < chunk.len() {
+                        break;
+                    }
+                }
+                // The station knows the stream once the Open lands.
+                let mut quota = self.read_per_tick;
+                while self.reading && quota > 0 && self.station.streams().contains(*id) {
+                    let room = buf.len().min(quota);
+                    match self.station.streams().read(*id, &mut buf[..room]) {
+                        Ok(Read::Data(n)) => {
+                            *got += n as u64;
+                            quota -= n;
+                        }
+                        Ok(Read::Blocked) => break,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            self.agent.handle_timeout(self.now);
+            self.station.handle_timeout(self.now);
+            let mut packet = Vec::new();
+            while self.up.has_room(self.now)
+                && self.agent.poll_transmit(self.now, Lane::Data, &mut packet)
+            {
+                self.up.send(self.now, std::mem::take(&mut packet));
+            }
+            while self.down.has_room(self.now)
+                && self.station.poll_transmit(self.now, Lane::Data, &mut packet)
+            {
+                self.down.send(self.now, std::mem::take(&mut packet));
+            }
+            self.now += TICK;
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.streams.iter().map(|s| s.2).sum()
+    }
+
+    /// Bytes per second the station's reader got over `time` from now on.
+    fn rate_over(&mut self, time: Duration) -> f64 {
+        let before = self.received();
+        self.run(time);
+        (self.received() - before) as f64 / time.as_secs_f64()
+    }
+}
+
+use super::streams::STREAM_WINDOW;
+use super::window::{Budget, MAX_STREAM_WINDOW};
+
+#[test]
+fn windows_grow_to_fill_a_long_path() {
+    // 100 Mbit/s at 200 ms: 2.5 MB in flight, ten 256 KiB windows.
+    let rate = 12.5e6;
+    let mut path = Path::new(Duration::from_millis(200), rate, 1, Limits::default());
+    path.run(Duration::from_secs(4));
+    let got = path.rate_over(Duration::from_secs(2));
+    let id = path.streams[0].0;
+    assert!(got > 0.9 * rate, "{got:.0} B/s of {rate:.0}");
+    let window = path.station.streams().window(id).unwrap();
+    assert!(window >= 2_500_000, "window {window} below the path's bandwidth-delay product");
+    assert!(window <= MAX_STREAM_WINDOW, "window {window}");
+    assert!(path.agent.rtt().min() >= Duration::from_millis(200), "{:?}", path.agent.rtt());
+}
+
+#[test]
+fn a_short_path_keeps_the_first_window() {
+    // 20 Mbit/s at 60 ms, a cellular uplink: 150 KB in flight fits the
+    // first window, which must then not grow (the memory is not needed).
+    let rate = 2.5e6;
+    let mut path = Path::new(Duration::from_millis(60), rate, 1, Limits::default());
+    path.run(Duration::from_secs(3));
+    let got = path.rate_over(Duration::from_secs(2));
+    assert!(got > 0.9 * rate, "{got:.0} B/s of {rate:.0}");
+    let id = path.streams[0].0;
+    assert!(path.station.streams().window(id).unwrap() <= 4 * STREAM_WINDOW);
+}
+
+#[test]
+fn a_reader_that_slows_down_gives_its_window_back() {
+    let budget = Budget::new(64 * 1024 * 1024);
+    let limits = Limits { windows: budget.clone(), ..Limits::default() };
+    let mut path = Path::new(Duration::from_millis(200), 12.5e6, 1, limits);
+    path.run(Duration::from_secs(3));
+    let id = path.streams[0].0;
+    let grown = path.station.streams().window(id).unwrap();
+    assert!(grown >= 4 * STREAM_WINDOW, "{grown}");
+    // 1 MB/s: the window shrinks until the reader takes it within
+    // SLOW_EPOCH round trips (16 x 200 ms x 1 MB/s = 3.2 MB).
+    path.read_per_tick = 1000;
+    path.run(Duration::from_secs(60));
+    let window = path.station.streams().window(id).unwrap();
+    assert!(window <= 3_200_000 && window < grown / 4, "{window} of {grown}");
+    assert_eq!(budget.available(), 64 * 1024 * 1024 - (window - STREAM_WINDOW));
+}
+
+#[test]
+fn a_stopped_reader_holds_no_more_than_its_window() {
+    let mut path = Path::new(Duration::from_millis(200), 12.5e6, 1, Limits::default());
+    path.run(Duration::from_secs(3));
+    path.reading = false;
+    path.run(Duration::from_secs(3));
+    let id = path.streams[0].0;
+    let window = path.station.streams().window(id).unwrap();
+    let held = path.station.streams().buffered(id).unwrap();
+    assert!(held as u64 <= window && window <= MAX_STREAM_WINDOW, "{held} of {window}");
+    assert!(held as u64 >= window / 2, "the reader stopped, the window filled: {held}");
+    let in_flight = path.agent.unacked_bytes();
+    assert!(in_flight <= super::session::SESSION_WINDOW, "{in_flight}");
+    // Reading again drains it and the transfer goes on.
+    path.reading = true;
+    let before = path.received();
+    path.run(Duration::from_secs(1));
+    assert!(path.received() > before + held as u64);
+}
+
+/// Runs 4 bulk streams over 200 ms at 100 Mbit/s; returns each stream's
+/// bytes over the last 2 s and the path.
+fn four_streams(limits: Limits) -> (Vec<u64>, Path) {
+    let mut path = Path::new(Duration::from_millis(200), 12.5e6, 4, limits);
+    path.run(Duration::from_secs(4));
+    let before: Vec<u64> = path.streams.iter().map(|s| s.2).collect();
+    path.run(Duration::from_secs(2));
+    let shares = path.streams.iter().zip(&before).map(|(s, b)| s.2 - b).collect();
+    (shares, path)
+}
+
+#[test]
+fn streams_share_a_long_path_fairly() {
+    let (shares, _) = four_streams(Limits::default());
+    let (least, most) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+    assert!(*least as f64 > 0.8 * *most as f64, "unfair shares {shares:?}");
+    let rate = shares.iter().sum::<u64>() as f64 / 2.0;
+    assert!(rate > 0.9 * 12.5e6, "{rate:.0} B/s");
+}
+
+#[test]
+fn a_tight_budget_bounds_the_windows_and_starves_no_stream() {
+    let budget = Budget::new(1024 * 1024);
+    let (shares, mut path) = four_streams(Limits { windows: budget.clone(), ..Limits::default() });
+    let ids: Vec<StreamId> = path.streams.iter().map(|s| s.0).collect();
+    let windows: u64 = ids.iter().map(|id| path.station.streams().window(*id).unwrap()).sum();
+    assert!(windows <= 4 * STREAM_WINDOW + 1024 * 1024, "windows {windows}");
+    assert_eq!(budget.available(), 4 * STREAM_WINDOW + 1024 * 1024 - windows);
+    // Each stream keeps at least its first window: it moves at least
+    // 256 KiB per round trip, 2.6 MB in 2 s.
+    assert!(shares.iter().all(|s| *s > 2_000_000), "{shares:?}");
+    // Ending the session gives every byte of room back.
+    drop(path);
+    assert_eq!(budget.available(), 1024 * 1024);
 }

@@ -28,6 +28,7 @@ use crate::admission::{
 use crate::carrier::{self, http};
 use crate::config::StationConfig;
 use crate::core::session::Limits;
+use crate::core::window::Budget;
 use crate::crypto::{self, CryptoError, Responder, SessionId};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
@@ -256,9 +257,18 @@ impl Fixed {
     }
 }
 
+/// Receive-window room past each stream's first window that all devices'
+/// streams share: a few fast devices may take this much between them, and
+/// no more, whatever the fleet's size (see `core::window`).
+pub const WINDOW_BUDGET: u64 = 256 * 1024 * 1024;
+
 impl Station {
     pub async fn bind(config: StationConfig) -> Result<Station, Error> {
-        let limits = Limits { idle_timeout: config.session_timeout, ..Limits::default() };
+        let limits = Limits {
+            idle_timeout: config.session_timeout,
+            windows: Budget::new(WINDOW_BUDGET),
+            ..Limits::default()
+        };
         Self::bind_with(config, limits).await
     }
 

@@ -365,7 +365,7 @@ async fn hello(
         }
     };
     slot.promote();
-    let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits);
+    let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits.clone());
     let live = Arc::new(Live {
         id: session,
         key: std::sync::Mutex::new(device_key),

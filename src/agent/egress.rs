@@ -41,6 +41,13 @@ const MAX_AUTH_ROUNDS: usize = 3;
 /// The workstation name NTLM sends: proxies log it; some refuse an empty one.
 const WORKSTATION: &str = "POSTERN";
 
+/// What this build can answer a 407 with.
+const SCHEMES: &str = if cfg!(feature = "ntlm") {
+    "postern speaks NTLM and Basic"
+} else {
+    "this build of postern speaks Basic only (NTLM is cargo feature `ntlm`)"
+};
+
 /// Largest 407 or error page read (and thrown away) to keep the connection.
 const MAX_PROXY_PAGE: u64 = 64 * 1024;
 
@@ -54,9 +61,7 @@ pub(super) enum EgressError {
     CredentialsRefused { proxy: String, scheme: &'static str },
     #[error("the proxy {proxy} requires authentication (407, offers {offers}): set user:pass in `proxy`")]
     CredentialsNeeded { proxy: String, offers: String },
-    #[error(
-        "the proxy {proxy} offers only {offers} authentication; postern speaks NTLM and Basic"
-    )]
+    #[error("the proxy {proxy} offers only {offers} authentication; {SCHEMES}")]
     SchemeUnsupported { proxy: String, offers: String },
     #[error("the proxy {proxy} closed the connection in the middle of {scheme} authentication")]
     ClosedDuringAuth { proxy: String, scheme: &'static str },

@@ -19,7 +19,9 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+#[cfg(feature = "ntlm")]
 use hmac::{Hmac, Mac};
+#[cfg(feature = "ntlm")]
 use md4::{Digest, Md4};
 
 /// The schemes this agent speaks, strongest first: a proxy offering both
@@ -75,7 +77,8 @@ pub fn choose<'a>(offers: impl Iterator<Item = &'a [u8]>) -> Option<Scheme> {
         .flat_map(|value| value.split(|&b| b == b','))
         .filter_map(|offer| {
             let name = offer.trim_ascii().split(|&b| b == b' ').next()?;
-            if name.eq_ignore_ascii_case(b"NTLM") {
+            // A build without NTLM answers a proxy that offers both with Basic.
+            if name.eq_ignore_ascii_case(b"NTLM") && cfg!(feature = "ntlm") {
                 Some(Scheme::Ntlm)
             } else if name.eq_ignore_ascii_case(b"Basic") {
                 Some(Scheme::Basic)
@@ -119,6 +122,8 @@ pub fn ntlm_challenge<'a>(offers: impl Iterator<Item = &'a [u8]>) -> Option<Vec<
 pub enum NtlmError {
     #[error("the proxy's NTLM challenge is malformed ({0})")]
     BadChallenge(&'static str),
+    #[error("this build of postern has no NTLM (cargo feature `ntlm`)")]
+    NotBuilt,
 }
 
 const SIGNATURE: &[u8; 8] = b"NTLMSSP\0";
@@ -127,19 +132,25 @@ const SIGNATURE: &[u8; 8] = b"NTLMSSP\0";
 /// EXTENDED_SESSIONSECURITY | 128 | 56: what every current client asks.
 const NEGOTIATE_FLAGS: u32 = 0xa008_8207;
 
+#[cfg(feature = "ntlm")]
 /// NTLMSSP_NEGOTIATE_UNICODE: strings are UTF-16LE.
 const FLAG_UNICODE: u32 = 0x1;
 
+#[cfg(feature = "ntlm")]
 /// NTLM_NEGOTIATE_OEM: strings are in the OEM code page (ASCII here).
 const FLAG_OEM: u32 = 0x2;
 
+#[cfg(feature = "ntlm")]
 /// NTLMSSP_NEGOTIATE_TARGET_INFO: the challenge carries target info.
 const FLAG_TARGET_INFO: u32 = 0x0080_0000;
 
 /// MS-NLMP 2.2.2.1 AV_PAIR ids we read.
+#[cfg(feature = "ntlm")]
 const AV_EOL: u16 = 0;
+#[cfg(feature = "ntlm")]
 const AV_TIMESTAMP: u16 = 7;
 
+#[cfg(feature = "ntlm")]
 /// Longest target info we copy into the response: MS-NLMP sets no bound;
 /// real ones are a few hundred bytes.
 const MAX_TARGET_INFO: usize = 4096;
@@ -156,6 +167,7 @@ pub fn ntlm_negotiate() -> String {
     format!("NTLM {}", STANDARD.encode(msg))
 }
 
+#[cfg(feature = "ntlm")]
 /// What a challenge message (MS-NLMP 2.2.1.2) gives the response.
 #[derive(Debug, PartialEq, Eq)]
 struct Challenge<'a> {
@@ -164,6 +176,7 @@ struct Challenge<'a> {
     target_info: &'a [u8],
 }
 
+#[cfg(feature = "ntlm")]
 fn parse_challenge(msg: &[u8]) -> Result<Challenge<'_>, NtlmError> {
     let bad = NtlmError::BadChallenge;
     if msg.len() < 32 || &msg[..8] != SIGNATURE {
@@ -194,6 +207,7 @@ fn parse_challenge(msg: &[u8]) -> Result<Challenge<'_>, NtlmError> {
     Ok(Challenge { flags, server_challenge, target_info })
 }
 
+#[cfg(feature = "ntlm")]
 /// The server's timestamp among the AV pairs, if it sent one.
 fn av_timestamp(mut pairs: &[u8]) -> Option<u64> {
     while pairs.len() >= 4 {
@@ -209,18 +223,22 @@ fn av_timestamp(mut pairs: &[u8]) -> Option<u64> {
     None
 }
 
+#[cfg(feature = "ntlm")]
 fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
 }
 
+#[cfg(feature = "ntlm")]
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
 }
 
+#[cfg(feature = "ntlm")]
 fn utf16le(text: &str) -> Vec<u8> {
     text.encode_utf16().flat_map(u16::to_le_bytes).collect()
 }
 
+#[cfg(feature = "ntlm")]
 fn hmac_md5(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
     let mut mac = <Hmac<md5::Md5> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     for part in parts {
@@ -229,6 +247,7 @@ fn hmac_md5(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
     mac.finalize().into_bytes().into()
 }
 
+#[cfg(feature = "ntlm")]
 /// NTOWFv2 (MS-NLMP 3.3.2): HMAC-MD5 keyed with MD4(UTF-16LE(password))
 /// over UTF-16LE(UPPER(user) + domain).
 fn ntowf_v2(creds: &Credentials) -> [u8; 16] {
@@ -237,6 +256,7 @@ fn ntowf_v2(creds: &Credentials) -> [u8; 16] {
     hmac_md5(&nt_hash, &[&identity])
 }
 
+#[cfg(feature = "ntlm")]
 /// `NTLM <authenticate message>` (MS-NLMP 2.2.1.3) answering `challenge`,
 /// with NTLMv2 and LMv2 responses. `client_challenge` is 8 random bytes;
 /// `now` is the time in 100 ns ticks since 1601 (used when the server sent
@@ -304,6 +324,19 @@ pub fn ntlm_authenticate(
         msg.extend_from_slice(field);
     }
     Ok(format!("NTLM {}", STANDARD.encode(msg)))
+}
+
+/// Without the `ntlm` feature [`choose`] never picks NTLM, so this is not
+/// reached; it says what is missing if it were.
+#[cfg(not(feature = "ntlm"))]
+pub fn ntlm_authenticate(
+    _creds: &Credentials,
+    _workstation: &str,
+    _challenge: &[u8],
+    _client_challenge: [u8; 8],
+    _now: u64,
+) -> Result<String, NtlmError> {
+    Err(NtlmError::NotBuilt)
 }
 
 /// Now in NTLM's time: 100 ns ticks since 1601-01-01.

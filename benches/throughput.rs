@@ -127,14 +127,18 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ..
   --only NAMES     routes to run, comma-separated: direct, httptunnel,
                    rathole-tcp, rathole-noise, wstunnel, stream, poll,
                    stream-squid, poll-squid, stream-nginx, poll-nginx, and
-                   direct-rtt, httptunnel-rtt, stream-rtt, poll-rtt: with
-                   --rtt-ms of latency on the hop that crosses the firewall
+                   direct-rtt, httptunnel-rtt, rathole-tcp-rtt,
+                   rathole-noise-rtt, stream-rtt, poll-rtt: with --rtt-ms of
+                   latency on the hop that crosses the firewall
   --tests NAMES    tests to run, comma-separated: up, down, up-many,
                    down-many, latency (default all)
   --streams N      connections of the -many tests (default 32)
   --messages N     timed round trips per latency measurement (default 1000)
   --rtt-ms N       round trip the -rtt routes add (default 20)
-  --rtt-mib N      MiB per transfer on the -rtt routes (default 8)
+  --rtt-mib N      MiB per transfer on the -rtt routes, split over the
+                   connections of the -many tests (default 16)
+  --rate-mbit N    also limit that hop to N Mbit/s each way, behind a
+                   bounded queue (256 KiB, a router's buffer)
   --devices N      idle agents for the station memory test, 0 to skip (default 200)
   --no-memory      skip the idle memory and station memory tests
   --postern PATH   the postern binary (default: the one cargo built with this driver)
@@ -177,6 +181,8 @@ struct Options {
     /// Round trip the delayed routes add, and the bytes they move per transfer.
     rtt: Duration,
     rtt_bytes: u64,
+    /// Bytes per second the delayed hop carries each way, if limited.
+    rate: Option<f64>,
     devices: usize,
     memory: bool,
     doc: Option<PathBuf>,
@@ -204,7 +210,8 @@ impl Options {
             baseline: None,
             pause: None,
             rtt: Duration::from_millis(20),
-            rtt_bytes: 8 * MIB,
+            rtt_bytes: 16 * MIB,
+            rate: None,
             devices: 200,
             memory: true,
             doc: None,
@@ -265,6 +272,9 @@ impl Options {
                     options.rtt = Duration::from_millis(number::<u64>(&arg, value()?)?);
                 }
                 "--rtt-mib" => options.rtt_bytes = number::<u64>(&arg, value()?)?.max(1) * MIB,
+                "--rate-mbit" => {
+                    options.rate = Some(number::<f64>(&arg, value()?)?.max(0.1) * 1e6 / 8.0);
+                }
                 "--devices" => options.devices = number::<usize>(&arg, value()?)?,
                 "--no-memory" => options.memory = false,
                 "--pause" => {
@@ -350,12 +360,14 @@ enum Route {
     /// a [`DelayProxy`] in this driver: what round trips cost each carrier.
     DirectRtt,
     HttptunnelRtt,
+    RatholeTcpRtt,
+    RatholeNoiseRtt,
     StreamRtt,
     PollRtt,
 }
 
 impl Route {
-    const ALL: [Route; 17] = [
+    const ALL: [Route; 19] = [
         Route::Direct,
         Route::Httptunnel,
         Route::HttptunnelSquid,
@@ -371,6 +383,8 @@ impl Route {
         Route::StreamNginxTuned,
         Route::DirectRtt,
         Route::HttptunnelRtt,
+        Route::RatholeTcpRtt,
+        Route::RatholeNoiseRtt,
         Route::StreamRtt,
         Route::PollRtt,
     ];
@@ -395,6 +409,8 @@ impl Route {
             Route::PollBaseline => "poll-baseline",
             Route::DirectRtt => "direct-rtt",
             Route::HttptunnelRtt => "httptunnel-rtt",
+            Route::RatholeTcpRtt => "rathole-tcp-rtt",
+            Route::RatholeNoiseRtt => "rathole-noise-rtt",
             Route::StreamRtt => "stream-rtt",
             Route::PollRtt => "poll-rtt",
         }
@@ -419,6 +435,8 @@ impl Route {
             Route::PollBaseline => "postern --baseline build, carrier poll",
             Route::DirectRtt => "direct, with RTT",
             Route::HttptunnelRtt => "GNU httptunnel, with RTT",
+            Route::RatholeTcpRtt => "rathole, transport tcp, with RTT",
+            Route::RatholeNoiseRtt => "rathole, transport noise, with RTT",
             Route::StreamRtt => "postern, carrier stream, with RTT",
             Route::PollRtt => "postern, carrier poll, with RTT",
         }
@@ -430,7 +448,15 @@ impl Route {
 
     /// Whether the route has the `--rtt` delay in it.
     fn delayed(self) -> bool {
-        matches!(self, Route::DirectRtt | Route::HttptunnelRtt | Route::StreamRtt | Route::PollRtt)
+        matches!(
+            self,
+            Route::DirectRtt
+                | Route::HttptunnelRtt
+                | Route::RatholeTcpRtt
+                | Route::RatholeNoiseRtt
+                | Route::StreamRtt
+                | Route::PollRtt
+        )
     }
 
     fn is_direct(self) -> bool {
@@ -446,7 +472,9 @@ impl Route {
     /// proxy), rathole's Noise transport.
     fn baselines(self) -> [Option<Route>; 3] {
         match self {
-            _ if self.delayed() => [Some(Route::DirectRtt), Some(Route::HttptunnelRtt), None],
+            _ if self.delayed() => {
+                [Some(Route::DirectRtt), Some(Route::HttptunnelRtt), Some(Route::RatholeNoiseRtt)]
+            }
             Route::StreamSquid | Route::PollSquid => {
                 [Some(Route::Direct), Some(Route::HttptunnelSquid), Some(Route::RatholeNoise)]
             }
@@ -458,10 +486,11 @@ impl Route {
     /// leaves a row saying why; `Ok(())` leaves the test out silently.
     fn skips(self, test: Test) -> Option<Result<(), String>> {
         let many = matches!(test, Test::UpMany | Test::DownMany);
-        if self.delayed() && test != Test::Up && test != Test::Down {
+        if self.delayed() && test == Test::Latency {
             return Some(Ok(()));
         }
-        if many && matches!(self, Route::Httptunnel | Route::HttptunnelSquid) {
+        if many && matches!(self, Route::Httptunnel | Route::HttptunnelSquid | Route::HttptunnelRtt)
+        {
             return Some(Err("not run: httptunnel carries one connection at a time".to_owned()));
         }
         None
@@ -470,12 +499,12 @@ impl Route {
     /// Starts the route's processes; the returned entries lead to `targets`.
     fn start(self, targets: &Targets, options: &Options) -> Result<Running, String> {
         let baseline = || options.baseline.as_deref().ok_or("no --baseline binary given");
-        let delay = self.delayed().then_some(options.rtt / 2);
+        let delay = self.delayed().then_some(Hop { one_way: options.rtt / 2, rate: options.rate });
         fn postern<'a>(
             binary: &'a Path,
             carrier: &'a str,
             via: Via,
-            delay: Option<Duration>,
+            delay: Option<Hop>,
         ) -> Postern<'a> {
             Postern { station: binary, agent: binary, carrier, via, delay }
         }
@@ -507,8 +536,12 @@ impl Route {
                 running._keep.push(Box::new(squid));
                 Ok(running)
             }
-            Route::RatholeTcp => start_rathole(&all, options.rathole()?, false),
-            Route::RatholeNoise => start_rathole(&all, options.rathole()?, true),
+            Route::RatholeTcp | Route::RatholeTcpRtt => {
+                start_rathole(&all, options.rathole()?, false, delay)
+            }
+            Route::RatholeNoise | Route::RatholeNoiseRtt => {
+                start_rathole(&all, options.rathole()?, true, delay)
+            }
             Route::Wstunnel => start_wstunnel(&all, options.wstunnel()?),
             Route::Stream | Route::StreamRtt => {
                 postern(&options.postern, "stream", Via::Direct, delay).start(&all)
@@ -674,6 +707,7 @@ fn run(options: &Options) -> Result<(), String> {
     let payload = Payload::new(options.bytes);
     let share = Payload::new(options.bytes / options.streams as u64);
     let rtt_payload = Payload::new(options.rtt_bytes);
+    let rtt_share = Payload::new(options.rtt_bytes / options.streams as u64);
     let targets = Targets::start()?;
     let machine = Machine::describe();
     eprintln!(
@@ -753,6 +787,7 @@ fn run(options: &Options) -> Result<(), String> {
                     continue;
                 }
                 let payload = match test {
+                    Test::UpMany | Test::DownMany if route.delayed() => &rtt_share,
                     _ if route.delayed() => &rtt_payload,
                     Test::UpMany | Test::DownMany => &share,
                     _ => &payload,
@@ -1518,7 +1553,7 @@ struct Postern<'a> {
     agent: &'a Path,
     carrier: &'a str,
     via: Via,
-    delay: Option<Duration>,
+    delay: Option<Hop>,
 }
 
 impl Postern<'_> {
@@ -1662,7 +1697,7 @@ fn wait_listening(port: u16, proc: &Proc) -> Result<(), String> {
 /// time to one fixed destination. htc goes through `proxy` if given.
 fn start_httptunnel(
     targets: &[(&str, SocketAddr)],
-    delay: Option<Duration>,
+    delay: Option<Hop>,
     proxy: Option<SocketAddr>,
 ) -> Result<Running, String> {
     let mut procs = Vec::new();
@@ -1713,10 +1748,17 @@ fn start_rathole(
     targets: &[(&str, SocketAddr)],
     rathole: &Path,
     noise: bool,
+    delay: Option<Hop>,
 ) -> Result<Running, String> {
     let transport = if noise { "noise" } else { "tcp" };
     let dir = TempDir::new(&format!("rathole-{transport}"));
     let control = free_port()?;
+    // The client reaches the server's control port, and opens its data
+    // channels, through the relay when the route has one.
+    let relay = delay
+        .map(|hop| DelayProxy::start(SocketAddr::from(([127, 0, 0, 1], control)), hop))
+        .transpose()?;
+    let remote = relay.as_ref().map_or(SocketAddr::from(([127, 0, 0, 1], control)), |r| r.addr);
     let key = PrivateKey::generate();
     let (server_transport, client_transport) = if noise {
         (
@@ -1742,7 +1784,7 @@ fn start_rathole(
          {server_transport}"
     );
     let mut client = format!(
-        "[client]\nremote_addr = \"127.0.0.1:{control}\"\ndefault_token = \"postern-bench\"\n\
+        "[client]\nremote_addr = \"{remote}\"\ndefault_token = \"postern-bench\"\n\
          {client_transport}"
     );
     let mut entries = BTreeMap::new();
@@ -1773,7 +1815,7 @@ fn start_rathole(
     Ok(Running {
         entries: entries_of(&entries),
         procs: vec![client, server],
-        _keep: vec![Box::new(dir)],
+        _keep: vec![Box::new(dir), Box::new(relay)],
     })
 }
 
@@ -1852,7 +1894,7 @@ fn idle_memory(targets: &Targets, options: &Options) -> Vec<Idle> {
                 .start(&echo)
         }
         IdleTunnel::Httptunnel => start_httptunnel(&echo, None, None),
-        IdleTunnel::Rathole(noise) => start_rathole(&echo, options.rathole()?, noise),
+        IdleTunnel::Rathole(noise) => start_rathole(&echo, options.rathole()?, noise, None),
         IdleTunnel::Wstunnel => start_wstunnel(&echo, options.wstunnel()?),
     };
     tunnels
@@ -2292,13 +2334,21 @@ impl Report<'_> {
             o.repeat,
         );
         if o.routes.iter().any(|r| r.delayed()) {
+            let limit = match o.rate {
+                Some(rate) => format!(
+                    ", at most {:.0} Mbit/s each way behind a {} KiB queue",
+                    rate * 8.0 / 1e6,
+                    RATE_QUEUE >> 10
+                ),
+                None => format!(" (up to {} MiB in flight per direction)", DELAY_BUFFER >> 20),
+            };
             let _ = writeln!(
                 out,
                 "Rows \"with RTT\" add {} ms of round trip on the hop that crosses the \
-                 firewall (client–target, htc–hts, agent–station) with a relay in the bench \
-                 driver that holds each byte {} ms each way (up to 4 MiB in flight per \
-                 direction), and move {} MiB per transfer; their ratios are to the direct and \
-                 httptunnel rows with the same delay.",
+                 firewall (client–target, htc–hts, client–server, agent–station) with a relay \
+                 in the bench driver that holds each byte {} ms each way{limit}, and move {} MiB \
+                 per transfer (split over the connections of the many-stream tests); their \
+                 ratios are to the direct, httptunnel and rathole rows with the same delay.",
                 o.rtt.as_millis(),
                 o.rtt.as_millis() / 2,
                 o.rtt_bytes / MIB
@@ -2538,21 +2588,36 @@ fn write_sections(doc: &Path, sections: &[(&str, String)]) -> Result<(), String>
     std::fs::write(doc, text).map_err(|e| format!("{}: {e}", doc.display()))
 }
 
-/// Bytes a [`DelayProxy`] holds per direction: about what a TCP window
-/// lets a sender have in flight on such a path.
+/// Bytes a [`DelayProxy`] holds per direction with no rate limit: about
+/// what a TCP window lets a sender have in flight on such a path.
 const DELAY_BUFFER: usize = 4 << 20;
 
-/// A TCP relay that delivers every byte `delay` after it arrived, each way:
-/// latency on one hop of a route, without touching the machine's network
-/// settings (netem on loopback would slow every other user of it). It
-/// models a path's delay, not its bandwidth or loss.
+/// Bytes waiting for a rate-limited hop, as in a router's buffer: a
+/// sender that outruns the rate fills it and then waits.
+const RATE_QUEUE: usize = 256 << 10;
+
+/// What the relayed hop does to bytes: hold them `one_way` each way, and
+/// at `rate` bytes per second, move no faster.
+#[derive(Debug, Clone, Copy)]
+struct Hop {
+    one_way: Duration,
+    rate: Option<f64>,
+}
+
+/// A TCP relay that delivers every byte `one_way` after it arrived, each
+/// way, and no faster than the hop's rate: latency (and a bottleneck) on
+/// one hop of a route, without touching the machine's network settings
+/// (netem on loopback would slow every other user of it). Each side's TCP
+/// connection to it is on loopback, so a tunnel whose flow control is its
+/// transport's (rathole's TCP) sees the relay's buffer, not the round
+/// trip, while one with its own end-to-end credit (postern) sees both.
 struct DelayProxy {
     addr: SocketAddr,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DelayProxy {
-    fn start(upstream: SocketAddr, delay: Duration) -> Result<DelayProxy, String> {
+    fn start(upstream: SocketAddr, hop: Hop) -> Result<DelayProxy, String> {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -2566,26 +2631,44 @@ impl DelayProxy {
                 let Ok(server) = TcpStream::connect(upstream) else { continue };
                 for (from, to) in [(&client, &server), (&server, &client)] {
                     let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else { continue };
-                    Self::relay(from, to, delay);
+                    Self::relay(from, to, hop);
                 }
             }
         });
         Ok(DelayProxy { addr, stop })
     }
 
-    /// Moves bytes from `from` to `to` `delay` late; ends with a half-close.
-    fn relay(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    /// Moves bytes from `from` to `to` as the hop would; ends with a half-close.
+    fn relay(mut from: TcpStream, mut to: TcpStream, hop: Hop) {
         let _ = from.set_nodelay(true);
         let _ = to.set_nodelay(true);
-        // The channel bound, in chunks of at most 64 KiB, is the relay's buffer.
-        let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(DELAY_BUFFER / (64 << 10));
+        // The channel bound is the relay's buffer: bytes on the wire plus,
+        // with a rate, the queue in front of it. Chunks are small enough
+        // that the bound is close to exact.
+        const CHUNK: usize = 16 << 10;
+        let buffer = match hop.rate {
+            Some(rate) => (rate * hop.one_way.as_secs_f64()) as usize + RATE_QUEUE,
+            None => DELAY_BUFFER,
+        };
+        let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>((buffer / CHUNK).max(2));
         thread::spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
+            let mut buf = vec![0u8; CHUNK];
+            // When the hop's line is free again (rate-limited hops only).
+            let mut line_free = Instant::now();
             loop {
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                        let now = Instant::now();
+                        let sent = match hop.rate {
+                            Some(rate) => {
+                                line_free =
+                                    line_free.max(now) + Duration::from_secs_f64(n as f64 / rate);
+                                line_free
+                            }
+                            None => now,
+                        };
+                        if tx.send((sent + hop.one_way, buf[..n].to_vec())).is_err() {
                             break;
                         }
                     }

@@ -172,8 +172,10 @@ fn hundreds_of_strangers_cost_nothing_lasting_while_a_device_works() {
     let echo = Server::echo();
     let tunnel = Tunnel::start("stream", &[("echo", echo.target())], &["echo"], &["echo"]);
     let forward = tunnel.forward("echo");
-    // Warm up, so the baseline includes what a working tunnel holds.
-    assert_eq!(echo_round_trip(forward, 1, 8 << 20), Received::expected(1, 8 << 20));
+    // Warm up with the transfer measured below, so the baseline includes
+    // what a working tunnel holds (its windows grow with a transfer, and
+    // the allocator keeps some of what the rings gave back).
+    assert_eq!(echo_round_trip(forward, 1, 16 << 20), Received::expected(1, 16 << 20));
     let baseline = tunnel.station.memory().now_kib;
 
     let strangers: Vec<TcpStream> =

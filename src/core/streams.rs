@@ -633,7 +633,11 @@ impl Streams {
         stream.epoch = Some((now, stream.consumed));
         match window::judge(took, rtt) {
             Change::Keep => {}
-            Change::Grow if window < MAX_STREAM_WINDOW => {
+            // A reader with bytes piled up is the limit, not the window:
+            // more window would only pile up more (and memory with it).
+            Change::Grow
+                if window < MAX_STREAM_WINDOW && stream.recv_buf.len() as u64 <= window / 4 =>
+            {
                 let wanted = (window * window::GROWTH).min(MAX_STREAM_WINDOW);
                 if self.borrow(wanted - window)
                     || (self.reclaim_quiet(id, now, rtt) && self.borrow(wanted - window))

@@ -8,7 +8,8 @@
 //! A fixed window caps a stream at one window per round trip (256 KiB at
 //! 20 ms is 12 MB/s), so each window starts at [`STREAM_WINDOW`] and is
 //! judged each time the reader has taken a whole window (an epoch): taken
-//! within two round trips, the window, not the reader or the path, may be
+//! within two round trips, with no more than a quarter of the window
+//! waiting for the reader, the window, not the reader or the path, may be
 //! the limit, and it grows [`GROWTH`]-fold. A sender held by the window
 //! sends one window per round trip, so its epochs last one round trip; a
 //! sender held by the path makes them last the window over the rate, so

@@ -21,9 +21,17 @@ use super::ring::Ring;
 pub use super::window::STREAM_WINDOW;
 use super::window::{self, Budget, Change, MAX_STREAM_WINDOW, SESSION_BUDGET};
 
-/// Bytes a stream buffers from its local socket before the socket waits.
-/// Two full packets, so a packet can be filled while the socket refills.
+/// Bytes a stream buffers from its local socket before the socket waits, to
+/// begin with: two full packets, so a packet can be filled while the socket
+/// refills.
 pub const SEND_BUFFER: usize = 128 * 1024;
+
+/// The most a stream's send buffer grows to while the peer's credit is
+/// larger than it. A poll-shape carrier sends one push per round trip with
+/// what the buffer holds then, so the buffer, not the credit, would cap it
+/// at 128 KiB per round trip; 1 MiB covers two of its largest pushes.
+/// Growth is room from the same budgets as the receive windows.
+pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Concurrent streams per session, each side counted together. Bounds the
 /// memory a peer can pin to about `MAX_STREAMS * (SEND_BUFFER + STREAM_WINDOW)`
@@ -117,8 +125,10 @@ enum Finish {
 
 #[derive(Debug)]
 struct Stream {
-    /// At most [`SEND_BUFFER`] bytes.
+    /// At most `send_limit` bytes.
     send_buf: Ring,
+    /// [`SEND_BUFFER`], grown toward the peer's credit up to [`MAX_SEND_BUFFER`].
+    send_limit: usize,
     /// Bytes of this stream put into packets so far.
     sent: u64,
     /// Total offset the peer lets us send up to.
@@ -152,6 +162,7 @@ impl Stream {
     fn new() -> Self {
         Stream {
             send_buf: Ring::new(SEND_BUFFER),
+            send_limit: SEND_BUFFER,
             sent: 0,
             peer_limit: STREAM_WINDOW,
             finish: Finish::Open,
@@ -181,9 +192,9 @@ impl Stream {
         self.finish == Finish::Sent && self.fin_delivered
     }
 
-    /// Room this stream holds past [`STREAM_WINDOW`].
+    /// Room this stream holds past [`STREAM_WINDOW`] and [`SEND_BUFFER`].
     fn loan(&self) -> u64 {
-        self.window - STREAM_WINDOW
+        self.window - STREAM_WINDOW + (self.send_limit - SEND_BUFFER) as u64
     }
 
     /// Sets the window; the receive buffer follows it, and always has
@@ -471,6 +482,7 @@ impl Streams {
                     if stream.has_output() {
                         self.mark_ready(id);
                     }
+                    self.size_send_buffer(id);
                 }
             }
             Frame::Close { reason } => {
@@ -657,6 +669,25 @@ impl Streams {
         }
     }
 
+    /// Grows the send buffer of `id` to hold the credit the peer gives, so
+    /// one packet run (one push) can carry all of it.
+    fn size_send_buffer(&mut self, id: StreamId) {
+        let Some(stream) = self.streams.get(&id) else { return };
+        let credit = usize::try_from(stream.peer_limit - stream.sent).unwrap_or(usize::MAX);
+        let wanted = credit.min(MAX_SEND_BUFFER);
+        let have = stream.send_limit;
+        if wanted <= have || !self.borrow((wanted - have) as u64) {
+            return;
+        }
+        let stream = self.streams.get_mut(&id).expect("looked up above");
+        stream.send_limit = wanted;
+        stream.send_buf.set_limit(wanted);
+        if stream.writable_wanted {
+            stream.writable_wanted = false;
+            self.events.push_back(Event::Writable(id));
+        }
+    }
+
     /// Takes room back from streams other than `except` that granted
     /// nothing for [`window::SLOW_EPOCH`] round trips and have no more
     /// than [`STREAM_WINDOW`] outstanding; true if any gave some back.
@@ -781,6 +812,38 @@ mod tests {
         }
         assert_eq!(got, (0..SEND_BUFFER).map(byte).collect::<Vec<_>>());
         assert_eq!(agent.send_space(id, 1), Err(StreamError::Closed(id)), "finished");
+    }
+
+    /// Fills `id`'s send buffer; returns how many bytes it took.
+    fn fill_send_buffer(s: &mut Streams, id: StreamId) -> usize {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut total = 0;
+        loop {
+            let n = s.write(id, &chunk).unwrap();
+            total += n;
+            if n < chunk.len() {
+                return total;
+            }
+        }
+    }
+
+    #[test]
+    fn the_send_buffer_grows_to_the_credit_within_the_budget() {
+        for (budget, grown) in [(u64::MAX, MAX_SEND_BUFFER), (0, SEND_BUFFER)] {
+            let budget = Budget::new(budget);
+            let mut agent = Streams::new(Side::Agent, budget.clone());
+            let id = agent.open("t").unwrap();
+            assert_eq!(fill_send_buffer(&mut agent, id), SEND_BUFFER);
+            drain_events(&mut agent);
+            // The peer grants far more than the buffer holds.
+            agent.handle_frame(Frame::Credit { id, limit: 64 << 20 }).unwrap();
+            let woken = drain_events(&mut agent).contains(&Event::Writable(id));
+            assert_eq!(woken, grown > SEND_BUFFER, "a grown buffer wakes its writer");
+            assert_eq!(fill_send_buffer(&mut agent, id), grown - SEND_BUFFER);
+            agent.reset(id, "done");
+            let before = if grown > SEND_BUFFER { u64::MAX } else { 0 };
+            assert_eq!(budget.available(), before, "the stream repays its room");
+        }
     }
 
     #[test]

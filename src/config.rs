@@ -67,6 +67,10 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
 /// reconnect would end sessions; above a day, dead sessions pin memory.
 const SESSION_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 10..=86_400;
 
+/// Default of the agent's `keepalive`: often enough for the 30 s and 60 s
+/// idle timeouts of proxies, balancers and NAT tables.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+
 /// What the file is reported as when a proxy comes from the environment.
 const ENVIRONMENT: &str = "environment";
 
@@ -167,6 +171,11 @@ pub struct AgentConfig {
     /// How long the session (and every local connection in it) outlives
     /// the loss of every carrier connection.
     pub session_timeout: Duration,
+    /// `keepalive`: nothing sent for this long sends an empty packet, each
+    /// way (the station follows the agent's interval).
+    pub keepalive: Duration,
+    /// `poll_hold`: the longest the station may hold a poll request.
+    pub poll_hold: Duration,
     /// Local listeners and serial lines carried to station targets.
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
@@ -478,6 +487,8 @@ struct RawAgent {
     #[serde(default)]
     carrier: CarrierKind,
     session_timeout: Option<u64>,
+    keepalive: Option<u64>,
+    poll_hold: Option<u64>,
     ca_file: Option<String>,
     #[serde(default)]
     tls_pin: Vec<String>,
@@ -796,6 +807,26 @@ fn session_timeout(seconds: Option<u64>, file: &str) -> Result<Duration, ConfigE
     }
 }
 
+/// `keepalive` or `poll_hold`: whole seconds within the range a station
+/// follows ([`crate::carrier::KEEPALIVE_RANGE`]), or `default`.
+fn liveness_secs(
+    field: &str,
+    seconds: Option<u64>,
+    default: Duration,
+    file: &str,
+) -> Result<Duration, ConfigError> {
+    let range = crate::carrier::KEEPALIVE_RANGE;
+    match seconds {
+        None => Ok(default),
+        Some(s) if range.contains(&s) => Ok(Duration::from_secs(s)),
+        Some(s) => Err(ConfigError::new(
+            file,
+            field,
+            format!("{s} is out of range; give seconds from {} to {}", range.start(), range.end()),
+        )),
+    }
+}
+
 /// A `public_key` field: one base64 key, or a list of 1 to [`MAX_KEYS`]
 /// different keys (a key rotation in progress).
 fn key_list(value: &toml::Value) -> Result<Vec<PublicKey>, String> {
@@ -972,13 +1003,38 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
     }
 
     let tls = agent_tls(&station, raw.ca_file, &raw.tls_pin, file, base)?;
+    let session_timeout = session_timeout(raw.session_timeout, file)?;
+    // Unset, each is its default or a third of session_timeout if that is
+    // shorter, so a short session_timeout alone still makes a live session.
+    let third = (session_timeout / 3).max(Duration::from_secs(1));
+    let keepalive = liveness_secs("keepalive", raw.keepalive, DEFAULT_KEEPALIVE.min(third), file)?;
+    let poll_hold =
+        liveness_secs("poll_hold", raw.poll_hold, crate::carrier::POLL_WAIT.min(third), file)?;
+    // The session must outlive two silent intervals: one late keepalive
+    // (or held poll) must not end it.
+    for (field, interval) in [("keepalive", keepalive), ("poll_hold", poll_hold)] {
+        if session_timeout < interval * 2 {
+            return Err(ConfigError::new(
+                file,
+                field,
+                format!(
+                    "{} s leaves session_timeout ({} s) less than two of them; raise session_timeout to at least {} or shorten {field}",
+                    interval.as_secs(),
+                    session_timeout.as_secs(),
+                    interval.as_secs() * 2
+                ),
+            ));
+        }
+    }
     Ok(AgentConfig {
         station,
         station_public_keys,
         private_key,
         proxy,
         carrier: raw.carrier,
-        session_timeout: session_timeout(raw.session_timeout, file)?,
+        session_timeout,
+        keepalive,
+        poll_hold,
         forwards,
         services,
         tls,
@@ -1668,6 +1724,39 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         }
         let err = agent_err(&format!("{head}session_timeout = \"5m\"\n"));
         assert!(err.reason.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn keepalive_and_poll_hold_default_given_and_checked_against_session_timeout() {
+        let k = keys();
+        let head = agent_head(&k, "http://st/");
+        let agent = AgentConfig::parse(&head, "a.toml").unwrap();
+        assert_eq!(
+            (agent.keepalive, agent.poll_hold),
+            (DEFAULT_KEEPALIVE, crate::carrier::POLL_WAIT)
+        );
+        // A short session_timeout alone shortens the defaults with it.
+        let agent = AgentConfig::parse(&format!("{head}session_timeout = 12\n"), "a.toml").unwrap();
+        assert_eq!(
+            (agent.keepalive, agent.poll_hold),
+            (Duration::from_secs(4), Duration::from_secs(4))
+        );
+        // A metered link: five-minute keepalives and holds.
+        let metered = format!("{head}session_timeout = 900\nkeepalive = 300\npoll_hold = 300\n");
+        let agent = AgentConfig::parse(&metered, "a.toml").unwrap();
+        assert_eq!(
+            (agent.keepalive, agent.poll_hold),
+            (Duration::from_secs(300), Duration::from_secs(300))
+        );
+        assert_eq!(
+            agent_err(&format!("{head}keepalive = 300\n")).to_string(),
+            "agent.toml: keepalive: 300 s leaves session_timeout (300 s) less than two of them; \
+             raise session_timeout to at least 600 or shorten keepalive"
+        );
+        assert_eq!(
+            agent_err(&format!("{head}poll_hold = 0\n")).to_string(),
+            "agent.toml: poll_hold: 0 is out of range; give seconds from 1 to 3600"
+        );
     }
 
     #[test]

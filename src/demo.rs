@@ -21,9 +21,10 @@ use smol::net::{TcpListener, TcpStream};
 use snow::types::Hash;
 
 use crate::agent::Agent;
+use crate::carrier;
 use crate::config::{
     AgentConfig, AgentTls, CarrierKind, DeviceConfig, Forward, ForwardSource, StationConfig,
-    StationUrl, DEFAULT_SESSION_TIMEOUT,
+    StationUrl, DEFAULT_KEEPALIVE, DEFAULT_SESSION_TIMEOUT,
 };
 use crate::crypto::Blake2s;
 use crate::keys::PrivateKey;
@@ -187,6 +188,8 @@ impl Lab {
             proxy: None,
             carrier,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
+            keepalive: DEFAULT_KEEPALIVE,
+            poll_hold: carrier::POLL_WAIT,
             forwards: vec![Forward {
                 source: ForwardSource::Listen(loopback),
                 target: "echo".to_owned(),

@@ -50,15 +50,18 @@ impl Path {
         middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
         route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
     ) -> Path {
-        Self::start_with(label, carrier, stations, None, middlebox, route)
+        Self::start_with(label, carrier, stations, None, "", middlebox, route)
     }
 
-    /// As [`Path::start`], with `session_timeout` (seconds) in both configs.
+    /// As [`Path::start`], with `session_timeout` (seconds) in both configs
+    /// and `agent_lines` (liveness settings) in the agent's.
+    #[allow(clippy::too_many_arguments)]
     fn start_with(
         label: &str,
         carrier: &str,
         stations: usize,
         session_timeout: Option<u64>,
+        agent_lines: &str,
         middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
         route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
     ) -> Path {
@@ -96,6 +99,7 @@ impl Path {
         if let Some(line) = &timeout_line {
             agent_toml.push_str(line);
         }
+        agent_toml.push_str(agent_lines);
         agent_toml.push_str("\n[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n");
         let (agent, forwards) = start_agent(&dir, "agent", &agent_toml, &["echo"]);
         let forward = forwards["echo"];
@@ -546,6 +550,7 @@ fn unpluggable(label: &str) -> (Path, Arc<Plug>, TcpStream) {
         "stream",
         1,
         Some(10),
+        "",
         |_| None,
         move |stations, _| {
             let started = Arc::new(Plug::start(stations[0]));
@@ -718,60 +723,104 @@ const IDLE_WATCHED: Duration = Duration::from_secs(120);
 #[test]
 #[ignore = "a measurement of 2 minutes: scripts/bench-idle runs it"]
 fn idle_bytes_per_hour() {
-    println!("| carrier | payload bytes/hour | socket reads/hour | connections |");
-    println!("|---|---:|---:|---:|");
-    for carrier in ["stream", "poll"] {
-        let relay: Arc<Mutex<Option<CountingRelay>>> = Arc::default();
-        let keep = relay.clone();
-        let path = Path::start(
-            &format!("idle-{carrier}"),
-            carrier,
-            1,
-            |_| None,
-            move |stations, _| {
-                let counting = CountingRelay::start(stations[0]);
-                let url = format!("http://{}/", counting.addr);
-                *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(counting);
-                (url, None)
-            },
-        );
-        path.agent.wait_log(&["connected to the station"]);
+    println!("| carrier | settings | payload bytes/hour | socket reads/hour | connections |");
+    println!("|---|---|---:|---:|---:|");
+    for (carrier, settings) in [
+        ("stream", ""),
+        ("poll", ""),
+        ("stream", "keepalive = 30\npoll_hold = 30\n"),
+        ("poll", "keepalive = 30\npoll_hold = 30\n"),
+    ] {
+        let (path, relay) = counted_path(&format!("idle-{carrier}"), carrier, settings);
         path.round_trip(1, 1024);
-        let relay = relay.lock().unwrap_or_else(|p| p.into_inner()).take().expect("relay");
         let before = relay.totals();
         thread::sleep(IDLE_WATCHED);
         let after = relay.totals();
         let per_hour = |n: u64| n * 3600 / IDLE_WATCHED.as_secs();
+        let shown =
+            if settings.is_empty() { "defaults".to_owned() } else { settings.replace('\n', " ") };
         println!(
-            "| {carrier} | {} | {} | {} |",
-            per_hour(after.0 - before.0),
-            per_hour(after.1 - before.1),
-            after.2 - before.2
+            "| {carrier} | {} | {} | {} | {} |",
+            shown.trim(),
+            per_hour(after.bytes - before.bytes),
+            per_hour(after.reads - before.reads),
+            after.connections - before.connections
         );
         assert_eq!(path.agent.stderr.matching(&["WARN"]).len(), 0, "{}", path.describe());
+    }
+}
+
+/// A path whose agent reaches its station through a [`CountingRelay`], with
+/// `settings` in the agent's config; connected.
+fn counted_path(label: &str, carrier: &str, settings: &str) -> (Path, CountingRelay) {
+    let relay: Arc<Mutex<Option<CountingRelay>>> = Arc::default();
+    let keep = relay.clone();
+    let path = Path::start_with(
+        label,
+        carrier,
+        1,
+        None,
+        settings,
+        |_| None,
+        move |stations, _| {
+            let counting = CountingRelay::start(stations[0]);
+            let url = format!("http://{}/", counting.addr);
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(counting);
+            (url, None)
+        },
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    let relay = relay.lock().unwrap_or_else(|p| p.into_inner()).take().expect("relay");
+    (path, relay)
+}
+
+/// The station keeps an idle session alive at the interval the agent's
+/// `keepalive` states, not its own: over 7 idle seconds an agent asking
+/// for 2 s hears about three keepalives from the station, one on the
+/// default 15 s hears none. Both carriers.
+#[test]
+fn the_station_follows_the_agents_keepalive() {
+    for carrier in ["stream", "poll"] {
+        let mut heard = Vec::new();
+        for settings in ["keepalive = 2\npoll_hold = 2\n", ""] {
+            let (path, relay) = counted_path(&format!("follow-{carrier}"), carrier, settings);
+            path.round_trip(1, 1024);
+            // Let the exchange that carried the round trip settle.
+            thread::sleep(Duration::from_millis(500));
+            let before = relay.totals();
+            thread::sleep(Duration::from_secs(7));
+            let after = relay.totals();
+            heard.push(after.down_bytes - before.down_bytes);
+            assert_eq!(path.agent.stderr.matching(&["WARN"]).len(), 0, "{}", path.describe());
+        }
+        // A stream keepalive is one sealed record (tens of bytes); a poll
+        // reply is a whole HTTP response (hundreds).
+        assert!(heard[0] >= 3 * 30, "{carrier}: {} bytes from the station at 2 s", heard[0]);
+        assert!(heard[1] < heard[0] / 3, "{carrier}: {heard:?} bytes at 2 s and at the default");
     }
 }
 
 /// A TCP relay that counts bytes, reads and connections.
 struct CountingRelay {
     addr: SocketAddr,
-    counts: Arc<[AtomicUsize; 3]>,
+    counts: Arc<[AtomicUsize; 4]>,
 }
 
 impl CountingRelay {
     fn start(upstream: SocketAddr) -> CountingRelay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
-        let counts: Arc<[AtomicUsize; 3]> = Arc::default();
+        let counts: Arc<[AtomicUsize; 4]> = Arc::default();
         let counted = counts.clone();
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(upstream) else { continue };
                 counted[2].fetch_add(1, Ordering::Relaxed);
-                for (from, to) in
-                    [(client.try_clone(), server.try_clone()), (Ok(server), Ok(client))]
-                {
+                for (down, (from, to)) in [
+                    (false, (client.try_clone(), server.try_clone())),
+                    (true, (Ok(server), Ok(client))),
+                ] {
                     let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
                     let counted = counted.clone();
                     thread::spawn(move || {
@@ -782,6 +831,9 @@ impl CountingRelay {
                             }
                             counted[0].fetch_add(n, Ordering::Relaxed);
                             counted[1].fetch_add(1, Ordering::Relaxed);
+                            if down {
+                                counted[3].fetch_add(n, Ordering::Relaxed);
+                            }
                         }
                         let _ = to.shutdown(Shutdown::Write);
                     });
@@ -791,9 +843,19 @@ impl CountingRelay {
         CountingRelay { addr, counts }
     }
 
-    /// Bytes, reads, connections so far.
-    fn totals(&self) -> (u64, u64, u64) {
+    fn totals(&self) -> Counted {
         let get = |i: usize| self.counts[i].load(Ordering::Relaxed) as u64;
-        (get(0), get(1), get(2))
+        Counted { bytes: get(0), reads: get(1), connections: get(2), down_bytes: get(3) }
     }
+}
+
+/// What a [`CountingRelay`] passed so far.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    /// Bytes both ways, and of those, station to agent.
+    bytes: u64,
+    down_bytes: u64,
+    /// Socket reads both ways.
+    reads: u64,
+    connections: u64,
 }

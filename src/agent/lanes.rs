@@ -23,7 +23,7 @@ use super::Shared;
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
 use crate::carrier::link::Link;
-use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, POLL_WAIT, STREAM_CHUNK};
+use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::config::CarrierKind;
 use crate::core::session::Lane;
 use crate::crypto::{RecordReader, SessionId, MAX_RECORD};
@@ -92,15 +92,22 @@ struct LaneCtx {
 }
 
 /// The carrier shape of one agent, shared by its successive sessions.
-#[derive(Default)]
 pub(super) struct ShapeMemory {
     /// `auto` found that stream does not pass this path.
     fell_back: AtomicBool,
-    /// Seconds a poll request may be held; 0 until a path cut one.
+    /// Seconds a poll request may be held: `poll_hold`, shorter once a
+    /// path cut held requests.
     poll_wait: AtomicU64,
 }
 
 impl ShapeMemory {
+    pub(super) fn new(poll_hold: Duration) -> ShapeMemory {
+        ShapeMemory {
+            fell_back: AtomicBool::new(false),
+            poll_wait: AtomicU64::new(poll_hold.as_secs().max(1)),
+        }
+    }
+
     /// The shape in use, for status lines.
     pub(super) fn describe(&self, configured: CarrierKind) -> &'static str {
         match configured {
@@ -112,10 +119,7 @@ impl ShapeMemory {
     }
 
     fn poll_wait(&self) -> Duration {
-        match self.poll_wait.load(Ordering::Relaxed) {
-            0 => POLL_WAIT,
-            secs => Duration::from_secs(secs),
-        }
+        Duration::from_secs(self.poll_wait.load(Ordering::Relaxed))
     }
 }
 

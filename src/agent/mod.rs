@@ -141,12 +141,16 @@ pub struct Agent {
 
 impl Agent {
     pub async fn bind(config: AgentConfig) -> Result<Agent, Error> {
-        let limits = Limits { idle_timeout: config.session_timeout, ..Limits::default() };
+        let limits = Limits {
+            idle_timeout: config.session_timeout,
+            keepalive: config.keepalive,
+            ..Limits::default()
+        };
         Self::bind_with(config, limits).await
     }
 
     /// As [`Agent::bind`], with session timing chosen by the caller
-    /// (`config.session_timeout` is then ignored).
+    /// (`config.session_timeout` and `config.keepalive` are then ignored).
     pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
         let proxy = config.proxy;
         let mut forwards = Vec::new();
@@ -175,7 +179,7 @@ impl Agent {
                 working: 0,
             }),
             carrier: config.carrier,
-            shape: lanes::ShapeMemory::default(),
+            shape: lanes::ShapeMemory::new(config.poll_hold),
             services: config.services,
             consoles: Mutex::new(HashMap::new()),
             limits,
@@ -416,7 +420,9 @@ async fn handshake(
     let (initiator, reply) = with_station_keys(shared, |own, station| async move {
         let (initiator, msg) =
             crypto::initiate(&own, &station, &session).map_err(CarrierError::Handshake)?;
-        let path = shared.client.path(&session, Verb::Hello, None);
+        // The station keeps the session alive at the agent's interval too.
+        let keepalive = carrier::hello_query(shared.limits.keepalive);
+        let path = shared.client.path(&session, Verb::Hello, Some(&keepalive));
         Ok((initiator, handshake_exchange(shared, &path, &msg).await?))
     })
     .await?;

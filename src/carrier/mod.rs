@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use crate::crypto::{SessionId, SESSION_ID_LEN};
 
-/// Longest time the station holds a poll request waiting for data. Under
-/// the 30 s and 60 s idle timeouts common in proxies and load balancers.
+/// How long the station holds a poll request waiting for data unless the
+/// agent asks otherwise (the default of its `poll_hold`). Under the 30 s
+/// and 60 s idle timeouts common in proxies and load balancers.
 pub const POLL_WAIT: Duration = Duration::from_secs(20);
 
 /// Largest body of a poll-shape request or response, under nginx's default
@@ -53,8 +54,46 @@ const PATH_MARKER: &str = "p1";
 pub const STATION_MARK: (&str, &str) = ("X-Postern", "station");
 
 /// Query parameter of a poll request: the longest the agent wants it held,
-/// in seconds, for paths that cut requests sooner than [`POLL_WAIT`].
+/// in seconds (its `poll_hold`, shortened on paths that cut requests).
 const POLL_WAIT_PARAM: &str = "w";
+
+/// The longest a station holds a poll request, whatever the agent asks: an
+/// hour, the longest `keepalive` (a held request is the session's sign of
+/// life on a poll carrier, so holding one longer would starve liveness).
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(3600);
+
+/// Query parameter of a hello request: the agent's keepalive interval in
+/// seconds, which the station then uses for the session too, so a metered
+/// link pays for the interval its owner chose in both directions.
+const KEEPALIVE_PARAM: &str = "k";
+
+/// Keepalive intervals a station follows, in seconds: from 1 s (tests
+/// compress time) to an hour (metered links).
+pub const KEEPALIVE_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
+
+/// The query of a hello request stating the agent's `keepalive`.
+pub fn hello_query(keepalive: Duration) -> String {
+    format!("{KEEPALIVE_PARAM}={}", keepalive.as_secs().max(1))
+}
+
+/// The keepalive interval a hello request with target `target` states, if
+/// it states one within [`KEEPALIVE_RANGE`].
+pub fn hello_keepalive(target: &str) -> Option<Duration> {
+    query_secs(target, KEEPALIVE_PARAM)
+        .filter(|secs| KEEPALIVE_RANGE.contains(secs))
+        .map(Duration::from_secs)
+}
+
+/// The whole seconds query parameter `name` of `target` gives, if any.
+fn query_secs(target: &str, name: &str) -> Option<u64> {
+    target
+        .split_once('?')
+        .map(|(_, query)| query)
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|secs| secs.parse::<u64>().ok())
+}
 
 /// The query of a poll request asking for `wait` (whole seconds, at least 1).
 pub fn poll_query(wait: Duration) -> String {
@@ -62,16 +101,10 @@ pub fn poll_query(wait: Duration) -> String {
 }
 
 /// How long to hold the poll request with target `target`: what it asks
-/// for, never more than [`POLL_WAIT`].
+/// for ([`POLL_WAIT`] if nothing), never more than [`MAX_POLL_WAIT`].
 pub fn poll_wait(target: &str) -> Duration {
-    let asked = target
-        .split_once('?')
-        .map(|(_, query)| query)
-        .into_iter()
-        .flat_map(|query| query.split('&'))
-        .find_map(|pair| pair.strip_prefix(POLL_WAIT_PARAM)?.strip_prefix('='))
-        .and_then(|secs| secs.parse::<u64>().ok());
-    asked.map_or(POLL_WAIT, |secs| Duration::from_secs(secs).min(POLL_WAIT))
+    let asked = query_secs(target, POLL_WAIT_PARAM);
+    asked.map_or(POLL_WAIT, |secs| Duration::from_secs(secs).min(MAX_POLL_WAIT))
 }
 
 /// What a carrier request asks for.
@@ -187,6 +220,19 @@ mod tests {
     }
 
     #[test]
+    fn keepalive_is_stated_in_the_hello_and_bounded() {
+        let query = hello_query(Duration::from_secs(300));
+        assert_eq!(
+            hello_keepalive(&format!("/p1/x/hello?{query}")),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(hello_keepalive("/p1/x/hello"), None);
+        assert_eq!(hello_keepalive("/p1/x/hello?k=0"), None);
+        assert_eq!(hello_keepalive("/p1/x/hello?k=3601"), None);
+        assert_eq!(hello_keepalive("/p1/x/hello?k=x"), None);
+    }
+
+    #[test]
     fn poll_wait_is_asked_for_and_capped() {
         assert_eq!(poll_wait("/p1/x/poll"), POLL_WAIT);
         assert_eq!(
@@ -194,7 +240,8 @@ mod tests {
             Duration::from_secs(3)
         );
         assert_eq!(poll_wait("/p1/x/poll?a=b&w=0"), Duration::ZERO);
-        assert_eq!(poll_wait("/p1/x/poll?w=99999"), POLL_WAIT);
+        assert_eq!(poll_wait("/p1/x/poll?w=300"), Duration::from_secs(300));
+        assert_eq!(poll_wait("/p1/x/poll?w=99999"), MAX_POLL_WAIT);
         assert_eq!(poll_wait("/p1/x/poll?w=-1"), POLL_WAIT);
         assert_eq!(poll_query(Duration::from_millis(10)), "w=1");
     }

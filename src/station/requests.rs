@@ -25,7 +25,7 @@ use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
 use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
-use crate::core::session::Lane;
+use crate::core::session::{Lane, Limits};
 use crate::core::streams::Side;
 use crate::crypto::{RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
 use crate::task::Scope;
@@ -365,7 +365,7 @@ async fn hello(
         }
     };
     slot.promote();
-    let (tunnel, incoming) = Tunnel::new(Side::Station, transport, shared.limits.clone());
+    let (tunnel, incoming) = Tunnel::new(Side::Station, transport, session_limits(shared, head));
     let live = Arc::new(Live {
         id: session,
         key: std::sync::Mutex::new(device_key),
@@ -386,6 +386,18 @@ async fn hello(
     let task_shared = shared.clone();
     shared.scope.spawn(drive_session(task_shared, live, incoming));
     respond(conn, head.keep_alive, &reply).await
+}
+
+/// The station's limits for a session whose hello is `head`: the keepalive
+/// interval the agent states (a metered link's owner chose it for both
+/// directions), and a liveness timeout that outlives two of them.
+fn session_limits(shared: &Shared, head: &RequestHead) -> Limits {
+    let mut limits = shared.limits.clone();
+    if let Some(keepalive) = carrier::hello_keepalive(&head.target) {
+        limits.keepalive = keepalive;
+        limits.idle_timeout = limits.idle_timeout.max(keepalive * 2);
+    }
+    limits
 }
 
 /// New keys for a running session, from a fresh handshake with whichever

@@ -28,7 +28,7 @@ Options:
   -v, --verbose       more log output (-v debug, -vv trace)
   -q, --quiet         less log output (-q warnings, -qq errors only)
   -h, --help          this text
-  -V, --version       the version
+  -V, --version       the version and the cargo features built in
 
 Logs go to stderr; POSTERN_LOG=error|warn|info|debug|trace overrides -v/-q.
 The agent uses HTTP_PROXY/http_proxy (HTTPS_PROXY/https_proxy for an https://
@@ -36,6 +36,23 @@ station), honouring NO_PROXY, when its config names no proxy; check applies
 it too. SIGHUP reloads the station's config and the agent's keys.
 See README.md for the config files.
 ";
+
+/// The cargo features this binary was built with, as `--version` tells
+/// them: what a board build left out is the first thing to ask about.
+const FEATURES: &[&str] = &[
+    #[cfg(feature = "agent")]
+    "agent",
+    #[cfg(feature = "station")]
+    "station",
+    #[cfg(feature = "tls")]
+    "tls",
+    #[cfg(feature = "tls12")]
+    "tls12",
+    #[cfg(feature = "ntlm")]
+    "ntlm",
+    #[cfg(feature = "ring")]
+    "ring",
+];
 
 enum Command {
     Genkey,
@@ -105,7 +122,11 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
                 return Ok(None);
             }
             Short('V') | Long("version") => {
-                println!("postern {}", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "postern {} (features: {})",
+                    env!("CARGO_PKG_VERSION"),
+                    FEATURES.join(", ")
+                );
                 return Ok(None);
             }
             Short('v') | Long("verbose") => verbosity += 1,

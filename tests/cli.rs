@@ -103,11 +103,18 @@ fn help_names_every_command() {
 }
 
 #[test]
-fn version_is_the_crate_version() {
+fn version_is_the_crate_version_and_its_features() {
     for flag in ["--version", "-V"] {
         let out = run(&[flag], None, QUICK);
         assert!(out.status.success(), "{flag} failed: {}", out.stderr);
-        assert_eq!(out.stdout, format!("postern {}\n", env!("CARGO_PKG_VERSION")));
+        // The tests build with the default features.
+        assert_eq!(
+            out.stdout,
+            format!(
+                "postern {} (features: agent, station, tls, tls12, ntlm, ring)\n",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
         assert_eq!(out.stderr, "");
     }
 }

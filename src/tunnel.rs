@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_io::Async;
 use event_listener::Event as Notify;
@@ -201,6 +201,12 @@ impl Tunnel {
     pub fn stats(&self) -> Stats {
         let state = self.lock();
         Stats { resent: state.session.resent_packets(), ..state.stats }
+    }
+
+    /// How long the session lives without hearing from the peer: a carrier
+    /// lane may be silent that long (keepalives come well within it).
+    pub fn idle_timeout(&self) -> Duration {
+        self.lock().session.limits().idle_timeout
     }
 
     /// How many of our packets the peer has acknowledged.

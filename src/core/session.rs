@@ -259,6 +259,12 @@ impl Session {
         self.waiting_since
     }
 
+    /// The timing and room this session runs with.
+    #[must_use]
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// The path's round trip as the acks show it.
     #[must_use]
     pub fn rtt(&self) -> &Rtt {

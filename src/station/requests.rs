@@ -535,7 +535,8 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, 
         // as long as the session does (keepalives arrive well within it).
         let mut wait = HEAD_TIMEOUT;
         while let Some(bytes) = deadline(wait, body.next()).await? {
-            wait = req.shared.limits.idle_timeout;
+            // The session's own: it outlives two of the agent's keepalives.
+            wait = live.tunnel.idle_timeout();
             let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
                 Ok(n) => n,
                 Err(e) => return Ok(refuse(400, &e.to_string())),

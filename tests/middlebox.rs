@@ -50,17 +50,17 @@ impl Path {
         middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
         route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
     ) -> Path {
-        Self::start_with(label, carrier, stations, None, "", middlebox, route)
+        Self::start_with(label, carrier, stations, "", "", middlebox, route)
     }
 
-    /// As [`Path::start`], with `session_timeout` (seconds) in both configs
-    /// and `agent_lines` (liveness settings) in the agent's.
+    /// As [`Path::start`], with `station_lines` and `agent_lines` (liveness
+    /// settings) added to the station's and the agent's configs.
     #[allow(clippy::too_many_arguments)]
     fn start_with(
         label: &str,
         carrier: &str,
         stations: usize,
-        session_timeout: Option<u64>,
+        station_lines: &str,
         agent_lines: &str,
         middlebox: impl FnOnce(&[SocketAddr]) -> Option<Middlebox>,
         route: impl FnOnce(&[SocketAddr], Option<&Middlebox>) -> (String, Option<String>),
@@ -73,10 +73,7 @@ impl Path {
             &[("echo", echo.target())],
             &[("test-device", keys.device.public_key(), &["echo"])],
         );
-        let timeout_line = session_timeout.map(|secs| format!("session_timeout = {secs}\n"));
-        if let Some(line) = &timeout_line {
-            toml = toml.replacen('\n', &format!("\n{line}"), 1);
-        }
+        toml = toml.replacen('\n', &format!("\n{station_lines}"), 1);
         let (procs, addrs): (Vec<Proc>, Vec<SocketAddr>) = (0..stations)
             .map(|i| {
                 let sub = TempDir::new(&format!("{label}-station{i}"));
@@ -95,9 +92,6 @@ impl Path {
         );
         if let Some(proxy) = proxy {
             agent_toml.push_str(&format!("proxy = \"{proxy}\"\n"));
-        }
-        if let Some(line) = &timeout_line {
-            agent_toml.push_str(line);
         }
         agent_toml.push_str(agent_lines);
         agent_toml.push_str("\n[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n");
@@ -549,8 +543,8 @@ fn unpluggable(label: &str) -> (Path, Arc<Plug>, TcpStream) {
         label,
         "stream",
         1,
-        Some(10),
-        "",
+        "session_timeout = 10\n",
+        "session_timeout = 10\n",
         |_| None,
         move |stations, _| {
             let started = Arc::new(Plug::start(stations[0]));
@@ -731,7 +725,7 @@ fn idle_bytes_per_hour() {
         ("stream", "keepalive = 30\npoll_hold = 30\n"),
         ("poll", "keepalive = 30\npoll_hold = 30\n"),
     ] {
-        let (path, relay) = counted_path(&format!("idle-{carrier}"), carrier, settings);
+        let (path, relay) = counted_path(&format!("idle-{carrier}"), carrier, "", settings);
         path.round_trip(1, 1024);
         let before = relay.totals();
         thread::sleep(IDLE_WATCHED);
@@ -751,16 +745,21 @@ fn idle_bytes_per_hour() {
 }
 
 /// A path whose agent reaches its station through a [`CountingRelay`], with
-/// `settings` in the agent's config; connected.
-fn counted_path(label: &str, carrier: &str, settings: &str) -> (Path, CountingRelay) {
+/// `station_lines` and `agent_lines` in their configs; connected.
+fn counted_path(
+    label: &str,
+    carrier: &str,
+    station_lines: &str,
+    agent_lines: &str,
+) -> (Path, CountingRelay) {
     let relay: Arc<Mutex<Option<CountingRelay>>> = Arc::default();
     let keep = relay.clone();
     let path = Path::start_with(
         label,
         carrier,
         1,
-        None,
-        settings,
+        station_lines,
+        agent_lines,
         |_| None,
         move |stations, _| {
             let counting = CountingRelay::start(stations[0]);
@@ -783,7 +782,7 @@ fn the_station_follows_the_agents_keepalive() {
     for carrier in ["stream", "poll"] {
         let mut heard = Vec::new();
         for settings in ["keepalive = 2\npoll_hold = 2\n", ""] {
-            let (path, relay) = counted_path(&format!("follow-{carrier}"), carrier, settings);
+            let (path, relay) = counted_path(&format!("follow-{carrier}"), carrier, "", settings);
             path.round_trip(1, 1024);
             // Let the exchange that carried the round trip settle.
             thread::sleep(Duration::from_millis(500));
@@ -798,6 +797,28 @@ fn the_station_follows_the_agents_keepalive() {
         assert!(heard[0] >= 3 * 30, "{carrier}: {} bytes from the station at 2 s", heard[0]);
         assert!(heard[1] < heard[0] / 3, "{carrier}: {heard:?} bytes at 2 s and at the default");
     }
+}
+
+/// An agent keepalive longer than the station's own `session_timeout`
+/// (a metered agent against a default station) idles on one set of
+/// carrier connections: the station's session and its streamed uplink
+/// both wait for two of the agent's intervals, not the station's timeout.
+#[test]
+fn a_keepalive_past_the_stations_session_timeout_keeps_its_carrier() {
+    let (path, relay) = counted_path(
+        "long-keepalive",
+        "stream",
+        "session_timeout = 10\n",
+        "session_timeout = 40\nkeepalive = 15\n",
+    );
+    path.round_trip(1, 1024);
+    let before = relay.totals();
+    // Past the station's 10 s, short of the agent's next keepalive at 15 s.
+    thread::sleep(Duration::from_secs(13));
+    let after = relay.totals();
+    assert_eq!(after.connections, before.connections, "{}", path.describe());
+    assert_eq!(path.agent.stderr.matching(&["WARN"]).len(), 0, "{}", path.describe());
+    path.round_trip(2, 1024);
 }
 
 /// A TCP relay that counts bytes, reads and connections.

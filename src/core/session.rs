@@ -64,6 +64,18 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// These limits for a session whose peer keeps it alive every
+    /// `keepalive`: send at the same interval (the peer's owner chose what
+    /// an idle link costs), and live at least two of them without a word.
+    #[must_use]
+    pub fn following(mut self, keepalive: Duration) -> Limits {
+        self.keepalive = keepalive;
+        self.idle_timeout = self.idle_timeout.max(keepalive * 2);
+        self
+    }
+}
+
 /// What an authenticated peer sent that the protocol forbids. The session
 /// ends: the peer runs different or broken code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

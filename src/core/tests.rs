@@ -224,6 +224,52 @@ fn idle_session_times_out_and_keepalives_prevent_it() {
     assert!(station.session.poll_timeout().is_none());
 }
 
+/// A metered agent (keepalive 300 s, session_timeout 900 s) against a
+/// station on its defaults that follows the agent's interval: idle for
+/// three simulated hours, each side sends one keepalive per 300 s and
+/// neither times out; cut off, the station gives up after two intervals.
+#[test]
+fn a_station_following_a_long_keepalive_stays_up_and_sends_at_its_interval() {
+    let start = Instant::now();
+    let keepalive = Duration::from_secs(300);
+    let agent_limits =
+        Limits { keepalive, idle_timeout: Duration::from_secs(900), ..Limits::default() };
+    let station_limits = Limits::default().following(keepalive);
+    assert_eq!(station_limits.idle_timeout, Duration::from_secs(600));
+    let mut agent =
+        End { session: Session::new(Side::Agent, start, agent_limits), out: Link::default() };
+    let mut station =
+        End { session: Session::new(Side::Station, start, station_limits), out: Link::default() };
+    let mut now = start;
+    let mut sent = [0u32; 2];
+    while now < start + Duration::from_secs(3 * 3600) {
+        now = agent.session.poll_timeout().unwrap().min(station.session.poll_timeout().unwrap());
+        agent.session.handle_timeout(now);
+        station.session.handle_timeout(now);
+        agent.transmit(now, 10);
+        station.transmit(now, 10);
+        sent[0] += agent.out.live.len() as u32;
+        sent[1] += station.out.live.len() as u32;
+        while let Some(p) = agent.out.live.pop_front() {
+            station.session.handle_packet(now, &p).unwrap();
+        }
+        while let Some(p) = station.out.live.pop_front() {
+            agent.session.handle_packet(now, &p).unwrap();
+        }
+    }
+    assert!(!agent.session.is_closed() && !station.session.is_closed());
+    // 3 hours at one per 300 s: 36 each way (one more at the very end).
+    assert!(sent.iter().all(|n| (36..=37).contains(n)), "keepalives sent {sent:?}");
+    let cut = now;
+    while let Some(t) = station.session.poll_timeout() {
+        station.session.handle_timeout(t);
+        station.transmit(t, 10);
+        now = t;
+    }
+    assert!(station.session.is_closed());
+    assert_eq!(now - cut, Duration::from_secs(600));
+}
+
 #[test]
 fn acking_an_unsent_packet_is_a_peer_error() {
     use super::frame::{encode_header, Header};

@@ -392,12 +392,11 @@ async fn hello(
 /// interval the agent states (a metered link's owner chose it for both
 /// directions), and a liveness timeout that outlives two of them.
 fn session_limits(shared: &Shared, head: &RequestHead) -> Limits {
-    let mut limits = shared.limits.clone();
-    if let Some(keepalive) = carrier::hello_keepalive(&head.target) {
-        limits.keepalive = keepalive;
-        limits.idle_timeout = limits.idle_timeout.max(keepalive * 2);
+    let limits = shared.limits.clone();
+    match carrier::hello_keepalive(&head.target) {
+        Some(keepalive) => limits.following(keepalive),
+        None => limits,
     }
-    limits
 }
 
 /// New keys for a running session, from a fresh handshake with whichever

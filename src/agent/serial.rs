@@ -41,7 +41,7 @@ use crate::tunnel::Tunnel;
 /// Bytes a line keeps while no stream takes them. 64 KiB is 5.7 s of a
 /// 115200 baud line and over a minute at 9600: enough to ride out a
 /// carrier reconnect, small next to the agent's other buffers (a stream
-/// is 128 KiB of send buffer plus a 256 KiB window).
+/// starts at 128 KiB of send buffer plus a 256 KiB window).
 pub(super) const LINE_BACKLOG: usize = 64 * 1024;
 
 /// Bytes one read takes from the line. The kernel's N_TTY receive buffer

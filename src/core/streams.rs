@@ -194,7 +194,12 @@ impl Stream {
 
     /// Room this stream holds past [`STREAM_WINDOW`] and [`SEND_BUFFER`].
     fn loan(&self) -> u64 {
-        self.window - STREAM_WINDOW + (self.send_limit - SEND_BUFFER) as u64
+        self.window_loan() + (self.send_limit - SEND_BUFFER) as u64
+    }
+
+    /// Room its receive window holds past [`STREAM_WINDOW`].
+    fn window_loan(&self) -> u64 {
+        self.window - STREAM_WINDOW
     }
 
     /// Sets the window; the receive buffer follows it, and always has
@@ -702,7 +707,8 @@ impl Streams {
                 && quiet
                 && stream.granted - stream.consumed <= STREAM_WINDOW
             {
-                freed += stream.loan();
+                // Only the window goes back: the send buffer keeps its room.
+                freed += stream.window_loan();
                 stream.resize(STREAM_WINDOW);
             }
         }
@@ -844,6 +850,30 @@ mod tests {
             let before = if grown > SEND_BUFFER { u64::MAX } else { 0 };
             assert_eq!(budget.available(), before, "the stream repays its room");
         }
+    }
+
+    #[test]
+    fn reclaiming_a_quiet_window_repays_its_room_once() {
+        let room = 64 << 20;
+        let budget = Budget::new(room);
+        let mut agent = Streams::new(Side::Agent, budget.clone());
+        let quiet = agent.open("a").unwrap();
+        let busy = agent.open("b").unwrap();
+        // The quiet stream holds room for a grown send buffer and a grown
+        // window, and last granted credit long ago.
+        agent.handle_frame(Frame::Credit { id: quiet, limit: 64 << 20 }).unwrap();
+        let start = Instant::now();
+        assert!(agent.borrow(3 * STREAM_WINDOW));
+        let stream = agent.streams.get_mut(&quiet).unwrap();
+        stream.resize(4 * STREAM_WINDOW);
+        stream.last_grant = Some(start);
+        let rtt = Duration::from_millis(20);
+        assert!(agent.reclaim_quiet(busy, start + Duration::from_secs(10), rtt));
+        assert_eq!(agent.window(quiet), Some(STREAM_WINDOW));
+        let send_room = (MAX_SEND_BUFFER - SEND_BUFFER) as u64;
+        assert_eq!(budget.available(), room - send_room, "the send buffer keeps its room");
+        drop(agent);
+        assert_eq!(budget.available(), room, "every byte of room back, none twice");
     }
 
     #[test]

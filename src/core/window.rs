@@ -20,12 +20,13 @@
 //! than [`SLOW_EPOCH`] round trips (a reader slower than the path) halves
 //! the window again.
 //!
-//! Growth past [`STREAM_WINDOW`] is room taken from two budgets: the
+//! Growth past [`STREAM_WINDOW`] (and of send buffers past their first
+//! size, `streams::SEND_BUFFER`) is room taken from two budgets: the
 //! session's ([`SESSION_BUDGET`]) and a [`Budget`] shared by every session
 //! of a process, so a few fast devices cannot drive a station holding
 //! thousands out of memory. A stream gives its room back when it shrinks
 //! or ends; a stream that wants to grow while the budget is spent first
-//! takes back room from streams of its session that went quiet.
+//! takes back window room from streams of its session that went quiet.
 //!
 //! No I/O and no clock: time and the round trip come in as parameters.
 
@@ -40,7 +41,8 @@ pub const STREAM_WINDOW: u64 = 256 * 1024;
 /// 200 ms round trip.
 pub const MAX_STREAM_WINDOW: u64 = 16 * 1024 * 1024;
 
-/// Room past [`STREAM_WINDOW`] all streams of one session may take together.
+/// Room past their first sizes all windows and send buffers of one session
+/// may take together.
 pub const SESSION_BUDGET: u64 = 16 * 1024 * 1024;
 
 /// How much a window grows at a time.
@@ -49,8 +51,8 @@ pub const GROWTH: u64 = 4;
 /// A reader this many round trips or more per window halves the window.
 pub const SLOW_EPOCH: u32 = 16;
 
-/// Window room shared by sessions, in bytes past each stream's
-/// [`STREAM_WINDOW`]. Clones share the same room.
+/// Window and send-buffer room shared by sessions, in bytes past each
+/// stream's first sizes. Clones share the same room.
 #[derive(Debug, Clone)]
 pub struct Budget {
     left: Arc<AtomicU64>,

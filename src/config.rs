@@ -792,30 +792,17 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
 }
 
 fn session_timeout(seconds: Option<u64>, file: &str) -> Result<Duration, ConfigError> {
-    match seconds {
-        None => Ok(DEFAULT_SESSION_TIMEOUT),
-        Some(s) if SESSION_TIMEOUT_RANGE.contains(&s) => Ok(Duration::from_secs(s)),
-        Some(s) => Err(ConfigError::new(
-            file,
-            "session_timeout",
-            format!(
-                "{s} is out of range; give seconds from {} to {}",
-                SESSION_TIMEOUT_RANGE.start(),
-                SESSION_TIMEOUT_RANGE.end()
-            ),
-        )),
-    }
+    whole_seconds("session_timeout", seconds, DEFAULT_SESSION_TIMEOUT, SESSION_TIMEOUT_RANGE, file)
 }
 
-/// `keepalive` or `poll_hold`: whole seconds within the range a station
-/// follows ([`crate::carrier::KEEPALIVE_RANGE`]), or `default`.
-fn liveness_secs(
+/// A setting `field` in whole seconds within `range`, or `default`.
+fn whole_seconds(
     field: &str,
     seconds: Option<u64>,
     default: Duration,
+    range: std::ops::RangeInclusive<u64>,
     file: &str,
 ) -> Result<Duration, ConfigError> {
-    let range = crate::carrier::KEEPALIVE_RANGE;
     match seconds {
         None => Ok(default),
         Some(s) if range.contains(&s) => Ok(Duration::from_secs(s)),
@@ -1006,10 +993,23 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
     let session_timeout = session_timeout(raw.session_timeout, file)?;
     // Unset, each is its default or a third of session_timeout if that is
     // shorter, so a short session_timeout alone still makes a live session.
+    // Both within the range a station follows.
     let third = (session_timeout / 3).max(Duration::from_secs(1));
-    let keepalive = liveness_secs("keepalive", raw.keepalive, DEFAULT_KEEPALIVE.min(third), file)?;
-    let poll_hold =
-        liveness_secs("poll_hold", raw.poll_hold, crate::carrier::POLL_WAIT.min(third), file)?;
+    let range = crate::carrier::KEEPALIVE_RANGE;
+    let keepalive = whole_seconds(
+        "keepalive",
+        raw.keepalive,
+        DEFAULT_KEEPALIVE.min(third),
+        range.clone(),
+        file,
+    )?;
+    let poll_hold = whole_seconds(
+        "poll_hold",
+        raw.poll_hold,
+        crate::carrier::POLL_WAIT.min(third),
+        range,
+        file,
+    )?;
     // The session must outlive two silent intervals: one late keepalive
     // (or held poll) must not end it.
     for (field, interval) in [("keepalive", keepalive), ("poll_hold", poll_hold)] {

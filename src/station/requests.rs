@@ -531,11 +531,13 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, 
     {
         let mut body = conn.body(head.body, None);
         // The first bytes must come promptly; after that an uplink may idle
-        // as long as the session does (keepalives arrive well within it).
+        // as long as the session does (keepalives arrive well within it):
+        // the session's own timeout, which outlives two of the agent's
+        // keepalives.
+        let idle = live.tunnel.idle_timeout();
         let mut wait = HEAD_TIMEOUT;
         while let Some(bytes) = deadline(wait, body.next()).await? {
-            // The session's own: it outlives two of the agent's keepalives.
-            wait = live.tunnel.idle_timeout();
+            wait = idle;
             let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
                 Ok(n) => n,
                 Err(e) => return Ok(refuse(400, &e.to_string())),

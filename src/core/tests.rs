@@ -485,7 +485,8 @@ fn windows_grow_to_fill_a_long_path() {
 #[test]
 fn a_short_path_keeps_the_first_window() {
     // 20 Mbit/s at 60 ms, a cellular uplink: 150 KB in flight fits the
-    // first window, which must then not grow (the memory is not needed).
+    // first window, which grows one step at most (the first epoch, judged
+    // before the path's rate shows) and no further.
     let rate = 2.5e6;
     let mut path = Path::new(Duration::from_millis(60), rate, 1, Limits::default());
     path.run(Duration::from_secs(3));

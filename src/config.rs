@@ -129,7 +129,62 @@ pub struct StationConfig {
     /// `tls_cert_file` and `tls_key_file`: the carrier listener speaks TLS
     /// with this certificate, read again on SIGHUP. Checked loadable.
     pub tls: Option<TlsFiles>,
+    /// `[cluster]`: several stations sharing a session registry, so that any
+    /// of them serves any device. `None`: a station on its own.
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// The `[cluster]` table of a station.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis (or Valkey) server holding the registry.
+    pub store: StoreAddr,
+    /// Where this station listens for the other stations.
+    pub peer: SocketAddr,
+    /// The address the other stations reach this one at, recorded in the
+    /// registry: `peer`, unless it binds every address or port 0 (then the
+    /// bound port on `peer`'s IP, see [`ClusterConfig::advertised`]).
+    pub advertise: Option<SocketAddr>,
+    /// How long a registry record outlives its station's last renewal
+    /// (renewed every third of it): a station that dies drops out after this.
+    pub record_ttl: Duration,
+}
+
+impl ClusterConfig {
+    /// What the registry records as this station, once `peer` is bound at
+    /// `bound`.
+    pub fn advertised(&self, bound: SocketAddr) -> SocketAddr {
+        self.advertise.unwrap_or(bound)
+    }
+}
+
+/// `store = "redis://[:password@]host:port[/db]"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreAddr {
+    /// "host:port", resolved at each connect.
+    pub host_port: String,
+    pub password: Option<String>,
+    pub db: u32,
+}
+
+impl std::fmt::Debug for StoreAddr {
+    /// Never prints the password (the config is logged on errors).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::fmt::Display for StoreAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "redis://{}/{}", self.host_port, self.db)
+    }
+}
+
+/// Default [`ClusterConfig::record_ttl`]: a dead station's devices are
+/// found elsewhere within about this long, and a live one renews its
+/// records every 10 s.
+pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(30);
+const RECORD_TTL_RANGE: std::ops::RangeInclusive<u64> = 3..=3600;
 
 /// A station's certificate chain (PEM, leaf first) and private key (PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -461,6 +516,16 @@ struct RawStation {
     targets: BTreeMap<String, String>,
     #[serde(default)]
     devices: Vec<RawDevice>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    store: Option<String>,
+    peer: Option<String>,
+    advertise: Option<String>,
+    record_ttl: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -779,6 +844,10 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
     }
 
     let tls = station_tls(raw.tls_cert_file, raw.tls_key_file, file, base)?;
+    let cluster = match raw.cluster {
+        Some(cluster) => Some(check_cluster(cluster, listen, status, file)?),
+        None => None,
+    };
     Ok(StationConfig {
         listen,
         private_key,
@@ -788,7 +857,105 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         targets: raw.targets,
         devices,
         tls,
+        cluster,
     })
+}
+
+fn check_cluster(
+    raw: RawCluster,
+    listen: SocketAddr,
+    status: Option<SocketAddr>,
+    file: &str,
+) -> Result<ClusterConfig, ConfigError> {
+    let fail = |field: &str, reason: String| ConfigError::new(file, field, reason);
+    let store = raw.store.ok_or_else(|| {
+        fail("cluster.store", "missing; e.g. store = \"redis://10.0.0.2:6379\"".into())
+    })?;
+    let store = store_addr(&store).map_err(|r| fail("cluster.store", r))?;
+    let peer = raw.peer.ok_or_else(|| {
+        fail(
+            "cluster.peer",
+            "missing: the address the other stations reach this one at, e.g. \"10.0.0.5:7700\""
+                .into(),
+        )
+    })?;
+    let peer = socket_addr(&peer).map_err(|r| fail("cluster.peer", r))?;
+    if peer.port() != 0 && (peer == listen || Some(peer) == status) {
+        return Err(fail(
+            "cluster.peer",
+            format!("{peer} is already the station's listen or status address; give peers their own port"),
+        ));
+    }
+    let advertise = match raw.advertise {
+        Some(text) => {
+            let addr = socket_addr(&text).map_err(|r| fail("cluster.advertise", r))?;
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                return Err(fail(
+                    "cluster.advertise",
+                    format!("{addr} is not an address another station can connect to"),
+                ));
+            }
+            Some(addr)
+        }
+        None if peer.ip().is_unspecified() => {
+            return Err(fail(
+                "cluster.advertise",
+                format!(
+                    "missing: peer {peer} binds every address, so give the one the other \
+                     stations reach this one at, e.g. advertise = \"10.0.0.5:{}\"",
+                    peer.port()
+                ),
+            ))
+        }
+        None => None,
+    };
+    let record_ttl = whole_seconds(
+        "cluster.record_ttl",
+        raw.record_ttl,
+        DEFAULT_RECORD_TTL,
+        RECORD_TTL_RANGE,
+        file,
+    )?;
+    Ok(ClusterConfig { store, peer, advertise, record_ttl })
+}
+
+/// `redis://[:password@]host:port[/db]`, or plain `host:port`.
+fn store_addr(text: &str) -> Result<StoreAddr, String> {
+    let usage = "expected redis://host:port, redis://:password@host:port/db or host:port";
+    let rest = match text.split_once("://") {
+        Some(("redis", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "{scheme}:// is not supported (TLS to the store is not built in); {usage}"
+            ))
+        }
+        None => text,
+    };
+    let (password, rest) = match rest.rsplit_once('@') {
+        Some((user_info, rest)) => {
+            let password = user_info.strip_prefix(':').unwrap_or(user_info);
+            if password.is_empty() {
+                return Err(format!("an empty password in {text:?}; {usage}"));
+            }
+            (Some(password.to_owned()), rest)
+        }
+        None => (None, rest),
+    };
+    let (host_port, db) = match rest.split_once('/') {
+        Some((host_port, "")) => (host_port, 0),
+        Some((host_port, db)) => {
+            let db = db.parse().map_err(|_| format!("database {db:?} is not a number; {usage}"))?;
+            (host_port, db)
+        }
+        None => (rest, 0),
+    };
+    let port_ok = host_port
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(format!("{host_port:?} has no host and port; {usage}"));
+    }
+    Ok(StoreAddr { host_port: host_port.to_owned(), password, db })
 }
 
 fn session_timeout(seconds: Option<u64>, file: &str) -> Result<Duration, ConfigError> {
@@ -1805,6 +1972,58 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         }
         let err = agent_err(&format!("{}tls_pin = [\"{pin}\"]\n", agent_head(&k, "http://s/")));
         assert_err(&err, "tls_pin", "applies only to an https:// station");
+    }
+
+    #[test]
+    fn cluster_table() {
+        let k = keys();
+        let with = |table: &str| format!("{}\n[cluster]\n{table}", station_example(&k));
+        let parse = |table: &str| StationConfig::parse(&with(table), "station.toml");
+        let cluster =
+            parse("store = \"redis://:s3cret@10.0.0.2:6380/2\"\npeer = \"10.0.0.5:7700\"\n")
+                .expect("valid")
+                .cluster
+                .expect("a cluster");
+        assert_eq!(cluster.store.host_port, "10.0.0.2:6380");
+        assert_eq!(cluster.store.password.as_deref(), Some("s3cret"));
+        assert_eq!(cluster.store.db, 2);
+        assert_eq!(cluster.record_ttl, DEFAULT_RECORD_TTL);
+        assert_eq!(cluster.advertised("10.0.0.5:7700".parse().expect("addr")).port(), 7700);
+        // The password is never printed.
+        assert_eq!(format!("{:?}", cluster.store), "redis://10.0.0.2:6380/2");
+        let plain = parse("store = \"redis.internal:6379\"\npeer = \"0.0.0.0:7700\"\nadvertise = \"10.0.0.5:7700\"\nrecord_ttl = 10\n")
+            .expect("valid")
+            .cluster
+            .expect("a cluster");
+        assert_eq!((plain.store.password.as_deref(), plain.store.db), (None, 0));
+        assert_eq!(plain.record_ttl, Duration::from_secs(10));
+        assert_eq!(
+            plain.advertised("0.0.0.0:7700".parse().expect("addr")),
+            "10.0.0.5:7700".parse().expect("addr")
+        );
+        assert!(station_with(&k, "").expect("valid").cluster.is_none());
+
+        let peer = "peer = \"10.0.0.5:7700\"\n";
+        assert_err(&parse(peer).expect_err("no store"), "cluster.store", "missing");
+        let err = parse(&format!("store = \"rediss://h:1\"\n{peer}")).expect_err("tls");
+        assert_err(&err, "cluster.store", "rediss:// is not supported");
+        let err = parse(&format!("store = \"redis://h\"\n{peer}")).expect_err("no port");
+        assert_err(&err, "cluster.store", "has no host and port");
+        let err = parse(&format!("store = \"redis://h:1/x\"\n{peer}")).expect_err("db");
+        assert_err(&err, "cluster.store", "database \"x\" is not a number");
+        let store = "store = \"h:6379\"\n";
+        assert_err(&parse(store).expect_err("no peer"), "cluster.peer", "missing");
+        let err = parse(&format!("{store}peer = \"0.0.0.0:8080\"\n")).expect_err("listen");
+        assert_err(&err, "cluster.peer", "already the station's listen or status address");
+        let err = parse(&format!("{store}peer = \"0.0.0.0:7700\"\n")).expect_err("advertise");
+        assert_err(&err, "cluster.advertise", "missing: peer 0.0.0.0:7700 binds every address");
+        let err =
+            parse(&format!("{store}{peer}advertise = \"0.0.0.0:1\"\n")).expect_err("unspecified");
+        assert_err(&err, "cluster.advertise", "not an address another station can connect to");
+        let err = parse(&format!("{store}{peer}record_ttl = 1\n")).expect_err("ttl");
+        assert_err(&err, "cluster.record_ttl", "out of range; give seconds from 3 to 3600");
+        let err = parse(&format!("{store}{peer}stores = 1\n")).expect_err("unknown");
+        assert!(err.to_string().contains("stores"), "{err}");
     }
 
     #[test]

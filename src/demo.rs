@@ -171,6 +171,7 @@ impl Lab {
                 expose: BTreeMap::new(),
             }],
             tls: None,
+            cluster: None,
         })
         .await?;
         let station_addr = station.local_addr();

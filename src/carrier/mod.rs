@@ -176,7 +176,8 @@ pub fn short(session: &SessionId) -> String {
     hex(&session[..4])
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex, for session ids in paths, logs and the cluster registry.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -2,9 +2,10 @@
 //! address is carried to the named service on that device.
 //!
 //! ```text
-//!  accept ─▶ draining? close ─▶ device's live session?
-//!    ├ none: close the client at once, log
-//!    └ open stream "service\nclient" ─▶ pump (the agent opens the service or resets the stream)
+//!  accept ─▶ draining? close ─▶ [cluster] another station holds the device? relay it there (peers)
+//!    └ device's live session here?
+//!        ├ none: close the client at once, log
+//!        └ open stream "service\nclient" ─▶ pump (the agent opens the service or resets the stream)
 //! ```
 //!
 //! Listeners are kept by their configured address. A reload keeps a
@@ -19,9 +20,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::future;
-use smol::net::TcpListener;
+use smol::net::{TcpListener, TcpStream};
 
-use super::{live_session, lock, Error, Shared};
+use super::{live_session, lock, peers, Error, Live, Shared};
 use crate::config::StationConfig;
 use crate::task::Scope;
 
@@ -79,6 +80,15 @@ struct Running {
 }
 
 impl Exposes {
+    /// Whether a listener here serves `service` of `device`: a relayed
+    /// client may ask only for what this station would let in itself.
+    pub(super) fn serves(&self, device: &str, service: &str) -> bool {
+        lock(&self.0).values().any(|run| {
+            let spec = run.spec.read().unwrap_or_else(|p| p.into_inner());
+            spec.device_name == device && spec.service == service
+        })
+    }
+
     /// Binds the addresses of `specs` not served yet. Fails, binding
     /// nothing, if one cannot be bound.
     pub(super) async fn bind_new(&self, specs: &[ExposeSpec]) -> Result<Vec<Bound>, Error> {
@@ -153,65 +163,109 @@ async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<Rw
             log::info!("client {peer} on {addr}: the station is stopping; closed");
             continue;
         }
-        // Offline: dropping the socket closes the client at once, rather
-        // than leaving it waiting for a device that may not come.
-        let Some(live) = live_session(&shared, &device_name) else {
-            log::warn!(
-                "client {peer} on {addr}: device {device_name} is offline; \
-                 closed the connection (service {service:?})"
-            );
-            continue;
-        };
-        // The client's address rides along for the agent's logs (who holds
-        // a console); names cannot contain a newline, so it splits cleanly.
-        let id = match live.tunnel.open(&format!("{service}\n{peer}")) {
-            Ok(id) => id,
-            Err(e) => {
-                log::warn!("client {peer} on {addr}: device {device_name}: {e}; closed");
-                continue;
-            }
-        };
-        log::info!(
-            "client {peer} on {addr} -> device {device_name} service {service:?} (stream {id})"
-        );
         let _ = socket.set_nodelay(true);
-        let opened = SystemTime::now();
-        let (session, listener_addr) = (live.clone(), addr.clone());
-        // The session's scope owns the pump, so the client is closed when
-        // the session ends.
-        live.scope.spawn(async move {
-            let silent = async {
-                // A live agent acknowledges the new stream within a round
-                // trip; a dead one (killed, its session not yet timed out)
-                // never does, and the client must not wait in silence.
-                let deadline = Instant::now() + DEVICE_ANSWER_LIMIT;
-                while !session.status.heard_since(opened) {
-                    if Instant::now() >= deadline {
-                        return;
-                    }
-                    smol::Timer::after(DEVICE_ANSWER_POLL).await;
-                }
-                future::pending::<()>().await;
-            };
-            let pumped = async {
-                session.tunnel.pump(id, socket).await;
-                true
-            };
-            let gave_up = async {
-                silent.await;
-                false
-            };
-            match future::or(pumped, gave_up).await {
-                true => log::debug!("client {peer} -> device {device_name}: stream {id} ended"),
-                false => {
-                    log::warn!(
-                        "client {peer} on {listener_addr}: device {device_name} did not answer \
-                         within {} s (is its agent down?); closed the connection",
-                        DEVICE_ANSWER_LIMIT.as_secs()
-                    );
-                    session.tunnel.reset(id, "the device did not answer in time");
-                }
+        let client = Client { socket, peer, listener: addr.clone(), device: device_name, service };
+        match &shared.registry {
+            // Where the device is comes from the store: a lookup per client.
+            Some(_) => {
+                let shared2 = shared.clone();
+                shared.scope.spawn(async move { route(&shared2, client).await });
             }
-        });
+            None => serve_here(&shared, client),
+        }
     }
+}
+
+/// A reverse client, and what it came for.
+pub(super) struct Client {
+    pub socket: TcpStream,
+    pub peer: SocketAddr,
+    /// Where it arrived: an expose listener's address, or the station that
+    /// relayed it.
+    pub listener: String,
+    pub device: String,
+    pub service: String,
+}
+
+/// In a cluster: relays the client to the station holding the device's
+/// newest session, or serves it here if that is this station (or the
+/// registry cannot say).
+async fn route(shared: &Arc<Shared>, client: Client) {
+    let registry = shared.registry.as_ref().expect("routing needs the registry");
+    match registry.device_holder(&client.device).await {
+        Ok(Some(holder)) if holder.station != registry.me() => {
+            shared.counters.relayed_clients.fetch_add(1, Ordering::Relaxed);
+            peers::relay_exposed(shared.clone(), client, holder.station).await;
+        }
+        _ => serve_here(shared, client),
+    }
+}
+
+/// Carries the client to the device's session on this station, or closes
+/// it at once if the device has none here.
+fn serve_here(shared: &Arc<Shared>, client: Client) {
+    // Offline: dropping the socket closes the client at once, rather
+    // than leaving it waiting for a device that may not come.
+    let Some(live) = live_session(shared, &client.device) else {
+        let Client { peer, listener, device, service, .. } = client;
+        log::warn!(
+            "client {peer} on {listener}: device {device} is offline; \
+             closed the connection (service {service:?})"
+        );
+        return;
+    };
+    carry(&live, client);
+}
+
+/// Opens a stream to the client's service on `live`'s device and pumps
+/// the client through it; the session's scope owns the pump, so the
+/// client is closed when the session ends.
+pub(super) fn carry(live: &Arc<Live>, client: Client) {
+    let Client { socket, peer, listener, device, service } = client;
+    // The client's address rides along for the agent's logs (who holds
+    // a console); names cannot contain a newline, so it splits cleanly.
+    let id = match live.tunnel.open(&format!("{service}\n{peer}")) {
+        Ok(id) => id,
+        Err(e) => {
+            log::warn!("client {peer} on {listener}: device {device}: {e}; closed");
+            return;
+        }
+    };
+    log::info!("client {peer} on {listener} -> device {device} service {service:?} (stream {id})");
+    let opened = SystemTime::now();
+    let session = live.clone();
+    live.scope.spawn(async move {
+        let silent = async {
+            // A live agent acknowledges the new stream within a round
+            // trip; a dead one (killed, its session not yet timed out)
+            // never does, and the client must not wait in silence.
+            let deadline = Instant::now() + DEVICE_ANSWER_LIMIT;
+            while !session.status.heard_since(opened) {
+                if Instant::now() >= deadline {
+                    return;
+                }
+                smol::Timer::after(DEVICE_ANSWER_POLL).await;
+            }
+            future::pending::<()>().await;
+        };
+        let pumped = async {
+            session.tunnel.pump(id, socket).await;
+            true
+        };
+        let gave_up = async {
+            silent.await;
+            false
+        };
+        match future::or(pumped, gave_up).await {
+            true => log::debug!("client {peer} -> device {device}: stream {id} ended"),
+            false => {
+                log::warn!(
+                    "client {peer} on {listener}: device {device} did not answer \
+                     within {} s (is its agent down?); closed the connection",
+                    DEVICE_ANSWER_LIMIT.as_secs()
+                );
+                session.tunnel.reset(id, "the device did not answer in time");
+            }
+        }
+    });
 }

@@ -7,6 +7,10 @@
 //!   sessions: id ─▶ Live { device name, key, Tunnel, scope } ─▶ stream opened ─▶ allow? ─▶ connect target ─▶ pump
 //!
 //! expose listener (one per [devices.expose] entry) ─▶ device's live session ─▶ stream to a service
+//!
+//! with [cluster]: registry (Redis) ─ which station holds each session and device
+//!   unknown session ─▶ its holder, via the holder's peer listener (peers) ─▶ requests, as above
+//!   expose client for a device held elsewhere ─▶ relayed to its holder
 //! ```
 //!
 //! Unauthenticated requests get a status code and cost nothing lasting: a
@@ -35,13 +39,17 @@ use crate::task::Scope;
 use crate::tunnel::{self, Incoming, Tunnel};
 
 mod expose;
+mod peers;
+mod registry;
 mod requests;
+mod resp;
 mod status;
 mod tls;
 
 use expose::{Bound, ExposeSpec, Exposes};
-use requests::{refuse_log, serve_connection};
-pub use status::{render_metrics, render_status, DeviceStatus, Snapshot};
+use registry::{Held, Registry};
+use requests::{refuse_log, serve_connection, Via};
+pub use status::{render_metrics, render_status, ClusterStatus, DeviceStatus, Snapshot};
 use status::{Counters, LiveStatus, Totals};
 
 /// Time a target has to accept a connection before the stream is refused.
@@ -65,6 +73,8 @@ pub enum Error {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot serve status on {addr}: {source}")]
     Status { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen for the cluster's other stations on {addr}: {source}")]
+    Peer { addr: SocketAddr, source: std::io::Error },
     /// A `[devices.expose]` listener could not bind.
     #[error("device {device}: cannot expose service {service:?} on {addr}: {source}")]
     Expose { addr: SocketAddr, device: String, service: String, source: std::io::Error },
@@ -188,6 +198,8 @@ struct Shared {
     scope: Scope,
     /// TLS on the carrier listener, if configured.
     tls: tls::ListenerTls,
+    /// The cluster's session registry, with `[cluster]`.
+    registry: Option<Registry>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,7 +239,11 @@ impl Shared {
 
     /// Reads a handshake's first message with the station's keys.
     fn respond(&self, msg: &[u8]) -> Result<Responder, CryptoError> {
-        self.keys.read().unwrap_or_else(|poisoned| poisoned.into_inner()).respond(msg)
+        self.keys().respond(msg)
+    }
+
+    fn keys(&self) -> std::sync::RwLockReadGuard<'_, StationKeys> {
+        self.keys.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -237,6 +253,8 @@ pub struct Station {
     shared: Arc<Shared>,
     exposes: Vec<Bound>,
     status: Option<TcpListener>,
+    /// Where the cluster's other stations connect, with `[cluster]`.
+    peers: Option<TcpListener>,
 }
 
 /// What only a restart changes.
@@ -287,6 +305,18 @@ impl Station {
             None => None,
         };
         let tls = tls::ListenerTls::new(&config)?;
+        let (peers, registry) = match &config.cluster {
+            Some(cluster) => {
+                let addr = cluster.peer;
+                let listener =
+                    TcpListener::bind(addr).await.map_err(|source| Error::Peer { addr, source })?;
+                let bound = listener.local_addr().map_err(|source| Error::Peer { addr, source })?;
+                let me = cluster.advertised(bound);
+                let registry = Registry::new(cluster.store.clone(), me, cluster.record_ttl);
+                (Some(listener), Some(registry))
+            }
+            None => (None, None),
+        };
         let shared = Shared {
             started_with: Fixed::of(&config),
             exposes,
@@ -303,8 +333,9 @@ impl Station {
             limits,
             scope: Scope::new(),
             tls,
+            registry,
         };
-        Ok(Station { listener, shared: Arc::new(shared), exposes: bound, status })
+        Ok(Station { listener, shared: Arc::new(shared), exposes: bound, status, peers })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -327,36 +358,72 @@ impl Station {
             shared.scope.spawn(status::serve(shared.clone(), listener));
         }
         shared.scope.spawn(tell_unlogged_refusals(shared.clone()));
-        loop {
-            let (socket, peer) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, don't spin.
-                    log::warn!("accept failed: {e}");
-                    smol::Timer::after(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let slot = match shared.slots.take() {
-                Ok(slot) => slot,
-                Err(full) => {
-                    let why = match full {
-                        Full::Strangers => {
-                            format!("{MAX_STRANGERS} connections have not authenticated yet")
-                        }
-                        Full::Connections => format!("{MAX_CONNECTIONS} connections are open"),
-                    };
-                    refuse_log(&shared, peer, 503, &why);
-                    // The socket is fresh: its send buffer takes this at once,
-                    // so the accept loop never waits on a stranger.
-                    let mut socket = socket;
-                    let _ = socket.write(&http::error_response(503)).await;
-                    continue;
-                }
-            };
-            let _ = socket.set_nodelay(true);
-            shared.scope.spawn(serve_connection(shared.clone(), socket, peer, slot));
+        if let (Some(listener), Some(registry)) = (self.peers, &shared.registry) {
+            log::info!(
+                "cluster: other stations reach this one at {} (listening on {}); \
+                 session registry at {}",
+                registry.me(),
+                listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                registry.store()
+            );
+            shared.scope.spawn(accept(shared.clone(), listener, Via::Peer));
+            shared.scope.spawn(keep_records(shared.clone()));
         }
+        accept(shared, self.listener, Via::Agent).await;
+    }
+}
+
+/// Accepts connections on `listener` until the station stops, each served
+/// by its own task within the admission limits.
+async fn accept(shared: Arc<Shared>, listener: TcpListener, via: Via) {
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, don't spin.
+                log::warn!("accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let slot = match shared.slots.take() {
+            Ok(slot) => slot,
+            Err(full) => {
+                let why = match full {
+                    Full::Strangers => {
+                        format!("{MAX_STRANGERS} connections have not authenticated yet")
+                    }
+                    Full::Connections => format!("{MAX_CONNECTIONS} connections are open"),
+                };
+                refuse_log(&shared, peer, 503, &why);
+                // The socket is fresh: its send buffer takes this at once,
+                // so the accept loop never waits on a stranger.
+                let mut socket = socket;
+                let _ = socket.write(&http::error_response(503)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        shared.scope.spawn(serve_connection(shared.clone(), socket, peer, slot, via));
+    }
+}
+
+/// Renews the registry records of every session held here, as long as the
+/// station runs.
+async fn keep_records(shared: Arc<Shared>) {
+    let Some(registry) = &shared.registry else { return };
+    loop {
+        registry.renewal_due().await;
+        let held: Vec<Held> = lock(&shared.sessions)
+            .values()
+            .filter(|live| live.tunnel.closed().is_none())
+            .map(|live| Held {
+                session: live.id,
+                device: live.name.clone(),
+                active: live.status.heard_within(live.tunnel.idle_timeout() / 2),
+            })
+            .collect();
+        registry.renew(&held).await;
     }
 }
 
@@ -524,11 +591,15 @@ async fn drive_session(
     };
     let (reason, ()) = future::zip(live.tunnel.run_timers(), opens).await;
     live.scope.stop();
-    let mut sessions = lock(&shared.sessions);
-    if sessions.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, &live)) {
-        sessions.remove(&live.id);
+    {
+        let mut sessions = lock(&shared.sessions);
+        if sessions.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, &live)) {
+            sessions.remove(&live.id);
+        }
     }
-    drop(sessions);
+    if let Some(registry) = &shared.registry {
+        registry.release(&live.id, &live.name).await;
+    }
     *lock(&shared.counters.ended).entry(live.name.clone()).or_default() += live.totals();
     log::info!("device {} session {} ended: {reason}", live.name, carrier::short(&live.id));
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use futures_lite::future;
 use smol::net::TcpStream;
 
+use super::peers;
 use super::status::{LiveStatus, Shape};
 use super::{confirm, drive_session, lock, log_unknown_key, log_unlogged_refusals, Live, Shared};
 use crate::admission::Slot;
@@ -61,8 +62,18 @@ async fn deadline<T>(
     .await
 }
 
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    /// The carrier listener: agents, through whatever is on the way.
+    Agent,
+    /// The cluster's peer listener: other stations, passing on requests
+    /// (each vouched for, see `peers`), never passed on again.
+    Peer,
+}
+
 /// How a request ended, for the connection loop.
-enum Outcome {
+pub(super) enum Outcome {
     /// Answered in full; the connection may serve another request.
     Done,
     /// Refused with this status and reason (for the log; `None` when
@@ -77,13 +88,19 @@ pub(super) async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
     slot: Slot,
+    via: Via,
 ) {
-    let link = match shared.tls.accept(socket, HEAD_TIMEOUT).await {
-        Ok(link) => link,
-        Err(e) => {
-            refuse_log(&shared, peer, 400, &format!("TLS handshake failed: {e}"));
-            return;
-        }
+    let link = match via {
+        Via::Agent => match shared.tls.accept(socket, HEAD_TIMEOUT).await {
+            Ok(link) => link,
+            Err(e) => {
+                refuse_log(&shared, peer, 400, &format!("TLS handshake failed: {e}"));
+                return;
+            }
+        },
+        // Stations talk plain HTTP on their own network; what matters in
+        // the requests is sealed end to end, and each is vouched for.
+        Via::Peer => Link::Plain(socket),
     };
     let mut conn = HttpConn::with_capacity(link, MIN_READ_BUF_BYTES);
     let mut slot = slot;
@@ -114,7 +131,26 @@ pub(super) async fn serve_connection(
             }
         };
         let keep_alive = head.keep_alive;
-        let outcome = match handle(&shared, &mut conn, &head, peer, &mut slot).await {
+        let client = match via {
+            Via::Agent => peer,
+            Via::Peer => match peers::admit(&shared, &head, peer) {
+                Ok(client) => client,
+                Err(why) => {
+                    let what = format!(
+                        "{} {}: a forged station-to-station request: {why}",
+                        head.method, head.target
+                    );
+                    refuse_log(&shared, peer, 403, &what);
+                    let _ = conn.write_all(&http::error_response(403)).await;
+                    return;
+                }
+            },
+        };
+        if via == Via::Peer && head.target == peers::EXPOSE_PATH {
+            peers::serve_expose(&shared, conn, &head, client, peer).await;
+            return;
+        }
+        let outcome = match handle(&shared, &mut conn, &head, client, &mut slot, via).await {
             Ok(outcome) => outcome,
             // An agent's lane that reconnects, or stops, leaves its request
             // unfinished: routine for a connection that proved itself, not
@@ -161,6 +197,7 @@ async fn handle(
     head: &RequestHead,
     peer: SocketAddr,
     slot: &mut Slot,
+    via: Via,
 ) -> Result<Outcome, HttpError> {
     let Some((session, verb)) = carrier::parse_path(&head.target) else {
         return Ok(refuse(404, "not a carrier path"));
@@ -171,7 +208,15 @@ async fn handle(
     if verb == Verb::Hello {
         return hello(shared, conn, head, session, peer, slot).await;
     }
-    let Some(live) = lock(&shared.sessions).get(&session).cloned() else {
+    let live = lock(&shared.sessions).get(&session).cloned();
+    let Some(live) = live else {
+        if let (Some(registry), Via::Agent) = (&shared.registry, via) {
+            if let Ok(Some(holder)) = registry.session_holder(&session).await {
+                if holder != registry.me() {
+                    return peers::forward(shared, conn, head, peer, holder, slot).await;
+                }
+            }
+        }
         // 410, not 404: the agent must tell "start a new session" apart
         // from a path that is wrong or was garbled on the way.
         return Ok(refuse(410, "no such session (the station restarted or it timed out)"));
@@ -378,6 +423,11 @@ async fn hello(
     });
     shared.counters.handshakes.fetch_add(1, Ordering::Relaxed);
     lock(&shared.sessions).insert(session, live.clone());
+    // Recorded before the reply, so that the agent's next request finds
+    // the session whichever station the balancer gives it to.
+    if let Some(registry) = &shared.registry {
+        registry.claim(&session, &device.name).await;
+    }
     log::info!(
         "device {} handshake from {peer} (session {})",
         device.name,

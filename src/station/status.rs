@@ -42,6 +42,10 @@ pub(super) struct Counters {
     pub rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// What sessions that ended carried, per device name.
     pub ended: Mutex<HashMap<String, Totals>>,
+    /// Carrier requests passed to the station holding their session.
+    pub forwarded: AtomicU64,
+    /// Reverse clients relayed to the station holding their device.
+    pub relayed_clients: AtomicU64,
 }
 
 impl Counters {
@@ -177,6 +181,17 @@ pub struct Snapshot {
     pub bad_handshakes: u64,
     pub duplicate_keys: u64,
     pub rejected: BTreeMap<&'static str, u64>,
+    /// With `[cluster]`: the registry's state and the traffic passed on.
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A clustered station's part of the [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// Whether the last registry call reached the store.
+    pub store_up: bool,
+    pub forwarded_requests: u64,
+    pub relayed_clients: u64,
 }
 
 pub(super) fn snapshot(shared: &Shared) -> Snapshot {
@@ -232,6 +247,11 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
         bad_handshakes: counters.bad_handshakes.load(Ordering::Relaxed),
         duplicate_keys: counters.duplicate_keys.load(Ordering::Relaxed),
         rejected: lock(&counters.rejected).clone(),
+        cluster: shared.registry.as_ref().map(|registry| ClusterStatus {
+            store_up: registry.is_up(),
+            forwarded_requests: counters.forwarded.load(Ordering::Relaxed),
+            relayed_clients: counters.relayed_clients.load(Ordering::Relaxed),
+        }),
     }
 }
 
@@ -310,6 +330,26 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), count.to_string()))
         .collect();
     family("postern_rejected_requests_total", "counter", "Refused requests, by reason.", &rejected);
+    if let Some(cluster) = &snap.cluster {
+        family(
+            "postern_cluster_store_up",
+            "gauge",
+            "Whether the cluster's session registry answered the station's last call.",
+            &one(u8::from(cluster.store_up).to_string()),
+        );
+        family(
+            "postern_cluster_forwarded_requests_total",
+            "counter",
+            "Carrier requests passed to the station holding their session.",
+            &one(cluster.forwarded_requests.to_string()),
+        );
+        family(
+            "postern_cluster_relayed_clients_total",
+            "counter",
+            "Reverse clients relayed to the station holding their device.",
+            &one(cluster.relayed_clients.to_string()),
+        );
+    }
     family(
         "postern_device_connected",
         "gauge",
@@ -516,6 +556,11 @@ mod tests {
             bad_handshakes: 0,
             duplicate_keys: 0,
             rejected: BTreeMap::from([("malformed", 7)]),
+            cluster: Some(ClusterStatus {
+                store_up: true,
+                forwarded_requests: 9,
+                relayed_clients: 2,
+            }),
         }
     }
 
@@ -532,6 +577,9 @@ mod tests {
             "postern_auth_failures_total{kind=\"forged_or_replayed_packet\"} 1",
             "postern_rejected_requests_total{reason=\"malformed\"} 7",
             "postern_streams_open 2",
+            "postern_cluster_store_up 1",
+            "postern_cluster_forwarded_requests_total 9",
+            "postern_cluster_relayed_clients_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -560,6 +560,30 @@ pub(crate) fn start_agent_session(
     (agent, addrs)
 }
 
+/// `station.toml` text with a status listener on an ephemeral port.
+pub(crate) fn with_status(toml: &str) -> String {
+    toml.replacen('\n', "\nstatus = \"127.0.0.1:0\"\n", 1)
+}
+
+/// The address of `station`'s status listener, from its log.
+pub(crate) fn status_addr(station: &Proc) -> SocketAddr {
+    let line = station.wait_log(&["status on http://", "/metrics"]);
+    let from = line.find("status on http://").expect("found above") + "status on http://".len();
+    let to = line[from..].find('/').expect("a path follows") + from;
+    line[from..to].parse().unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
+}
+
+/// `GET path` on the status listener: (status line, body).
+pub(crate) fn status_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut socket = TcpStream::connect(addr).expect("connect to status");
+    socket.set_read_timeout(Some(LOG_WAIT)).expect("timeout");
+    write!(socket, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+}
+
 /// The socket address right after `marker` in a log line, as in
 /// `station listening on ADDR (HTTP carrier)`; `None` if the word there is
 /// not one.

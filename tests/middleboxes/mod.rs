@@ -1,6 +1,7 @@
 //! Real proxies and load balancers, started on loopback for one test each:
 //! squid, tinyproxy, privoxy and Apache httpd as forward proxies, nginx,
-//! Apache httpd and varnish as reverse proxies, haproxy as a load balancer. Each runs in the foreground with a config in
+//! Apache httpd and varnish as reverse proxies, haproxy as a load balancer,
+//! redis-server as the cluster's registry. Each runs in the foreground with a config in
 //! its own temp dir and is killed when its guard drops.
 //!
 //! Their settings are the stock ones except where a test says otherwise;
@@ -310,22 +311,75 @@ impl Middlebox {
     /// haproxy balancing round-robin over `stations`, sticky by an inserted
     /// cookie, with short client and server timeouts.
     pub(crate) fn haproxy(stations: &[SocketAddr]) -> Middlebox {
+        let t = SHORT_TIMEOUT_SECS;
+        let backend = "  cookie SRV insert indirect nocache\n";
+        Self::haproxy_serving(stations, t, "", backend, |i| format!("cookie s{i}"))
+    }
+
+    /// haproxy balancing round-robin over `stations` with no stickiness at
+    /// all, as cloud balancers and Kubernetes Services do by default: each
+    /// request may reach any station. A health check every half second
+    /// takes a dead station out, and a request it refused is sent to another.
+    pub(crate) fn haproxy_round_robin(stations: &[SocketAddr], timeout_secs: u64) -> Middlebox {
+        let defaults = "  option redispatch\n  retries 2\n";
+        let check = |_| "check inter 500ms fall 1 rise 1".to_owned();
+        Self::haproxy_serving(stations, timeout_secs, defaults, "", check)
+    }
+
+    /// haproxy in `mode http` over `stations` with `timeout_secs` client and
+    /// server timeouts, the lines `defaults` and `backend` added to those
+    /// sections, and `server(i)` after each server's address.
+    fn haproxy_serving(
+        stations: &[SocketAddr],
+        timeout_secs: u64,
+        defaults: &str,
+        backend: &str,
+        server: impl Fn(usize) -> String,
+    ) -> Middlebox {
         let dir = shared_dir("haproxy");
         let port = free_port();
-        let t = SHORT_TIMEOUT_SECS;
+        let t = timeout_secs;
         let mut conf = format!(
             "global\n  maxconn 256\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client {t}s\n\
-               timeout server {t}s\n  timeout http-request {t}s\n\
+               timeout server {t}s\n  timeout http-request {t}s\n{defaults}\
              frontend carrier\n  bind 127.0.0.1:{port}\n  default_backend stations\n\
-             backend stations\n  balance roundrobin\n  cookie SRV insert indirect nocache\n"
+             backend stations\n  balance roundrobin\n{backend}"
         );
         for (i, station) in stations.iter().enumerate() {
-            conf.push_str(&format!("  server s{i} {station} cookie s{i}\n"));
+            conf.push_str(&format!("  server s{i} {station} {}\n", server(i)));
         }
         let path = dir.write("haproxy.cfg", &conf);
         let child = spawn("haproxy", &["-db", "-f", path.to_str().expect("utf-8 path")], &dir);
         Self::started("haproxy", port, child, dir)
+    }
+
+    /// redis-server on a free loopback port, keeping nothing on disk.
+    pub(crate) fn redis() -> Middlebox {
+        Self::redis_on(free_port())
+    }
+
+    /// As [`Middlebox::redis`] on `port`: a store restarted where its
+    /// clients expect it, empty.
+    pub(crate) fn redis_on(port: u16) -> Middlebox {
+        let dir = shared_dir("redis");
+        let port_text = port.to_string();
+        let args = [
+            "--port",
+            &port_text,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            "redis.log",
+            "--daemonize",
+            "no",
+        ];
+        let child = spawn("redis-server", &args, &dir);
+        Self::started("redis", port, child, dir)
     }
 
     /// Apache httpd (event MPM, mod_proxy_http) with `KeepAliveTimeout 5`

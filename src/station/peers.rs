@@ -1,0 +1,406 @@
+//! Station to station, in a cluster: a carrier request for a session held
+//! by another station is passed to it, and a reverse client for a device
+//! held elsewhere is relayed to the station holding it.
+//!
+//! ```text
+//! agent ─▶ balancer ─▶ station A: no such session ─▶ registry: B holds it
+//!                         └─ POST <same path> + X-Postern-Peer ─▶ B's peer listener ─▶ requests::handle
+//! client ─▶ A's expose port ─▶ registry: B holds the device
+//!                         └─ POST /.postern/expose, 101 ─▶ B ─▶ the device's session ─▶ service
+//! ```
+//!
+//! The forwarding station reads no record: they are sealed between agent
+//! and holder, which checks them as it would on its own listener. Each
+//! request between stations carries a MAC under a key derived from the
+//! station key they share, over its time, method and target; the peer
+//! listener refuses any other. A replay within [`CLOCK_SKEW`] can only
+//! repeat records the session's replay window rejects, or open a reverse
+//! connection, which any client of an expose port can do.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blake2::digest::Mac;
+use blake2::Blake2sMac256;
+use futures_lite::{future, io, AsyncWriteExt};
+use smol::net::{Shutdown, TcpStream};
+
+use super::expose::{self, Client};
+use super::requests::refuse_log;
+use super::requests::Outcome;
+use super::{live_session, Live, Shared};
+use crate::admission::Slot;
+use crate::carrier::conn::HttpConn;
+use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
+use crate::carrier::link::Link;
+use crate::carrier::{self, STATION_MARK};
+use crate::keys::PrivateKey;
+
+/// The header that vouches for a request from another station.
+const PEER_HEADER: &str = "X-Postern-Peer";
+/// Who sent the request to the forwarding station, for the holder's logs.
+const CLIENT_HEADER: &str = "X-Postern-Client";
+const DEVICE_HEADER: &str = "X-Postern-Device";
+const SERVICE_HEADER: &str = "X-Postern-Service";
+/// The path of a relayed reverse connection.
+pub(super) const EXPOSE_PATH: &str = "/.postern/expose";
+const UPGRADE: &str = "postern-expose";
+
+/// Largest difference between two stations' clocks a request survives
+/// (stations run NTP; this is the window a captured request replays in).
+const CLOCK_SKEW: u64 = 60;
+
+/// Time another station has to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The response header fields a forwarded reply keeps.
+const KEPT_FIELDS: [&str; 4] =
+    ["Content-Type", "Cache-Control", "X-Accel-Buffering", "Retry-After"];
+
+/// The key station-to-station MACs are made with: derived from the
+/// station's static key, which every station of a cluster has (agents pin
+/// its public half), and useless for anything else.
+fn peer_key(station: &PrivateKey) -> [u8; 32] {
+    let mut mac = Blake2sMac256::new_with_salt_and_personal(station.as_bytes(), b"", b"pstrnpr1")
+        .expect("a 32-byte key and an 8-byte personalisation fit BLAKE2s");
+    mac.update(b"postern station-to-station requests");
+    mac.finalize().into_bytes().into()
+}
+
+fn mac(key: &[u8; 32], secs: u64, method: &str, target: &str) -> Blake2sMac256 {
+    let mut mac = <Blake2sMac256 as Mac>::new_from_slice(key).expect("a 32-byte key fits");
+    mac.update(format!("{secs} {method} {target}").as_bytes());
+    mac
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The [`PEER_HEADER`] value for a request from this station.
+fn vouch(shared: &Shared, method: &str, target: &str) -> String {
+    let key = peer_key(&shared.keys().current);
+    let secs = unix_secs();
+    format!("{secs} {}", carrier::hex(&mac(&key, secs, method, target).finalize().into_bytes()))
+}
+
+/// Checks that `head` comes from a station of the cluster; returns the
+/// address of the client it acts for.
+pub(super) fn admit(
+    shared: &Shared,
+    head: &RequestHead,
+    from: SocketAddr,
+) -> Result<SocketAddr, &'static str> {
+    let value = head.header(PEER_HEADER).ok_or("no X-Postern-Peer field")?;
+    let value = std::str::from_utf8(value).map_err(|_| "a malformed X-Postern-Peer field")?;
+    let (secs, tag) = value.split_once(' ').ok_or("a malformed X-Postern-Peer field")?;
+    let secs: u64 = secs.parse().map_err(|_| "a malformed X-Postern-Peer field")?;
+    if unix_secs().abs_diff(secs) > CLOCK_SKEW {
+        return Err(
+            "an X-Postern-Peer time more than 60 s off (replayed, or the stations' clocks differ)",
+        );
+    }
+    let tag = unhex(tag).ok_or("a malformed X-Postern-Peer field")?;
+    let keys = shared.keys();
+    let authentic = std::iter::once(&keys.current).chain(&keys.next).any(|key| {
+        mac(&peer_key(key), secs, &head.method, &head.target).verify_slice(&tag).is_ok()
+    });
+    if !authentic {
+        return Err("an X-Postern-Peer MAC that no key of this station made (not a station of this cluster)");
+    }
+    let client = head.header(CLIENT_HEADER).and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+    Ok(client.unwrap_or(from))
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
+}
+
+async fn connect(station: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = future::or(TcpStream::connect(station), async {
+        smol::Timer::after(CONNECT_TIMEOUT).await;
+        Err(std::io::ErrorKind::TimedOut.into())
+    })
+    .await?;
+    let _ = socket.set_nodelay(true);
+    Ok(socket)
+}
+
+/// Passes the carrier request `head` (its body still unread on `conn`) to
+/// `holder`, the station that holds its session, and its response back.
+pub(super) async fn forward(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<Link>,
+    head: &RequestHead,
+    client: SocketAddr,
+    holder: SocketAddr,
+    slot: &mut Slot,
+) -> Result<Outcome, HttpError> {
+    let upstream = match connect(holder).await {
+        Ok(socket) => socket,
+        Err(e) => {
+            // Its record outlives a station that died: the agent starts a
+            // new session, here or wherever the balancer sends it.
+            let why = format!("station {holder}, which holds the session, does not answer: {e}");
+            return Ok(Outcome::Refuse(410, Some(why)));
+        }
+    };
+    shared.counters.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut out = Vec::new();
+    let client_text = client.to_string();
+    let vouched = vouch(shared, &head.method, &head.target);
+    let fields = [
+        (PEER_HEADER, vouched.as_str()),
+        (CLIENT_HEADER, client_text.as_str()),
+        ("Connection", "close"),
+    ];
+    http::write_request_head(
+        &mut out,
+        &head.method,
+        &head.target,
+        &holder.to_string(),
+        &fields,
+        head.body,
+    );
+    let mut writer = upstream.clone();
+    writer.write_all(&out).await?;
+    // The holder may answer (a refusal) before the body ends: then the
+    // rest of the body is not needed.
+    let answered = async {
+        let _ = upstream.peek(&mut [0]).await;
+        Ok(())
+    };
+    let chunked = head.body == BodyKind::Chunked;
+    let mut to = Writer::Station(&mut writer);
+    future::or(relay_body(conn, head.body, &mut to, chunked), answered).await?;
+
+    let mut from = HttpConn::new(upstream);
+    let response = from.read_response(false).await?;
+    if response.status == 200 {
+        // The holder found an authentic packet in the request.
+        slot.promote();
+    }
+    let body = match response.body {
+        BodyKind::Chunked if head.minor_version == 0 => BodyKind::UntilClose,
+        kind => kind,
+    };
+    let keep_alive = head.keep_alive && body != BodyKind::UntilClose;
+    let mut fields: Vec<(&str, &str)> = vec![STATION_MARK];
+    for name in KEPT_FIELDS {
+        if let Some(value) = response.header(name).and_then(|v| std::str::from_utf8(v).ok()) {
+            fields.push((name, value));
+        }
+    }
+    let mut reply = Vec::new();
+    http::write_response_head(
+        &mut reply,
+        response.status,
+        &response.reason,
+        &fields,
+        body,
+        keep_alive,
+    );
+    conn.write_all(&reply).await?;
+    relay_body(&mut from, response.body, &mut Writer::Agent(conn), body == BodyKind::Chunked)
+        .await?;
+    Ok(if keep_alive { Outcome::Done } else { Outcome::Close })
+}
+
+/// Where [`relay_body`] writes.
+enum Writer<'a> {
+    Agent(&'a mut HttpConn<Link>),
+    Station(&'a mut TcpStream),
+}
+
+impl Writer<'_> {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Agent(conn) => conn.write_all(bytes).await,
+            Writer::Station(socket) => socket.write_all(bytes).await,
+        }
+    }
+}
+
+/// Copies the body of `kind` that follows the head just read on `from` to
+/// `to`, as it arrives: in chunks if `chunked`, else as it is (its end is
+/// then its length, or the close).
+async fn relay_body<S>(
+    from: &mut HttpConn<S>,
+    kind: BodyKind,
+    to: &mut Writer<'_>,
+    chunked: bool,
+) -> Result<(), HttpError>
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+{
+    let mut body = from.body(kind, None);
+    let mut piece = Vec::new();
+    while let Some(bytes) = body.next().await? {
+        piece.clear();
+        if chunked {
+            http::write_chunk_header(&mut piece, bytes.len());
+            piece.extend_from_slice(bytes);
+            piece.extend_from_slice(CHUNK_END);
+        } else {
+            piece.extend_from_slice(bytes);
+        }
+        to.write_all(&piece).await?;
+    }
+    if chunked {
+        to.write_all(LAST_CHUNK).await?;
+    }
+    Ok(())
+}
+
+/// Carries a reverse client to `holder`, the station holding its device's
+/// session.
+pub(super) async fn relay_exposed(shared: Arc<Shared>, client: Client, holder: SocketAddr) {
+    let Client { socket, peer: client, listener, device, service } = client;
+    let refused = |why: String| {
+        log::warn!(
+            "client {client} on {listener}: device {device} is held by station {holder}, \
+             which {why}; closed the connection (service {service:?})"
+        );
+    };
+    let upstream = match connect(holder).await {
+        Ok(upstream) => upstream,
+        Err(e) => return refused(format!("does not answer: {e}")),
+    };
+    let mut out = Vec::new();
+    let client_text = client.to_string();
+    let vouched = vouch(&shared, "POST", EXPOSE_PATH);
+    let fields = [
+        (PEER_HEADER, vouched.as_str()),
+        (CLIENT_HEADER, client_text.as_str()),
+        (DEVICE_HEADER, device.as_str()),
+        (SERVICE_HEADER, service.as_str()),
+        ("Connection", "Upgrade"),
+        ("Upgrade", UPGRADE),
+    ];
+    http::write_request_head(
+        &mut out,
+        "POST",
+        EXPOSE_PATH,
+        &holder.to_string(),
+        &fields,
+        BodyKind::Empty,
+    );
+    let mut writer = upstream.clone();
+    if let Err(e) = writer.write_all(&out).await {
+        return refused(format!("failed: {e}"));
+    }
+    let mut from = HttpConn::new(upstream);
+    let response = match from.read_response(false).await {
+        Ok(response) => response,
+        Err(e) => return refused(format!("failed: {e}")),
+    };
+    if response.status != 101 {
+        return refused(format!("answered {} {}", response.status, response.reason));
+    }
+    log::info!(
+        "client {client} on {listener} -> device {device} service {service:?} via station {holder}"
+    );
+    let (upstream, early) = from.into_inner();
+    splice(socket, upstream, &early).await;
+    log::debug!("client {client} -> device {device} via station {holder}: ended");
+}
+
+/// Copies both ways between `a` and `b` until both directions end, each
+/// end passed on as a half-close; `early` goes to `a` first.
+async fn splice(a: TcpStream, b: TcpStream, early: &[u8]) {
+    let a_to_b = {
+        let (a, mut b) = (a.clone(), b.clone());
+        async move {
+            let _ = io::copy(a, &mut b).await;
+            let _ = b.shutdown(Shutdown::Write);
+        }
+    };
+    let b_to_a = async move {
+        let mut to_a = a.clone();
+        if to_a.write_all(early).await.is_ok() {
+            let _ = io::copy(b, &mut to_a).await;
+        }
+        let _ = to_a.shutdown(Shutdown::Write);
+    };
+    future::zip(a_to_b, b_to_a).await;
+}
+
+/// Serves a reverse connection another station relays: `head` asked for
+/// a device's service; on 101 the connection carries the client's bytes.
+pub(super) async fn serve_expose(
+    shared: &Arc<Shared>,
+    mut conn: HttpConn<Link>,
+    head: &RequestHead,
+    client: SocketAddr,
+    from: SocketAddr,
+) {
+    let field =
+        |name| head.header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_owned);
+    let refusal = match (field(DEVICE_HEADER), field(SERVICE_HEADER)) {
+        (Some(device), Some(service)) => {
+            match accept_relayed(shared, &device, &service, from) {
+                Ok(live) => {
+                    let mut reply = Vec::new();
+                    let fields = [("Connection", "Upgrade"), ("Upgrade", UPGRADE)];
+                    let (status, kind) = (101, BodyKind::Empty);
+                    http::write_response_head(
+                        &mut reply,
+                        status,
+                        "Switching Protocols",
+                        &fields,
+                        kind,
+                        true,
+                    );
+                    if conn.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    let (link, early) = conn.into_inner();
+                    // The other station sends the client's bytes only after our 101.
+                    match link {
+                        Link::Plain(socket) if early.is_empty() => {
+                            let listener = format!("station {from}");
+                            let client = Client { socket, peer: client, listener, device, service };
+                            expose::carry(&live, client);
+                        }
+                        _ => log::warn!("station {from}: bytes before the 101 of a relayed reverse connection; closed"),
+                    }
+                    return;
+                }
+                Err(refusal) => refusal,
+            }
+        }
+        _ => (400, "a relayed reverse connection without device and service".to_owned()),
+    };
+    let (status, why) = refusal;
+    refuse_log(shared, from, status, &why);
+    let _ = conn.write_all(&http::error_response(status)).await;
+}
+
+/// The session a relayed reverse client for `service` of `device` goes
+/// to, or the status and reason it is refused with.
+fn accept_relayed(
+    shared: &Shared,
+    device: &str,
+    service: &str,
+    from: SocketAddr,
+) -> Result<Arc<Live>, (u16, String)> {
+    if !shared.exposes.serves(device, service) {
+        return Err((
+            403,
+            format!(
+                "station {from} relayed a client for service {service:?} of device {device}, \
+                 which this station does not expose"
+            ),
+        ));
+    }
+    if shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+        return Err((503, "the station is stopping".to_owned()));
+    }
+    live_session(shared, device).ok_or_else(|| {
+        (404, format!("device {device} is offline here (relayed by station {from})"))
+    })
+}

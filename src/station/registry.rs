@@ -1,0 +1,255 @@
+//! The cluster's shared session registry, on Redis: which station holds
+//! each session and each device. Every record expires unless its station
+//! renews it, so a station that dies drops out by itself.
+//!
+//! ```text
+//! postern:session:<session hex> = <station peer address>          (EX record_ttl)
+//! postern:device:<device name>  = <station peer address> <session hex>  (EX record_ttl)
+//! ```
+//!
+//! A handshake overwrites both (the newest session of a device wins);
+//! renewals and removals touch a device's record only while it still
+//! names the session doing so, so a station left with a stale session
+//! never takes the device back. While the store cannot be reached the
+//! station serves alone: every call fails at once, and the store is tried
+//! again every [`RETRY_EVERY`].
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+
+use super::lock;
+use super::resp::{Reply, Resp, StoreError};
+use crate::carrier;
+use crate::config::StoreAddr;
+use crate::crypto::SessionId;
+
+/// How often an unreachable store is tried again.
+pub(super) const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// Commands sent in one pipelined write when records are renewed.
+const RENEW_BATCH: usize = 512;
+
+/// Deletes KEYS[1] if it holds ARGV[1].
+const RELEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// Sets KEYS[1] to ARGV[1] for ARGV[2] seconds if it is missing or holds
+/// ARGV[1] already; returns 1 if it did.
+const KEEP: &str = "local v = redis.call('GET', KEYS[1]) \
+     if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1 end \
+     return 0";
+
+/// Where a device's session lives, as the registry has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Holder {
+    pub station: SocketAddr,
+    pub session: String,
+}
+
+/// A session this station holds, for [`Registry::renew`].
+pub(super) struct Held {
+    pub session: SessionId,
+    pub device: String,
+    /// Heard from lately: only such a session may put its device's record
+    /// back after the store lost it.
+    pub active: bool,
+}
+
+enum Health {
+    Up,
+    Down { retry_at: Instant },
+}
+
+pub(super) struct Registry {
+    store: StoreAddr,
+    /// This station, as the other stations reach it.
+    me: SocketAddr,
+    ttl: Duration,
+    conn: smol::lock::Mutex<Option<Resp>>,
+    health: Mutex<Health>,
+    /// Notified when the store is back after an outage, so that every
+    /// record is written again at once.
+    rejoined: Event,
+}
+
+impl Registry {
+    pub(super) fn new(store: StoreAddr, me: SocketAddr, ttl: Duration) -> Registry {
+        Registry {
+            store,
+            me,
+            ttl,
+            conn: smol::lock::Mutex::new(None),
+            health: Mutex::new(Health::Up),
+            rejoined: Event::new(),
+        }
+    }
+
+    /// This station's address in the registry.
+    pub(super) fn me(&self) -> SocketAddr {
+        self.me
+    }
+
+    /// The store, for logs.
+    pub(super) fn store(&self) -> &StoreAddr {
+        &self.store
+    }
+
+    /// Whether the last call reached the store.
+    pub(super) fn is_up(&self) -> bool {
+        matches!(*lock(&self.health), Health::Up)
+    }
+
+    /// Records that this station now holds `session` of `device`.
+    pub(super) async fn claim(&self, session: &SessionId, device: &str) {
+        let (ttl, me) = (self.ttl.as_secs().to_string(), self.me.to_string());
+        let (session_key, device_key) = (session_key(session), device_key(device));
+        let holder = format!("{me} {}", carrier::hex(session));
+        let _ = self
+            .run(&[
+                &["SET", &session_key, &me, "EX", &ttl],
+                &["SET", &device_key, &holder, "EX", &ttl],
+            ])
+            .await;
+    }
+
+    /// Removes the records of a session that ended here.
+    pub(super) async fn release(&self, session: &SessionId, device: &str) {
+        let me = self.me.to_string();
+        let holder = format!("{me} {}", carrier::hex(session));
+        let _ = self
+            .run(&[
+                &["EVAL", RELEASE, "1", &session_key(session), &me],
+                &["EVAL", RELEASE, "1", &device_key(device), &holder],
+            ])
+            .await;
+    }
+
+    /// The station holding `session`, if the registry knows one.
+    pub(super) async fn session_holder(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<SocketAddr>, StoreError> {
+        let reply = self.run(&[&["GET", &session_key(session)]]).await?;
+        Ok(reply.first().and_then(Reply::text).and_then(|text| text.parse().ok()))
+    }
+
+    /// The station holding `device`'s newest session, if the registry knows one.
+    pub(super) async fn device_holder(&self, device: &str) -> Result<Option<Holder>, StoreError> {
+        let reply = self.run(&[&["GET", &device_key(device)]]).await?;
+        Ok(reply.first().and_then(Reply::text).and_then(|text| {
+            let (station, session) = text.split_once(' ')?;
+            Some(Holder { station: station.parse().ok()?, session: session.to_owned() })
+        }))
+    }
+
+    /// Writes the records of every session held here again, for another
+    /// `record_ttl`.
+    pub(super) async fn renew(&self, held: &[Held]) {
+        let (ttl, me) = (self.ttl.as_secs().to_string(), self.me.to_string());
+        let keys: Vec<(String, String, String, bool)> = held
+            .iter()
+            .map(|h| {
+                let holder = format!("{me} {}", carrier::hex(&h.session));
+                (session_key(&h.session), device_key(&h.device), holder, h.active)
+            })
+            .collect();
+        if keys.is_empty() {
+            // Nothing to renew, but the store's going away (or coming
+            // back) is still noticed and logged when it happens.
+            let _ = self.run(&[&["PING"]]).await;
+            return;
+        }
+        for batch in keys.chunks(RENEW_BATCH / 2) {
+            let mut commands: Vec<Vec<&str>> = Vec::with_capacity(2 * batch.len());
+            for (session_key, device_key, holder, active) in batch {
+                commands.push(vec!["SET", session_key, &me, "EX", &ttl]);
+                if *active {
+                    commands.push(vec!["EVAL", KEEP, "1", device_key, holder, &ttl]);
+                }
+            }
+            let commands: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
+            if self.run(&commands).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits until the next renewal is due: a third of the record's life,
+    /// or at once when the store comes back after an outage.
+    pub(super) async fn renewal_due(&self) {
+        let listener = self.rejoined.listen();
+        futures_lite::future::or(
+            async {
+                smol::Timer::after(self.ttl / 3).await;
+            },
+            listener,
+        )
+        .await;
+    }
+
+    /// Runs `commands` on the store, connecting first if need be; logs the
+    /// store's going away and coming back, once each.
+    async fn run(&self, commands: &[&[&str]]) -> Result<Vec<Reply>, StoreError> {
+        if let Health::Down { retry_at } = *lock(&self.health) {
+            if Instant::now() < retry_at {
+                return Err(StoreError::Unavailable);
+            }
+        }
+        let mut conn = self.conn.lock().await;
+        let result = async {
+            if conn.is_none() {
+                let password = self.store.password.as_deref();
+                let mut fresh = Resp::connect(&self.store.host_port, password).await?;
+                if self.store.db != 0 {
+                    fresh.run(&[&["SELECT", &self.store.db.to_string()]]).await?;
+                }
+                *conn = Some(fresh);
+            }
+            conn.as_mut().expect("connected above").run(commands).await
+        }
+        .await;
+        let mut health = lock(&self.health);
+        match (&result, &*health) {
+            (Ok(_), Health::Down { .. }) => {
+                log::info!(
+                    "cluster store {} reachable again: writing this station's records; \
+                     requests for sessions on other stations are forwarded again",
+                    self.store
+                );
+                *health = Health::Up;
+                self.rejoined.notify(usize::MAX);
+            }
+            (Err(e), Health::Up) => {
+                log::warn!(
+                    "cluster store {} unreachable ({e}): serving as a stand-alone station; \
+                     requests for sessions on other stations get 410 (their agents start \
+                     new sessions) and reverse clients reach only devices held here; \
+                     retrying every {} s",
+                    self.store,
+                    RETRY_EVERY.as_secs()
+                );
+                *health = Health::Down { retry_at: Instant::now() + RETRY_EVERY };
+            }
+            (Err(_), Health::Down { .. }) => {
+                *health = Health::Down { retry_at: Instant::now() + RETRY_EVERY };
+            }
+            (Ok(_), Health::Up) => {}
+        }
+        if result.is_err() {
+            // An unanswered pipeline leaves replies in flight: start afresh.
+            *conn = None;
+        }
+        result
+    }
+}
+
+fn session_key(session: &SessionId) -> String {
+    format!("postern:session:{}", carrier::hex(session))
+}
+
+fn device_key(device: &str) -> String {
+    format!("postern:device:{device}")
+}

@@ -38,11 +38,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,15 +53,10 @@ use postern::keys::PrivateKey;
 // `refused_addr` from the tests' `common`; ours have the same interfaces.
 #[path = "../tests/middleboxes/mod.rs"]
 mod middleboxes;
+mod support;
+use support::*;
 mod common {
-    pub(crate) use super::TempDir;
-
-    /// A loopback address nothing listens on right now (a free port).
-    pub(crate) fn refused_addr() -> std::net::SocketAddr {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
-        listener.local_addr().expect("a bound listener has an address")
-    }
+    pub(crate) use super::support::{refused_addr, TempDir};
 }
 use middleboxes::Middlebox;
 
@@ -81,9 +75,6 @@ const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
 /// this time (a carrier a middlebox stops) is reported with the reason and
 /// not measured.
 const WARM_UP_LIMIT: Duration = Duration::from_secs(15);
-
-/// Longest a process may take to report its listening port.
-const START_LIMIT: Duration = Duration::from_secs(20);
 
 /// Bytes of the warm-up transfer each route gets before it is measured:
 /// sessions, connections and allocator pools are set up by then.
@@ -1313,179 +1304,6 @@ impl Targets {
     }
 }
 
-/// Which end of a tunnel a process is: the device's (postern agent, htc,
-/// rathole client, wstunnel client) or the central site's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Device = 0,
-    Central = 1,
-}
-
-/// A process of a route, killed on drop.
-struct Proc {
-    name: String,
-    side: Side,
-    child: Child,
-    /// The last lines it wrote to stderr, for error messages.
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    /// Starts `command`; every stderr line also goes to `lines`.
-    fn spawn(
-        name: &str,
-        side: Side,
-        command: &mut Command,
-        lines: mpsc::Sender<String>,
-    ) -> Result<Proc, String> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {name} ({command:?}): {e}"))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let keep = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut kept = keep.lock().unwrap_or_else(|p| p.into_inner());
-                if kept.len() >= 20 {
-                    kept.remove(0);
-                }
-                kept.push(line.clone());
-                drop(kept);
-                let _ = lines.send(line);
-            }
-        });
-        Ok(Proc { name: name.to_owned(), side, child, log })
-    }
-
-    fn stat_field(&self, file: &str) -> Option<String> {
-        std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).ok()
-    }
-
-    /// Whether the process still runs (not exited, not a zombie).
-    fn is_running(&self) -> bool {
-        let Some(stat) = self.stat_field("stat") else { return false };
-        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-        !matches!(state, None | Some("Z" | "X"))
-    }
-
-    /// Context switches of all the process's threads so far.
-    fn context_switches(&self) -> u64 {
-        let tasks = format!("/proc/{}/task", self.child.id());
-        let Ok(tasks) = std::fs::read_dir(tasks) else { return 0 };
-        tasks
-            .flatten()
-            .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
-            .flat_map(|status| {
-                status
-                    .lines()
-                    .filter_map(|l| l.split_once("ctxt_switches:"))
-                    .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .sum()
-    }
-
-    /// User plus system CPU seconds of the process so far.
-    fn cpu_seconds(&self) -> f64 {
-        let Some(stat) = self.stat_field("stat") else { return 0.0 };
-        // Fields after the parenthesised command name; utime and stime are
-        // fields 14 and 15 of the whole line.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
-        ticks as f64 / clock_ticks()
-    }
-
-    /// A size in bytes from /proc/PID/status (`VmRSS`, `VmHWM`, ...).
-    fn status_bytes(&self, field: &str) -> u64 {
-        let status = self.stat_field("status").unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
-    }
-
-    /// Peak resident set size in bytes.
-    fn peak_rss(&self) -> u64 {
-        self.status_bytes("VmHWM")
-    }
-
-    /// Resident set size now, in bytes.
-    fn rss(&self) -> u64 {
-        self.status_bytes("VmRSS")
-    }
-
-    fn recent_log(&self) -> String {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n  ")
-    }
-
-    fn last_line_containing(&self, marker: &str) -> Option<String> {
-        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        log.iter().rev().find(|l| l.contains(marker)).cloned()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// A directory removed on drop; the interface of the tests' `TempDir`,
-/// which tests/middleboxes/mod.rs uses.
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(label: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "postern-bench-{}-{label}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        TempDir(path)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes `text` to `name` in this dir and returns the full path.
-    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs `start`, turning a panic (the middlebox recipes panic on failure,
 /// as tests do) into an error with its message.
 fn catching<T>(start: impl FnOnce() -> T) -> Result<T, String> {
@@ -1496,55 +1314,6 @@ fn catching<T>(start: impl FnOnce() -> T) -> Result<T, String> {
             .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
             .unwrap_or_else(|| "panicked".to_owned())
     })
-}
-
-/// Waits for stderr lines containing each of `markers` (in any order) and
-/// returns what follows each marker.
-fn wait_for_lines(
-    lines: &mpsc::Receiver<String>,
-    markers: &[&str],
-    proc: &Proc,
-) -> Result<Vec<String>, String> {
-    let deadline = Instant::now() + START_LIMIT;
-    let mut found: Vec<Option<String>> = vec![None; markers.len()];
-    while found.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                for (marker, slot) in markers.iter().zip(&mut found) {
-                    if let (None, Some((_, rest))) = (&slot, line.split_once(marker)) {
-                        *slot = Some(rest.to_owned());
-                    }
-                }
-            }
-            Err(_) => {
-                return Err(format!(
-                    "{} did not log {markers:?} within {START_LIMIT:?}; its last lines:\n  {}",
-                    proc.name,
-                    proc.recent_log()
-                ))
-            }
-        }
-    }
-    Ok(found.into_iter().flatten().collect())
-}
-
-/// Waits for a stderr line containing `marker` and returns what follows it.
-fn wait_for_line(
-    lines: &mpsc::Receiver<String>,
-    marker: &str,
-    proc: &Proc,
-) -> Result<String, String> {
-    Ok(wait_for_lines(lines, &[marker], proc)?.remove(0))
-}
-
-fn parse_port(text: &str) -> Option<u16> {
-    let digits: String = text.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-fn parse_addr(text: &str) -> Option<SocketAddr> {
-    text.split(|c: char| c.is_whitespace() || c == '/').next()?.parse().ok()
 }
 
 /// One postern route: a station and an agent, the way between them.
@@ -1665,11 +1434,6 @@ fn entries_of(by_target: &BTreeMap<String, SocketAddr>) -> Entries {
 
 /// A loopback port free at the time of asking, for programs that cannot
 /// report the port they bound (hts, htc, rathole, wstunnel).
-fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 /// Whether something listens on TCP `port`, from /proc/net/tcp, without
 /// connecting (htc would take a connection as the one it carries).
 fn listening(port: u16) -> bool {
@@ -2030,18 +1794,6 @@ fn station_per_device(
         after.saturating_sub(before) as f64 / 1024.0 / n as f64
     );
     Ok(DeviceMemory { devices: n, before, after, agent: agent_rss[n / 2] })
-}
-
-/// A value from the station's Prometheus text at `status`.
-fn metric(status: SocketAddr, name: &str) -> Option<f64> {
-    let mut socket = TcpStream::connect_timeout(&status, Duration::from_secs(2)).ok()?;
-    socket.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").ok()?;
-    let mut text = String::new();
-    socket.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
 }
 
 /// Where the numbers were measured.

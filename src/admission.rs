@@ -3,7 +3,7 @@
 //! the log about what it turned away.
 //!
 //! ```text
-//!  accept ─▶ Slots::take (strangers ≤ MAX_STRANGERS, all ≤ MAX_CONNECTIONS) ─▶ 503 past it
+//!  accept ─▶ Slots::take (strangers ≤ MAX_STRANGERS, all ≤ max_connections) ─▶ 503 past it
 //!  hello  ─▶ HandshakeBudget::take (token bucket) ─▶ 503 past it, before any Diffie-Hellman
 //!  first authentic packet ─▶ Slot::promote (no longer a stranger)
 //!  refusals ─▶ RejectLog: a line each, up to a budget a minute, then one summary
@@ -16,11 +16,6 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-/// Concurrent carrier connections, strangers and devices together. A
-/// device keeps two or three; thousands of devices fit, and file
-/// descriptors (often limited to 65536) stay ample.
-pub const MAX_CONNECTIONS: usize = 8192;
 
 /// Concurrent connections that have not yet carried an authentic packet.
 /// Each costs at most a small read buffer and a deadline; 256 is far above
@@ -52,8 +47,12 @@ struct Counts {
 }
 
 /// The station's connection slots.
-#[derive(Debug, Default)]
-pub struct Slots(Arc<Mutex<Counts>>);
+#[derive(Debug)]
+pub struct Slots {
+    counts: Arc<Mutex<Counts>>,
+    /// Connections allowed at once, strangers and devices together.
+    max: usize,
+}
 
 /// One connection's slot, given back on drop.
 #[derive(Debug)]
@@ -69,23 +68,39 @@ pub enum Full {
     Connections,
 }
 
+impl Default for Slots {
+    fn default() -> Self {
+        Self::new(crate::config::DEFAULT_MAX_CONNECTIONS)
+    }
+}
+
 impl Slots {
+    /// Slots for `max` connections at once.
+    pub fn new(max: usize) -> Self {
+        Slots { counts: Arc::default(), max }
+    }
+
+    /// Connections allowed at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// A slot for a new connection, counted as a stranger.
     pub fn take(&self) -> Result<Slot, Full> {
-        let mut counts = lock(&self.0);
-        if counts.strangers + counts.devices >= MAX_CONNECTIONS {
+        let mut counts = lock(&self.counts);
+        if counts.strangers + counts.devices >= self.max {
             return Err(Full::Connections);
         }
         if counts.strangers >= MAX_STRANGERS {
             return Err(Full::Strangers);
         }
         counts.strangers += 1;
-        Ok(Slot { counts: self.0.clone(), proven: false })
+        Ok(Slot { counts: self.counts.clone(), proven: false })
     }
 
     /// Connections now: (strangers, devices).
     pub fn counts(&self) -> (usize, usize) {
-        let counts = lock(&self.0);
+        let counts = lock(&self.counts);
         (counts.strangers, counts.devices)
     }
 }
@@ -375,9 +390,9 @@ mod tests {
 
     #[test]
     fn all_connections_are_bounded() {
-        let slots = Slots::default();
+        let slots = Slots::new(300);
         let mut held = Vec::new();
-        while held.len() < MAX_CONNECTIONS {
+        while held.len() < 300 {
             let mut slot = slots.take().unwrap();
             slot.promote();
             held.push(slot);

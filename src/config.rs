@@ -129,6 +129,9 @@ pub struct StationConfig {
     /// `tls_cert_file` and `tls_key_file`: the carrier listener speaks TLS
     /// with this certificate, read again on SIGHUP. Checked loadable.
     pub tls: Option<TlsFiles>,
+    /// Carrier connections open at once, strangers and devices together
+    /// (a device keeps two); past it new ones get 503.
+    pub max_connections: usize,
     /// `[cluster]`: several stations sharing a session registry, so that any
     /// of them serves any device. `None`: a station on its own.
     pub cluster: Option<ClusterConfig>,
@@ -179,6 +182,15 @@ impl std::fmt::Display for StoreAddr {
         write!(f, "redis://{}/{}", self.host_port, self.db)
     }
 }
+
+/// Default `max_connections`: concurrent carrier connections, strangers
+/// and devices together. A device keeps two; four thousand devices fit, and
+/// file descriptors (often limited to 65536) stay ample.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+
+/// `max_connections`: at least the strangers' own bound plus a few
+/// devices, at most what a Linux process may open.
+const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<u64> = 512..=1_048_576;
 
 /// Default [`ClusterConfig::record_ttl`]: a dead station's devices are
 /// found elsewhere within about this long, and a live one renews its
@@ -510,6 +522,7 @@ struct RawStation {
     next_private_key_file: Option<String>,
     status: Option<String>,
     session_timeout: Option<u64>,
+    max_connections: Option<u64>,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     #[serde(default)]
@@ -848,6 +861,20 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         Some(cluster) => Some(check_cluster(cluster, listen, status, file)?),
         None => None,
     };
+    let max_connections = match raw.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) if MAX_CONNECTIONS_RANGE.contains(&n) => n as usize,
+        Some(n) => {
+            return Err(fail(
+                "max_connections",
+                format!(
+                    "{n} is out of range; give {} to {}",
+                    MAX_CONNECTIONS_RANGE.start(),
+                    MAX_CONNECTIONS_RANGE.end()
+                ),
+            ))
+        }
+    };
     Ok(StationConfig {
         listen,
         private_key,
@@ -857,6 +884,7 @@ fn check_station(raw: RawStation, file: &str, base: &Path) -> Result<StationConf
         targets: raw.targets,
         devices,
         tls,
+        max_connections,
         cluster,
     })
 }

@@ -171,6 +171,7 @@ impl Lab {
                 expose: BTreeMap::new(),
             }],
             tls: None,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
             cluster: None,
         })
         .await?;

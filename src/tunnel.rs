@@ -424,6 +424,11 @@ impl Tunnel {
             };
             transport.seal(plain, out);
         }
+        if out.len() == start {
+            // The caller waits now, maybe for hours (an idle device's held
+            // poll or downlink): it holds no packet-sized scratch meanwhile.
+            *plain = Vec::new();
+        }
         Ok(out.len() > start)
     }
 

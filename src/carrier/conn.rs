@@ -2,7 +2,7 @@
 //! buffer, writes bytes through.
 //!
 //! ```text
-//!  io ──read──► [ consumed | unconsumed | free ]   one 64 KiB buffer, never grows
+//!  io ──read──► [ consumed | unconsumed | free ]   2 KiB idle, up to 64 KiB while busy
 //!                            │
 //!                            ├─► read_request / read_response ──► owned head
 //!                            └─► body(kind).next() ──► &[u8] inside the buffer (no copy)
@@ -25,53 +25,64 @@ use super::http::{
     ResponseHead, MAX_HEAD_BYTES,
 };
 
-/// Size of the read buffer, allocated once per connection. 64 KiB takes in
-/// one read what a socket typically has ready (a full TCP window on a LAN),
-/// holds a whole head several times over, and costs 64 MiB for a thousand
-/// device connections on a station.
+/// Largest read buffer. 64 KiB takes in one read what a socket typically
+/// has ready (a full TCP window on a LAN) and holds a whole head several
+/// times over; a busy connection grows to it, an idle one gives it back.
 pub const READ_BUF_BYTES: usize = 64 * 1024;
 
-/// Smallest read buffer: a whole head and as much again, so a head never
-/// fills the buffer and there is always room to read its rest.
+/// Largest read buffer a head may need: a whole head and as much again, so
+/// a head never fills the buffer and there is always room to read its rest.
 pub const MIN_READ_BUF_BYTES: usize = 2 * MAX_HEAD_BYTES;
 
+/// Read buffer of an idle connection, and a new one's: more than a carrier
+/// request's head from an agent (about 300 bytes, a proxy's additions
+/// included); a longer head grows it. What a station pays per idle
+/// connection of its fleet.
+pub const SMALL_READ_BUF_BYTES: usize = 2 * 1024;
+
 const _: () = assert!(READ_BUF_BYTES >= MIN_READ_BUF_BYTES);
+const _: () = assert!(MIN_READ_BUF_BYTES >= SMALL_READ_BUF_BYTES);
 
 /// A buffered HTTP/1.1 connection over any byte stream.
 pub struct HttpConn<S> {
     io: S,
-    /// Fixed size (until grown once); bodies are streamed through it, never
-    /// collected in it.
+    /// Sized by use (see [`HttpConn::fill`]); bodies are streamed through
+    /// it, never collected in it.
     buf: Box<[u8]>,
     /// `buf[start..end]` holds bytes read but not yet consumed.
     start: usize,
     end: usize,
+    /// Largest the buffer may grow to for bodies (heads may always take
+    /// [`MIN_READ_BUF_BYTES`]).
+    cap: usize,
+    /// Bytes the last read brought.
+    last_read: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> HttpConn<S> {
-    /// Wraps `io`, allocating the read buffer.
+    /// Wraps `io`, with a read buffer that may grow to [`READ_BUF_BYTES`].
     pub fn new(io: S) -> Self {
         Self::with_capacity(io, READ_BUF_BYTES)
     }
 
-    /// Wraps `io` with a read buffer of `bytes` (at least
-    /// [`MIN_READ_BUF_BYTES`]): a server gives strangers a small one and
-    /// [`HttpConn::grow`]s it for peers that proved who they are.
+    /// Wraps `io` with a read buffer that grows to at most `bytes` (at
+    /// least [`MIN_READ_BUF_BYTES`]) for bodies: a server gives strangers a
+    /// small one and lets it [`HttpConn::grow`] for peers that proved who
+    /// they are.
     pub fn with_capacity(io: S, bytes: usize) -> Self {
-        let buf = vec![0; bytes.max(MIN_READ_BUF_BYTES)].into_boxed_slice();
-        HttpConn { io, buf, start: 0, end: 0 }
+        let buf = vec![0; SMALL_READ_BUF_BYTES].into_boxed_slice();
+        let cap = bytes.max(MIN_READ_BUF_BYTES);
+        HttpConn { io, buf, start: 0, end: 0, cap, last_read: 0 }
     }
 
-    /// Enlarges the read buffer to [`READ_BUF_BYTES`], keeping what it holds.
+    /// Lets the read buffer grow to [`READ_BUF_BYTES`] for bodies.
     pub fn grow(&mut self) {
-        if self.buf.len() < READ_BUF_BYTES {
-            let mut bigger = vec![0; READ_BUF_BYTES].into_boxed_slice();
-            let held = self.end - self.start;
-            bigger[..held].copy_from_slice(&self.buf[self.start..self.end]);
-            self.buf = bigger;
-            self.start = 0;
-            self.end = held;
-        }
+        self.cap = READ_BUF_BYTES;
+    }
+
+    /// The size of the read buffer now.
+    pub fn buffer_len(&self) -> usize {
+        self.buf.len()
     }
 
     /// The underlying stream, e.g. for its peer address.
@@ -134,6 +145,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HttpConn<S> {
     }
 }
 
+impl<S> HttpConn<S> {
+    /// Replaces the buffer with one of `len` bytes holding what it held
+    /// unconsumed, at its start.
+    fn resize(&mut self, len: usize) {
+        let held = self.end - self.start;
+        let mut new = vec![0; len.max(held)].into_boxed_slice();
+        new[..held].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = new;
+        self.start = 0;
+        self.end = held;
+    }
+}
+
 impl<S: AsyncRead + Unpin> HttpConn<S> {
     /// Reads until `parse` finds a whole head at the start of the
     /// unconsumed bytes, then consumes it. `Ok(None)`: EOF with only empty
@@ -174,20 +198,35 @@ impl<S: AsyncRead + Unpin> HttpConn<S> {
     /// Reads once into the free end of the buffer; `Ok(0)` is EOF.
     ///
     /// Callers fill only when what is buffered is less than a head or
-    /// nothing, so after compaction there is room (see the const assert).
+    /// nothing. The buffer follows the traffic: an empty one grows fourfold
+    /// (up to `cap`) after a read that filled it, and drops back to
+    /// [`SMALL_READ_BUF_BYTES`] after a read that used an eighth of it or
+    /// less, so that an idle connection (keepalives, a held poll) keeps 2
+    /// KiB and a busy one reads 64 KiB at a time. A head that fills it
+    /// doubles it, up to [`MIN_READ_BUF_BYTES`], where a head always fits.
     async fn fill(&mut self) -> Result<usize, HttpError> {
+        let len = self.buf.len();
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if self.last_read == len && len < self.cap {
+                self.resize((len * 4).min(self.cap));
+            } else if self.last_read <= len / 8 && len > SMALL_READ_BUF_BYTES {
+                self.resize(SMALL_READ_BUF_BYTES);
+            }
         } else if self.start > 0 {
             // Only a partial head is ever moved, at most once per head.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
+        if self.end == self.buf.len() {
+            self.resize((len * 2).min(MIN_READ_BUF_BYTES));
+        }
         debug_assert!(self.end < self.buf.len(), "fill needs free space");
         let read = self.io.read(&mut self.buf[self.end..]).await?;
         self.end += read;
+        self.last_read = read;
         Ok(read)
     }
 
@@ -571,21 +610,64 @@ mod tests {
     #[test]
     fn a_small_buffer_reads_heads_and_grows_keeping_what_it_holds() {
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let mut input =
-            format!("POST /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n", payload.len()).into_bytes();
+        // A head longer than the small buffer, as a proxy's cookies make it.
+        let cookie = "c".repeat(5000);
+        let mut input = format!(
+            "POST /a HTTP/1.1\r\nCookie: {cookie}\r\nContent-Length: {}\r\n\r\n",
+            payload.len()
+        )
+        .into_bytes();
         input.extend_from_slice(&payload);
         within_deadline(async {
             let mut conn = HttpConn::with_capacity(Peer::random(&input, 3, 30_000), 1);
-            assert_eq!(conn.buf.len(), MIN_READ_BUF_BYTES);
+            assert_eq!(conn.buffer_len(), SMALL_READ_BUF_BYTES);
             let head = conn.read_request().await.unwrap().unwrap();
+            assert_eq!(head.header("Cookie"), Some(cookie.as_bytes()));
+            assert!(conn.buffer_len() <= MIN_READ_BUF_BYTES);
             conn.grow();
-            assert_eq!(conn.buf.len(), READ_BUF_BYTES);
             assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), payload);
         });
     }
 
+    /// A connection that carried a bulk body and then only small messages
+    /// (keepalives) goes back to the small buffer; a stranger's never grows
+    /// past what a head needs.
     #[test]
-    fn large_bodies_stream_through_the_fixed_buffer() {
+    fn the_buffer_follows_the_traffic() {
+        let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let mut input =
+            format!("POST /bulk HTTP/1.1\r\nContent-Length: {}\r\n\r\n", bulk.len()).into_bytes();
+        input.extend_from_slice(&bulk);
+        let mut cuts = vec![input.len()];
+        for i in 0..3 {
+            input.extend_from_slice(
+                format!("POST /k{i} HTTP/1.1\r\nContent-Length: 2\r\n\r\nka").as_bytes(),
+            );
+            cuts.push(input.len());
+        }
+        within_deadline(async {
+            let mut conn = HttpConn::with_capacity(Peer::split(&input, &cuts), 1);
+            let head = conn.read_request().await.unwrap().unwrap();
+            conn.grow();
+            assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), bulk);
+            assert_eq!(conn.buffer_len(), READ_BUF_BYTES);
+            for i in 0..3 {
+                let head = conn.read_request().await.unwrap().unwrap();
+                assert_eq!(head.target, format!("/k{i}"));
+                assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), b"ka");
+            }
+            assert_eq!(conn.buffer_len(), SMALL_READ_BUF_BYTES);
+
+            // Not grown: bodies stream through at most MIN_READ_BUF_BYTES.
+            let mut conn = HttpConn::with_capacity(Peer::whole(&input), 1);
+            let head = conn.read_request().await.unwrap().unwrap();
+            assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), bulk);
+            assert_eq!(conn.buffer_len(), MIN_READ_BUF_BYTES);
+        });
+    }
+
+    #[test]
+    fn large_bodies_stream_through_the_buffer() {
         let mut rng = 5u64;
         let payload: Vec<u8> = (0..(3 << 20) + 17).map(|_| xorshift(&mut rng) as u8).collect();
         let mut input =
@@ -607,7 +689,7 @@ mod tests {
                     received += run.len();
                 }
                 assert_eq!(received, payload.len());
-                assert_eq!(conn.buf.len(), READ_BUF_BYTES);
+                assert!(conn.buffer_len() <= READ_BUF_BYTES);
             }
             let head = conn.read_request().await.unwrap().unwrap();
             assert_eq!(head.target, "/last");

@@ -26,9 +26,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{future, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 
-use crate::admission::{
-    CloneWatch, Full, HandshakeBudget, RejectLog, Slots, MAX_CONNECTIONS, MAX_STRANGERS,
-};
+use crate::admission::{CloneWatch, Full, HandshakeBudget, RejectLog, Slots, MAX_STRANGERS};
 use crate::carrier::{self, http};
 use crate::config::StationConfig;
 use crate::core::session::Limits;
@@ -293,6 +291,7 @@ impl Station {
     /// As [`Station::bind`], with session timing chosen by the caller
     /// (`config.session_timeout` is then ignored).
     pub async fn bind_with(config: StationConfig, limits: Limits) -> Result<Station, Error> {
+        raise_file_limit(config.max_connections);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind { addr: config.listen, source })?;
@@ -326,7 +325,7 @@ impl Station {
             sessions: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             unknown_logged: Mutex::new(HashSet::new()),
-            slots: Slots::default(),
+            slots: Slots::new(config.max_connections),
             handshakes: Mutex::new(HandshakeBudget::new(Instant::now())),
             clones: Mutex::new(CloneWatch::default()),
             rejects: Mutex::new(RejectLog::new(Instant::now())),
@@ -393,7 +392,9 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener, via: Via) {
                     Full::Strangers => {
                         format!("{MAX_STRANGERS} connections have not authenticated yet")
                     }
-                    Full::Connections => format!("{MAX_CONNECTIONS} connections are open"),
+                    Full::Connections => {
+                        format!("{} connections are open (max_connections)", shared.slots.max())
+                    }
                 };
                 refuse_log(&shared, peer, 503, &why);
                 // The socket is fresh: its send buffer takes this at once,
@@ -424,6 +425,37 @@ async fn keep_records(shared: Arc<Shared>) {
             })
             .collect();
         registry.renew(&held).await;
+    }
+}
+
+/// File descriptors a station needs beside its carrier connections:
+/// listeners, target and reverse-client sockets in flight, the store, logs.
+const OTHER_FILES: u64 = 1024;
+
+/// Raises the open-file soft limit as far as `max_connections` needs and
+/// the hard limit allows (a server's soft limit is often 1024, far below
+/// what a fleet opens), and warns if that is not far enough.
+fn raise_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let needed = max_connections as u64 + OTHER_FILES;
+    let mut limit = getrlimit(Resource::Nofile);
+    let Some(current) = limit.current else { return };
+    if current >= needed {
+        return;
+    }
+    let mut raised = limit.maximum.map_or(needed, |hard| hard.min(needed));
+    if raised > current {
+        limit.current = Some(raised);
+        if setrlimit(Resource::Nofile, limit).is_err() {
+            raised = current;
+        }
+    }
+    if raised < needed {
+        log::warn!(
+            "the open-file limit is {raised}: fewer than the {max_connections} carrier \
+             connections max_connections allows; raise LimitNOFILE= in the unit (or ulimit -n) \
+             to {needed}, or lower max_connections"
+        );
     }
 }
 

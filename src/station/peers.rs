@@ -172,11 +172,14 @@ pub(super) async fn forward(
     // rest of the body is not needed.
     let answered = async {
         let _ = upstream.peek(&mut [0]).await;
-        Ok(())
+        Ok(false)
     };
     let chunked = head.body == BodyKind::Chunked;
     let mut to = Writer::Station(&mut writer);
-    future::or(relay_body(conn, head.body, &mut to, chunked), answered).await?;
+    let sent = async { relay_body(conn, head.body, &mut to, chunked).await.map(|()| true) };
+    // Whether the agent's whole body was read: if not, its connection
+    // cannot carry another request.
+    let whole = future::or(sent, answered).await?;
 
     let mut from = HttpConn::new(upstream);
     let response = from.read_response(false).await?;
@@ -188,7 +191,9 @@ pub(super) async fn forward(
         BodyKind::Chunked if head.minor_version == 0 => BodyKind::UntilClose,
         kind => kind,
     };
-    let keep_alive = head.keep_alive && body != BodyKind::UntilClose;
+    // A refusal ends the agent's connection, as the station's own do.
+    let keep_alive =
+        whole && head.keep_alive && response.status == 200 && body != BodyKind::UntilClose;
     let mut fields: Vec<(&str, &str)> = vec![STATION_MARK];
     for name in KEPT_FIELDS {
         if let Some(value) = response.header(name).and_then(|v| std::str::from_utf8(v).ok()) {

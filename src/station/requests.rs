@@ -44,6 +44,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// carried an authentic packet; strangers get [`HEAD_TIMEOUT`] for theirs.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Capacity of an idle downlink's write buffer: a few records; a busy one
+/// grows to a chunk ([`STREAM_CHUNK`]).
+const IDLE_DOWN_BUFFER: usize = 4096;
+
 /// Header fields of every carrier reply.
 const REPLY_HEADERS: [(&str, &str); 3] = [
     ("Content-Type", "application/octet-stream"),
@@ -523,7 +527,8 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     // chunked response; the body then ends when the connection closes.
     let chunked = head.minor_version >= 1;
     let body = if chunked { BodyKind::Chunked } else { BodyKind::UntilClose };
-    let mut out = Vec::with_capacity(STREAM_CHUNK + MAX_RECORD + 64);
+    // Grows to a chunk when the downlink is busy, shrinks back when it idles.
+    let mut out = Vec::with_capacity(IDLE_DOWN_BUFFER);
     let mut headers = REPLY_HEADERS.to_vec();
     // nginx streams a response that asks for it; other buffering proxies
     // are found out by the agent, which then switches to poll.
@@ -554,6 +559,11 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
                     out.extend_from_slice(CHUNK_END);
                 }
                 conn.write_all(&out).await?;
+                if out.len() < IDLE_DOWN_BUFFER && out.capacity() > IDLE_DOWN_BUFFER {
+                    // Idle again: the downlink of an idle device waits,
+                    // maybe for hours, and holds no chunk-sized buffer.
+                    out = Vec::with_capacity(IDLE_DOWN_BUFFER);
+                }
                 out.clear();
             }
             Err(end) => {

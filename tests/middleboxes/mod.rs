@@ -326,6 +326,15 @@ impl Middlebox {
         Self::haproxy_serving(stations, timeout_secs, defaults, "", check)
     }
 
+    /// haproxy sending every session's `hello` to `hello` and its other
+    /// carrier requests to `rest`: with two stations of a cluster, every
+    /// request but the first is forwarded by `rest` to `hello`, the holder.
+    pub(crate) fn haproxy_split(hello: SocketAddr, rest: SocketAddr) -> Middlebox {
+        let backend =
+            "  acl hello path_end /hello\n  use-server s0 if hello\n  use-server s1 if !hello\n";
+        Self::haproxy_serving(&[hello, rest], 60, "", backend, |_| String::new())
+    }
+
     /// haproxy in `mode http` over `stations` with `timeout_secs` client and
     /// server timeouts, the lines `defaults` and `backend` added to those
     /// sections, and `server(i)` after each server's address.

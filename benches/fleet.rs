@@ -189,8 +189,13 @@ fn start_station(
 /// since `since`.
 fn wait_connected(station: &Station, n: usize, since: Instant) -> Result<Duration, String> {
     let mut last_print = Instant::now();
+    let mut connected = 0;
     loop {
-        let connected = metric(station.status, "postern_devices_connected").unwrap_or(0.0) as usize;
+        // A /metrics of thousands of devices is large: a read that times
+        // out under load keeps the last count rather than taking it for none.
+        if let Some(now) = metric(station.status, "postern_devices_connected") {
+            connected = now as usize;
+        }
         if connected >= n {
             return Ok(since.elapsed());
         }
@@ -235,6 +240,7 @@ fn simulate(options: &Options) -> Result<(), String> {
     thread::sleep(SETTLE);
     let baseline = station.proc.rss();
 
+    let cpu_at_start = station.proc.cpu_seconds();
     let url = format!("http://127.0.0.1:{listen}/");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -253,6 +259,7 @@ fn simulate(options: &Options) -> Result<(), String> {
         shards.push(Proc::spawn(&format!("shard {from}"), Side::Device, &mut command, tx)?);
     }
     let first = wait_connected(&station, n, started)?;
+    let per_handshake = (station.proc.cpu_seconds() - cpu_at_start) / n as f64;
     thread::sleep(SETTLE);
     let cpu_before = station.proc.cpu_seconds();
     let idle_started = Instant::now();
@@ -272,6 +279,11 @@ fn simulate(options: &Options) -> Result<(), String> {
         cpu / idle * 100.0,
         first.as_secs_f64(),
         n as f64 / first.as_secs_f64(),
+    );
+    eprintln!(
+        "connecting: {:.0} µs of station CPU per device (handshake, lanes, and the refusals \
+         of those told to wait)",
+        per_handshake * 1e6
     );
     eprintln!(
         "station: {:.1} MiB configured, {:.1} MiB with {connected} of {n} idle: {per_device:.1} KiB \

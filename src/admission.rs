@@ -138,24 +138,51 @@ impl Drop for Slot {
 pub struct HandshakeBudget {
     tokens: f64,
     last: Instant,
+    /// The end of the queue of refused agents: each refusal is given the
+    /// next free slot, a budget's token apart from the one before.
+    horizon: Instant,
 }
+
+/// Longest wait told to a refused agent: a fleet of 24,000 returning at
+/// [`HANDSHAKES_PER_SECOND`].
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 impl HandshakeBudget {
     pub fn new(now: Instant) -> Self {
-        HandshakeBudget { tokens: HANDSHAKE_BURST, last: now }
+        HandshakeBudget { tokens: HANDSHAKE_BURST, last: now, horizon: now }
     }
 
-    /// Spends one handshake if the budget allows it now.
-    pub fn take(&mut self, now: Instant) -> bool {
+    /// Spends one handshake if the budget allows it now; otherwise the
+    /// whole seconds the agent should wait before it asks again.
+    ///
+    /// Refused agents queue without a queue: each is told the time of the
+    /// next slot the budget will have (a token after the last one handed
+    /// out), and comes back then, a little later, never sooner (the agent
+    /// adds up to a fifth). A crowd of N returning at once (a station
+    /// restart) is spread over N/rate seconds and asks about twice each,
+    /// where agents backing off on their own knock over and over and the
+    /// last waits far longer. Slots reach at most [`MAX_RETRY_AFTER`]
+    /// ahead, so a flood of garbage hellos delays agents by no more.
+    pub fn take(&mut self, now: Instant) -> Result<(), u64> {
         let earned = now.saturating_duration_since(self.last).as_secs_f64() * HANDSHAKES_PER_SECOND;
         self.tokens = (self.tokens + earned).min(HANDSHAKE_BURST);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
-        } else {
-            false
+            return Ok(());
         }
+        Err(self.defer(now))
+    }
+
+    /// The whole seconds until the next free slot, which this takes: for
+    /// an agent refused before its handshake (every stranger's slot is
+    /// taken), so that it queues with the others.
+    pub fn defer(&mut self, now: Instant) -> u64 {
+        let slot = Duration::from_secs_f64(1.0 / HANDSHAKES_PER_SECOND);
+        self.horizon = (self.horizon.max(now) + slot).min(now + MAX_RETRY_AFTER);
+        // Whole seconds, rounded up: Retry-After has no fractions.
+        let wait = self.horizon.saturating_duration_since(now);
+        wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
     }
 }
 
@@ -404,12 +431,61 @@ mod tests {
     fn handshake_budget_refills_at_its_rate() {
         let start = Instant::now();
         let mut budget = HandshakeBudget::new(start);
-        let burst = (0..10_000).take_while(|_| budget.take(start)).count();
+        let burst = (0..10_000).take_while(|_| budget.take(start).is_ok()).count();
         assert_eq!(burst, HANDSHAKE_BURST as usize);
-        assert!(!budget.take(start));
+        assert_eq!(budget.take(start), Err(1), "a lone refusal waits a second");
         let later = start + Duration::from_millis(100);
-        let refilled = (0..10_000).take_while(|_| budget.take(later)).count();
+        let refilled = (0..10_000).take_while(|_| budget.take(later).is_ok()).count();
         assert_eq!(refilled, (HANDSHAKES_PER_SECOND / 10.0) as usize);
+    }
+
+    /// A fleet of 10,000 agents returning at once (a station restart), in
+    /// simulated time: each refused agent waits what it was told plus up
+    /// to a fifth, as the agent does. All are in within about N/rate
+    /// seconds (48 s), each asking about twice, and the waits told stay
+    /// within their bound.
+    #[test]
+    fn a_returning_fleet_is_spread_over_what_the_budget_admits() {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        const FLEET: u64 = 10_000;
+        let start = Instant::now();
+        let mut budget = HandshakeBudget::new(start);
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // (time in ms, agent): every agent asks within the first second.
+        let mut asks: BinaryHeap<Reverse<(u64, u64)>> =
+            (0..FLEET).map(|agent| Reverse((next() % 1000, agent))).collect();
+        let (mut admitted, mut asked, mut longest_wait, mut last_in) = (0, 0u64, 0, 0);
+        while let Some(Reverse((at, agent))) = asks.pop() {
+            asked += 1;
+            match budget.take(start + Duration::from_millis(at)) {
+                Ok(()) => {
+                    admitted += 1;
+                    last_in = at;
+                }
+                Err(wait) => {
+                    longest_wait = longest_wait.max(wait);
+                    let jittered = wait * 1000 + next() % (wait * 200);
+                    asks.push(Reverse((at + jittered, agent)));
+                }
+            }
+        }
+        assert_eq!(admitted, FLEET);
+        let ideal = (FLEET as f64 - HANDSHAKE_BURST) / HANDSHAKES_PER_SECOND;
+        let took = last_in as f64 / 1000.0;
+        assert!(
+            took < ideal * 1.4,
+            "all in after {took:.1} s; the budget admits them in {ideal:.0} s"
+        );
+        assert!(longest_wait <= MAX_RETRY_AFTER.as_secs(), "{longest_wait}");
+        // Each agent asked about twice, not over and over.
+        assert!(asked < FLEET * 3, "{asked} asks");
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub(super) enum CarrierError {
          probably not this station's key; `postern pubkey < KEY` on the station prints the right one"
     )]
     StationKeyWrong(String),
+    /// The station rations handshakes (a fleet returning at once) and
+    /// said when to come back.
+    #[error("the station is busy with other devices (503); it asked us to come back in {} s", .0.as_secs())]
+    Busy(Duration),
     /// A non-200 reply. `who` says whether the station itself answered.
     #[error("{who} answered {status} {reason}")]
     Status { who: &'static str, status: u16, reason: String },
@@ -129,16 +133,39 @@ impl Backoff {
     }
 
     pub(super) fn delay(&mut self) -> Duration {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let factor = 0.5 + (self.rng % 1000) as f64 / 1000.0;
-        let delay = self.next.mul_f64(factor);
+        let delay = self.next.mul_f64(0.5 + self.jitter());
         // The step stops where the largest factor meets the last delay (a
         // step of the last itself made delays of up to 45 s).
         self.next = (self.next * 2).min(self.last * 2 / 3);
         delay
     }
+
+    /// `wait` and up to a fifth more, the next delay left as it is: what a
+    /// station that asked for `wait` gets. Never sooner: the station gave
+    /// this agent a slot then (admission.rs), and one that came early would
+    /// be refused again and sent to the end of the queue.
+    pub(super) fn after(&mut self, wait: Duration) -> Duration {
+        wait.mul_f64(1.0 + self.jitter() / 5.0)
+    }
+
+    /// A fraction in [0, 1).
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % 1000) as f64 / 1000.0
+    }
+}
+
+/// Longest `Retry-After` the agent follows (a station asks for at most 120 s).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// A reply's `Retry-After` in delta seconds (a date is not followed), at
+/// most [`MAX_RETRY_AFTER`].
+fn retry_after(head: &ResponseHead) -> Option<Duration> {
+    let text = std::str::from_utf8(head.header("Retry-After")?).ok()?;
+    let secs: u64 = text.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// Races `work` against a deadline.
@@ -238,6 +265,9 @@ impl Client {
         match head.status {
             200 => Ok(()),
             410 if from_station => Err(CarrierError::SessionGone),
+            503 if from_station && retry_after(head).is_some() => {
+                Err(CarrierError::Busy(retry_after(head).unwrap_or_default()))
+            }
             407 => Err(self.egress.request_refused(head)),
             status => Err(CarrierError::Status {
                 who: match (from_station, &self.proxy) {
@@ -473,5 +503,23 @@ mod tests {
             proxied.check(&response(auth)).unwrap_err().to_string(),
             "proxy px:3128 requires authentication (407): set user:pass in `proxy`"
         );
+        // The station's own 503 with a wait is followed; a proxy's is not
+        // (it cannot tell us when the station will have room).
+        let busy = String::from_utf8(http::busy_response(37)).expect("text");
+        assert_eq!(
+            c.check(&response(&busy)).unwrap_err().to_string(),
+            "the station is busy with other devices (503); it asked us to come back in 37 s"
+        );
+        let from_proxy =
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            proxied.check(&response(from_proxy)),
+            Err(CarrierError::Status { status: 503, .. })
+        ));
+        let long = busy.replace("Retry-After: 37", "Retry-After: 99999");
+        assert!(matches!(
+            c.check(&response(&long)),
+            Err(CarrierError::Busy(wait)) if wait == MAX_RETRY_AFTER
+        ));
     }
 }

@@ -400,6 +400,10 @@ async fn keep_session(shared: &Arc<Shared>) {
             Err(e) => {
                 let delay = match e {
                     CarrierError::KeyInUse(_) => key_in_use.delay(),
+                    // Told when: the crowd this agent is part of spreads
+                    // over what the station admits, and the backoff does
+                    // not grow past it.
+                    CarrierError::Busy(wait) => backoff.after(wait),
                     _ => backoff.delay(),
                 };
                 log::warn!("cannot start a session: {e}; retrying in {:.1} s", delay.as_secs_f32());

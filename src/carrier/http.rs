@@ -716,17 +716,27 @@ pub fn write_chunk_header(out: &mut Vec<u8>, len: usize) {
 /// than 400, 403, 404, 405, 408, 410, 413, 431, 502 and 503 give a 500, so a
 /// caller's slip cannot put a status line we did not mean on the wire.
 pub fn error_response(status: u16) -> Vec<u8> {
-    error_response_marked(status, Some(super::STATION_MARK))
+    error_response_marked(status, Some(super::STATION_MARK), None)
+}
+
+/// The station's 503 for an agent to come back after `retry_after`
+/// seconds (`Retry-After`), when the handshake budget is spent.
+pub fn busy_response(retry_after: u64) -> Vec<u8> {
+    error_response_marked(503, Some(super::STATION_MARK), Some(retry_after))
 }
 
 /// As [`error_response`] without the station's mark, for listeners that
 /// are not the carrier's (the status listener): an agent pointed at one by
 /// mistake must not take its answer for the station's.
 pub fn unmarked_error_response(status: u16) -> Vec<u8> {
-    error_response_marked(status, None)
+    error_response_marked(status, None, None)
 }
 
-fn error_response_marked(status: u16, mark: Option<(&'static str, &'static str)>) -> Vec<u8> {
+fn error_response_marked(
+    status: u16,
+    mark: Option<(&'static str, &'static str)>,
+    retry_after: Option<u64>,
+) -> Vec<u8> {
     let (status, reason, text) = match status {
         400 => (400, "Bad Request", "bad request\n"),
         403 => (403, "Forbidden", "forbidden\n"),
@@ -748,6 +758,10 @@ fn error_response_marked(status: u16, mark: Option<(&'static str, &'static str)>
     // RFC 9110 requires Allow on 405; the carrier uses only these two.
     if status == 405 {
         fields.push(("Allow", "GET, POST"));
+    }
+    let retry_after = retry_after.map(|secs| secs.to_string());
+    if let Some(secs) = &retry_after {
+        fields.push(("Retry-After", secs));
     }
     let mut out = Vec::with_capacity(160);
     // usize fits in u64 on every target we build for.

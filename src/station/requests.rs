@@ -85,6 +85,9 @@ pub(super) enum Outcome {
     Refuse(u16, Option<String>),
     /// Nothing more can be written (the peer left or a stream response ended).
     Close,
+    /// The handshake budget is spent: 503, and the agent is told to come
+    /// back after this many seconds; the connection closes after it.
+    Busy(u64),
 }
 
 pub(super) async fn serve_connection(
@@ -177,6 +180,15 @@ pub(super) async fn serve_connection(
                     None => shared.counters.refused(status),
                 }
                 let _ = conn.write_all(&http::error_response(status)).await;
+                return;
+            }
+            Outcome::Busy(retry_after) => {
+                let what = format!(
+                    "{} {}: too many handshakes this second; told to retry in {retry_after} s",
+                    head.method, head.target
+                );
+                refuse_log(&shared, peer, 503, &what);
+                let _ = conn.write_all(&http::busy_response(retry_after)).await;
                 return;
             }
         }
@@ -371,8 +383,8 @@ async fn hello(
     }
     // The Diffie-Hellman work below is what strangers could make us do
     // for free: it is rationed.
-    if !lock(&shared.handshakes).take(Instant::now()) {
-        return Ok(refuse(503, "too many handshakes this second; the agent retries later"));
+    if let Err(retry_after) = lock(&shared.handshakes).take(Instant::now()) {
+        return Ok(Outcome::Busy(retry_after));
     }
     let responder = match shared.respond(&msg) {
         Ok(responder) => responder,
@@ -478,8 +490,8 @@ async fn rekey(
         Ok(_) => return Ok(refuse(403, "no authentic packet in the rekey body")),
         Err(e) => return Ok(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
     }
-    if !lock(&shared.handshakes).take(Instant::now()) {
-        return Ok(refuse(503, "too many handshakes this second; the agent retries later"));
+    if let Err(retry_after) = lock(&shared.handshakes).take(Instant::now()) {
+        return Ok(Outcome::Busy(retry_after));
     }
     let responder = match shared.respond(msg) {
         Ok(responder) => responder,

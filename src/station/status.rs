@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use smol::net::{TcpListener, TcpStream};
 
-use super::{live_session, lock, Shared};
+use super::{live_sessions, lock, Shared};
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
 use crate::carrier::http::{self, BodyKind};
 use crate::task::Scope;
@@ -197,12 +197,13 @@ pub struct ClusterStatus {
 pub(super) fn snapshot(shared: &Shared) -> Snapshot {
     let roster = shared.roster();
     let ended = lock(&shared.counters.ended).clone();
+    let live_by_name = live_sessions(shared);
     let mut devices: Vec<DeviceStatus> = roster
         .devices
         .values()
         .map(|device| {
             let mut totals = ended.get(&device.name).copied().unwrap_or_default();
-            let live = live_session(shared, &device.name);
+            let live = live_by_name.get(&device.name);
             let mut status = DeviceStatus {
                 name: device.name.clone(),
                 connected: live.is_some(),

@@ -332,7 +332,10 @@ impl Middlebox {
     pub(crate) fn haproxy_split(hello: SocketAddr, rest: SocketAddr) -> Middlebox {
         let backend =
             "  acl hello path_end /hello\n  use-server s0 if hello\n  use-server s1 if !hello\n";
-        Self::haproxy_serving(&[hello, rest], 60, "", backend, |_| String::new())
+        // As README.md asks of haproxy in front of stations: without it,
+        // haproxy holds the stream carrier's small writes back.
+        let defaults = "  option http-no-delay\n";
+        Self::haproxy_serving(&[hello, rest], 60, defaults, backend, |_| String::new())
     }
 
     /// haproxy in `mode http` over `stations` with `timeout_secs` client and

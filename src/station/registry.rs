@@ -193,12 +193,20 @@ impl Registry {
     /// Runs `commands` on the store, connecting first if need be; logs the
     /// store's going away and coming back, once each.
     async fn run(&self, commands: &[&[&str]]) -> Result<Vec<Reply>, StoreError> {
-        if let Health::Down { retry_at } = *lock(&self.health) {
-            if Instant::now() < retry_at {
-                return Err(StoreError::Unavailable);
-            }
+        let resting = || match *lock(&self.health) {
+            Health::Down { retry_at } => Instant::now() < retry_at,
+            Health::Up => false,
+        };
+        if resting() {
+            return Err(StoreError::Unavailable);
         }
         let mut conn = self.conn.lock().await;
+        // Calls queued behind one that just found the store gone fail at
+        // once, rather than each waiting out its own timeout (a hanging
+        // store would otherwise hold every handshake for seconds in turn).
+        if resting() {
+            return Err(StoreError::Unavailable);
+        }
         let result = async {
             if conn.is_none() {
                 let password = self.store.password.as_deref();

@@ -27,14 +27,14 @@ use futures_lite::{future, io, AsyncWriteExt};
 use smol::net::{Shutdown, TcpStream};
 
 use super::expose::{self, Client};
-use super::requests::refuse_log;
 use super::requests::Outcome;
+use super::requests::{deadline, refuse_log, BODY_TIMEOUT};
 use super::{live_session, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
 use crate::carrier::link::Link;
-use crate::carrier::{self, STATION_MARK};
+use crate::carrier::{self, Verb, STATION_MARK};
 use crate::keys::PrivateKey;
 
 /// The header that vouches for a request from another station.
@@ -182,7 +182,9 @@ pub(super) async fn forward(
     let whole = future::or(sent, answered).await?;
 
     let mut from = HttpConn::new(upstream);
-    let response = from.read_response(false).await?;
+    // A holder that took the request and hangs must not keep this task,
+    // and the agent's connection, for ever.
+    let response = deadline(answer_within(head), from.read_response(false)).await?;
     if response.status == 200 {
         // The holder found an authentic packet in the request.
         slot.promote();
@@ -213,6 +215,15 @@ pub(super) async fn forward(
     relay_body(&mut from, response.body, &mut Writer::Agent(conn), body == BodyKind::Chunked)
         .await?;
     Ok(if keep_alive { Outcome::Done } else { Outcome::Close })
+}
+
+/// Longest the holder may take to begin its answer once it has the whole
+/// request: a poll's hold and then as long as any body may take to read.
+fn answer_within(head: &RequestHead) -> Duration {
+    match carrier::parse_path(&head.target) {
+        Some((_, Verb::Poll)) => carrier::poll_wait(&head.target) + BODY_TIMEOUT,
+        _ => BODY_TIMEOUT,
+    }
 }
 
 /// Where [`relay_body`] writes.

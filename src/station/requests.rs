@@ -42,7 +42,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Time to read a bounded body (poll, push) from a connection that has
 /// carried an authentic packet; strangers get [`HEAD_TIMEOUT`] for theirs.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Capacity of an idle downlink's write buffer: a few records; a busy one
 /// grows to a chunk ([`STREAM_CHUNK`]).
@@ -55,7 +55,7 @@ const REPLY_HEADERS: [(&str, &str); 3] = [
     carrier::STATION_MARK,
 ];
 
-async fn deadline<T>(
+pub(super) async fn deadline<T>(
     limit: Duration,
     work: impl std::future::Future<Output = Result<T, HttpError>>,
 ) -> Result<T, HttpError> {

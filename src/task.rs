@@ -10,6 +10,20 @@ use std::sync::Arc;
 use event_listener::Event;
 use futures_lite::future;
 
+/// Races `work` against `limit`: past it, the error `timed_out` makes.
+/// Every deadline in the program is this race; the callers name the error.
+pub async fn within<T, E>(
+    limit: std::time::Duration,
+    timed_out: impl FnOnce() -> E,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    future::or(work, async {
+        async_io::Timer::after(limit).await;
+        Err(timed_out())
+    })
+    .await
+}
+
 #[derive(Default)]
 struct Signal {
     stopped: AtomicBool,

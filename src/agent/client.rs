@@ -173,11 +173,7 @@ pub(super) async fn deadline<T>(
     limit: Duration,
     work: impl std::future::Future<Output = Result<T, CarrierError>>,
 ) -> Result<T, CarrierError> {
-    future::or(work, async {
-        smol::Timer::after(limit).await;
-        Err(CarrierError::Http(HttpError::Timeout))
-    })
-    .await
+    crate::task::within(limit, || CarrierError::Http(HttpError::Timeout), work).await
 }
 
 /// How to reach the station: directly or through a forward proxy.

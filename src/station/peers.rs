@@ -121,11 +121,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 async fn connect(station: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = future::or(TcpStream::connect(station), async {
-        smol::Timer::after(CONNECT_TIMEOUT).await;
-        Err(std::io::ErrorKind::TimedOut.into())
-    })
-    .await?;
+    let timed_out = || std::io::ErrorKind::TimedOut.into();
+    let socket =
+        crate::task::within(CONNECT_TIMEOUT, timed_out, TcpStream::connect(station)).await?;
     let _ = socket.set_nodelay(true);
     Ok(socket)
 }

@@ -59,11 +59,7 @@ pub(super) async fn deadline<T>(
     limit: Duration,
     work: impl std::future::Future<Output = Result<T, HttpError>>,
 ) -> Result<T, HttpError> {
-    future::or(work, async {
-        smol::Timer::after(limit).await;
-        Err(HttpError::Timeout)
-    })
-    .await
+    crate::task::within(limit, || HttpError::Timeout, work).await
 }
 
 /// Which listener a connection came in on.

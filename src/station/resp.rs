@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use futures_lite::{future, AsyncBufReadExt};
+use futures_lite::AsyncBufReadExt;
 use smol::net::TcpStream;
 
 /// Longest reply line or bulk string taken from the store: the registry's
@@ -169,11 +169,7 @@ fn encode(out: &mut Vec<u8>, command: &[&str]) {
 async fn within<T>(
     work: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    future::or(work, async {
-        smol::Timer::after(STORE_TIMEOUT).await;
-        Err(StoreError::Timeout)
-    })
-    .await
+    crate::task::within(STORE_TIMEOUT, || StoreError::Timeout, work).await
 }
 
 #[cfg(test)]

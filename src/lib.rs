@@ -30,3 +30,25 @@ pub mod notify;
 pub mod station;
 pub mod task;
 pub mod tunnel;
+
+/// The cargo features this build has, as `--version` and the station's
+/// `postern_build_info` tell them: what a board build left out is the first
+/// thing to ask about.
+pub const FEATURES: &[&str] = &[
+    #[cfg(feature = "agent")]
+    "agent",
+    #[cfg(feature = "station")]
+    "station",
+    #[cfg(feature = "tls")]
+    "tls",
+    #[cfg(feature = "tls12")]
+    "tls12",
+    #[cfg(feature = "ntlm")]
+    "ntlm",
+    #[cfg(feature = "ring")]
+    "ring",
+];
+
+/// The git commit this build was made from (build.rs), or `unknown` when
+/// built outside a git checkout without `POSTERN_COMMIT` set.
+pub const COMMIT: &str = env!("POSTERN_COMMIT");

@@ -11,51 +11,163 @@ use log::LevelFilter;
 use postern::config::{self, CarrierKind};
 use postern::keys::PrivateKey;
 
-const HELP: &str = "\
-postern — carries TCP and serial byte streams through firewalls that only let HTTP out
+/// One subcommand's help: the line in `postern --help` and the whole of
+/// `postern SUB --help`. The man page is generated from these texts
+/// (scripts/package), so they are the one description of the CLI.
+struct Help {
+    name: &'static str,
+    /// How it is called, as the overview lists it.
+    usage: &'static str,
+    summary: &'static str,
+    /// What it does, below the usage line of `postern SUB --help`.
+    about: &'static str,
+    /// Its own option lines, above the common ones.
+    options: &'static str,
+    /// Below the options: environment, signals.
+    notes: &'static str,
+}
 
-Usage:
-  postern genkey                 print a new base64 private key
-  postern pubkey < KEY           print the base64 public key of a private key
-  postern station -c FILE.toml   run the station (central side)
-  postern agent -c FILE.toml     run the agent (device side)
-  postern check -c FILE.toml     validate a station or agent config; non-zero exit with the reason
-  postern demo [--once] [--carrier auto|stream|poll] [--bytes N]
-                                 station + agent + echo target on loopback, nothing to configure
-
-Options:
-  -c, --config FILE   config file (station, agent, check)
-  -v, --verbose       more log output (-v debug, -vv trace)
-  -q, --quiet         less log output (-q warnings, -qq errors only)
-  -h, --help          this text
-  -V, --version       the version and the cargo features built in
-
-Logs go to stderr; POSTERN_LOG=error|warn|info|debug|trace overrides -v/-q.
-The agent uses HTTP_PROXY/http_proxy (HTTPS_PROXY/https_proxy for an https://
-station), honouring NO_PROXY, when its config names no proxy; check applies
-it too. SIGHUP reloads the station's config and the agent's keys.
-See README.md for the config files.
-";
-
-/// The cargo features this binary was built with, as `--version` tells
-/// them: what a board build left out is the first thing to ask about.
-const FEATURES: &[&str] = &[
-    #[cfg(feature = "agent")]
-    "agent",
-    #[cfg(feature = "station")]
-    "station",
-    #[cfg(feature = "tls")]
-    "tls",
-    #[cfg(feature = "tls12")]
-    "tls12",
-    #[cfg(feature = "ntlm")]
-    "ntlm",
-    #[cfg(feature = "ring")]
-    "ring",
+const COMMANDS: &[Help] = &[
+    Help {
+        name: "genkey",
+        usage: "postern genkey [-o FILE]",
+        summary: "print a new base64 private key, or write it to FILE (mode 0600)",
+        about: "\
+A station's or a device's X25519 private key, from the system's random
+source. Give the other side its public half: postern pubkey < FILE.
+",
+        options: "  -o, --output FILE   write the key to FILE, created with mode 0600; an
+                      existing FILE is never replaced
+",
+        notes: "\
+Printed to stdout, the key is only as private as where it goes: a warning
+names a world-readable file (use umask 077, or -o).
+",
+    },
+    Help {
+        name: "pubkey",
+        usage: "postern pubkey < KEY",
+        summary: "print the base64 public key of a private key",
+        about: "\
+Reads a private key (as genkey writes it) from stdin and prints its public
+key: a device's goes into the station's [[devices]], the station's into
+each agent's station_public_key.
+",
+        options: "",
+        notes: "",
+    },
+    Help {
+        name: "station",
+        usage: "postern station -c FILE.toml",
+        summary: "run the station (central side)",
+        about: "\
+Listens for agents' carriers, admits the devices FILE lists, connects their
+streams to the targets it names and serves their reverse services.
+",
+        options: "  -c, --config FILE   the station config (README.md, \"Station config\")\n",
+        notes: "\
+Signals: SIGHUP rereads FILE (devices, targets, keys, certificate; a
+refused config leaves the running one in place); SIGTERM and SIGINT stop,
+giving open streams 10 s to finish. Under a Type=notify unit it reports
+READY=1, RELOADING=1, STOPPING=1 and WATCHDOG=1.
+",
+    },
+    Help {
+        name: "agent",
+        usage: "postern agent -c FILE.toml",
+        summary: "run the agent (device side)",
+        about: "\
+Connects to the station over HTTP (through a proxy when FILE or the
+environment names one), forwards the local listeners and serial lines FILE
+lists, and serves its services to the station.
+",
+        options: "  -c, --config FILE   the agent config (README.md, \"Agent config\")\n",
+        notes: "\
+Environment: HTTP_PROXY/http_proxy (HTTPS_PROXY/https_proxy for an
+https:// station), honouring NO_PROXY, when FILE names no proxy.
+Signals: SIGHUP rereads the keys in FILE (key rotation); SIGTERM and SIGINT
+stop, giving open streams 10 s to finish. Under a Type=notify unit it
+reports READY=1, RELOADING=1, STOPPING=1 and WATCHDOG=1.
+",
+    },
+    Help {
+        name: "check",
+        usage: "postern check -c FILE.toml",
+        summary: "validate a station or agent config; non-zero exit with the reason",
+        about: "\
+Reads FILE as the station or agent would, keys and proxy included, and says
+which it is; exits 1 with the reason when either would refuse it.
+",
+        options: "  -c, --config FILE   the config to check\n",
+        notes: "",
+    },
+    Help {
+        name: "demo",
+        usage: "postern demo [--once] [--carrier auto|stream|poll] [--bytes N]",
+        summary: "station + agent + echo target on loopback, nothing to configure",
+        about: "\
+Starts a station, an agent and an echo server on loopback with fresh keys,
+sends N bytes through the tunnel and checks every byte that comes back.
+",
+        options: "  \
+      --once          exit after the check instead of keeping the tunnel up
+      --carrier KIND  auto (default), stream or poll
+      --bytes N       how much to send (default 8 MiB)
+",
+        notes: "",
+    },
 ];
 
+/// What every subcommand accepts; in `--help` and each `SUB --help`.
+const COMMON_OPTIONS: &str = "  -v, --verbose       more log output (-v debug, -vv trace)
+  -q, --quiet         less log output (-q warnings, -qq errors only)
+  -h, --help          this text; postern COMMAND --help for one command
+  -V, --version       the version, the commit and the cargo features built in
+";
+
+/// Below the options of every help text.
+const LOGS: &str = "\
+Logs go to stderr (with syslog priorities when stderr is the journal);
+POSTERN_LOG=error|warn|info|debug|trace overrides -v/-q.
+";
+
+fn print_help(command: Option<&Help>) {
+    match command {
+        Some(help) => {
+            let notes =
+                if help.notes.is_empty() { String::new() } else { format!("{}\n", help.notes) };
+            print!(
+                "Usage: {}\n\n{}\nOptions:\n{}{COMMON_OPTIONS}\n{notes}{LOGS}",
+                help.usage, help.about, help.options
+            );
+        }
+        None => {
+            println!(
+                "postern — carries TCP and serial byte streams through firewalls that only let \
+                 HTTP out\n\nUsage:"
+            );
+            for help in COMMANDS {
+                println!("  {}\n      {}", help.usage, help.summary);
+            }
+            print!(
+                "\nOptions:\n{COMMON_OPTIONS}\n{LOGS}\nSee README.md for the config files; \
+                 postern COMMAND --help for each command.\n"
+            );
+        }
+    }
+    // A device build leaves the station out; say so here rather than only
+    // when `station` or `demo` is run.
+    if !cfg!(feature = "station") {
+        println!("\nThis build has no station: `station` and `demo` are not available.");
+    }
+    if !cfg!(feature = "agent") {
+        println!("\nThis build has no agent: `agent` and `demo` are not available.");
+    }
+}
+
 enum Command {
-    Genkey,
+    /// To stdout, or to a new file.
+    Genkey(Option<PathBuf>),
     Pubkey,
     Station(PathBuf),
     Agent(PathBuf),
@@ -105,30 +217,23 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
     let mut once = false;
     let mut carrier = CarrierKind::Auto;
     let mut bytes: Option<u64> = None;
+    let mut output: Option<PathBuf> = None;
+    let mut help = false;
     while let Some(arg) = parser.next()? {
         match arg {
-            Short('h') | Long("help") => {
-                print!("{HELP}");
-                // A device build leaves the station out; say so here rather
-                // than only when `station` or `demo` is run.
-                if !cfg!(feature = "station") {
-                    println!(
-                        "\nThis build has no station: `station` and `demo` are not available."
-                    );
-                }
-                if !cfg!(feature = "agent") {
-                    println!("\nThis build has no agent: `agent` and `demo` are not available.");
-                }
-                return Ok(None);
-            }
+            // After the loop: `postern -h station` and `postern station -h`
+            // both mean station's help.
+            Short('h') | Long("help") => help = true,
             Short('V') | Long("version") => {
                 println!(
-                    "postern {} (features: {})",
+                    "postern {} (commit {}; features: {})",
                     env!("CARGO_PKG_VERSION"),
-                    FEATURES.join(", ")
+                    postern::COMMIT,
+                    postern::FEATURES.join(", ")
                 );
                 return Ok(None);
             }
+            Short('o') | Long("output") => output = Some(parser.value()?.into()),
             Short('v') | Long("verbose") => verbosity += 1,
             Short('q') | Long("quiet") => verbosity -= 1,
             Short('c') | Long("config") => config = Some(parser.value()?.into()),
@@ -152,7 +257,15 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
                         Usage(format!("--bytes {text:?}: expected a number of bytes"))
                     })?);
             }
-            Value(value) if subcommand.is_none() => subcommand = Some(value.string()?),
+            Value(value) if subcommand.is_none() => {
+                let name = value.string()?;
+                // `postern help [COMMAND]`, as git and cargo take it.
+                if name == "help" && !help {
+                    help = true;
+                } else {
+                    subcommand = Some(name);
+                }
+            }
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -163,9 +276,25 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
         1 => LevelFilter::Debug,
         _ => LevelFilter::Trace,
     };
+    if help {
+        let command = match subcommand.as_deref() {
+            None => None,
+            Some(name) => Some(
+                COMMANDS
+                    .iter()
+                    .find(|help| help.name == name)
+                    .ok_or_else(|| Usage(format!("unknown command {name:?}")))?,
+            ),
+        };
+        print_help(command);
+        return Ok(None);
+    }
     let Some(name) = subcommand else {
         return Err(Usage("no command given".into()));
     };
+    if output.is_some() && name != "genkey" {
+        return Err(Usage(format!("-o applies only to genkey, not {name}")));
+    }
     let needs_config =
         |what: &str| config.clone().ok_or_else(|| Usage(format!("{what} needs -c FILE.toml")));
     let demo_only = once || carrier != CarrierKind::Auto || bytes.is_some();
@@ -173,7 +302,7 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
         return Err(Usage(format!("--once, --carrier and --bytes apply only to demo, not {name}")));
     }
     let command = match name.as_str() {
-        "genkey" => Command::Genkey,
+        "genkey" => Command::Genkey(output),
         "pubkey" => Command::Pubkey,
         "station" => Command::Station(needs_config("station")?),
         "agent" => Command::Agent(needs_config("agent")?),
@@ -182,7 +311,7 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
         other => return Err(Usage(format!("unknown command {other:?}"))),
     };
     if config.is_some()
-        && matches!(command, Command::Genkey | Command::Pubkey | Command::Demo { .. })
+        && matches!(command, Command::Genkey(_) | Command::Pubkey | Command::Demo { .. })
     {
         return Err(Usage(format!("{name} takes no config file")));
     }
@@ -199,9 +328,49 @@ fn print_line(line: &str, what: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write {what} to stdout: {e}"))
 }
 
+/// `wg genkey`'s warning: a private key printed into a file others can
+/// read is no longer private.
+fn warn_if_world_readable(out: &impl std::os::fd::AsFd) {
+    let Ok(stat) = rustix::fs::fstat(out) else { return };
+    let mode = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+    if mode == rustix::fs::FileType::RegularFile && stat.st_mode & 0o004 != 0 {
+        eprintln!(
+            "postern: warning: writing a private key to a world-readable file; \
+             use umask 077 or postern genkey -o FILE"
+        );
+    }
+}
+
+/// Writes a new key to a new file only its owner can read. A file that
+/// could not be written whole is removed: an empty or cut key file would
+/// be found later, as a confusing config error.
+fn write_key(path: &std::path::Path, key: &PrivateKey) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(
+            |e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => format!(
+                    "{} exists; genkey never replaces a key (remove the file first)",
+                    path.display()
+                ),
+                _ => format!("cannot create {}: {e}", path.display()),
+            },
+        )?;
+    let written = writeln!(file, "{}", key.to_base64()).and_then(|()| file.sync_all());
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        format!("cannot write the new key to {}: {e}", path.display())
+    })
+}
+
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Genkey => print_line(&PrivateKey::generate().to_base64(), "the new key"),
+        Command::Genkey(None) => {
+            warn_if_world_readable(&std::io::stdout());
+            print_line(&PrivateKey::generate().to_base64(), "the new key")
+        }
+        Command::Genkey(Some(path)) => write_key(&path, &PrivateKey::generate()),
         Command::Pubkey => {
             let mut text = String::new();
             // A key is 44 characters; read a little more to say "too long".

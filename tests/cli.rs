@@ -103,7 +103,12 @@ fn help_names_every_command() {
 }
 
 #[test]
-fn version_is_the_crate_version_and_its_features() {
+fn version_is_the_crate_version_commit_and_features() {
+    assert!(
+        postern::COMMIT.len() == 12 && postern::COMMIT.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the tests are built in a git checkout, so the commit is known: {:?}",
+        postern::COMMIT
+    );
     for flag in ["--version", "-V"] {
         let out = run(&[flag], None, QUICK);
         assert!(out.status.success(), "{flag} failed: {}", out.stderr);
@@ -111,11 +116,96 @@ fn version_is_the_crate_version_and_its_features() {
         assert_eq!(
             out.stdout,
             format!(
-                "postern {} (features: agent, station, tls, tls12, ntlm, ring)\n",
-                env!("CARGO_PKG_VERSION")
+                "postern {} (commit {}; features: agent, station, tls, tls12, ntlm, ring)\n",
+                env!("CARGO_PKG_VERSION"),
+                postern::COMMIT
             )
         );
         assert_eq!(out.stderr, "");
+    }
+}
+
+/// `postern SUB --help`, `postern -h SUB` and `postern help SUB` print that
+/// command's help, which names its own options and the common ones.
+#[test]
+fn each_command_has_its_own_help() {
+    let commands: [(&str, &str, &[&str]); 6] = [
+        ("genkey", "Usage: postern genkey [-o FILE]\n", &["-o, --output FILE"]),
+        ("pubkey", "Usage: postern pubkey < KEY\n", &["from stdin"]),
+        ("station", "Usage: postern station -c FILE.toml\n", &["-c, --config", "SIGHUP"]),
+        ("agent", "Usage: postern agent -c FILE.toml\n", &["-c, --config", "HTTP_PROXY"]),
+        ("check", "Usage: postern check -c FILE.toml\n", &["-c, --config"]),
+        ("demo", "Usage: postern demo [--once]", &["--carrier KIND", "--bytes N"]),
+    ];
+    for (name, first_line, mentions) in commands {
+        let out = run(&[name, "--help"], None, QUICK);
+        assert!(out.status.success(), "{name} --help failed: {}", out.stderr);
+        assert!(out.stdout.starts_with(first_line), "{name} --help:\n{}", out.stdout);
+        for mention in mentions.iter().chain(&["-v, --verbose", "POSTERN_LOG"]) {
+            assert!(out.stdout.contains(mention), "{name} --help lacks {mention:?}");
+        }
+        assert_eq!(run(&["-h", name], None, QUICK).stdout, out.stdout, "-h {name}");
+        assert_eq!(run(&["help", name], None, QUICK).stdout, out.stdout, "help {name}");
+    }
+    assert_eq!(run(&["help"], None, QUICK).stdout, run(&["--help"], None, QUICK).stdout);
+    let out = run(&["help", "frobnicate"], None, QUICK);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.stderr, "postern: unknown command \"frobnicate\"\nTry 'postern --help'.\n");
+}
+
+/// `genkey -o FILE` creates FILE with mode 0600 and never replaces one;
+/// `genkey > FILE` warns, as `wg genkey` does, when FILE is world-readable.
+#[test]
+fn genkey_writes_private_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("genkey");
+    let path = dir.path().join("device.key");
+    let arg = path.to_str().expect("utf-8 path");
+    let out = run(&["genkey", "-o", arg], None, QUICK);
+    assert!(out.status.success(), "genkey -o failed: {}", out.stderr);
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+    let meta = std::fs::metadata(&path).expect("genkey -o made the file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let written = std::fs::read_to_string(&path).expect("read the key");
+    let key = written.strip_suffix('\n').expect("a line");
+    PrivateKey::from_base64(key).unwrap_or_else(|e| panic!("genkey -o wrote a bad key: {e}"));
+
+    let out = run(&["genkey", "--output", arg], None, QUICK);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.stderr,
+        format!("postern: {arg} exists; genkey never replaces a key (remove the file first)\n")
+    );
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), written, "the key was kept");
+
+    let out = run(&["genkey", "-o", "/nonexistent-dir/k"], None, QUICK);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.stderr,
+        "postern: cannot create /nonexistent-dir/k: No such file or directory (os error 2)\n"
+    );
+    let out = run(&["pubkey", "-o", arg], None, QUICK);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        out.stderr,
+        "postern: -o applies only to genkey, not pubkey\nTry 'postern --help'.\n"
+    );
+
+    let warning = "postern: warning: writing a private key to a world-readable file; use \
+                   umask 077 or postern genkey -o FILE\n";
+    for (mode, stderr) in [(0o644, warning), (0o600, "")] {
+        let printed = dir.path().join(format!("printed-{mode:o}.key"));
+        let file = std::fs::File::create(&printed).expect("create");
+        file.set_permissions(std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = std::process::Command::new(BIN)
+            .arg("genkey")
+            .stdout(file)
+            .output()
+            .expect("run postern genkey");
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stderr), stderr, "stdout mode {mode:o}");
+        let key = std::fs::read_to_string(&printed).expect("read");
+        PrivateKey::from_base64(key.trim_end()).expect("the printed key");
     }
 }
 

@@ -12,7 +12,8 @@ use postern::config::{self, CarrierKind};
 use postern::keys::PrivateKey;
 
 /// One subcommand's help: the line in `postern --help` and the whole of
-/// `postern SUB --help`. The man page is generated from these texts
+/// `postern SUB --help`. A build without the command keeps only its
+/// summary: the device's binary is counted in KiB. The man page is generated from these texts
 /// (scripts/package), so they are the one description of the CLI.
 struct Help {
     name: &'static str,
@@ -60,17 +61,29 @@ each agent's station_public_key.
         name: "station",
         usage: "postern station -c FILE.toml",
         summary: "run the station (central side)",
-        about: "\
+        about: if cfg!(feature = "station") {
+            "\
 Listens for agents' carriers, admits the devices FILE lists, connects their
 streams to the targets it names and serves their reverse services.
-",
-        options: "  -c, --config FILE   the station config (README.md, \"Station config\")\n",
-        notes: "\
+"
+        } else {
+            ""
+        },
+        options: if cfg!(feature = "station") {
+            "  -c, --config FILE   the station config (README.md, \"Station config\")\n"
+        } else {
+            ""
+        },
+        notes: if cfg!(feature = "station") {
+            "\
 Signals: SIGHUP rereads FILE (devices, targets, keys, certificate; a
 refused config leaves the running one in place); SIGTERM and SIGINT stop,
 giving open streams 10 s to finish. Under a Type=notify unit it reports
 READY=1, RELOADING=1, STOPPING=1 and WATCHDOG=1.
-",
+"
+        } else {
+            ""
+        },
     },
     Help {
         name: "agent",
@@ -105,15 +118,23 @@ which it is; exits 1 with the reason when either would refuse it.
         name: "demo",
         usage: "postern demo [--once] [--carrier auto|stream|poll] [--bytes N]",
         summary: "station + agent + echo target on loopback, nothing to configure",
-        about: "\
+        about: if cfg!(all(feature = "agent", feature = "station")) {
+            "\
 Starts a station, an agent and an echo server on loopback with fresh keys,
 sends N bytes through the tunnel and checks every byte that comes back.
-",
-        options: "  \
+"
+        } else {
+            ""
+        },
+        options: if cfg!(all(feature = "agent", feature = "station")) {
+            "  \
       --once          exit after the check instead of keeping the tunnel up
       --carrier KIND  auto (default), stream or poll
       --bytes N       how much to send (default 8 MiB)
-",
+"
+        } else {
+            ""
+        },
         notes: "",
     },
 ];
@@ -143,7 +164,7 @@ fn print_help(command: Option<&Help>) {
         }
         None => {
             println!(
-                "postern — carries TCP and serial byte streams through firewalls that only let \
+                "postern: carries TCP and serial byte streams through firewalls that only let \
                  HTTP out\n\nUsage:"
             );
             for help in COMMANDS {

@@ -30,3 +30,21 @@ pub mod notify;
 pub mod station;
 pub mod task;
 pub mod tunnel;
+
+/// The cargo features this binary was built with, as `--version` and the
+/// station's `postern_build_info` metric tell them: what a board build
+/// left out is the first thing to ask about.
+pub const FEATURES: &[&str] = &[
+    #[cfg(feature = "agent")]
+    "agent",
+    #[cfg(feature = "station")]
+    "station",
+    #[cfg(feature = "tls")]
+    "tls",
+    #[cfg(feature = "tls12")]
+    "tls12",
+    #[cfg(feature = "ntlm")]
+    "ntlm",
+    #[cfg(feature = "ring")]
+    "ring",
+];

@@ -10,6 +10,7 @@ use log::LevelFilter;
 
 use postern::config::{self, CarrierKind};
 use postern::keys::PrivateKey;
+use postern::FEATURES;
 
 const HELP: &str = "\
 postern — carries TCP and serial byte streams through firewalls that only let HTTP out
@@ -36,23 +37,6 @@ station), honouring NO_PROXY, when its config names no proxy; check applies
 it too. SIGHUP reloads the station's config and the agent's keys.
 See README.md for the config files.
 ";
-
-/// The cargo features this binary was built with, as `--version` tells
-/// them: what a board build left out is the first thing to ask about.
-const FEATURES: &[&str] = &[
-    #[cfg(feature = "agent")]
-    "agent",
-    #[cfg(feature = "station")]
-    "station",
-    #[cfg(feature = "tls")]
-    "tls",
-    #[cfg(feature = "tls12")]
-    "tls12",
-    #[cfg(feature = "ntlm")]
-    "ntlm",
-    #[cfg(feature = "ring")]
-    "ring",
-];
 
 enum Command {
     Genkey,

@@ -23,6 +23,21 @@ fn agent_toml(station: SocketAddr, station_key: &PrivateKey, key: &PrivateKey) -
     common::agent_toml(station, &station_key.public_key(), key, "stream", &["echo"])
 }
 
+/// Starts an agent with a key the station does not know and waits until
+/// the station refused it; it keeps trying until dropped.
+fn start_intruder(
+    dir: &TempDir,
+    station: &common::Proc,
+    station_addr: SocketAddr,
+    station_key: &PrivateKey,
+) -> common::Proc {
+    let stranger = PrivateKey::generate();
+    let toml = agent_toml(station_addr, station_key, &stranger);
+    let (intruder, _) = start_agent(dir, "intruder", &toml, &["echo"]);
+    station.wait_log(&["unknown device key", &stranger.public_key().fingerprint()]);
+    intruder
+}
+
 #[test]
 fn metrics_and_status_count_a_known_transfer() {
     let echo = Server::echo();
@@ -46,14 +61,7 @@ fn metrics_and_status_count_a_known_transfer() {
     let mut garbage = TcpStream::connect(station_addr).expect("connect");
     garbage.write_all(b"\x00garbage\r\n\r\n").expect("write");
     let _ = garbage.read_to_end(&mut Vec::new());
-    let stranger = Keys::new();
-    let (_intruder, _) = start_agent(
-        &dir,
-        "intruder",
-        &agent_toml(station_addr, &keys.station, &stranger.device),
-        &["echo"],
-    );
-    station.wait_log(&["unknown device key", &stranger.device.public_key().fingerprint()]);
+    let _intruder = start_intruder(&dir, &station, station_addr, &keys.station);
 
     let (line, metrics) = get(status, "/metrics");
     assert_eq!(line, "HTTP/1.1 200 OK", "{metrics}");
@@ -261,14 +269,7 @@ fn metrics_count_streams_reloads_and_when_a_device_was_heard() {
         .is_none());
 
     // A stranger's key is a handshake refusal.
-    let stranger = Keys::new();
-    let (_intruder, _) = start_agent(
-        &dir,
-        "intruder",
-        &agent_toml(station_addr, &keys.station, &stranger.device),
-        &["echo"],
-    );
-    station.wait_log(&["unknown device key", &stranger.device.public_key().fingerprint()]);
+    let _intruder = start_intruder(&dir, &station, station_addr, &keys.station);
     assert!(value(&scrape(), "postern_handshake_refusals_total{reason=\"unknown_key\"}") >= 1.0);
 
     // A reload applied, then one refused: each counted, with its time.

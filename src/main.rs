@@ -470,7 +470,10 @@ fn station(path: PathBuf) -> Result<(), String> {
                 log::info!("SIGHUP: reloading {}", path.display());
                 let reloaded = match config::StationConfig::load(&path) {
                     Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => {
+                        handle.reload_failed();
+                        Err(e.to_string())
+                    }
                 };
                 match reloaded {
                     Ok(changes) if changes.is_empty() => log::info!("reloaded: nothing changed"),

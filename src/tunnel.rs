@@ -91,6 +91,8 @@ pub struct Stats {
     pub stream_in: u64,
     /// Packets sent again after a carrier connection was lost.
     pub resent: u64,
+    /// Streams the peer opened past the limit of open streams, refused.
+    pub streams_refused: u64,
 }
 
 /// Session keys and the replay window of the records they open.
@@ -199,8 +201,12 @@ impl Tunnel {
     }
 
     pub fn stats(&self) -> Stats {
-        let state = self.lock();
-        Stats { resent: state.session.resent_packets(), ..state.stats }
+        let mut state = self.lock();
+        Stats {
+            resent: state.session.resent_packets(),
+            streams_refused: state.session.streams().refused_total(),
+            ..state.stats
+        }
     }
 
     /// How long the session lives without hearing from the peer: a carrier

@@ -10,7 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::AtomicU64;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
     echo_round_trip, send_pattern, start_agent, start_station, station_toml, Keys, Received,
@@ -21,6 +21,21 @@ use postern::keys::PrivateKey;
 
 fn agent_toml(station: SocketAddr, station_key: &PrivateKey, key: &PrivateKey) -> String {
     common::agent_toml(station, &station_key.public_key(), key, "stream", &["echo"])
+}
+
+/// Starts an agent with a key the station does not know and waits until
+/// the station refused it; it keeps trying until dropped.
+fn start_intruder(
+    dir: &TempDir,
+    station: &common::Proc,
+    station_addr: SocketAddr,
+    station_key: &PrivateKey,
+) -> common::Proc {
+    let stranger = PrivateKey::generate();
+    let toml = agent_toml(station_addr, station_key, &stranger);
+    let (intruder, _) = start_agent(dir, "intruder", &toml, &["echo"]);
+    station.wait_log(&["unknown device key", &stranger.public_key().fingerprint()]);
+    intruder
 }
 
 #[test]
@@ -46,14 +61,7 @@ fn metrics_and_status_count_a_known_transfer() {
     let mut garbage = TcpStream::connect(station_addr).expect("connect");
     garbage.write_all(b"\x00garbage\r\n\r\n").expect("write");
     let _ = garbage.read_to_end(&mut Vec::new());
-    let stranger = Keys::new();
-    let (_intruder, _) = start_agent(
-        &dir,
-        "intruder",
-        &agent_toml(station_addr, &keys.station, &stranger.device),
-        &["echo"],
-    );
-    station.wait_log(&["unknown device key", &stranger.device.public_key().fingerprint()]);
+    let _intruder = start_intruder(&dir, &station, station_addr, &keys.station);
 
     let (line, metrics) = get(status, "/metrics");
     assert_eq!(line, "HTTP/1.1 200 OK", "{metrics}");
@@ -164,6 +172,127 @@ fn reload_adds_and_removes_a_device_while_another_keeps_working() {
     assert_eq!(got, Received { len: 24 << 20, hash: digest.finish(), error: None });
     assert_eq!(station.stderr.count("device first handshake"), 1, "{}", station.describe());
     assert_eq!(station.stderr.matching(&["device first session", "ended"]).len(), 0);
+}
+
+/// The families alerts are written on, with real values: every counter
+/// at zero before anything happened; a stream refused by its reason and
+/// one opened; when the device was last heard, kept after its agent
+/// stopped; a reload applied, then one refused (a broken config), each
+/// counted with its time; and the build's version.
+#[test]
+fn metrics_count_streams_reloads_and_when_a_device_was_heard() {
+    let echo = Server::echo();
+    let dir = TempDir::new("alerting");
+    let keys = Keys::new();
+    let targets = [
+        ("echo", echo.target()),
+        ("dead", common::refused_addr().to_string()),
+        ("billing", echo.target()),
+    ];
+    let devices = [("pump-17", keys.device.public_key(), &["echo", "dead"][..])];
+    let toml = with_status(&station_toml(&keys.station, &targets, &devices));
+    let (station, station_addr) = start_station(&dir, &toml);
+    let config = dir.path().join("station.toml");
+    let status = status_addr(&station);
+    let scrape = || get(status, "/metrics").1;
+    let value = |metrics: &str, series: &str| {
+        common::metric(metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+
+    let before = scrape();
+    for series in [
+        "postern_streams_opened_total",
+        "postern_streams_refused_total{reason=\"connect_failed\"}",
+        "postern_streams_refused_total{reason=\"not_allowed\"}",
+        "postern_streams_refused_total{reason=\"too_many_streams\"}",
+        "postern_handshake_refusals_total{reason=\"busy\"}",
+        "postern_handshake_refusals_total{reason=\"unknown_key\"}",
+        "postern_handshake_refusals_total{reason=\"duplicate_key\"}",
+        "postern_rejected_requests_total{reason=\"overload\"}",
+        "postern_reloads_total{result=\"success\"}",
+        "postern_reloads_total{result=\"failure\"}",
+        "postern_last_reload_seconds{result=\"success\"}",
+        "postern_last_reload_seconds{result=\"failure\"}",
+        "postern_device_last_heard_seconds{device=\"pump-17\"}",
+    ] {
+        assert_eq!(value(&before, series), 0.0, "{series}");
+    }
+    let build = format!(
+        "postern_build_info{{version=\"{}\",commit=\"{}\",features=\"{}\"}}",
+        env!("CARGO_PKG_VERSION"),
+        postern::COMMIT,
+        postern::FEATURES.join(",")
+    );
+    assert_eq!(value(&before, &build), 1.0);
+    let now = || SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_secs_f64();
+    let started = value(&before, "process_start_time_seconds");
+    assert!(started > now() - 60.0 && started <= now(), "{started}");
+
+    let forwards_to = ["echo", "dead", "billing"];
+    let (mut agent, forwards) = start_agent(
+        &dir,
+        "agent",
+        &common::agent_toml(
+            station_addr,
+            &keys.station.public_key(),
+            &keys.device,
+            "stream",
+            &forwards_to,
+        ),
+        &forwards_to,
+    );
+    agent.wait_log(&["connected to the station"]);
+    assert_eq!(echo_round_trip(forwards["echo"], 3, 1000), Received::expected(3, 1000));
+    for refused in ["dead", "billing"] {
+        let mut socket = TcpStream::connect(forwards[refused]).expect("connect to the forward");
+        socket.set_read_timeout(Some(LOG_WAIT)).expect("timeout");
+        let _ = socket.read_to_end(&mut Vec::new());
+    }
+    station.wait_log(&["target \"billing\" refused: not in its allow list"]);
+    station.wait_log(&["target dead"]);
+    let after = scrape();
+    assert_eq!(value(&after, "postern_streams_opened_total"), 1.0, "{after}");
+    assert_eq!(value(&after, "postern_streams_refused_total{reason=\"connect_failed\"}"), 1.0);
+    assert_eq!(value(&after, "postern_streams_refused_total{reason=\"not_allowed\"}"), 1.0);
+    assert_eq!(value(&after, "postern_streams_refused_total{reason=\"unknown_target\"}"), 0.0);
+    assert_eq!(value(&after, "postern_device_carrier{device=\"pump-17\",kind=\"stream\"}"), 1.0);
+
+    // Heard from, and still known after the agent stopped.
+    agent.signal("TERM");
+    agent.wait_exit(Duration::from_secs(15));
+    common::wait_until("the device to be offline", LOG_WAIT, || {
+        common::metric(&scrape(), "postern_devices_connected") == Some(0.0)
+    });
+    let offline = scrape();
+    let heard = value(&offline, "postern_device_last_heard_seconds{device=\"pump-17\"}");
+    assert!(heard >= started && heard <= now(), "{heard} in\n{offline}");
+    assert!(common::metric(&offline, "postern_device_carrier{device=\"pump-17\",kind=\"stream\"}")
+        .is_none());
+
+    // A stranger's key is a handshake refusal.
+    let _intruder = start_intruder(&dir, &station, station_addr, &keys.station);
+    assert!(value(&scrape(), "postern_handshake_refusals_total{reason=\"unknown_key\"}") >= 1.0);
+
+    // A reload applied, then one refused: each counted, with its time.
+    let reloaded_at = now();
+    station.signal("HUP");
+    station.wait_log(&["reloaded: nothing changed"]);
+    let applied = scrape();
+    assert_eq!(value(&applied, "postern_reloads_total{result=\"success\"}"), 1.0);
+    assert_eq!(value(&applied, "postern_reloads_total{result=\"failure\"}"), 0.0);
+    let success = value(&applied, "postern_last_reload_seconds{result=\"success\"}");
+    assert!(success >= reloaded_at - 1.0 && success <= now(), "{success}");
+    assert_eq!(value(&applied, "postern_last_reload_seconds{result=\"failure\"}"), 0.0);
+
+    std::fs::write(&config, toml.replace("127.0.0.1:0", "nowhere")).expect("write a bad config");
+    station.signal("HUP");
+    station.wait_log(&["reload refused, the running config stays"]);
+    let refused = scrape();
+    assert_eq!(value(&refused, "postern_reloads_total{result=\"success\"}"), 1.0);
+    assert_eq!(value(&refused, "postern_reloads_total{result=\"failure\"}"), 1.0);
+    let failure = value(&refused, "postern_last_reload_seconds{result=\"failure\"}");
+    assert!(failure >= success && failure <= now(), "{failure} after {success}");
+    assert_eq!(value(&refused, "postern_last_reload_seconds{result=\"success\"}"), success);
 }
 
 #[test]

@@ -223,8 +223,11 @@ fn check_contents(agents: &[PathBuf; 3], full: &Path) {
         );
     }
     let files = must("dpkg-deb", &["-c", full.to_str().expect("utf-8")]);
-    for unit in UNITS {
-        assert!(files.contains(&format!("./lib/systemd/system/{unit}")), "postern lacks {unit}");
+    for path in UNITS.map(|unit| format!("./lib/systemd/system/{unit}")).into_iter().chain([
+        "./usr/share/doc/postern/examples/postern.rules.yml".to_owned(),
+        "./usr/share/doc/postern/examples/grafana-fleet.json".to_owned(),
+    ]) {
+        assert!(files.contains(&path), "postern lacks {path}");
     }
     let conffiles = must("dpkg-deb", &["-I", full.to_str().expect("utf-8"), "conffiles"]);
     assert_eq!(

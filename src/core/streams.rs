@@ -236,6 +236,9 @@ pub struct Streams {
     /// `Refuse` entries in `control`; at most MAX_STREAMS, so a peer that
     /// ignores the limit cannot grow the queue (and our memory) without end.
     refusals: usize,
+    /// Streams the peer opened past [`MAX_STREAMS`] and had refused, ever:
+    /// for the station's metrics.
+    refused_total: u64,
     events: VecDeque<Event>,
     peer_closed: bool,
     /// Shared window room, and what is left of this session's.
@@ -257,6 +260,7 @@ impl Streams {
             ready: VecDeque::new(),
             control: VecDeque::new(),
             refusals: 0,
+            refused_total: 0,
             events: VecDeque::new(),
             peer_closed: false,
             budget,
@@ -498,6 +502,11 @@ impl Streams {
         Ok(())
     }
 
+    /// Streams the peer opened past [`MAX_STREAMS`], refused with a reset.
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total
+    }
+
     fn peer_open(&mut self, id: StreamId, name: &str) -> Result<(), StreamViolation> {
         let peer_parity = match self.side {
             Side::Agent => 0,
@@ -512,6 +521,7 @@ impl Streams {
                 return Err(StreamViolation::TooManyStreams);
             }
             self.refusals += 1;
+            self.refused_total += 1;
             self.control.push_back(Control::Refuse { id });
             return Ok(());
         }
@@ -939,6 +949,7 @@ mod tests {
             station.handle_frame(Frame::Open { id, name: "t" }).unwrap();
         }
         assert_eq!(station.len(), MAX_STREAMS);
+        assert_eq!(station.refused_total(), 1);
         let mut packet = Vec::new();
         station.fill(&mut packet, frame::MAX_PACKET, Instant::now(), Duration::from_millis(20));
         let frames: Vec<_> = Frames::new(&packet).map(Result::unwrap).collect();

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_lite::future;
 use smol::net::{TcpListener, TcpStream};
 
+use super::status::StreamRefusal;
 use super::{live_session, lock, peers, Error, Live, Shared};
 use crate::config::StationConfig;
 use crate::task::Scope;
@@ -161,6 +162,7 @@ async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<Rw
             spec.read().unwrap_or_else(|p| p.into_inner()).clone();
         if shared.draining.load(Ordering::Acquire) {
             log::info!("client {peer} on {addr}: the station is stopping; closed");
+            shared.counters.stream_refused(StreamRefusal::Stopping);
             continue;
         }
         let _ = socket.set_nodelay(true);
@@ -207,6 +209,7 @@ fn serve_here(shared: &Arc<Shared>, client: Client) {
     // Offline: dropping the socket closes the client at once, rather
     // than leaving it waiting for a device that may not come.
     let Some(live) = live_session(shared, &client.device) else {
+        shared.counters.stream_refused(StreamRefusal::DeviceOffline);
         let Client { peer, listener, device, service, .. } = client;
         log::warn!(
             "client {peer} on {listener}: device {device} is offline; \
@@ -214,13 +217,13 @@ fn serve_here(shared: &Arc<Shared>, client: Client) {
         );
         return;
     };
-    carry(&live, client);
+    carry(shared, &live, client);
 }
 
 /// Opens a stream to the client's service on `live`'s device and pumps
 /// the client through it; the session's scope owns the pump, so the
 /// client is closed when the session ends.
-pub(super) fn carry(live: &Arc<Live>, client: Client) {
+pub(super) fn carry(shared: &Shared, live: &Arc<Live>, client: Client) {
     let Client { socket, peer, listener, device, service } = client;
     // The client's address rides along for the agent's logs (who holds
     // a console); names cannot contain a newline, so it splits cleanly.
@@ -228,9 +231,13 @@ pub(super) fn carry(live: &Arc<Live>, client: Client) {
         Ok(id) => id,
         Err(e) => {
             log::warn!("client {peer} on {listener}: device {device}: {e}; closed");
+            // The service name is checked when the config is read, so
+            // the limit of open streams is what refuses here.
+            shared.counters.stream_refused(StreamRefusal::TooManyStreams);
             return;
         }
     };
+    shared.counters.streams_opened.fetch_add(1, Ordering::Relaxed);
     log::info!("client {peer} on {listener} -> device {device} service {service:?} (stream {id})");
     let opened = SystemTime::now();
     let session = live.clone();

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::{future, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
@@ -47,8 +47,10 @@ mod tls;
 use expose::{Bound, ExposeSpec, Exposes};
 use registry::{Held, Registry};
 use requests::{refuse_log, serve_connection, Via};
-pub use status::{render_metrics, render_status, ClusterStatus, DeviceStatus, Snapshot};
-use status::{Counters, LiveStatus, Totals};
+pub use status::{
+    render_metrics, render_status, ClusterStatus, DeviceStatus, ReloadTally, Reloads, Snapshot,
+};
+use status::{Counters, HandshakeRefusal, LiveStatus, StreamRefusal, Totals};
 
 /// Time a target has to accept a connection before the stream is refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -172,6 +174,7 @@ impl Live {
             rejected_packets: stats.rejected,
             carrier_connections: self.status.carrier_connections.load(Ordering::Relaxed),
             sessions: 1,
+            last_heard: self.status.last_seen(),
         }
     }
 }
@@ -186,6 +189,8 @@ struct Shared {
     roster: RwLock<Arc<Roster>>,
     sessions: Mutex<HashMap<SessionId, Arc<Live>>>,
     counters: Counters,
+    /// When the station was bound: its `process_start_time_seconds`.
+    started: SystemTime,
     unknown_logged: Mutex<HashSet<PublicKey>>,
     slots: Slots,
     handshakes: Mutex<HandshakeBudget>,
@@ -324,6 +329,7 @@ impl Station {
             keys: RwLock::new(StationKeys::of(&config)),
             sessions: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            started: SystemTime::now(),
             unknown_logged: Mutex::new(HashSet::new()),
             slots: Slots::new(config.max_connections),
             handshakes: Mutex::new(HandshakeBudget::new(Instant::now())),
@@ -494,11 +500,18 @@ impl Handle {
     /// lists and targets apply to new streams, expose listeners follow.
     /// No other session is touched. Returns what changed, one line each,
     /// including what only a restart applies; on error nothing changed.
+    /// Either way it is counted in `postern_reloads_total`.
     pub async fn reload(&self, config: StationConfig) -> Result<Vec<String>, Error> {
         let shared = &self.0;
         let specs = expose::specs(&config);
         // Binding is the step that can fail: do it before changing anything.
-        let bound = shared.exposes.bind_new(&specs).await?;
+        let bound = match shared.exposes.bind_new(&specs).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                shared.counters.reloaded(false);
+                return Err(e);
+            }
+        };
         let mut changes = shared.started_with.restart_needed(&Fixed::of(&config));
         changes.extend(shared.reload_keys(&config));
         changes.extend(shared.tls.reload(&config));
@@ -551,7 +564,14 @@ impl Handle {
             changes.push("[targets] changed (applies to new streams)".to_owned());
         }
         shared.exposes.apply(shared, &specs, bound);
+        shared.counters.reloaded(true);
         Ok(changes)
+    }
+
+    /// A reload that never reached [`Handle::reload`] (the new config could
+    /// not be read or parsed) is counted as refused, as one that did.
+    pub fn reload_failed(&self) {
+        self.0.counters.reloaded(false);
     }
 
     /// A graceful stop: no new sessions, streams or reverse clients; the
@@ -602,6 +622,7 @@ fn log_unknown_key(shared: &Shared, key: &PublicKey, peer: SocketAddr) {
         logged.clear();
     }
     shared.counters.unknown_keys.fetch_add(1, Ordering::Relaxed);
+    shared.counters.handshake_refused(HandshakeRefusal::UnknownKey);
     if logged.insert(*key) {
         log::warn!(
             "{peer}: unknown device key {} refused (full key {}); add it to [[devices]] to let it in",
@@ -630,6 +651,9 @@ async fn drive_session(
         let mut sessions = lock(&shared.sessions);
         if sessions.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, &live)) {
             sessions.remove(&live.id);
+            // Under the lock a scrape sums the live sessions' with.
+            let past_limit = live.tunnel.stats().streams_refused;
+            shared.counters.ended_past_limit.fetch_add(past_limit, Ordering::Relaxed);
         }
     }
     if let Some(registry) = &shared.registry {
@@ -641,8 +665,10 @@ async fn drive_session(
 
 async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
     let Incoming { id, name } = stream;
+    let counters = &shared.counters;
     if shared.draining.load(Ordering::Acquire) {
         log::info!("device {}: target {name:?} refused: the station is stopping", live.name);
+        counters.stream_refused(StreamRefusal::Stopping);
         live.tunnel.reset(id, "the station is stopping");
         return;
     }
@@ -651,22 +677,35 @@ async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
     let address = roster.targets.get(&name).filter(|_| allowed);
     let Some(address) = address else {
         log::warn!("device {}: target {name:?} refused: not in its allow list", live.name);
+        // The device is told the same either way: whether a name is a
+        // target is not its business.
+        counters.stream_refused(match roster.targets.contains_key(&name) {
+            true => StreamRefusal::NotAllowed,
+            false => StreamRefusal::UnknownTarget,
+        });
         live.tunnel.reset(id, &format!("target {name:?} is not allowed for this device"));
         return;
     };
-    let connect = async { TcpStream::connect(address.as_str()).await.map_err(|e| e.to_string()) };
+    let connect = async {
+        TcpStream::connect(address.as_str())
+            .await
+            .map_err(|e| (StreamRefusal::ConnectFailed, e.to_string()))
+    };
     let timeout = async {
         smol::Timer::after(CONNECT_TIMEOUT).await;
-        Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))
+        let why = format!("no answer within {} s", CONNECT_TIMEOUT.as_secs());
+        Err((StreamRefusal::ConnectTimeout, why))
     };
     match future::or(connect, timeout).await {
         Ok(socket) => {
             let _ = socket.set_nodelay(true);
             log::debug!("device {}: stream {id} to {name} ({address})", live.name);
+            counters.streams_opened.fetch_add(1, Ordering::Relaxed);
             live.tunnel.pump(id, socket).await;
         }
-        Err(e) => {
+        Err((refusal, e)) => {
             log::warn!("device {}: target {name} ({address}): {e}", live.name);
+            counters.stream_refused(refusal);
             live.tunnel.reset(id, &format!("target {name}: {e}"));
         }
     }

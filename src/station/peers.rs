@@ -378,7 +378,7 @@ pub(super) async fn serve_expose(
                         Link::Plain(socket) if early.is_empty() => {
                             let listener = format!("station {from}");
                             let client = Client { socket, peer: client, listener, device, service };
-                            expose::carry(&live, client);
+                            expose::carry(shared, &live, client);
                         }
                         _ => log::warn!("station {from}: bytes before the 101 of a relayed reverse connection; closed"),
                     }

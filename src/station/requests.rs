@@ -19,7 +19,7 @@ use futures_lite::future;
 use smol::net::TcpStream;
 
 use super::peers;
-use super::status::{LiveStatus, Shape};
+use super::status::{HandshakeRefusal, LiveStatus, Shape};
 use super::{confirm, drive_session, lock, log_unknown_key, log_unlogged_refusals, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
@@ -374,20 +374,19 @@ async fn hello(
     slot: &mut Slot,
 ) -> Result<Outcome, HttpError> {
     let msg = read_body(conn, head, MAX_HANDSHAKE as u64, HEAD_TIMEOUT).await?;
+    let counters = &shared.counters;
     if shared.draining.load(Ordering::Acquire) {
+        counters.handshake_refused(HandshakeRefusal::Stopping);
         return Ok(refuse(503, "the station is stopping"));
     }
     // The Diffie-Hellman work below is what strangers could make us do
     // for free: it is rationed.
-    if let Err(retry_after) = lock(&shared.handshakes).take(Instant::now()) {
-        return Ok(Outcome::Busy(retry_after));
+    if let Some(busy) = rationed(shared) {
+        return Ok(busy);
     }
     let responder = match shared.respond(&msg) {
         Ok(responder) => responder,
-        Err(e) => {
-            shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
-            return Ok(refuse(400, &format!("not a postern handshake: {e}")));
-        }
+        Err(e) => return Ok(not_a_handshake(shared, &e)),
     };
     let roster = shared.roster();
     let Some(device) = roster.device_of(&responder.device) else {
@@ -395,7 +394,8 @@ async fn hello(
         return Ok(Outcome::Refuse(403, None));
     };
     if let Some(refusal) = lock(&shared.clones).refusal(&device.name, Instant::now()) {
-        shared.counters.duplicate_keys.fetch_add(1, Ordering::Relaxed);
+        counters.duplicate_keys.fetch_add(1, Ordering::Relaxed);
+        counters.handshake_refused(HandshakeRefusal::DuplicateKey);
         if let Some([first, second]) = refusal.log {
             let show = |a: Option<SocketAddr>| a.map_or("?".to_owned(), |a| a.to_string());
             log::warn!(
@@ -411,6 +411,7 @@ async fn hello(
         return Ok(Outcome::Refuse(409, None));
     }
     if responder.session_id != session || lock(&shared.sessions).contains_key(&session) {
+        counters.handshake_refused(HandshakeRefusal::Malformed);
         return Ok(refuse(400, "handshake for a session id it does not own"));
     }
     let device_key = responder.device;
@@ -418,6 +419,7 @@ async fn hello(
         Ok(accepted) => accepted,
         Err(e) => {
             log::warn!("{peer}: handshake with device {} failed: {e}", device.name);
+            counters.handshake_refused(HandshakeRefusal::Malformed);
             return Ok(Outcome::Refuse(400, None));
         }
     };
@@ -433,7 +435,7 @@ async fn hello(
         status: LiveStatus::new(),
         peer,
     });
-    shared.counters.handshakes.fetch_add(1, Ordering::Relaxed);
+    counters.handshakes.fetch_add(1, Ordering::Relaxed);
     lock(&shared.sessions).insert(session, live.clone());
     // Recorded before the reply, so that the agent's next request finds
     // the session whichever station the balancer gives it to.
@@ -448,6 +450,20 @@ async fn hello(
     let task_shared = shared.clone();
     shared.scope.spawn(drive_session(task_shared, live, incoming));
     respond(conn, head.keep_alive, &reply).await
+}
+
+/// Takes a handshake from the budget, or the busy refusal to answer with.
+fn rationed(shared: &Shared) -> Option<Outcome> {
+    let retry_after = lock(&shared.handshakes).take(Instant::now()).err()?;
+    shared.counters.handshake_refused(HandshakeRefusal::Busy);
+    Some(Outcome::Busy(retry_after))
+}
+
+/// The refusal of a first handshake message no station key opens.
+fn not_a_handshake(shared: &Shared, e: &crate::crypto::CryptoError) -> Outcome {
+    shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
+    shared.counters.handshake_refused(HandshakeRefusal::Malformed);
+    refuse(400, &format!("not a postern handshake: {e}"))
 }
 
 /// The station's limits for a session whose hello is `head`: the keepalive
@@ -486,15 +502,12 @@ async fn rekey(
         Ok(_) => return Ok(refuse(403, "no authentic packet in the rekey body")),
         Err(e) => return Ok(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
     }
-    if let Err(retry_after) = lock(&shared.handshakes).take(Instant::now()) {
-        return Ok(Outcome::Busy(retry_after));
+    if let Some(busy) = rationed(shared) {
+        return Ok(busy);
     }
     let responder = match shared.respond(msg) {
         Ok(responder) => responder,
-        Err(e) => {
-            shared.counters.bad_handshakes.fetch_add(1, Ordering::Relaxed);
-            return Ok(refuse(400, &format!("not a postern handshake: {e}")));
-        }
+        Err(e) => return Ok(not_a_handshake(shared, &e)),
     };
     let roster = shared.roster();
     if roster.device_of(&responder.device).map(|d| &d.name) != Some(&live.name) {
@@ -504,15 +517,20 @@ async fn rekey(
             carrier::short(&session),
             responder.device.fingerprint()
         );
+        shared.counters.handshake_refused(HandshakeRefusal::UnknownKey);
         return Ok(Outcome::Refuse(403, None));
     }
     if responder.session_id != session {
+        shared.counters.handshake_refused(HandshakeRefusal::Malformed);
         return Ok(refuse(400, "rekey handshake for another session id"));
     }
     let device_key = responder.device;
     let (reply, transport) = match responder.accept() {
         Ok(accepted) => accepted,
-        Err(e) => return Ok(refuse(400, &format!("rekey handshake failed: {e}"))),
+        Err(e) => {
+            shared.counters.handshake_refused(HandshakeRefusal::Malformed);
+            return Ok(refuse(400, &format!("rekey handshake failed: {e}")));
+        }
     };
     live.tunnel.offer_keys(transport);
     *lock(&live.key) = device_key;

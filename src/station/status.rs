@@ -10,6 +10,10 @@
 //!
 //! Byte counts are stream bytes (what the device's and the server's
 //! processes wrote), not carrier bytes, so they match what was sent.
+//! Every counter is rendered from the start, at zero, each reason of a
+//! family included: an alert on `rate()` or `increase()` needs a series
+//! before the first event. The families and the alerts written on them are
+//! described in docs/MONITORING.md.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -46,13 +50,170 @@ pub(super) struct Counters {
     pub forwarded: AtomicU64,
     /// Reverse clients relayed to the station holding their device.
     pub relayed_clients: AtomicU64,
+    /// Streams connected to their target or exposed service.
+    pub streams_opened: AtomicU64,
+    streams_refused: Tally<{ StreamRefusal::ALL.len() }>,
+    /// Streams sessions that ended refused past the limit of open streams
+    /// (live sessions count theirs in `Tunnel::stats`); changed with the
+    /// sessions' lock held, so a scrape sees each refusal once.
+    pub ended_past_limit: AtomicU64,
+    handshake_refusals: Tally<{ HandshakeRefusal::ALL.len() }>,
+    reloads: Mutex<Reloads>,
 }
 
 impl Counters {
     pub(super) fn refused(&self, status: u16) {
         *lock(&self.rejected).entry(reason(status)).or_default() += 1;
     }
+
+    pub(super) fn stream_refused(&self, why: StreamRefusal) {
+        self.streams_refused.add(why as usize);
+    }
+
+    pub(super) fn handshake_refused(&self, why: HandshakeRefusal) {
+        self.handshake_refusals.add(why as usize);
+    }
+
+    /// A reload was applied (`true`) or refused, now.
+    pub(super) fn reloaded(&self, applied: bool) {
+        let mut reloads = lock(&self.reloads);
+        let tally = if applied { &mut reloads.successes } else { &mut reloads.failures };
+        tally.count += 1;
+        tally.last = Some(unix_millis(SystemTime::now()) as f64 / 1000.0);
+    }
 }
+
+/// One count per reason of a small fixed set, so each is rendered from
+/// the start.
+struct Tally<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for Tally<N> {
+    fn default() -> Self {
+        Tally(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> Tally<N> {
+    fn add(&self, index: usize) {
+        self.0[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read(&self, labels: [&'static str; N]) -> Vec<(&'static str, u64)> {
+        labels.into_iter().zip(&self.0).map(|(l, n)| (l, n.load(Ordering::Relaxed))).collect()
+    }
+}
+
+/// Why the station refused a stream: the reasons of
+/// `postern_streams_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamRefusal {
+    /// The device asked for a target its allow list does not name.
+    NotAllowed,
+    /// The device asked for a name that is no target in the config.
+    UnknownTarget,
+    /// The target's address refused the connection or could not be reached.
+    ConnectFailed,
+    /// The target did not accept within the station's connect timeout.
+    ConnectTimeout,
+    /// A graceful stop had begun.
+    Stopping,
+    /// A reverse client came for a device with no live session.
+    DeviceOffline,
+    /// The session had the most streams it may have open.
+    TooManyStreams,
+}
+
+impl StreamRefusal {
+    /// In declaration order: `why as usize` indexes this.
+    const ALL: [StreamRefusal; 7] = [
+        StreamRefusal::NotAllowed,
+        StreamRefusal::UnknownTarget,
+        StreamRefusal::ConnectFailed,
+        StreamRefusal::ConnectTimeout,
+        StreamRefusal::Stopping,
+        StreamRefusal::DeviceOffline,
+        StreamRefusal::TooManyStreams,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            StreamRefusal::NotAllowed => "not_allowed",
+            StreamRefusal::UnknownTarget => "unknown_target",
+            StreamRefusal::ConnectFailed => "connect_failed",
+            StreamRefusal::ConnectTimeout => "connect_timeout",
+            StreamRefusal::Stopping => "stopping",
+            StreamRefusal::DeviceOffline => "device_offline",
+            StreamRefusal::TooManyStreams => "too_many_streams",
+        }
+    }
+}
+
+/// Why the station refused a handshake (a new session's or a renewal's):
+/// the reasons of `postern_handshake_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HandshakeRefusal {
+    /// The handshake budget was spent: 503 with `Retry-After`.
+    Busy,
+    /// A graceful stop had begun.
+    Stopping,
+    /// Not a postern handshake, or one for a session id it does not own.
+    Malformed,
+    /// A key that is not (or no longer) one of the device's.
+    UnknownKey,
+    /// Two agents use the device's key; the newcomer is refused a while.
+    DuplicateKey,
+}
+
+impl HandshakeRefusal {
+    /// In declaration order: `why as usize` indexes this.
+    const ALL: [HandshakeRefusal; 5] = [
+        HandshakeRefusal::Busy,
+        HandshakeRefusal::Stopping,
+        HandshakeRefusal::Malformed,
+        HandshakeRefusal::UnknownKey,
+        HandshakeRefusal::DuplicateKey,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            HandshakeRefusal::Busy => "busy",
+            HandshakeRefusal::Stopping => "stopping",
+            HandshakeRefusal::Malformed => "malformed",
+            HandshakeRefusal::UnknownKey => "unknown_key",
+            HandshakeRefusal::DuplicateKey => "duplicate_key",
+        }
+    }
+}
+
+/// Reloads of one result: how many since the station started, and when
+/// the last one was.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ReloadTally {
+    pub count: u64,
+    /// Unix seconds of the last one; `None` before the first.
+    pub last: Option<f64>,
+}
+
+/// Reloads applied and refused.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Reloads {
+    pub successes: ReloadTally,
+    pub failures: ReloadTally,
+}
+
+/// Every label [`reason`] gives, so each is rendered from the start.
+const REJECT_REASONS: [&str; 10] = [
+    "malformed",
+    "not_authentic",
+    "not_found",
+    "method",
+    "duplicate_key",
+    "unknown_session",
+    "timeout",
+    "too_large",
+    "overload",
+    "other",
+];
 
 /// The label a refusal's status is counted under.
 fn reason(status: u16) -> &'static str {
@@ -70,7 +231,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Per-device sums.
+/// Per-device sums, and when the device was last heard from.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Totals {
     /// Stream bytes from the device (to targets and monitoring clients).
@@ -81,6 +242,8 @@ pub(super) struct Totals {
     pub rejected_packets: u64,
     pub carrier_connections: u64,
     pub sessions: u64,
+    /// Unix milliseconds of the last authentic packet; 0 if none.
+    pub last_heard: u64,
 }
 
 impl std::ops::AddAssign for Totals {
@@ -91,6 +254,7 @@ impl std::ops::AddAssign for Totals {
         self.rejected_packets += other.rejected_packets;
         self.carrier_connections += other.carrier_connections;
         self.sessions += other.sessions;
+        self.last_heard = self.last_heard.max(other.last_heard);
     }
 }
 
@@ -137,6 +301,11 @@ impl LiveStatus {
         self.shape.store(shape as u8, Ordering::Relaxed);
     }
 
+    /// Unix milliseconds of the last authentic packet (or of the handshake).
+    pub(super) fn last_seen(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
     fn shape(&self) -> Option<&'static str> {
         match self.shape.load(Ordering::Relaxed) {
             1 => Some("stream"),
@@ -159,6 +328,9 @@ pub struct DeviceStatus {
     pub connected_since: Option<f64>,
     /// Unix seconds of the last authentic packet of the live session.
     pub last_seen: Option<f64>,
+    /// Unix seconds of the last authentic packet of any session since the
+    /// station started, ended ones included; `None` if none.
+    pub last_heard: Option<f64>,
     pub carrier: Option<&'static str>,
     pub streams: usize,
     pub bytes_up: u64,
@@ -180,7 +352,17 @@ pub struct Snapshot {
     pub unknown_keys: u64,
     pub bad_handshakes: u64,
     pub duplicate_keys: u64,
+    /// Refused requests by reason, every reason present.
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Unix seconds the station started.
+    pub started: f64,
+    /// Streams connected to their target or exposed service.
+    pub streams_opened: u64,
+    /// Streams refused, by reason, every reason present.
+    pub streams_refused: Vec<(&'static str, u64)>,
+    /// Handshakes refused, by reason, every reason present.
+    pub handshake_refusals: Vec<(&'static str, u64)>,
+    pub reloads: Reloads,
     /// With `[cluster]`: the registry's state and the traffic passed on.
     pub cluster: Option<ClusterStatus>,
 }
@@ -209,6 +391,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
                 connected: live.is_some(),
                 connected_since: None,
                 last_seen: None,
+                last_heard: None,
                 carrier: None,
                 streams: 0,
                 bytes_up: 0,
@@ -220,9 +403,8 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
             };
             if let Some(live) = live {
                 totals += live.totals();
-                status.connected_since = Some(unix_millis(live.status.since) as f64 / 1000.0);
-                status.last_seen =
-                    Some(live.status.last_seen.load(Ordering::Relaxed) as f64 / 1000.0);
+                status.connected_since = Some(seconds(unix_millis(live.status.since)));
+                status.last_seen = Some(seconds(live.status.last_seen()));
                 status.carrier = live.status.shape();
                 status.streams = live.tunnel.stream_count();
             }
@@ -232,12 +414,24 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
             status.rejected_packets = totals.rejected_packets;
             status.carrier_connections = totals.carrier_connections;
             status.sessions = totals.sessions;
+            status.last_heard = (totals.last_heard > 0).then(|| seconds(totals.last_heard));
             status
         })
         .collect();
     devices.sort_by(|a, b| a.name.cmp(&b.name));
     let (strangers, proven) = shared.slots.counts();
     let counters = &shared.counters;
+    let mut streams_refused =
+        counters.streams_refused.read(StreamRefusal::ALL.map(StreamRefusal::label));
+    let past_limit = past_limit(shared);
+    for (label, count) in &mut streams_refused {
+        if *label == StreamRefusal::TooManyStreams.label() {
+            *count += past_limit;
+        }
+    }
+    let mut rejected: BTreeMap<&'static str, u64> =
+        REJECT_REASONS.iter().map(|reason| (*reason, 0)).collect();
+    rejected.extend(lock(&counters.rejected).iter());
     Snapshot {
         devices,
         sessions: lock(&shared.sessions).len(),
@@ -247,13 +441,32 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
         unknown_keys: counters.unknown_keys.load(Ordering::Relaxed),
         bad_handshakes: counters.bad_handshakes.load(Ordering::Relaxed),
         duplicate_keys: counters.duplicate_keys.load(Ordering::Relaxed),
-        rejected: lock(&counters.rejected).clone(),
+        rejected,
+        started: seconds(unix_millis(shared.started)),
+        streams_opened: counters.streams_opened.load(Ordering::Relaxed),
+        streams_refused,
+        handshake_refusals: counters
+            .handshake_refusals
+            .read(HandshakeRefusal::ALL.map(HandshakeRefusal::label)),
+        reloads: *lock(&counters.reloads),
         cluster: shared.registry.as_ref().map(|registry| ClusterStatus {
             store_up: registry.is_up(),
             forwarded_requests: counters.forwarded.load(Ordering::Relaxed),
             relayed_clients: counters.relayed_clients.load(Ordering::Relaxed),
         }),
     }
+}
+
+/// Streams that sessions refused past the limit of open streams: those
+/// that ended and those that live, read under one lock.
+fn past_limit(shared: &Shared) -> u64 {
+    let sessions = lock(&shared.sessions);
+    let live: u64 = sessions.values().map(|live| live.tunnel.stats().streams_refused).sum();
+    shared.counters.ended_past_limit.load(Ordering::Relaxed) + live
+}
+
+fn seconds(unix_millis: u64) -> f64 {
+    unix_millis as f64 / 1000.0
 }
 
 /// The Prometheus text exposition format, version 0.0.4.
@@ -266,12 +479,38 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         }
     };
     let one = |value: String| vec![(String::new(), value)];
+    let by = |name: &str, counts: &[(&str, u64)]| -> Vec<(String, String)> {
+        counts.iter().map(|(label, n)| (format!("{{{name}=\"{label}\"}}"), n.to_string())).collect()
+    };
+    // A time that has not happened yet is 0, as Prometheus' own
+    // `*_timestamp_seconds` gauges show it.
+    let time = |at: Option<f64>| at.map_or("0".to_owned(), |t| format!("{t:.3}"));
     let per_device = |value: &dyn Fn(&DeviceStatus) -> String| -> Vec<(String, String)> {
         snap.devices
             .iter()
             .map(|d| (format!("{{device=\"{}\"}}", label(&d.name)), value(d)))
             .collect()
     };
+    family(
+        "postern_build_info",
+        "gauge",
+        "The running build: its version, git commit and the cargo features built in; always 1.",
+        &[(
+            format!(
+                "{{version=\"{}\",commit=\"{}\",features=\"{}\"}}",
+                label(env!("CARGO_PKG_VERSION")),
+                label(crate::COMMIT),
+                label(&crate::FEATURES.join(","))
+            ),
+            "1".into(),
+        )],
+    );
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the station since the unix epoch in seconds.",
+        &one(time(Some(snap.started))),
+    );
     family(
         "postern_devices_configured",
         "gauge",
@@ -325,12 +564,44 @@ pub fn render_metrics(snap: &Snapshot) -> String {
             ("{kind=\"forged_or_replayed_packet\"}".into(), rejected_packets.to_string()),
         ],
     );
-    let rejected: Vec<(String, String)> = snap
-        .rejected
-        .iter()
-        .map(|(reason, count)| (format!("{{reason=\"{reason}\"}}"), count.to_string()))
-        .collect();
-    family("postern_rejected_requests_total", "counter", "Refused requests, by reason.", &rejected);
+    family(
+        "postern_handshake_refusals_total",
+        "counter",
+        "Handshakes (new sessions and key renewals) refused, by reason.",
+        &by("reason", &snap.handshake_refusals),
+    );
+    let rejected: Vec<(&str, u64)> = snap.rejected.iter().map(|(r, n)| (*r, *n)).collect();
+    family(
+        "postern_rejected_requests_total",
+        "counter",
+        "Refused requests, by reason.",
+        &by("reason", &rejected),
+    );
+    family(
+        "postern_streams_opened_total",
+        "counter",
+        "Streams connected to their target (opened by a device) or exposed service (opened for a reverse client).",
+        &one(snap.streams_opened.to_string()),
+    );
+    family(
+        "postern_streams_refused_total",
+        "counter",
+        "Streams refused, by reason.",
+        &by("reason", &snap.streams_refused),
+    );
+    let reloads = [("success", snap.reloads.successes), ("failure", snap.reloads.failures)];
+    family(
+        "postern_reloads_total",
+        "counter",
+        "Config reloads (SIGHUP) applied (success) or refused (failure).",
+        &by("result", &reloads.map(|(result, tally)| (result, tally.count))),
+    );
+    family(
+        "postern_last_reload_seconds",
+        "gauge",
+        "Unix time of the last config reload of each result; 0 if there was none.",
+        &reloads.map(|(result, tally)| (format!("{{result=\"{result}\"}}"), time(tally.last))),
+    );
     if let Some(cluster) = &snap.cluster {
         family(
             "postern_cluster_store_up",
@@ -388,6 +659,12 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         "gauge",
         "The carrier shape a connected device uses.",
         &carriers,
+    );
+    family(
+        "postern_device_last_heard_seconds",
+        "gauge",
+        "Unix time of the last authentic packet from the device, also after its session ended; 0 if none since the station started.",
+        &per_device(&|d| time(d.last_heard)),
     );
     family(
         "postern_device_streams",
@@ -540,6 +817,7 @@ mod tests {
                 connected: true,
                 connected_since: Some(1000.5),
                 last_seen: Some(1001.25),
+                last_heard: Some(1001.25),
                 carrier: Some("stream"),
                 streams: 2,
                 bytes_up: 16_777_216,
@@ -556,7 +834,15 @@ mod tests {
             unknown_keys: 5,
             bad_handshakes: 0,
             duplicate_keys: 0,
-            rejected: BTreeMap::from([("malformed", 7)]),
+            rejected: BTreeMap::from([("malformed", 7), ("overload", 0)]),
+            started: 999.5,
+            streams_opened: 11,
+            streams_refused: vec![("not_allowed", 0), ("connect_failed", 3)],
+            handshake_refusals: vec![("busy", 6), ("unknown_key", 5)],
+            reloads: Reloads {
+                successes: ReloadTally { count: 2, last: Some(1002.0) },
+                failures: ReloadTally { count: 0, last: None },
+            },
             cluster: Some(ClusterStatus {
                 store_up: true,
                 forwarded_requests: 9,
@@ -581,8 +867,58 @@ mod tests {
             "postern_cluster_store_up 1",
             "postern_cluster_forwarded_requests_total 9",
             "postern_cluster_relayed_clients_total 2",
+            "process_start_time_seconds 999.500",
+            "postern_device_last_heard_seconds{device=\"pump \\\"17\\\"\"} 1001.250",
+            "postern_streams_opened_total 11",
+            "postern_streams_refused_total{reason=\"not_allowed\"} 0",
+            "postern_streams_refused_total{reason=\"connect_failed\"} 3",
+            "postern_handshake_refusals_total{reason=\"busy\"} 6",
+            "postern_rejected_requests_total{reason=\"overload\"} 0",
+            "postern_reloads_total{result=\"success\"} 2",
+            "postern_reloads_total{result=\"failure\"} 0",
+            "postern_last_reload_seconds{result=\"success\"} 1002.000",
+            "postern_last_reload_seconds{result=\"failure\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        let build = format!(
+            "postern_build_info{{version=\"{}\",commit=\"{}\",features=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            crate::COMMIT,
+            crate::FEATURES.join(",")
+        );
+        assert!(text.lines().any(|l| l == build), "missing {build:?} in\n{text}");
+    }
+
+    /// A device never heard from since the station started has a 0
+    /// sample, so an alert on how long ago it was heard covers it too.
+    #[test]
+    fn a_device_never_heard_has_zero() {
+        let mut snap = sample();
+        snap.devices[0].last_heard = None;
+        let text = render_metrics(&snap);
+        let line = "postern_device_last_heard_seconds{device=\"pump \\\"17\\\"\"} 0";
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+
+    /// `why as usize` indexes the counts: the lists must be in
+    /// declaration order.
+    #[test]
+    fn reason_lists_are_in_declaration_order() {
+        for (i, why) in StreamRefusal::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, i, "{why:?}");
+        }
+        for (i, why) in HandshakeRefusal::ALL.iter().enumerate() {
+            assert_eq!(*why as usize, i, "{why:?}");
+        }
+        let tally = Tally::<{ StreamRefusal::ALL.len() }>::default();
+        tally.add(StreamRefusal::TooManyStreams as usize);
+        let read = tally.read(StreamRefusal::ALL.map(StreamRefusal::label));
+        assert_eq!(read.len(), 7);
+        assert_eq!(read[6], ("too_many_streams", 1));
+        assert!(read[..6].iter().all(|(_, n)| *n == 0), "{read:?}");
+        for status in [400, 403, 404, 405, 408, 409, 410, 413, 431, 503, 500] {
+            assert!(REJECT_REASONS.contains(&reason(status)), "{status}");
         }
     }
 

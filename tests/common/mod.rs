@@ -573,6 +573,12 @@ pub(crate) fn status_addr(station: &Proc) -> SocketAddr {
     line[from..to].parse().unwrap_or_else(|e| panic!("no address in {line:?}: {e}"))
 }
 
+/// The value of the sample named `series` (name and labels, as the
+/// station writes them) in a /metrics body, if it has one.
+pub(crate) fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// `GET path` on the status listener: (status line, body).
 pub(crate) fn status_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut socket = TcpStream::connect(addr).expect("connect to status");

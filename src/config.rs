@@ -247,6 +247,9 @@ pub struct AgentConfig {
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
     pub services: BTreeMap<String, Service>,
+    /// Where `GET /metrics`, `GET /status` and `GET /status.txt` (what
+    /// `postern status` prints) are served, if anywhere.
+    pub status: Option<SocketAddr>,
     // --- TLS (issue 15) ---
     /// How an https:// station's certificate is verified.
     pub tls: AgentTls,
@@ -577,6 +580,7 @@ struct RawAgent {
     /// would report any mistake as "did not match any variant".
     #[serde(default)]
     services: BTreeMap<String, toml::Value>,
+    status: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1184,6 +1188,18 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         services.insert(name, service);
     }
 
+    let status = match raw.status {
+        Some(text) => {
+            let address = socket_addr(&text).map_err(|r| fail("status", r))?;
+            let clash = listeners.get(&address).filter(|_| address.port() != 0);
+            if let Some(index) = clash {
+                return Err(fail("status", format!("{address} is also forward[{index}].listen")));
+            }
+            Some(address)
+        }
+        None => None,
+    };
+
     let tls = agent_tls(&station, raw.ca_file, &raw.tls_pin, file, base)?;
     let session_timeout = session_timeout(raw.session_timeout, file)?;
     // Unset, each is its default or a third of session_timeout if that is
@@ -1232,6 +1248,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         poll_hold,
         forwards,
         services,
+        status,
         tls,
     })
 }
@@ -2652,6 +2669,20 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
             "agent.toml",
         );
         assert_eq!(ephemeral.expect("two port-0 forwards do not clash").forwards.len(), 2);
+
+        // status is a listener too: head's top-level keys come before the tables.
+        let err = agent_err(&format!(
+            "status = \"127.0.0.1:1\"\n{head}[[forward]]\nlisten = \"127.0.0.1:1\"\ntarget = \"a\"\n"
+        ));
+        assert_err(&err, "status", "127.0.0.1:1 is also forward[0].listen");
+        let err = agent_err(&format!("status = \"9091\"\n{head}"));
+        assert_err(&err, "status", "unparseable address \"9091\"");
+        let status =
+            AgentConfig::parse(&format!("status = \"127.0.0.1:9091\"\n{head}"), "agent.toml");
+        assert_eq!(
+            status.expect("a status address").status,
+            Some("127.0.0.1:9091".parse().unwrap())
+        );
 
         let err = agent_err(&format!(
             "{head}[[forward]]\nserial = \"/dev/ttyS0\"\nbaud = 9600\ntarget = \"a\"\n\

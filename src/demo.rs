@@ -197,6 +197,7 @@ impl Lab {
                 target: "echo".to_owned(),
             }],
             services: BTreeMap::new(),
+            status: None,
             tls: AgentTls::default(),
         })
         .await?;

@@ -28,6 +28,8 @@ pub mod logger;
 pub mod notify;
 #[cfg(feature = "station")]
 pub mod station;
+#[cfg(any(feature = "agent", feature = "station"))]
+pub mod status;
 pub mod task;
 pub mod tunnel;
 

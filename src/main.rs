@@ -115,6 +115,20 @@ which it is; exits 1 with the reason when either would refuse it.
         notes: "",
     },
     Help {
+        name: "status",
+        usage: "postern status -c FILE.toml",
+        summary: "ask the running station or agent of FILE how it is doing",
+        about: "\
+Asks the status listener FILE names (status = \"ADDR\") for its summary:
+the agent's session, carrier and why, lanes, streams, bytes, reconnects,
+last error and when the station was last heard; the station's devices.
+The same figures are on that listener as /metrics (Prometheus) and
+/status (JSON).
+",
+        options: "  -c, --config FILE   the config the program runs with\n",
+        notes: "",
+    },
+    Help {
         name: "demo",
         usage: "postern demo [--once] [--carrier auto|stream|poll] [--bytes N]",
         summary: "station + agent + echo target on loopback, nothing to configure",
@@ -193,6 +207,7 @@ enum Command {
     Station(PathBuf),
     Agent(PathBuf),
     Check(PathBuf),
+    Status(PathBuf),
     /// `bytes: None` means the demo's default amount.
     Demo {
         once: bool,
@@ -328,6 +343,7 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
         "station" => Command::Station(needs_config("station")?),
         "agent" => Command::Agent(needs_config("agent")?),
         "check" => Command::Check(needs_config("check")?),
+        "status" => Command::Status(needs_config("status")?),
         "demo" => Command::Demo { once, carrier, bytes },
         other => return Err(Usage(format!("unknown command {other:?}"))),
     };
@@ -427,10 +443,45 @@ fn run(command: Command) -> Result<(), String> {
                 Ok(())
             }
         },
+        Command::Status(path) => status(&path),
         Command::Station(path) => station(path),
         Command::Agent(path) => agent(path),
         Command::Demo { once, carrier, bytes } => demo(once, carrier, bytes),
     }
+}
+
+/// Longest status summary read: a station's lists every device.
+const MAX_STATUS_BYTES: u64 = 16 << 20;
+
+/// Prints the summary of the running program whose config is `path`.
+fn status(path: &std::path::Path) -> Result<(), String> {
+    let addr = match config::load_any(path).map_err(|e| e.to_string())? {
+        config::AnyConfig::Station(station) => station.status,
+        config::AnyConfig::Agent(agent) => agent.status,
+    };
+    let Some(mut addr) = addr else {
+        return Err(format!(
+            "{} names no status listener; add status = \"127.0.0.1:9091\" and restart the \
+             program to ask it",
+            path.display()
+        ));
+    };
+    if addr.port() == 0 {
+        return Err(format!(
+            "{}: status = \"{addr}\" takes a port the system picks at start; name a fixed port \
+             to ask the program with postern status",
+            path.display()
+        ));
+    }
+    // Listening on every address includes loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let summary = postern::status::fetch(addr, "/status.txt", MAX_STATUS_BYTES)?;
+    print_line(summary.trim_end(), "the status")
 }
 
 /// Runs the station or agent as a task of smol's executor and waits for it.

@@ -215,6 +215,11 @@ impl Tunnel {
         self.lock().session.limits().idle_timeout
     }
 
+    /// When the peer was last heard from (an authentic packet).
+    pub fn last_heard(&self) -> Instant {
+        self.lock().session.last_received()
+    }
+
     /// How many of our packets the peer has acknowledged.
     pub fn acked(&self) -> u64 {
         self.lock().session.acked()

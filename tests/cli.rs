@@ -94,6 +94,7 @@ fn help_names_every_command() {
             "postern station -c FILE.toml",
             "postern agent -c FILE.toml",
             "postern check -c FILE.toml",
+            "postern status -c FILE.toml",
             "postern demo [--once]",
             "--version",
         ] {
@@ -129,12 +130,13 @@ fn version_is_the_crate_version_commit_and_features() {
 /// command's help, which names its own options and the common ones.
 #[test]
 fn each_command_has_its_own_help() {
-    let commands: [(&str, &str, &[&str]); 6] = [
+    let commands: [(&str, &str, &[&str]); 7] = [
         ("genkey", "Usage: postern genkey [-o FILE]\n", &["-o, --output FILE"]),
         ("pubkey", "Usage: postern pubkey < KEY\n", &["from stdin"]),
         ("station", "Usage: postern station -c FILE.toml\n", &["-c, --config", "SIGHUP"]),
         ("agent", "Usage: postern agent -c FILE.toml\n", &["-c, --config", "HTTP_PROXY"]),
         ("check", "Usage: postern check -c FILE.toml\n", &["-c, --config"]),
+        ("status", "Usage: postern status -c FILE.toml\n", &["-c, --config", "/metrics"]),
         ("demo", "Usage: postern demo [--once]", &["--carrier KIND", "--bytes N"]),
     ];
     for (name, first_line, mentions) in commands {

@@ -100,7 +100,8 @@ fn exposed(metrics: &str) -> BTreeSet<String> {
 /// A station with `[cluster]` (its store unreachable, so the cluster's
 /// families show) and one device connected over poll, scraped: what a
 /// Prometheus would see.
-fn live_scrape(dir: &TempDir) -> (common::Proc, common::Proc, String) {
+/// The agent's own `/metrics` comes last.
+fn live_scrape(dir: &TempDir) -> (common::Proc, common::Proc, String, String) {
     let echo = Server::echo();
     let keys = Keys::new();
     let devices = [("pump-17", keys.device.public_key(), &["echo"][..])];
@@ -111,21 +112,22 @@ fn live_scrape(dir: &TempDir) -> (common::Proc, common::Proc, String) {
     ));
     let (station, station_addr) = start_station(dir, &toml);
     let status = status_addr(&station);
-    let agent_toml = common::agent_toml(
+    let agent_toml = with_status(&common::agent_toml(
         station_addr,
         &keys.station.public_key(),
         &keys.device,
         "poll",
         &["echo"],
-    );
+    ));
     let (agent, _) = start_agent(dir, "agent", &agent_toml, &["echo"]);
     agent.wait_log(&["connected to the station"]);
+    let agent_metrics = status_get(status_addr(&agent), "/metrics").1;
     let mut metrics = String::new();
     common::wait_until("the device's poll carrier in /metrics", common::LOG_WAIT, || {
         metrics = status_get(status, "/metrics").1;
         metrics.contains("postern_device_carrier{device=\"pump-17\",kind=\"poll\"} 1")
     });
-    (station, agent, metrics)
+    (station, agent, metrics, agent_metrics)
 }
 
 #[test]
@@ -240,9 +242,15 @@ tests:
 #[test]
 fn a_live_scrape_passes_promtool_and_has_every_metric_the_rules_and_dashboard_use() {
     let dir = TempDir::new("monitoring");
-    let (_station, _agent, metrics) = live_scrape(&dir);
-    let (ok, out) = run_promtool(&["check", "metrics"], &metrics);
-    assert!(ok && out.trim().is_empty(), "promtool check metrics:\n{out}\non\n{metrics}");
+    let (_station, _agent, metrics, agent_metrics) = live_scrape(&dir);
+    for scrape in [&metrics, &agent_metrics] {
+        let (ok, out) = run_promtool(&["check", "metrics"], scrape);
+        assert!(ok && out.trim().is_empty(), "promtool check metrics:\n{out}\non\n{scrape}");
+    }
+    assert!(
+        agent_metrics.contains("\npostern_agent_carrier{kind=\"poll\"} 1\n"),
+        "{agent_metrics}"
+    );
 
     let have = exposed(&metrics);
     let rules = std::fs::read_to_string(RULES).expect("read the rules");

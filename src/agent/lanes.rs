@@ -95,6 +95,8 @@ struct LaneCtx {
 pub(super) struct ShapeMemory {
     /// `auto` found that stream does not pass this path.
     fell_back: AtomicBool,
+    /// What `auto` saw when it fell back, for `postern status`.
+    why: Mutex<Option<String>>,
     /// Seconds a poll request may be held: `poll_hold`, shorter once a
     /// path cut held requests.
     poll_wait: AtomicU64,
@@ -104,6 +106,7 @@ impl ShapeMemory {
     pub(super) fn new(poll_hold: Duration) -> ShapeMemory {
         ShapeMemory {
             fell_back: AtomicBool::new(false),
+            why: Mutex::new(None),
             poll_wait: AtomicU64::new(poll_hold.as_secs().max(1)),
         }
     }
@@ -115,6 +118,19 @@ impl ShapeMemory {
             CarrierKind::Poll => "poll",
             CarrierKind::Auto if self.fell_back.load(Ordering::Relaxed) => "auto (poll)",
             CarrierKind::Auto => "auto (stream)",
+        }
+    }
+
+    /// Why `auto` uses poll, once it fell back.
+    pub(super) fn why(&self) -> Option<String> {
+        lock(&self.why).clone()
+    }
+
+    /// The lanes the shape in use runs.
+    pub(super) fn lanes(&self, configured: CarrierKind) -> &'static str {
+        match self.describe(configured) {
+            "stream" | "auto (stream)" => "up + down",
+            _ => "push + poll",
         }
     }
 
@@ -155,17 +171,25 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             Verdict::Closed => return,
             Verdict::PathBuffers(what) if ctx.shared.carrier == CarrierKind::Auto => {
                 log::warn!("carrier auto: {what}; switching to poll for as long as the agent runs");
+                ctx.shared.record.error(format!("carrier auto: {what}"));
+                *lock(&ctx.shared.shape.why) = Some(what.to_string());
                 ctx.shared.shape.fell_back.store(true, Ordering::Relaxed);
                 continue;
             }
-            Verdict::PathBuffers(what) => log::warn!(
-                "carrier stream: {what}; reconnecting in {:.1} s (carrier = \"auto\" or \"poll\" passes such paths)",
-                delay.as_secs_f32()
-            ),
-            Verdict::Dead(what) => log::warn!(
-                "stream lanes: {what}; reconnecting them in {:.1} s",
-                delay.as_secs_f32()
-            ),
+            Verdict::PathBuffers(what) => {
+                log::warn!(
+                    "carrier stream: {what}; reconnecting in {:.1} s (carrier = \"auto\" or \"poll\" passes such paths)",
+                    delay.as_secs_f32()
+                );
+                ctx.shared.record.error(format!("carrier stream: {what}"));
+            }
+            Verdict::Dead(what) => {
+                log::warn!(
+                    "stream lanes: {what}; reconnecting them in {:.1} s",
+                    delay.as_secs_f32()
+                );
+                ctx.shared.record.error(format!("stream lanes: {what}"));
+            }
         }
         smol::Timer::after(delay).await;
     }
@@ -249,6 +273,7 @@ async fn lane_loop(ctx: LaneCtx, verb: Verb, watch: Option<Arc<StreamWatch>>) {
                     verb.as_str(),
                     delay.as_secs_f32()
                 );
+                ctx.shared.record.error(format!("{} lane: {e}", verb.as_str()));
                 smol::Timer::after(delay).await;
             }
             Ok(()) => {}

@@ -18,6 +18,7 @@ mod egress;
 mod lanes;
 pub mod proxy_auth;
 mod serial;
+mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -52,9 +53,6 @@ const SESSION_WAIT: Duration = Duration::from_secs(10);
 /// take every stream from the other forwards.
 const MAX_STREAMS_PER_FORWARD: usize = MAX_STREAMS / 4;
 
-/// How often the agent logs a status line at info level.
-const STATUS_EVERY: Duration = Duration::from_secs(300);
-
 /// Shortest time between two log lines about a forward at its bound.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -64,6 +62,8 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 pub enum Error {
     #[error("forward to {target}: cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, target: String, source: std::io::Error },
+    #[error("cannot serve status on {addr}: {source}")]
+    Status { addr: SocketAddr, source: std::io::Error },
 }
 
 /// The agent's own key and the station keys it pins; a reload (key
@@ -91,6 +91,8 @@ struct Shared {
     changed: Notify,
     /// Carrier connections that failed and were made again.
     reconnects: AtomicU64,
+    /// Sessions, totals and the last error, for the status.
+    record: status::Record,
     /// A graceful stop began: no new local connections or streams.
     draining: AtomicBool,
 }
@@ -137,6 +139,8 @@ pub struct Agent {
     /// Forward serial lines and their targets; opened when the agent runs,
     /// since a missing device node must not stop the agent.
     lines: Vec<(Arc<serial::Line>, String)>,
+    /// The `status` listener, if the config asks for one.
+    status: Option<TcpListener>,
 }
 
 impl Agent {
@@ -171,6 +175,12 @@ impl Agent {
                 }
             }
         }
+        let status = match config.status {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.map_err(|source| Error::Status { addr, source })?,
+            ),
+            None => None,
+        };
         let shared = Shared {
             client: Client::new(config.station, proxy, &config.tls),
             keys: Mutex::new(Keys {
@@ -186,9 +196,10 @@ impl Agent {
             current: Mutex::new(None),
             changed: Notify::new(),
             reconnects: AtomicU64::new(0),
+            record: status::Record::new(),
             draining: AtomicBool::new(false),
         };
-        Ok(Agent { shared: Arc::new(shared), forwards, lines })
+        Ok(Agent { shared: Arc::new(shared), forwards, lines, status })
     }
 
     /// Local addresses of the forward listeners, in config order.
@@ -212,7 +223,10 @@ impl Agent {
             scope.spawn(serial::keep_line(line.clone()));
             scope.spawn(serial::carry_line(self.shared.clone(), line, target));
         }
-        scope.spawn(report_status(self.shared.clone()));
+        if let Some(listener) = self.status {
+            scope.spawn(status::serve(self.shared.clone(), listener));
+        }
+        scope.spawn(status::report(self.shared.clone()));
         keep_session(&self.shared).await;
     }
 }
@@ -266,33 +280,6 @@ async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, t
             tunnel.pump(id, socket).await;
         }
         Err(e) => log::warn!("{peer} -> {target}: {e}; closing the connection"),
-    }
-}
-
-/// Logs a status line every [`STATUS_EVERY`]: what an operator reading
-/// the journal wants to know without debug logging.
-async fn report_status(shared: Arc<Shared>) {
-    loop {
-        smol::Timer::after(STATUS_EVERY).await;
-        let reconnects = shared.reconnects.load(Ordering::Relaxed);
-        match shared.tunnel() {
-            Some(tunnel) => {
-                let stats = tunnel.stats();
-                log::info!(
-                    "status: connected via {}, carrier {}, {} streams open, {} bytes sent and \
-                     {} received this session, {} packets resent, {reconnects} carrier reconnects",
-                    shared.client.describe(),
-                    shared.shape.describe(shared.carrier),
-                    tunnel.stream_count(),
-                    stats.stream_out,
-                    stats.stream_in,
-                    stats.resent,
-                )
-            }
-            None => log::info!(
-                "status: no session with the station; {reconnects} carrier reconnects so far"
-            ),
-        }
     }
 }
 
@@ -385,9 +372,11 @@ async fn keep_session(shared: &Arc<Shared>) {
                     carrier::short(&session),
                     shared.carrier
                 );
+                shared.record.session_began(carrier::short(&session));
                 shared.set_current(Some((tunnel.clone(), session)));
                 let reason = run_session(shared, &tunnel, session, incoming).await;
                 shared.set_current(None);
+                shared.record.session_ended(&tunnel.stats());
                 if shared.draining.load(Ordering::Acquire) {
                     log::info!(
                         "session {} closed: the agent is stopping",
@@ -395,6 +384,7 @@ async fn keep_session(shared: &Arc<Shared>) {
                     );
                 } else {
                     log::warn!("session {} ended: {reason}", carrier::short(&session));
+                    shared.record.error(format!("session ended: {reason}"));
                 }
             }
             Err(e) => {
@@ -407,6 +397,7 @@ async fn keep_session(shared: &Arc<Shared>) {
                     _ => backoff.delay(),
                 };
                 log::warn!("cannot start a session: {e}; retrying in {:.1} s", delay.as_secs_f32());
+                shared.record.error(format!("cannot start a session: {e}"));
                 smol::Timer::after(delay).await;
             }
         }

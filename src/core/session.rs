@@ -271,6 +271,13 @@ impl Session {
         self.waiting_since
     }
 
+    /// When the last authentic packet from the peer arrived (the start,
+    /// before any).
+    #[must_use]
+    pub fn last_received(&self) -> Instant {
+        self.last_received
+    }
+
     /// The timing and room this session runs with.
     #[must_use]
     pub fn limits(&self) -> &Limits {

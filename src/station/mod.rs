@@ -48,7 +48,8 @@ use expose::{Bound, ExposeSpec, Exposes};
 use registry::{Held, Registry};
 use requests::{refuse_log, serve_connection, Via};
 pub use status::{
-    render_metrics, render_status, ClusterStatus, DeviceStatus, ReloadTally, Reloads, Snapshot,
+    render_metrics, render_status, render_text, ClusterStatus, DeviceStatus, ReloadTally, Reloads,
+    Snapshot,
 };
 use status::{Counters, HandshakeRefusal, LiveStatus, StreamRefusal, Totals};
 

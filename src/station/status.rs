@@ -21,18 +21,10 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use smol::net::{TcpListener, TcpStream};
+use smol::net::TcpListener;
 
 use super::{live_sessions, lock, Shared};
-use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
-use crate::carrier::http::{self, BodyKind};
-use crate::task::Scope;
-
-/// Time a status client has to send its request.
-const STATUS_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Status requests served at once; scrapers need one or two.
-const MAX_STATUS_CLIENTS: usize = 16;
+use crate::status::{ago, json_string, label, unix_seconds, Exposition, Pages};
 
 /// Station-wide counters, bumped where things happen.
 #[derive(Default)]
@@ -471,12 +463,11 @@ fn seconds(unix_millis: u64) -> f64 {
 
 /// The Prometheus text exposition format, version 0.0.4.
 pub fn render_metrics(snap: &Snapshot) -> String {
-    let mut out = String::new();
+    let mut out = Exposition::default();
+    out.build_info("postern_build_info");
+    out.start_time("station", snap.started);
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
+        out.family(name, kind, help, samples)
     };
     let one = |value: String| vec![(String::new(), value)];
     let by = |name: &str, counts: &[(&str, u64)]| -> Vec<(String, String)> {
@@ -491,26 +482,6 @@ pub fn render_metrics(snap: &Snapshot) -> String {
             .map(|d| (format!("{{device=\"{}\"}}", label(&d.name)), value(d)))
             .collect()
     };
-    family(
-        "postern_build_info",
-        "gauge",
-        "The running build: its version, git commit and the cargo features built in; always 1.",
-        &[(
-            format!(
-                "{{version=\"{}\",commit=\"{}\",features=\"{}\"}}",
-                label(env!("CARGO_PKG_VERSION")),
-                label(crate::COMMIT),
-                label(&crate::FEATURES.join(","))
-            ),
-            "1".into(),
-        )],
-    );
-    family(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the station since the unix epoch in seconds.",
-        &one(time(Some(snap.started))),
-    );
     family(
         "postern_devices_configured",
         "gauge",
@@ -690,7 +661,7 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         "Sessions the device started.",
         &per_device(&|d| d.sessions.to_string()),
     );
-    out
+    out.finish()
 }
 
 /// `{"devices":[...], ...}`, one object per configured device.
@@ -727,83 +698,51 @@ pub fn render_status(snap: &Snapshot) -> String {
     out
 }
 
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn label(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The station's lines for `postern status`: one per configured device.
+pub fn render_text(snap: &Snapshot, now: f64) -> String {
+    let connected = snap.devices.iter().filter(|d| d.connected).count();
+    let mut out = format!(
+        "station: {connected} of {} devices connected, {} sessions, {} carrier connections\n",
+        snap.devices.len(),
+        snap.sessions,
+        snap.connections_devices + snap.connections_strangers
+    );
+    for d in &snap.devices {
+        let heard = match d.last_heard {
+            Some(at) if at > 0.0 => format!("heard {} ago", ago(now - at)),
+            _ => "not heard since the station started".to_owned(),
+        };
+        let state = match (d.connected, d.carrier) {
+            (true, Some(carrier)) => format!("connected ({carrier})"),
+            (true, None) => "connected".to_owned(),
+            (false, _) => "offline".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {state}, {heard}, {} streams, {} bytes up, {} down",
+            d.name, d.streams, d.bytes_up, d.bytes_down
+        );
+    }
+    out
 }
 
-fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
+impl Pages for Snapshot {
+    fn metrics(&self) -> String {
+        render_metrics(self)
     }
-    out.push('"');
-    out
+
+    fn json(&self) -> String {
+        render_status(self)
+    }
+
+    fn text(&self) -> String {
+        render_text(self, unix_seconds(SystemTime::now()))
+    }
 }
 
 /// Serves the status pages until the station's scope stops.
 pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    log::info!("status on http://{addr}/metrics and http://{addr}/status");
-    let clients = Scope::new();
-    let open = Arc::new(AtomicU64::new(0));
-    loop {
-        let Ok((socket, _)) = listener.accept().await else {
-            smol::Timer::after(Duration::from_millis(100)).await;
-            continue;
-        };
-        if open.load(Ordering::Acquire) >= MAX_STATUS_CLIENTS as u64 {
-            continue;
-        }
-        open.fetch_add(1, Ordering::AcqRel);
-        let (shared, open) = (shared.clone(), open.clone());
-        clients.spawn(async move {
-            answer(&shared, socket).await;
-            open.fetch_sub(1, Ordering::AcqRel);
-        });
-    }
-}
-
-async fn answer(shared: &Shared, socket: TcpStream) {
-    let mut conn = HttpConn::with_capacity(socket, MIN_READ_BUF_BYTES);
-    let request =
-        futures_lite::future::or(async { conn.read_request().await.ok().flatten() }, async {
-            smol::Timer::after(STATUS_HEAD_TIMEOUT).await;
-            None
-        })
-        .await;
-    let Some(head) = request else { return };
-    let path = head.target.split('?').next().unwrap_or("");
-    let (content_type, body) = match (head.method.as_str(), path) {
-        ("GET", "/metrics") => {
-            ("text/plain; version=0.0.4; charset=utf-8", render_metrics(&snapshot(shared)))
-        }
-        ("GET", "/status") => ("application/json", render_status(&snapshot(shared))),
-        _ => {
-            let _ = conn.write_all(&http::unmarked_error_response(404)).await;
-            return;
-        }
-    };
-    let mut out = Vec::with_capacity(body.len() + 200);
-    let headers = [("Content-Type", content_type), ("Cache-Control", "no-store")];
-    http::write_response_head(
-        &mut out,
-        200,
-        "OK",
-        &headers,
-        BodyKind::Length(body.len() as u64),
-        false,
-    );
-    out.extend_from_slice(body.as_bytes());
-    let _ = conn.write_all(&out).await;
+    crate::status::serve(listener, move || snapshot(&shared)).await;
 }
 
 #[cfg(test)]

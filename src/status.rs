@@ -1,0 +1,266 @@
+//! The status listener both programs may open (`status = "ADDR"`): what
+//! an operator, Prometheus and `postern status` ask a running station or
+//! agent. Each program renders its own pages; this is the HTTP face they
+//! share and the formats' escaping.
+//!
+//! ```text
+//!  GET /metrics     Prometheus text 0.0.4    (scrapers, alert rules)
+//!  GET /status      JSON                     (scripts)
+//!  GET /status.txt  lines for people         (postern status)
+//!  anything else    404
+//! ```
+//!
+//! Meant for loopback or a private network: nothing here is authenticated.
+//! A client gets [`HEAD_TIMEOUT`] to send its request and one answer, and
+//! at most [`MAX_CLIENTS`] are served at once.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use smol::net::{TcpListener, TcpStream};
+
+use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
+use crate::carrier::http::{self, BodyKind};
+use crate::task::Scope;
+
+/// Time a status client has to send its request.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Status requests served at once; scrapers need one or two.
+const MAX_CLIENTS: usize = 16;
+
+/// The pages a status listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Page {
+    Metrics,
+    Json,
+    Text,
+}
+
+impl Page {
+    fn of(path: &str) -> Option<Page> {
+        match path {
+            "/metrics" => Some(Page::Metrics),
+            "/status" => Some(Page::Json),
+            "/status.txt" => Some(Page::Text),
+            _ => None,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Page::Metrics => "text/plain; version=0.0.4; charset=utf-8",
+            Page::Json => "application/json",
+            Page::Text => "text/plain; charset=utf-8",
+        }
+    }
+}
+
+/// What a program's status snapshot renders, one method per page.
+pub(crate) trait Pages {
+    /// Prometheus text.
+    fn metrics(&self) -> String;
+    fn json(&self) -> String;
+    /// Lines for people: what `postern status` prints.
+    fn text(&self) -> String;
+}
+
+/// Serves the pages of a fresh `snapshot()` per request on `listener`
+/// until the future is dropped.
+pub(crate) async fn serve<S, F>(listener: TcpListener, snapshot: F)
+where
+    S: Pages,
+    F: Fn() -> S + Send + Sync + 'static,
+{
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    log::info!("status on http://{addr}/metrics and http://{addr}/status");
+    let render = Arc::new(move |page: Page| {
+        let snap = snapshot();
+        match page {
+            Page::Metrics => snap.metrics(),
+            Page::Json => snap.json(),
+            Page::Text => snap.text(),
+        }
+    });
+    let clients = Scope::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            smol::Timer::after(Duration::from_millis(100)).await;
+            continue;
+        };
+        if open.load(Ordering::Acquire) >= MAX_CLIENTS {
+            continue;
+        }
+        open.fetch_add(1, Ordering::AcqRel);
+        let (render, open) = (render.clone(), open.clone());
+        clients.spawn(async move {
+            answer(socket, &*render).await;
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn answer(socket: TcpStream, render: &(dyn Fn(Page) -> String + Send + Sync)) {
+    let mut conn = HttpConn::with_capacity(socket, MIN_READ_BUF_BYTES);
+    let request =
+        crate::task::within(HEAD_TIMEOUT, || (), async { conn.read_request().await.map_err(drop) })
+            .await;
+    let Ok(Some(head)) = request else { return };
+    let path = head.target.split('?').next().unwrap_or("");
+    let page = match (head.method.as_str(), Page::of(path)) {
+        ("GET", Some(page)) => page,
+        _ => {
+            let _ = conn.write_all(&http::unmarked_error_response(404)).await;
+            return;
+        }
+    };
+    let body = render(page);
+    let mut out = Vec::with_capacity(body.len() + 200);
+    let headers = [("Content-Type", page.content_type()), ("Cache-Control", "no-store")];
+    http::write_response_head(
+        &mut out,
+        200,
+        "OK",
+        &headers,
+        BodyKind::Length(body.len() as u64),
+        false,
+    );
+    out.extend_from_slice(body.as_bytes());
+    let _ = conn.write_all(&out).await;
+}
+
+/// Fetches `path` from a status listener at `addr`: what `postern status`
+/// prints. The answer is read up to `limit` bytes.
+pub fn fetch(addr: SocketAddr, path: &str, limit: u64) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut socket = std::net::TcpStream::connect_timeout(&addr, HEAD_TIMEOUT)
+        .map_err(|e| format!("cannot reach the status listener at {addr}: {e}"))?;
+    let io = |e: std::io::Error| format!("status listener at {addr}: {e}");
+    socket.set_read_timeout(Some(HEAD_TIMEOUT)).map_err(io)?;
+    write!(socket, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .map_err(io)?;
+    let mut answer = Vec::new();
+    socket.take(limit).read_to_end(&mut answer).map_err(io)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("status listener at {addr}: no HTTP answer"))?;
+    let status = head.lines().next().unwrap_or("");
+    if !status.starts_with("HTTP/1.1 200 ") {
+        return Err(format!("status listener at {addr} answered {status:?} for {path}"));
+    }
+    Ok(body.to_owned())
+}
+
+/// Writes Prometheus text: one family at a time, HELP and TYPE first.
+#[derive(Default)]
+pub(crate) struct Exposition(String);
+
+impl Exposition {
+    /// A family with `samples` of (labels as `{a="b"}` or empty, value).
+    pub(crate) fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: &[(String, String)],
+    ) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(self.0, "{name}{labels} {value}");
+        }
+    }
+
+    /// A family of one unlabelled sample.
+    pub(crate) fn one(&mut self, name: &str, kind: &str, help: &str, value: impl ToString) {
+        self.family(name, kind, help, &[(String::new(), value.to_string())]);
+    }
+
+    /// `NAME{version,commit,features} 1`: which build answers.
+    pub(crate) fn build_info(&mut self, name: &str) {
+        let labels = format!(
+            "{{version=\"{}\",commit=\"{}\",features=\"{}\"}}",
+            label(env!("CARGO_PKG_VERSION")),
+            label(crate::COMMIT),
+            label(&crate::FEATURES.join(","))
+        );
+        self.family(
+            name,
+            "gauge",
+            "The running build: its version, git commit and the cargo features built in; always 1.",
+            &[(labels, "1".into())],
+        );
+    }
+
+    /// `process_start_time_seconds`, the name client libraries use.
+    pub(crate) fn start_time(&mut self, program: &str, started: f64) {
+        let help = format!("Start time of the {program} since the unix epoch in seconds.");
+        self.one("process_start_time_seconds", "gauge", &help, format!("{started:.3}"));
+    }
+
+    pub(crate) fn finish(self) -> String {
+        self.0
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+pub(crate) fn label(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// A JSON string literal of `text`.
+pub(crate) fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A duration for people: `42 s`, `7 min`, `3 h`, `2 d`.
+pub(crate) fn ago(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
+}
+
+/// Seconds since the unix epoch, as Prometheus timestamps are given.
+pub(crate) fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(json_string("a\"b\\c\u{1}"), "\"a\\\"b\\\\c\\u0001\"");
+    }
+
+    #[test]
+    fn pages_by_path() {
+        assert_eq!(Page::of("/metrics"), Some(Page::Metrics));
+        assert_eq!(Page::of("/status"), Some(Page::Json));
+        assert_eq!(Page::of("/status.txt"), Some(Page::Text));
+        assert_eq!(Page::of("/"), None);
+    }
+}

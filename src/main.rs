@@ -98,8 +98,10 @@ lists, and serves its services to the station.
         notes: "\
 Environment: HTTP_PROXY/http_proxy (HTTPS_PROXY/https_proxy for an
 https:// station), honouring NO_PROXY, when FILE names no proxy.
-Signals: SIGHUP rereads the keys in FILE (key rotation); SIGTERM and SIGINT
-stop, giving open streams 10 s to finish. Under a Type=notify unit it
+Signals: SIGHUP rereads FILE: forwards, services and keys apply at once,
+untouched streams carry on, other changes are named as needing a
+restart, and a refused config leaves the running one in place; SIGTERM
+and SIGINT stop, giving open streams 10 s to finish. Under a Type=notify unit it
 reports READY=1, RELOADING=1, STOPPING=1 and WATCHDOG=1.
 ",
     },
@@ -526,21 +528,27 @@ fn station(path: PathBuf) -> Result<(), String> {
                         Err(e.to_string())
                     }
                 };
-                match reloaded {
-                    Ok(changes) if changes.is_empty() => log::info!("reloaded: nothing changed"),
-                    Ok(changes) => {
-                        for change in changes {
-                            log::info!("reloaded: {change}");
-                        }
-                    }
-                    Err(e) => log::error!("reload refused, the running config stays: {e}"),
-                }
+                log_reload(reloaded);
                 notifier.ready();
             }
         };
         future::or(future::or(station.run(), notifier.keep_watchdog()), control).await;
         Ok(())
     })
+}
+
+/// The log lines of a SIGHUP: what changed, or why nothing did.
+#[cfg(any(feature = "agent", feature = "station"))]
+fn log_reload(reloaded: Result<Vec<String>, String>) {
+    match reloaded {
+        Ok(changes) if changes.is_empty() => log::info!("reloaded: nothing changed"),
+        Ok(changes) => {
+            for change in changes {
+                log::info!("reloaded: {change}");
+            }
+        }
+        Err(e) => log::error!("reload refused, the running config stays: {e}"),
+    }
 }
 
 /// Time streams get to finish after SIGTERM before they are closed.
@@ -574,23 +582,16 @@ fn agent(path: PathBuf) -> Result<(), String> {
             while let Some(Ok(signal)) = signals.next().await {
                 if signal == Signal::Hup {
                     notifier.reloading();
-                    log::info!("SIGHUP: reloading the keys of {}", path.display());
-                    match config::AgentConfig::load(&path) {
-                        Ok(config) => {
-                            let changes = handle.reload_keys(&config).await;
-                            if changes.is_empty() {
-                                log::info!("reloaded: the keys did not change");
-                            }
-                            for change in changes {
-                                log::info!("reloaded: {change}");
-                            }
-                            log::info!(
-                                "reloaded: only keys apply on SIGHUP; restart the agent for \
-                                 other changes"
-                            );
-                        }
-                        Err(e) => log::error!("reload refused, the running config stays: {e}"),
-                    }
+                    log::info!("SIGHUP: reloading {}", path.display());
+                    let loaded = config::AgentConfig::load(&path).map_err(|e| e.to_string());
+                    let reloaded = match loaded.and_then(|mut config| {
+                        config.proxy = config::agent_proxy(&config).map_err(|e| e.to_string())?;
+                        Ok(config)
+                    }) {
+                        Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    log_reload(reloaded);
                     notifier.ready();
                     continue;
                 }

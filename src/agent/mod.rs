@@ -15,6 +15,7 @@
 
 mod client;
 mod egress;
+mod forwards;
 mod lanes;
 pub mod proxy_auth;
 mod serial;
@@ -31,7 +32,7 @@ use futures_lite::future;
 use smol::net::{TcpListener, TcpStream};
 
 use crate::carrier::{self, Verb};
-use crate::config::{AgentConfig, CarrierKind, ForwardSource, Service};
+use crate::config::{AgentConfig, CarrierKind, Service};
 use crate::core::session::Limits;
 use crate::core::streams::{Side, MAX_STREAMS};
 use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
@@ -82,7 +83,12 @@ struct Shared {
     carrier: CarrierKind,
     /// What `auto` learnt of the path, kept across sessions.
     shape: lanes::ShapeMemory,
-    services: BTreeMap<String, Service>,
+    /// The config's services; a reload swaps the map.
+    services: Mutex<Arc<BTreeMap<String, Service>>>,
+    /// The forwards as they run; a reload changes them.
+    forwards: Mutex<forwards::Running>,
+    /// The config as last applied, for what a reload cannot change.
+    applied: Mutex<AgentConfig>,
     /// Serial services in use now, by service name.
     consoles: Mutex<HashMap<String, serial::Holder>>,
     limits: Limits,
@@ -135,10 +141,9 @@ impl Shared {
 /// A configured agent with its forward ports bound.
 pub struct Agent {
     shared: Arc<Shared>,
-    forwards: Vec<(TcpListener, String)>,
-    /// Forward serial lines and their targets; opened when the agent runs,
+    /// Listeners bound; serial lines are opened when the agent runs,
     /// since a missing device node must not stop the agent.
-    lines: Vec<(Arc<serial::Line>, String)>,
+    forwards: Vec<forwards::Ready>,
     /// The `status` listener, if the config asks for one.
     status: Option<TcpListener>,
 }
@@ -156,25 +161,7 @@ impl Agent {
     /// As [`Agent::bind`], with session timing chosen by the caller
     /// (`config.session_timeout` and `config.keepalive` are then ignored).
     pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
-        let proxy = config.proxy;
-        let mut forwards = Vec::new();
-        let mut lines = Vec::new();
-        for forward in config.forwards {
-            match forward.source {
-                ForwardSource::Listen(addr) => {
-                    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind {
-                        addr,
-                        target: forward.target.clone(),
-                        source,
-                    })?;
-                    forwards.push((listener, forward.target));
-                }
-                ForwardSource::Serial(config) => {
-                    let peer = format!("target {:?}", forward.target);
-                    lines.push((serial::Line::new(config, peer), forward.target));
-                }
-            }
-        }
+        let ready = forwards::prepare(config.forwards.clone()).await?;
         let status = match config.status {
             Some(addr) => Some(
                 TcpListener::bind(addr).await.map_err(|source| Error::Status { addr, source })?,
@@ -182,15 +169,16 @@ impl Agent {
             None => None,
         };
         let shared = Shared {
-            client: Client::new(config.station, proxy, &config.tls),
+            client: Client::new(config.station.clone(), config.proxy.clone(), &config.tls),
             keys: Mutex::new(Keys {
-                own: config.private_key,
-                station: config.station_public_keys,
+                own: config.private_key.clone(),
+                station: config.station_public_keys.clone(),
                 working: 0,
             }),
             carrier: config.carrier,
             shape: lanes::ShapeMemory::new(config.poll_hold),
-            services: config.services,
+            services: Mutex::new(Arc::new(config.services.clone())),
+            forwards: Mutex::new(forwards::Running::default()),
             consoles: Mutex::new(HashMap::new()),
             limits,
             current: Mutex::new(None),
@@ -198,30 +186,26 @@ impl Agent {
             reconnects: AtomicU64::new(0),
             record: status::Record::new(),
             draining: AtomicBool::new(false),
+            applied: Mutex::new(config),
         };
-        Ok(Agent { shared: Arc::new(shared), forwards, lines, status })
+        Ok(Agent { shared: Arc::new(shared), forwards: ready, status })
     }
 
     /// Local addresses of the forward listeners, in config order.
     pub fn forward_addrs(&self) -> Vec<SocketAddr> {
-        self.forwards
-            .iter()
-            .map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
-            .collect()
+        self.forwards.iter().filter_map(forwards::Ready::local_addr).collect()
     }
 
     /// Runs until the future is dropped; then every task of the agent ends.
     pub async fn run(self) {
         let scope = Scope::new();
-        for (listener, target) in self.forwards {
-            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            log::info!("forwarding {addr} to station target {target:?}");
-            scope.spawn(accept_forward(self.shared.clone(), listener, target));
-        }
-        for (line, target) in self.lines {
-            log::info!("forwarding serial {} to station target {target:?}", line.path());
-            scope.spawn(serial::keep_line(line.clone()));
-            scope.spawn(serial::carry_line(self.shared.clone(), line, target));
+        // The forwards live in `shared` for reloads; they stop with us.
+        let _forwards = StopForwards(self.shared.clone());
+        {
+            let mut running = lock(&self.shared.forwards);
+            for ready in self.forwards {
+                running.start(&self.shared, ready);
+            }
         }
         if let Some(listener) = self.status {
             scope.spawn(status::serve(self.shared.clone(), listener));
@@ -231,7 +215,16 @@ impl Agent {
     }
 }
 
-async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: String) {
+/// Stops the forwards when [`Agent::run`] ends.
+struct StopForwards(Arc<Shared>);
+
+impl Drop for StopForwards {
+    fn drop(&mut self) {
+        lock(&self.0.forwards).stop_all();
+    }
+}
+
+async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: Arc<Mutex<String>>) {
     let scope = Scope::new();
     let open = Arc::new(AtomicUsize::new(0));
     let mut last_refusal_logged: Option<Instant> = None;
@@ -243,21 +236,22 @@ async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: Stri
                     if !last_refusal_logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
                         last_refusal_logged = Some(Instant::now());
                         log::warn!(
-                            "forward to {target}: {MAX_STREAMS_PER_FORWARD} connections open \
-                             already; closing new ones from {peer} and others until some end"
+                            "forward to {}: {MAX_STREAMS_PER_FORWARD} connections open \
+                             already; closing new ones from {peer} and others until some end",
+                            lock(&target)
                         );
                     }
                     continue;
                 }
                 open.fetch_add(1, Ordering::AcqRel);
-                let (shared, target, open) = (shared.clone(), target.clone(), open.clone());
+                let (shared, target, open) = (shared.clone(), lock(&target).clone(), open.clone());
                 scope.spawn(async move {
                     carry_local(shared, socket, peer, target).await;
                     open.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             Err(e) => {
-                log::warn!("forward to {target}: accept failed: {e}");
+                log::warn!("forward to {}: accept failed: {e}", lock(&target));
                 smol::Timer::after(Duration::from_millis(100)).await;
             }
         }
@@ -295,11 +289,56 @@ impl Agent {
 }
 
 impl Handle {
+    /// Applies a reloaded config (SIGHUP): forwards and services added,
+    /// removed or changed without touching the streams of the others; the
+    /// keys as [`Handle::reload_keys`] does. Returns what changed, one line
+    /// each, with the settings that apply only when the agent restarts. A
+    /// forward that cannot listen refuses the whole reload: nothing
+    /// changes.
+    pub async fn reload(&self, config: AgentConfig) -> Result<Vec<String>, Error> {
+        let shared = &self.0;
+        let (new, kept) = lock(&shared.forwards).plan(&config.forwards);
+        let ready = forwards::prepare(new).await?;
+        let mut changes = lock(&shared.forwards).apply(shared, &config.forwards, &kept, ready);
+        changes.extend(self.reload_services(&config.services));
+        changes.extend(restart_needed(&lock(&shared.applied), &config));
+        changes.extend(self.reload_keys(&config).await);
+        let mut applied = lock(&shared.applied);
+        applied.forwards = config.forwards;
+        applied.services = config.services;
+        Ok(changes)
+    }
+
+    fn reload_services(&self, new: &BTreeMap<String, Service>) -> Vec<String> {
+        let mut current = lock(&self.0.services);
+        let mut changes = Vec::new();
+        for (name, service) in new {
+            match current.get(name) {
+                None => changes.push(format!("service {name} ({}) added", service_text(service))),
+                Some(old) if old != service => changes.push(format!(
+                    "service {name} is now {} (was {}); open streams stay",
+                    service_text(service),
+                    service_text(old)
+                )),
+                Some(_) => {}
+            }
+        }
+        for (name, old) in current.iter() {
+            if !new.contains_key(name) {
+                changes.push(format!(
+                    "service {name} ({}) removed; open streams stay",
+                    service_text(old)
+                ));
+            }
+        }
+        *current = Arc::new(new.clone());
+        changes
+    }
+
     /// Takes the keys of a reloaded config (key rotation, README): the next
     /// sessions use them, and the running one renews its keys with them so
-    /// its streams carry on. Returns what changed, one line each. Other
-    /// settings apply when the agent restarts.
-    pub async fn reload_keys(&self, config: &AgentConfig) -> Vec<String> {
+    /// its streams carry on. Returns what changed, one line each.
+    async fn reload_keys(&self, config: &AgentConfig) -> Vec<String> {
         let shared = &self.0;
         let mut changes = Vec::new();
         {
@@ -349,6 +388,34 @@ impl Handle {
             tunnel::close_after_drain(&[tunnel], limit, "the agent is stopping").await;
         }
     }
+}
+
+/// How the status and reload lines name a service.
+fn service_text(service: &Service) -> String {
+    match service {
+        Service::Tcp(address) => address.clone(),
+        Service::Serial(config) => format!("serial {}", config.path),
+    }
+}
+
+/// The settings of `new` that differ from `running` and apply only when the
+/// agent restarts, one line each.
+fn restart_needed(running: &AgentConfig, new: &AgentConfig) -> Vec<String> {
+    let differs = [
+        ("station", running.station != new.station),
+        ("proxy", running.proxy != new.proxy),
+        ("carrier", running.carrier != new.carrier),
+        ("session_timeout", running.session_timeout != new.session_timeout),
+        ("keepalive", running.keepalive != new.keepalive),
+        ("poll_hold", running.poll_hold != new.poll_hold),
+        ("ca_file and tls_pin", running.tls != new.tls),
+        ("status", running.status != new.status),
+    ];
+    differs
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(what, _)| format!("{what} changed: it applies when the agent restarts"))
+        .collect()
 }
 
 /// Keeps a session with the station for as long as the agent runs.
@@ -548,7 +615,8 @@ async fn open_service(shared: Arc<Shared>, tunnel: Arc<Tunnel>, stream: Incoming
         Some((service, client)) => (service, format!("station client {client} (stream {id})")),
         None => (name.as_str(), format!("station stream {id}")),
     };
-    let address = match shared.services.get(service) {
+    let services = lock(&shared.services).clone();
+    let address = match services.get(service) {
         Some(Service::Tcp(address)) => address.clone(),
         Some(Service::Serial(config)) => {
             serial::serve_console(&shared, &tunnel, id, service, who, config).await;

@@ -247,8 +247,8 @@ pub struct AgentConfig {
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
     pub services: BTreeMap<String, Service>,
-    /// Where `GET /metrics`, `GET /status` and `GET /status.txt` (what
-    /// `postern status` prints) are served, if anywhere.
+    /// Where `GET /metrics` and `GET /status.txt` (what `postern status`
+    /// prints) are served, if anywhere.
     pub status: Option<SocketAddr>,
     // --- TLS (issue 15) ---
     /// How an https:// station's certificate is verified.
@@ -467,9 +467,27 @@ pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigError> {
         if table.contains_key("station") {
             AgentConfig::parse_in(text, file, base).map(AnyConfig::Agent)
         } else {
-            StationConfig::parse_in(text, file, base).map(AnyConfig::Station)
+            station_config(text, file, base)
         }
     })
+}
+
+#[cfg(feature = "station")]
+fn station_config(text: &str, file: &str, base: &Path) -> Result<AnyConfig, ConfigError> {
+    StationConfig::parse_in(text, file, base).map(AnyConfig::Station)
+}
+
+/// A device build has no station, and leaves out what reads its config
+/// (15 KiB on armv7): a file without `station` is refused unread.
+#[cfg(not(feature = "station"))]
+fn station_config(_: &str, file: &str, _: &Path) -> Result<AnyConfig, ConfigError> {
+    Err(ConfigError::new(
+        file,
+        "station",
+        "missing, so this is not an agent config; this build has no station and does not \
+         check station configs"
+            .to_owned(),
+    ))
 }
 
 /// Reads `path` and hands its text, its name for errors and its directory

@@ -124,8 +124,8 @@ which it is; exits 1 with the reason when either would refuse it.
 Asks the status listener FILE names (status = \"ADDR\") for its summary:
 the agent's session, carrier and why, lanes, streams, bytes, reconnects,
 last error and when the station was last heard; the station's devices.
-The same figures are on that listener as /metrics (Prometheus) and
-/status (JSON).
+The same figures are on that listener as /metrics (Prometheus text);
+a station's also as /status (JSON).
 ",
         options: "  -c, --config FILE   the config the program runs with\n",
         notes: "",

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  GET /metrics     Prometheus text 0.0.4    (scrapers, alert rules)
-//!  GET /status      JSON                     (scripts)
+//!  GET /status      JSON                     (scripts; the station only)
 //!  GET /status.txt  lines for people         (postern status)
 //!  anything else    404
 //! ```
@@ -63,7 +63,9 @@ impl Page {
 pub(crate) trait Pages {
     /// Prometheus text.
     fn metrics(&self) -> String;
-    fn json(&self) -> String;
+    /// `None` answers 404: the agent has no JSON page (its text and
+    /// metrics say it all, and a device build is counted in KiB).
+    fn json(&self) -> Option<String>;
     /// Lines for people: what `postern status` prints.
     fn text(&self) -> String;
 }
@@ -80,9 +82,9 @@ where
     let render = Arc::new(move |page: Page| {
         let snap = snapshot();
         match page {
-            Page::Metrics => snap.metrics(),
+            Page::Metrics => Some(snap.metrics()),
             Page::Json => snap.json(),
-            Page::Text => snap.text(),
+            Page::Text => Some(snap.text()),
         }
     });
     let clients = Scope::new();
@@ -104,21 +106,21 @@ where
     }
 }
 
-async fn answer(socket: TcpStream, render: &(dyn Fn(Page) -> String + Send + Sync)) {
+async fn answer(socket: TcpStream, render: &(dyn Fn(Page) -> Option<String> + Send + Sync)) {
     let mut conn = HttpConn::with_capacity(socket, MIN_READ_BUF_BYTES);
     let request =
         crate::task::within(HEAD_TIMEOUT, || (), async { conn.read_request().await.map_err(drop) })
             .await;
     let Ok(Some(head)) = request else { return };
     let path = head.target.split('?').next().unwrap_or("");
-    let page = match (head.method.as_str(), Page::of(path)) {
-        ("GET", Some(page)) => page,
-        _ => {
-            let _ = conn.write_all(&http::unmarked_error_response(404)).await;
-            return;
-        }
+    let answered = match (head.method.as_str(), Page::of(path)) {
+        ("GET", Some(page)) => render(page).map(|body| (page, body)),
+        _ => None,
     };
-    let body = render(page);
+    let Some((page, body)) = answered else {
+        let _ = conn.write_all(&http::unmarked_error_response(404)).await;
+        return;
+    };
     let mut out = Vec::with_capacity(body.len() + 200);
     let headers = [("Content-Type", page.content_type()), ("Cache-Control", "no-store")];
     http::write_response_head(
@@ -197,9 +199,9 @@ impl Exposition {
     }
 
     /// `process_start_time_seconds`, the name client libraries use.
-    pub(crate) fn start_time(&mut self, program: &str, started: f64) {
+    pub(crate) fn start_time(&mut self, program: &str, started: Millis) {
         let help = format!("Start time of the {program} since the unix epoch in seconds.");
-        self.one("process_start_time_seconds", "gauge", &help, format!("{started:.3}"));
+        self.one("process_start_time_seconds", "gauge", &help, started);
     }
 
     pub(crate) fn finish(self) -> String {
@@ -212,27 +214,8 @@ pub(crate) fn label(text: &str) -> String {
     text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// A JSON string literal of `text`.
-pub(crate) fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// A duration for people: `42 s`, `7 min`, `3 h`, `2 d`.
-pub(crate) fn ago(seconds: f64) -> String {
-    let s = seconds.max(0.0) as u64;
+pub(crate) fn ago(s: u64) -> String {
     match s {
         0..=119 => format!("{s} s"),
         120..=7199 => format!("{} min", s / 60),
@@ -241,9 +224,36 @@ pub(crate) fn ago(seconds: f64) -> String {
     }
 }
 
-/// Seconds since the unix epoch, as Prometheus timestamps are given.
-pub(crate) fn unix_seconds(at: SystemTime) -> f64 {
-    at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+/// Milliseconds, shown as seconds with three decimals: times and durations
+/// without floating point, whose formatting code would cost a device build
+/// KiB for nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Millis(pub(crate) u64);
+
+impl Millis {
+    /// Since the unix epoch.
+    pub(crate) fn unix(at: SystemTime) -> Millis {
+        Millis(at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+    }
+
+    pub(crate) fn of(duration: Duration) -> Millis {
+        Millis(duration.as_millis() as u64)
+    }
+
+    pub(crate) fn seconds(self) -> u64 {
+        self.0 / 1000
+    }
+
+    /// `self - earlier`, or zero.
+    pub(crate) fn since(self, earlier: Millis) -> Millis {
+        Millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:03}", self.0 / 1000, self.0 % 1000)
+    }
 }
 
 #[cfg(test)]
@@ -253,7 +263,16 @@ mod tests {
     #[test]
     fn escapes() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        assert_eq!(json_string("a\"b\\c\u{1}"), "\"a\\\"b\\\\c\\u0001\"");
+    }
+
+    #[test]
+    fn millis_show_as_seconds() {
+        assert_eq!(Millis(1_700_000_000_042).to_string(), "1700000000.042");
+        assert_eq!(Millis(5).to_string(), "0.005");
+        assert_eq!(Millis(9_000).since(Millis(10_000)), Millis(0));
+        assert_eq!(ago(119), "119 s");
+        assert_eq!(ago(7199), "119 min");
+        assert_eq!(ago(172_800), "2 d");
     }
 
     #[test]

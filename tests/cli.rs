@@ -305,7 +305,7 @@ fn journal_lines_carry_their_priority() {
         let _ = agent.kill();
         let _ = agent.wait();
     }
-    assert!(lines[0].starts_with("<6>INFO  postern::agent: forwarding "), "{lines:?}");
+    assert!(lines[0].starts_with("<6>INFO  postern::agent::forwards: forwarding "), "{lines:?}");
     let last = lines.last().expect("a line");
     assert!(last.starts_with("<4>WARN  postern::agent: cannot start a session"), "{lines:?}");
 }

@@ -1,11 +1,11 @@
 //! What the agent tells about itself: the status line it logs every
 //! [`STATUS_EVERY`], and on its optional `status` listener the same
-//! figures as Prometheus text (`/metrics`), JSON (`/status`) and the lines
-//! `postern status` prints (`/status.txt`).
+//! figures as Prometheus text (`/metrics`) and the lines `postern status`
+//! prints (`/status.txt`).
 //!
 //! ```text
 //!  live session (Tunnel::stats, last heard) ─┐
-//!  Record: sessions, ended totals, last error ┼─▶ Snapshot ─▶ metrics | JSON | text | log line
+//!  Record: sessions, ended totals, last error ┼─▶ Snapshot ─▶ metrics | text | log line
 //!  reconnects, carrier shape and why         ─┘
 //! ```
 
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use smol::net::TcpListener;
 
 use super::{lock, Shared};
-use crate::status::{ago, json_string, unix_seconds, Exposition, Pages};
+use crate::status::{ago, Exposition, Millis, Pages};
 use crate::tunnel::Stats;
 
 /// How often the agent logs a status line at info level.
@@ -97,17 +97,17 @@ impl Record {
 #[derive(Debug, Clone, PartialEq)]
 struct Session {
     id: String,
-    since: f64,
-    /// Seconds since the station was last heard from.
-    quiet_for: f64,
+    since: Millis,
+    /// Since the station was last heard from.
+    quiet_for: Millis,
     streams: usize,
 }
 
 /// Everything the pages show, taken at one moment.
 #[derive(Debug, Clone, PartialEq)]
 struct Snapshot {
-    now: f64,
-    started: f64,
+    now: Millis,
+    started: Millis,
     /// How the station is reached: `station HOST:PORT` or `proxy HOST:PORT`.
     route: String,
     carrier: &'static str,
@@ -119,7 +119,7 @@ struct Snapshot {
     reconnects: u64,
     /// Since the agent started: ended sessions and the live one.
     carried: Carried,
-    last_error: Option<(f64, String)>,
+    last_error: Option<(Millis, String)>,
 }
 
 fn snapshot(shared: &Shared) -> Snapshot {
@@ -131,14 +131,14 @@ fn snapshot(shared: &Shared) -> Snapshot {
         carried = carried.plus(Carried::of(&tunnel.stats()));
         Session {
             id,
-            since: unix_seconds(since),
-            quiet_for: Instant::now().saturating_duration_since(tunnel.last_heard()).as_secs_f64(),
+            since: Millis::unix(since),
+            quiet_for: Millis::of(Instant::now().saturating_duration_since(tunnel.last_heard())),
             streams: tunnel.stream_count(),
         }
     });
     Snapshot {
-        now: unix_seconds(SystemTime::now()),
-        started: unix_seconds(record.started),
+        now: Millis::unix(SystemTime::now()),
+        started: Millis::unix(record.started),
         route: shared.client.describe(),
         carrier: shared.shape.describe(shared.carrier),
         carrier_why: shared.shape.why(),
@@ -147,7 +147,7 @@ fn snapshot(shared: &Shared) -> Snapshot {
         sessions: record.sessions.load(Ordering::Relaxed),
         reconnects: shared.reconnects.load(Ordering::Relaxed),
         carried,
-        last_error: lock(&record.last_error).clone().map(|(at, text)| (unix_seconds(at), text)),
+        last_error: lock(&record.last_error).clone().map(|(at, text)| (Millis::unix(at), text)),
     }
 }
 
@@ -161,19 +161,21 @@ fn render_metrics(snap: &Snapshot) -> String {
         "1 while the agent has a session with the station.",
         u8::from(snap.session.is_some()),
     );
-    let (since, quiet, streams) =
-        snap.session.as_ref().map_or((0.0, 0.0, 0), |s| (s.since, s.quiet_for, s.streams));
+    let (since, quiet, streams) = snap
+        .session
+        .as_ref()
+        .map_or((Millis(0), Millis(0), 0), |s| (s.since, s.quiet_for, s.streams));
     out.one(
         "postern_agent_session_start_seconds",
         "gauge",
         "When the live session began, unix seconds; 0 without one.",
-        format!("{since:.3}"),
+        since,
     );
     out.one(
         "postern_agent_station_quiet_seconds",
         "gauge",
         "Seconds since the station was last heard from in the live session; 0 without one.",
-        format!("{quiet:.3}"),
+        quiet,
     );
     out.family(
         "postern_agent_carrier",
@@ -216,40 +218,9 @@ fn render_metrics(snap: &Snapshot) -> String {
         "postern_agent_last_error_seconds",
         "gauge",
         "When the agent last logged a warning about its link, unix seconds; 0 if never.",
-        format!("{:.3}", snap.last_error.as_ref().map_or(0.0, |(at, _)| *at)),
+        snap.last_error.as_ref().map_or(Millis(0), |(at, _)| *at),
     );
     out.finish()
-}
-
-fn render_json(snap: &Snapshot) -> String {
-    let optional = |text: Option<&str>| text.map_or("null".to_owned(), json_string);
-    let session = snap.session.as_ref().map_or("null".to_owned(), |s| {
-        format!(
-            "{{\"id\":{},\"since\":{:.3},\"station_quiet_seconds\":{:.3},\"streams\":{}}}",
-            json_string(&s.id),
-            s.since,
-            s.quiet_for,
-            s.streams
-        )
-    });
-    let last_error = snap.last_error.as_ref().map_or("null".to_owned(), |(at, text)| {
-        format!("{{\"at\":{at:.3},\"message\":{}}}", json_string(text))
-    });
-    format!(
-        "{{\"connected\":{},\"route\":{},\"carrier\":{},\"carrier_why\":{},\"lanes\":{},\
-         \"session\":{session},\"sessions\":{},\"reconnects\":{},\"bytes_up\":{},\
-         \"bytes_down\":{},\"resent_packets\":{},\"last_error\":{last_error}}}",
-        snap.session.is_some(),
-        json_string(&snap.route),
-        json_string(snap.carrier),
-        optional(snap.carrier_why.as_deref()),
-        json_string(snap.lanes),
-        snap.sessions,
-        snap.reconnects,
-        snap.carried.up,
-        snap.carried.down,
-        snap.carried.resent,
-    )
 }
 
 /// What `postern status` prints.
@@ -261,8 +232,8 @@ fn render_text(snap: &Snapshot) -> String {
             "agent: connected via {}, session {} for {}; the station was heard {} ago",
             snap.route,
             s.id,
-            ago(snap.now - s.since),
-            ago(s.quiet_for)
+            ago(snap.now.since(s.since).seconds()),
+            ago(s.quiet_for.seconds())
         ),
         None => writeln!(out, "agent: no session with the station (via {})", snap.route),
     };
@@ -278,11 +249,13 @@ fn render_text(snap: &Snapshot) -> String {
         snap.carried.up,
         snap.carried.down,
         snap.carried.resent,
-        ago(snap.now - snap.started)
+        ago(snap.now.since(snap.started).seconds())
     );
     let _ = writeln!(out, "sessions: {}; carrier reconnects: {}", snap.sessions, snap.reconnects);
     let _ = match &snap.last_error {
-        Some((at, text)) => writeln!(out, "last error, {} ago: {text}", ago(snap.now - at)),
+        Some((at, text)) => {
+            writeln!(out, "last error, {} ago: {text}", ago(snap.now.since(*at).seconds()))
+        }
         None => writeln!(out, "last error: none"),
     };
     out
@@ -293,8 +266,8 @@ impl Pages for Snapshot {
         render_metrics(self)
     }
 
-    fn json(&self) -> String {
-        render_json(self)
+    fn json(&self) -> Option<String> {
+        None
     }
 
     fn text(&self) -> String {
@@ -324,22 +297,22 @@ mod tests {
 
     fn sample() -> Snapshot {
         Snapshot {
-            now: 2000.0,
-            started: 1000.0,
+            now: Millis(2_000_000),
+            started: Millis(1_000_000),
             route: "proxy 10.0.0.1:3128".into(),
             carrier: "auto (poll)",
             carrier_why: Some("the path cut the streamed downlink 3 times".into()),
             lanes: "push + poll",
             session: Some(Session {
                 id: "3f2a9c1e".into(),
-                since: 1900.0,
-                quiet_for: 0.5,
+                since: Millis(1_900_000),
+                quiet_for: Millis(500),
                 streams: 2,
             }),
             sessions: 2,
             reconnects: 3,
             carried: Carried { up: 1234, down: 5678, resent: 12 },
-            last_error: Some((1500.0, "down lane: \"timed out\"".into())),
+            last_error: Some((Millis(1_500_000), "down lane: \"timed out\"".into())),
         }
     }
 
@@ -366,18 +339,7 @@ mod tests {
     }
 
     #[test]
-    fn json_and_text() {
-        let json = render_json(&sample());
-        assert!(
-            json.starts_with("{\"connected\":true,\"route\":\"proxy 10.0.0.1:3128\","),
-            "{json}"
-        );
-        assert!(
-            json.contains(
-                "\"last_error\":{\"at\":1500.000,\"message\":\"down lane: \\\"timed out\\\"\"}"
-            ),
-            "{json}"
-        );
+    fn text_for_people() {
         assert_eq!(
             render_text(&sample()),
             "agent: connected via proxy 10.0.0.1:3128, session 3f2a9c1e for 100 s; the station was heard 0 s ago\n\
@@ -388,7 +350,6 @@ mod tests {
         );
         let idle = Snapshot { session: None, last_error: None, carrier_why: None, ..sample() };
         assert!(render_text(&idle).starts_with("agent: no session with the station (via proxy"));
-        assert!(render_json(&idle).contains("\"session\":null"));
     }
 
     #[test]

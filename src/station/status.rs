@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use smol::net::TcpListener;
 
 use super::{live_sessions, lock, Shared};
-use crate::status::{ago, json_string, label, unix_seconds, Exposition, Pages};
+use crate::status::{ago, label, Exposition, Millis, Pages};
 
 /// Station-wide counters, bumped where things happen.
 #[derive(Default)]
@@ -465,7 +465,7 @@ fn seconds(unix_millis: u64) -> f64 {
 pub fn render_metrics(snap: &Snapshot) -> String {
     let mut out = Exposition::default();
     out.build_info("postern_build_info");
-    out.start_time("station", snap.started);
+    out.start_time("station", Millis((snap.started * 1000.0) as u64));
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
         out.family(name, kind, help, samples)
     };
@@ -709,7 +709,7 @@ pub fn render_text(snap: &Snapshot, now: f64) -> String {
     );
     for d in &snap.devices {
         let heard = match d.last_heard {
-            Some(at) if at > 0.0 => format!("heard {} ago", ago(now - at)),
+            Some(at) if at > 0.0 => format!("heard {} ago", ago((now - at).max(0.0) as u64)),
             _ => "not heard since the station started".to_owned(),
         };
         let state = match (d.connected, d.carrier) {
@@ -726,13 +726,36 @@ pub fn render_text(snap: &Snapshot, now: f64) -> String {
     out
 }
 
+/// A JSON string literal of `text`.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Seconds since the unix epoch, as the station's figures give times.
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 impl Pages for Snapshot {
     fn metrics(&self) -> String {
         render_metrics(self)
     }
 
-    fn json(&self) -> String {
-        render_status(self)
+    fn json(&self) -> Option<String> {
+        Some(render_status(self))
     }
 
     fn text(&self) -> String {

@@ -28,11 +28,17 @@ use middleboxes::{Middlebox, SHORT_TIMEOUT_SECS};
 /// than nginx's 1 MiB body limit.
 const TRANSFER: u64 = 4 << 20;
 
+/// Longest an agent may take to be carried again after a station restart
+/// (issue 18): well under any session_timeout.
+const RECOVERY: Duration = Duration::from_secs(10);
+
 /// A station with an echo target, its agent pointed at `station_url`
 /// (through `proxy` if given), and what they run through.
 struct Path {
     agent: Proc,
     stations: Vec<Proc>,
+    /// The stations' config, for [`Path::restart_station`].
+    station_toml: String,
     forward: SocketAddr,
     middlebox: Option<Middlebox>,
     _echo: Server,
@@ -97,7 +103,31 @@ impl Path {
         agent_toml.push_str("\n[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n");
         let (agent, forwards) = start_agent(&dir, "agent", &agent_toml, &["echo"]);
         let forward = forwards["echo"];
-        Path { agent, stations: procs, forward, middlebox, _echo: echo, _dir: dir }
+        Path {
+            agent,
+            stations: procs,
+            station_toml: toml,
+            forward,
+            middlebox,
+            _echo: echo,
+            _dir: dir,
+        }
+    }
+
+    /// Kills station `i` and starts it again on the same address: it
+    /// knows no session, as after a crash or an upgrade.
+    fn restart_station(&mut self, i: usize) {
+        let line = self.stations[i].wait_log(&["station listening on "]);
+        let addr = common::addr_after(&line, "station listening on ").expect("an address");
+        self.stations[i].signal("KILL");
+        self.stations[i].wait_exit(common::LOG_WAIT);
+        let toml = self.station_toml.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{addr}\""),
+            1,
+        );
+        let sub = TempDir::new("restarted-station");
+        self.stations[i] = start_station(&sub, &toml).0;
     }
 
     fn describe(&self) -> String {
@@ -176,6 +206,28 @@ fn squid_with_basic_auth_reports_407_then_passes_with_credentials() {
     with_auth.exercise();
 }
 
+/// squid with a request body limit resets the streamed uplink once past
+/// it (issue 18, defect 1): after a few cuts auto must move to poll, which
+/// sends bounded bodies, and lose no byte on the way.
+#[test]
+fn squid_resetting_long_request_bodies_moves_auto_to_poll() {
+    let path = Path::start(
+        "squid-body-limit",
+        "auto",
+        1,
+        |_| {
+            let limit = "request_body_max_size 1 MB\n";
+            Some(Middlebox::squid_configured(None, limit, Some(SHORT_TIMEOUT_SECS)))
+        },
+        via_proxy,
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(1, 16 << 20);
+    let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
+    assert!(switched.contains("cut the streamed uplink"), "{switched}");
+    path.round_trip(2, 16 << 20);
+}
+
 #[test]
 fn tinyproxy_forward_proxy() {
     let path = Path::start("tinyproxy", "auto", 1, |_| Some(Middlebox::tinyproxy()), via_proxy);
@@ -196,6 +248,36 @@ fn nginx_stock_reverse_proxy_under_a_prefix() {
     path.exercise();
     let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
     assert!(switched.contains("request bodies"), "{switched}");
+}
+
+/// A box that strips the station's `X-Postern` mark (nginx's
+/// `proxy_hide_header`): after a station restart the agent still takes the
+/// 410 for the lost session and is carried again within seconds, not after
+/// `session_timeout`.
+fn stripped_mark_recovery(carrier: &str) {
+    let mut path = Path::start(
+        &format!("nginx-strip-{carrier}"),
+        carrier,
+        1,
+        |stations| Some(Middlebox::nginx(stations[0], "/tunnel/", "proxy_hide_header X-Postern;")),
+        via_reverse,
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(1, 1 << 20);
+    path.restart_station(0);
+    path.agent.wait_log(&["answered 410 Gone without the station's X-Postern mark"]);
+    path.agent.wait_log_nth(&["connected to the station"], 2, RECOVERY);
+    path.round_trip(2, 1 << 20);
+}
+
+#[test]
+fn a_box_stripping_the_station_mark_does_not_block_recovery_poll() {
+    stripped_mark_recovery("poll");
+}
+
+#[test]
+fn a_box_stripping_the_station_mark_does_not_block_recovery_auto() {
+    stripped_mark_recovery("auto");
 }
 
 #[test]

@@ -258,22 +258,32 @@ impl Client {
         self.keep_cookies(head);
         let from_station =
             head.header(STATION_MARK.0).is_some_and(|v| v == STATION_MARK.1.as_bytes());
+        let who = match (from_station, &self.proxy) {
+            (true, _) => "the station",
+            (false, Some(_)) => "the proxy (not the station)",
+            (false, None) => "something in front of the station (not the station itself)",
+        };
         match head.status {
             200 => Ok(()),
-            410 if from_station => Err(CarrierError::SessionGone),
+            // The station marks its 410, and a box in front may strip the
+            // mark (header rewriting, nginx's proxy_hide_header). A proxy
+            // has no session of ours to lose: an unmarked 410 is taken for
+            // the station's too. A new session costs one handshake; waiting
+            // for the old one to time out would cost session_timeout.
+            410 => {
+                if !from_station {
+                    log::warn!(
+                        "{who} answered 410 Gone without the station's X-Postern mark (stripped \
+                         on the way?); taking it as the station's: starting a new session"
+                    );
+                }
+                Err(CarrierError::SessionGone)
+            }
             503 if from_station && retry_after(head).is_some() => {
                 Err(CarrierError::Busy(retry_after(head).unwrap_or_default()))
             }
             407 => Err(self.egress.request_refused(head)),
-            status => Err(CarrierError::Status {
-                who: match (from_station, &self.proxy) {
-                    (true, _) => "the station",
-                    (false, Some(_)) => "the proxy (not the station)",
-                    (false, None) => "something in front of the station (not the station itself)",
-                },
-                status,
-                reason: head.reason.clone(),
-            }),
+            status => Err(CarrierError::Status { who, status, reason: head.reason.clone() }),
         }
     }
 
@@ -476,6 +486,9 @@ mod tests {
         let c = client(None);
         let gone = "HTTP/1.1 410 Gone\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";
         assert!(matches!(c.check(&response(gone)), Err(CarrierError::SessionGone)));
+        // Its mark stripped on the way, the station's 410 still ends the session.
+        let stripped = "HTTP/1.1 410 Gone\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(c.check(&response(stripped)), Err(CarrierError::SessionGone)));
         // The station's own 404 means a wrong or garbled path, not a lost session.
         let station_404 =
             "HTTP/1.1 404 Not Found\r\nX-Postern: station\r\nContent-Length: 0\r\n\r\n";

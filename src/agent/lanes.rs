@@ -58,8 +58,9 @@ const POLL_CUT_MIN: Duration = Duration::from_secs(2);
 #[derive(Default)]
 struct StreamWatch {
     down: Mutex<DownState>,
-    /// When established downlinks were cut by the path, newest last.
-    cuts: Mutex<VecDeque<Instant>>,
+    /// When established lanes were cut by the path, and which (`uplink`,
+    /// `downlink`), newest last.
+    cuts: Mutex<VecDeque<(Instant, &'static str)>>,
     /// The path answered the uplink itself (the station never does while
     /// the body is open): its status line.
     refused: Mutex<Option<String>>,
@@ -237,15 +238,17 @@ async fn run_stream(ctx: &LaneCtx) -> Verdict {
             return Verdict::Dead(format!("no acknowledgement from the station for {limit} s"));
         }
         let mut cuts = lock(&watch.cuts);
-        while cuts.front().is_some_and(|at| now - *at > CUT_WINDOW) {
+        while cuts.front().is_some_and(|(at, _)| now - *at > CUT_WINDOW) {
             cuts.pop_front();
         }
-        if cuts.len() >= CUTS_TO_FALL_BACK {
-            return Verdict::PathBuffers(format!(
-                "the path cut the streamed downlink {} times within {} minutes",
-                cuts.len(),
-                CUT_WINDOW.as_secs() / 60
-            ));
+        for lane in ["downlink", "uplink"] {
+            let count = cuts.iter().filter(|(_, cut)| *cut == lane).count();
+            if count >= CUTS_TO_FALL_BACK {
+                return Verdict::PathBuffers(format!(
+                    "the path cut the streamed {lane} {count} times within {} minutes",
+                    CUT_WINDOW.as_secs() / 60
+                ));
+            }
         }
     }
 }
@@ -310,7 +313,7 @@ async fn down_lane(
     let ended = read_downlink(ctx, watch, backoff, &mut conn).await;
     let flowed = std::mem::take(&mut *lock(&watch.down)).flowing;
     if flowed && ctx.tunnel.closed().is_none() {
-        lock(&watch.cuts).push_back(Instant::now());
+        lock(&watch.cuts).push_back((Instant::now(), "downlink"));
     }
     ended
 }
@@ -360,6 +363,10 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
     // A TLS link holds ciphertext until flushed (carrier/link.rs).
     writer.flush().await.map_err(HttpError::Io)?;
     let lane = ctx.tunnel.begin_lane(Lane::Data);
+    // Whether a chunk went out: a lane cut after that is the path's doing
+    // (a proxy that resets request bodies past a size, as squid's
+    // request_body_max_size does), counted like a cut downlink.
+    let sent_any = AtomicBool::new(false);
     let sending = async {
         loop {
             out.clear();
@@ -372,6 +379,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
                     out.extend_from_slice(CHUNK_END);
                     writer.write_all(&out).await.map_err(HttpError::Io)?;
                     writer.flush().await.map_err(HttpError::Io)?;
+                    sent_any.store(true, Ordering::Relaxed);
                 }
                 Err(LaneEnd::Superseded) | Err(LaneEnd::Closed(_)) => return Ok(()),
             }
@@ -389,7 +397,13 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
         }
         Err(answer)
     };
-    future::or(sending, answered).await
+    let ended = future::or(sending, answered).await;
+    let gone = matches!(ended, Err(CarrierError::SessionGone));
+    if ended.is_err() && !gone && sent_any.load(Ordering::Relaxed) && ctx.tunnel.closed().is_none()
+    {
+        lock(&watch.cuts).push_back((Instant::now(), "uplink"));
+    }
+    ended
 }
 
 /// Poll shape, station to agent: a long poll, again and again.

@@ -73,6 +73,16 @@ impl Middlebox {
     /// As [`Middlebox::squid`], with idle and read timeouts of `timeout`
     /// seconds, or squid's own (15 minutes to read, 1 to 2 idle) if `None`.
     pub(crate) fn squid_with(auth: Option<(&str, &str)>, timeout: Option<u64>) -> Middlebox {
+        Self::squid_configured(auth, "", timeout)
+    }
+
+    /// As [`Middlebox::squid_with`], with `extra` lines in squid.conf (e.g.
+    /// `request_body_max_size 1 MB`).
+    pub(crate) fn squid_configured(
+        auth: Option<(&str, &str)>,
+        extra: &str,
+        timeout: Option<u64>,
+    ) -> Middlebox {
         let dir = shared_dir("squid");
         let auth_lines = match auth {
             Some((user, password)) => {
@@ -94,7 +104,8 @@ impl Middlebox {
             "acl CONNECT method CONNECT\n\
              http_access deny CONNECT\n\
              {auth_lines}\
-             http_access allow localhost\n"
+             http_access allow localhost\n\
+             {extra}"
         );
         Self::squid_serving(dir, &access, timeout)
     }

@@ -219,6 +219,16 @@ fn a_round_robin_balancer_carries_both_carriers_and_every_station_reaches_the_de
         let forwarded: u64 =
             cluster.live().map(|s| s.metric("postern_cluster_forwarded_requests_total")).sum();
         assert!(forwarded > 0, "{carrier}: nothing forwarded\n{}", cluster.describe());
+        // Polls and pushes reuse kept connections to the holder; each
+        // stream lane has its own.
+        let opened: u64 =
+            cluster.live().map(|s| s.metric("postern_cluster_peer_connections_total")).sum();
+        if carrier == "poll" {
+            assert!(
+                opened * 4 < forwarded,
+                "{opened} connections for {forwarded} forwarded polls and pushes"
+            );
+        }
         let relayed: u64 =
             cluster.live().map(|s| s.metric("postern_cluster_relayed_clients_total")).sum();
         assert_eq!(relayed, 2, "two reverse clients relayed\n{}", cluster.describe());

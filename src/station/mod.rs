@@ -204,6 +204,8 @@ struct Shared {
     tls: tls::ListenerTls,
     /// The cluster's session registry, with `[cluster]`.
     registry: Option<Registry>,
+    /// Idle connections to the other stations, for forwarded requests.
+    peer_pool: peers::Pool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -340,6 +342,7 @@ impl Station {
             scope: Scope::new(),
             tls,
             registry,
+            peer_pool: peers::Pool::default(),
         };
         Ok(Station { listener, shared: Arc::new(shared), exposes: bound, status, peers })
     }

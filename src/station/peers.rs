@@ -17,9 +17,10 @@
 //! repeat records the session's replay window rejects, or open a reverse
 //! connection, which any client of an expose port can do.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blake2::digest::Mac;
 use blake2::Blake2sMac256;
@@ -29,7 +30,7 @@ use smol::net::{Shutdown, TcpStream};
 use super::expose::{self, Client};
 use super::requests::Outcome;
 use super::requests::{deadline, refuse_log, BODY_TIMEOUT};
-use super::{live_session, Live, Shared};
+use super::{live_session, lock, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
@@ -120,6 +121,58 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
+/// Idle connections kept per station: enough for the forwarded polls and
+/// pushes of a busy balancer between two forwards.
+const POOL_PER_PEER: usize = 16;
+
+/// Longest a connection idles in the pool: well within the holder's own
+/// idle limit for kept-alive connections (75 s), so it is not closed under
+/// a request.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+/// Kept-alive connections to the other stations, for forwarded requests
+/// with bounded bodies: a connection made per request cost a forwarded
+/// poll three times the direct round trip (docs/BENCHMARKS.md). Bounded
+/// per station; the stations are those the registry names.
+#[derive(Default)]
+pub(super) struct Pool(Mutex<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>);
+
+impl Pool {
+    /// An idle connection to `station` that is still open, if one is kept.
+    async fn take(&self, station: SocketAddr) -> Option<TcpStream> {
+        loop {
+            let socket = {
+                let mut idle = lock(&self.0);
+                let kept = idle.get_mut(&station)?;
+                let found = kept.pop();
+                if kept.is_empty() {
+                    idle.remove(&station);
+                }
+                found
+            };
+            let (socket, since) = socket?;
+            if since.elapsed() >= POOL_IDLE {
+                continue;
+            }
+            // Readable while idle means the holder closed it (or sent what
+            // it must not): not for a new request.
+            let mut byte = [0u8; 1];
+            if future::poll_once(socket.peek(&mut byte)).await.is_none() {
+                return Some(socket);
+            }
+        }
+    }
+
+    fn put(&self, station: SocketAddr, socket: TcpStream) {
+        let mut idle = lock(&self.0);
+        let kept = idle.entry(station).or_default();
+        kept.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+        if kept.len() < POOL_PER_PEER {
+            kept.push((socket, Instant::now()));
+        }
+    }
+}
+
 async fn connect(station: SocketAddr) -> std::io::Result<TcpStream> {
     let timed_out = || std::io::ErrorKind::TimedOut.into();
     let socket =
@@ -138,24 +191,37 @@ pub(super) async fn forward(
     holder: SocketAddr,
     slot: &mut Slot,
 ) -> Result<Outcome, HttpError> {
-    let upstream = match connect(holder).await {
-        Ok(socket) => socket,
-        Err(e) => {
-            // Its record outlives a station that died: the agent starts a
-            // new session, here or wherever the balancer sends it.
-            let why = format!("station {holder}, which holds the session, does not answer: {e}");
-            return Ok(Outcome::Refuse(410, Some(why)));
-        }
+    // Stream lanes live long and carry one request each; polls and pushes
+    // come one after another and reuse a kept connection.
+    let poolable = head.body != BodyKind::Chunked;
+    let kept = match poolable {
+        true => shared.peer_pool.take(holder).await,
+        false => None,
+    };
+    let upstream = match kept {
+        Some(socket) => socket,
+        None => match connect(holder).await {
+            Ok(socket) => {
+                shared.counters.peer_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                socket
+            }
+            Err(e) => {
+                // Its record outlives a station that died: the agent starts
+                // a new session, here or wherever the balancer sends it.
+                let why =
+                    format!("station {holder}, which holds the session, does not answer: {e}");
+                return Ok(Outcome::Refuse(410, Some(why)));
+            }
+        },
     };
     shared.counters.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut out = Vec::new();
     let client_text = client.to_string();
     let vouched = vouch(shared, &head.method, &head.target);
-    let fields = [
-        (PEER_HEADER, vouched.as_str()),
-        (CLIENT_HEADER, client_text.as_str()),
-        ("Connection", "close"),
-    ];
+    let mut fields = vec![(PEER_HEADER, vouched.as_str()), (CLIENT_HEADER, client_text.as_str())];
+    if !poolable {
+        fields.push(("Connection", "close"));
+    }
     http::write_request_head(
         &mut out,
         &head.method,
@@ -212,6 +278,12 @@ pub(super) async fn forward(
     conn.write_all(&reply).await?;
     relay_body(&mut from, response.body, &mut Writer::Agent(conn), body == BodyKind::Chunked)
         .await?;
+    if poolable && whole && response.keep_alive {
+        let (socket, early) = from.into_inner();
+        if early.is_empty() {
+            shared.peer_pool.put(holder, socket);
+        }
+    }
     Ok(if keep_alive { Outcome::Done } else { Outcome::Close })
 }
 

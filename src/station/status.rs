@@ -42,6 +42,8 @@ pub(super) struct Counters {
     pub forwarded: AtomicU64,
     /// Reverse clients relayed to the station holding their device.
     pub relayed_clients: AtomicU64,
+    /// Connections opened to other stations for forwarded requests.
+    pub peer_connections: AtomicU64,
     /// Streams connected to their target or exposed service.
     pub streams_opened: AtomicU64,
     streams_refused: Tally<{ StreamRefusal::ALL.len() }>,
@@ -366,6 +368,7 @@ pub struct ClusterStatus {
     pub store_up: bool,
     pub forwarded_requests: u64,
     pub relayed_clients: u64,
+    pub peer_connections: u64,
 }
 
 pub(super) fn snapshot(shared: &Shared) -> Snapshot {
@@ -445,6 +448,7 @@ pub(super) fn snapshot(shared: &Shared) -> Snapshot {
             store_up: registry.is_up(),
             forwarded_requests: counters.forwarded.load(Ordering::Relaxed),
             relayed_clients: counters.relayed_clients.load(Ordering::Relaxed),
+            peer_connections: counters.peer_connections.load(Ordering::Relaxed),
         }),
     }
 }
@@ -591,6 +595,12 @@ pub fn render_metrics(snap: &Snapshot) -> String {
             "counter",
             "Reverse clients relayed to the station holding their device.",
             &one(cluster.relayed_clients.to_string()),
+        );
+        family(
+            "postern_cluster_peer_connections_total",
+            "counter",
+            "Connections opened to other stations for forwarded requests (kept alive between polls and pushes).",
+            &one(cluster.peer_connections.to_string()),
         );
     }
     family(
@@ -809,6 +819,7 @@ mod tests {
                 store_up: true,
                 forwarded_requests: 9,
                 relayed_clients: 2,
+                peer_connections: 3,
             }),
         }
     }
@@ -829,6 +840,7 @@ mod tests {
             "postern_cluster_store_up 1",
             "postern_cluster_forwarded_requests_total 9",
             "postern_cluster_relayed_clients_total 2",
+            "postern_cluster_peer_connections_total 3",
             "process_start_time_seconds 999.500",
             "postern_device_last_heard_seconds{device=\"pump \\\"17\\\"\"} 1001.250",
             "postern_streams_opened_total 11",

@@ -77,7 +77,7 @@ pub(super) enum CarrierError {
     Busy(Duration),
     /// A non-200 reply. `who` says whether the station itself answered.
     #[error("{who} answered {status} {reason}")]
-    Status { who: &'static str, status: u16, reason: String },
+    Status { who: Who, status: u16, reason: String },
     #[error("the station does not know this session (it restarted or timed it out)")]
     SessionGone,
     #[error("the station's handshake reply did not verify: {0}")]
@@ -87,6 +87,27 @@ pub(super) enum CarrierError {
     /// TLS, CONNECT or proxy authentication (agent/egress.rs).
     #[error(transparent)]
     Egress(EgressError),
+}
+
+/// Who answered a carrier request: the station marks its replies
+/// (`X-Postern: station`), so a proxy's or a balancer's page is told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Who {
+    Station,
+    /// The forward proxy the agent goes through.
+    Proxy,
+    /// Without a proxy: a reverse proxy or balancer before the station.
+    InFront,
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Who::Station => "the station",
+            Who::Proxy => "the proxy (not the station)",
+            Who::InFront => "something in front of the station (not the station itself)",
+        })
+    }
 }
 
 /// How sending a request on a connection failed.
@@ -259,9 +280,9 @@ impl Client {
         let from_station =
             head.header(STATION_MARK.0).is_some_and(|v| v == STATION_MARK.1.as_bytes());
         let who = match (from_station, &self.proxy) {
-            (true, _) => "the station",
-            (false, Some(_)) => "the proxy (not the station)",
-            (false, None) => "something in front of the station (not the station itself)",
+            (true, _) => Who::Station,
+            (false, Some(_)) => Who::Proxy,
+            (false, None) => Who::InFront,
         };
         match head.status {
             200 => Ok(()),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWriteExt};
 
-use super::client::{deadline, Backoff, CarrierError, REPLY_TIMEOUT};
+use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::Shared;
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
@@ -388,7 +388,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
     let answered = async {
         let head = conn.read_response(false).await?;
         let answer = client.check(&head).err().unwrap_or(CarrierError::Status {
-            who: "the station",
+            who: Who::Station,
             status: head.status,
             reason: head.reason.clone(),
         });

@@ -39,7 +39,7 @@ use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
 use crate::tunnel::{self, Incoming, Tunnel};
-use client::{Backoff, CarrierError, Client, REPLY_TIMEOUT};
+use client::{Backoff, CarrierError, Client, Who, REPLY_TIMEOUT};
 
 /// Retry delays while the station sees another agent with our key: tens
 /// of seconds, growing (the station refuses for a minute and more).
@@ -536,7 +536,7 @@ where
                 lock(&shared.keys).working = index;
                 return Ok(done);
             }
-            Err(e @ CarrierError::Status { status: 400, who: "the station", .. }) => {
+            Err(e @ CarrierError::Status { status: 400, who: Who::Station, .. }) => {
                 if tried + 1 == station.len() {
                     let pinned: Vec<String> = station.iter().map(PublicKey::fingerprint).collect();
                     return Err(CarrierError::StationKeyWrong(pinned.join(", ")));
@@ -569,10 +569,10 @@ async fn handshake_exchange(
         .exchange(&mut conn, path, body, REPLY_TIMEOUT, MAX_HANDSHAKE as u64, collect)
         .await
         .map_err(|e| match e {
-            CarrierError::Status { status: 403, who: "the station", .. } => {
+            CarrierError::Status { status: 403, who: Who::Station, .. } => {
                 CarrierError::KeyRefused(lock(&shared.keys).own.public_key().to_base64())
             }
-            CarrierError::Status { status: 409, who: "the station", .. } => {
+            CarrierError::Status { status: 409, who: Who::Station, .. } => {
                 CarrierError::KeyInUse(lock(&shared.keys).own.public_key().fingerprint())
             }
             other => other,

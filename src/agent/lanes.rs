@@ -36,7 +36,23 @@ const WATCH_TICK: Duration = Duration::from_secs(1);
 /// How long a path may hold back what the stream lanes carry before it is
 /// judged to buffer them. A streaming path delivers within a round trip;
 /// 10 s leaves room for a congested cellular link.
-pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first judgement of a path comes sooner: within this many times
+/// the hello's exchange (a new connection, a request and its answer, on
+/// the same path), and [`FIRST_JUDGEMENT_MIN`] at least. Behind a box that
+/// buffers, the first connection's bytes wait for it (issue 18: a user's
+/// first command must not time out while auto decides).
+const FIRST_JUDGEMENT_HELLOS: u32 = 4;
+const FIRST_JUDGEMENT_MIN: Duration = Duration::from_millis(1500);
+
+/// How long the stream lanes get to prove a path they have not proven
+/// yet, given how long the hello took (if known).
+fn first_judgement(hello: Option<Duration>) -> Duration {
+    hello.map_or(PROBE_TIMEOUT, |took| {
+        (took * FIRST_JUDGEMENT_HELLOS).clamp(FIRST_JUDGEMENT_MIN, PROBE_TIMEOUT)
+    })
+}
 
 /// Stream lanes that lasted this long worked: the next rebuild starts its
 /// backoff afresh.
@@ -101,6 +117,8 @@ pub(super) struct ShapeMemory {
     /// Seconds a poll request may be held: `poll_hold`, shorter once a
     /// path cut held requests.
     poll_wait: AtomicU64,
+    /// Milliseconds the last hello's exchange took; 0 before the first.
+    hello_millis: AtomicU64,
 }
 
 impl ShapeMemory {
@@ -108,6 +126,7 @@ impl ShapeMemory {
         ShapeMemory {
             fell_back: AtomicBool::new(false),
             why: Mutex::new(None),
+            hello_millis: AtomicU64::new(0),
             poll_wait: AtomicU64::new(poll_hold.as_secs().max(1)),
         }
     }
@@ -120,6 +139,17 @@ impl ShapeMemory {
             CarrierKind::Auto if self.fell_back.load(Ordering::Relaxed) => "auto (poll)",
             CarrierKind::Auto => "auto (stream)",
         }
+    }
+
+    /// How long a hello's exchange took: the path's cost of a new
+    /// connection and one request, which the first judgement scales.
+    pub(super) fn hello_took(&self, took: Duration) {
+        self.hello_millis.store((took.as_millis() as u64).max(1), Ordering::Relaxed);
+    }
+
+    fn hello(&self) -> Option<Duration> {
+        let millis = self.hello_millis.load(Ordering::Relaxed);
+        (millis > 0).then(|| Duration::from_millis(millis))
     }
 
     /// Why `auto` uses poll, once it fell back.
@@ -207,7 +237,11 @@ async fn run_stream(ctx: &LaneCtx) -> Verdict {
     // A packet the station must acknowledge, sent now rather than with the
     // first user bytes, so the path is judged before anyone waits on it.
     ctx.tunnel.probe();
-    let limit = PROBE_TIMEOUT.as_secs();
+    let first = first_judgement(ctx.shared.shape.hello());
+    // Whether the downlink has delivered in this set of lanes: until it
+    // has, it gets the first judgement's time, then PROBE_TIMEOUT.
+    let mut down_proven = false;
+    let seconds = |limit: Duration| format!("{:.1} s", limit.as_secs_f32());
     loop {
         smol::Timer::after(WATCH_TICK).await;
         if ctx.tunnel.closed().is_some() {
@@ -223,19 +257,30 @@ async fn run_stream(ctx: &LaneCtx) -> Verdict {
             let down = lock(&watch.down);
             (down.asked, down.flowing)
         };
-        if asked.is_some_and(|at| !flowing && now - at >= PROBE_TIMEOUT) {
+        down_proven |= flowing;
+        let down_limit = if down_proven { PROBE_TIMEOUT } else { first };
+        if asked.is_some_and(|at| !flowing && now - at >= down_limit) {
             return Verdict::PathBuffers(format!(
-                "nothing of the streamed downlink arrived within {limit} s of asking for it (the path buffers responses)"
+                "nothing of the streamed downlink arrived within {} of asking for it (the path buffers responses)",
+                seconds(down_limit)
             ));
         }
-        let stalled = ctx.tunnel.stalled_since().is_some_and(|since| now - since >= PROBE_TIMEOUT);
+        // Until the station acknowledged something sent on this uplink, it
+        // too has the first judgement's time.
+        let up_proven = ctx.tunnel.acked() != acked_before;
+        let up_limit = if up_proven { PROBE_TIMEOUT } else { first };
+        let stalled = ctx.tunnel.stalled_since().is_some_and(|since| now - since >= up_limit);
         if stalled && flowing {
-            if ctx.tunnel.acked() == acked_before {
+            if !up_proven {
                 return Verdict::PathBuffers(format!(
-                    "the station acknowledged nothing sent on the streamed uplink within {limit} s (the path buffers request bodies)"
+                    "the station acknowledged nothing sent on the streamed uplink within {} (the path buffers request bodies)",
+                    seconds(up_limit)
                 ));
             }
-            return Verdict::Dead(format!("no acknowledgement from the station for {limit} s"));
+            return Verdict::Dead(format!(
+                "no acknowledgement from the station for {}",
+                seconds(up_limit)
+            ));
         }
         let mut cuts = lock(&watch.cuts);
         while cuts.front().is_some_and(|(at, _)| now - *at > CUT_WINDOW) {
@@ -475,5 +520,23 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
         client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, deliver).await?;
         backoff.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_judgement_scales_with_the_hello() {
+        let ms = Duration::from_millis;
+        // Unknown path: the full time.
+        assert_eq!(first_judgement(None), PROBE_TIMEOUT);
+        // Loopback or a LAN: the floor, not a few milliseconds.
+        assert_eq!(first_judgement(Some(ms(2))), FIRST_JUDGEMENT_MIN);
+        // Cellular, a hello of 800 ms: four of them.
+        assert_eq!(first_judgement(Some(ms(800))), ms(3200));
+        // A path slower than that: never longer than before.
+        assert_eq!(first_judgement(Some(ms(4000))), PROBE_TIMEOUT);
     }
 }

@@ -485,7 +485,10 @@ async fn handshake(
         // The station keeps the session alive at the agent's interval too.
         let keepalive = carrier::hello_query(shared.limits.keepalive);
         let path = shared.client.path(&session, Verb::Hello, Some(&keepalive));
-        Ok((initiator, handshake_exchange(shared, &path, &msg).await?))
+        let sent = Instant::now();
+        let reply = handshake_exchange(shared, &path, &msg).await?;
+        shared.shape.hello_took(sent.elapsed());
+        Ok((initiator, reply))
     })
     .await?;
     let transport = initiator.finish(&reply).map_err(CarrierError::Handshake)?;

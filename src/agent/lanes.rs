@@ -30,7 +30,10 @@ use crate::crypto::{RecordReader, SessionId, MAX_RECORD};
 use crate::task::Scope;
 use crate::tunnel::{LaneEnd, Tunnel};
 
-/// How often the supervisor looks at the stream lanes.
+/// How often the supervisor looks at the stream lanes: often while it
+/// judges a new path (a first command waits for the verdict), then rarely
+/// (an idle agent should sleep).
+const JUDGING_TICK: Duration = Duration::from_millis(100);
 const WATCH_TICK: Duration = Duration::from_secs(1);
 
 /// How long a path may hold back what the stream lanes carry before it is
@@ -243,7 +246,8 @@ async fn run_stream(ctx: &LaneCtx) -> Verdict {
     let mut down_proven = false;
     let seconds = |limit: Duration| format!("{:.1} s", limit.as_secs_f32());
     loop {
-        smol::Timer::after(WATCH_TICK).await;
+        let judging = !down_proven || ctx.tunnel.acked() == acked_before;
+        smol::Timer::after(if judging { JUDGING_TICK } else { WATCH_TICK }).await;
         if ctx.tunnel.closed().is_some() {
             return Verdict::Closed;
         }

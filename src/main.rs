@@ -589,7 +589,10 @@ fn agent(path: PathBuf) -> Result<(), String> {
                         Ok(config)
                     }) {
                         Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e),
+                        Err(e) => {
+                            handle.reload_failed();
+                            Err(e)
+                        }
                     };
                     log_reload(reloaded);
                     notifier.ready();

@@ -198,6 +198,30 @@ impl Exposition {
         );
     }
 
+    /// `PREFIXreloads_total` and `PREFIXlast_reload_seconds`, by result:
+    /// (count, time of the last; 0 if none) of applied and refused ones.
+    pub(crate) fn reloads(&mut self, prefix: &str, applied: (u64, Millis), refused: (u64, Millis)) {
+        let results = [("success", applied), ("failure", refused)];
+        let samples = |value: &dyn Fn((u64, Millis)) -> String| -> Vec<(String, String)> {
+            results
+                .iter()
+                .map(|(result, tally)| (format!("{{result=\"{result}\"}}"), value(*tally)))
+                .collect()
+        };
+        self.family(
+            &format!("{prefix}reloads_total"),
+            "counter",
+            "Config reloads (SIGHUP) applied (success) or refused (failure).",
+            &samples(&|(count, _)| count.to_string()),
+        );
+        self.family(
+            &format!("{prefix}last_reload_seconds"),
+            "gauge",
+            "Unix time of the last config reload of each result; 0 if there was none.",
+            &samples(&|(_, last)| if last == Millis(0) { "0".into() } else { last.to_string() }),
+        );
+    }
+
     /// `process_start_time_seconds`, the name client libraries use.
     pub(crate) fn start_time(&mut self, program: &str, started: Millis) {
         let help = format!("Start time of the {program} since the unix epoch in seconds.");

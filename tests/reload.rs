@@ -42,7 +42,7 @@ fn forwards_and_services_change_on_sighup_without_touching_other_streams() {
         let line = station.wait_log(&[&marker]);
         addr_after(&line, &marker).expect("an address")
     };
-    let head = keys.agent_toml(station_addr, &[], "");
+    let head = with_status(&keys.agent_toml(station_addr, &[], ""));
     let first = format!(
         "{head}{}{}\n[services]\ns1 = \"{}\"\n",
         forward("127.0.0.11:0", "a"),
@@ -50,6 +50,7 @@ fn forwards_and_services_change_on_sighup_without_touching_other_streams() {
         echo_two.addr
     );
     let (agent, _) = start_agent_session(&dir, &station, DEVICE, &first, &[]);
+    let status = status_addr(&agent);
     let a = forward_on(&agent, "127.0.0.11", "a");
     let b = forward_on(&agent, "127.0.0.12", "b");
 
@@ -102,4 +103,15 @@ fn forwards_and_services_change_on_sighup_without_touching_other_streams() {
     assert_eq!(echo_round_trip(c, 5, 1 << 16), Received::expected(5, 1 << 16), "c after refusals");
     assert_eq!(echo_round_trip(b, 6, 1 << 16), Received::expected(6, 1 << 16), "b after refusals");
     assert_eq!(agent.stderr.count("reloaded: forward"), 2, "{}", agent.describe());
+    let metrics = status_get(status, "/metrics").1;
+    for (series, value) in [
+        ("postern_agent_reloads_total{result=\"success\"}", 1.0),
+        ("postern_agent_reloads_total{result=\"failure\"}", 2.0),
+    ] {
+        assert_eq!(metric(&metrics, series), Some(value), "{series} in\n{metrics}");
+    }
+    for result in ["success", "failure"] {
+        let series = format!("postern_agent_last_reload_seconds{{result=\"{result}\"}}");
+        assert!(metric(&metrics, &series).is_some_and(|at| at > 0.0), "{series} in\n{metrics}");
+    }
 }

@@ -298,7 +298,13 @@ impl Handle {
     pub async fn reload(&self, config: AgentConfig) -> Result<Vec<String>, Error> {
         let shared = &self.0;
         let (new, kept) = lock(&shared.forwards).plan(&config.forwards);
-        let ready = forwards::prepare(new).await?;
+        let ready = match forwards::prepare(new).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                shared.record.reloaded(false);
+                return Err(e);
+            }
+        };
         let mut changes = lock(&shared.forwards).apply(shared, &config.forwards, &kept, ready);
         changes.extend(self.reload_services(&config.services));
         changes.extend(restart_needed(&lock(&shared.applied), &config));
@@ -306,7 +312,13 @@ impl Handle {
         let mut applied = lock(&shared.applied);
         applied.forwards = config.forwards;
         applied.services = config.services;
+        shared.record.reloaded(true);
         Ok(changes)
+    }
+
+    /// A reload whose config could not be read: counted for the status.
+    pub fn reload_failed(&self) {
+        self.0.record.reloaded(false);
     }
 
     fn reload_services(&self, new: &BTreeMap<String, Service>) -> Vec<String> {

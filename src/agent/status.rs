@@ -35,6 +35,8 @@ pub(super) struct Record {
     /// Stream bytes and resent packets of sessions that ended.
     ended: Mutex<Carried>,
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// Reloads applied and refused: how many, and when the last was.
+    reloads: Mutex<[(u64, Millis); 2]>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +68,15 @@ impl Record {
             session: Mutex::new(None),
             ended: Mutex::new(Carried::default()),
             last_error: Mutex::new(None),
+            reloads: Mutex::new([(0, Millis(0)); 2]),
         }
+    }
+
+    /// A reload (SIGHUP) was applied, or refused.
+    pub(super) fn reloaded(&self, applied: bool) {
+        let tally = &mut lock(&self.reloads)[usize::from(!applied)];
+        tally.0 += 1;
+        tally.1 = Millis::unix(SystemTime::now());
     }
 
     pub(super) fn session_began(&self, id: String) {
@@ -120,6 +130,7 @@ struct Snapshot {
     /// Since the agent started: ended sessions and the live one.
     carried: Carried,
     last_error: Option<(Millis, String)>,
+    reloads: [(u64, Millis); 2],
 }
 
 fn snapshot(shared: &Shared) -> Snapshot {
@@ -148,6 +159,7 @@ fn snapshot(shared: &Shared) -> Snapshot {
         reconnects: shared.reconnects.load(Ordering::Relaxed),
         carried,
         last_error: lock(&record.last_error).clone().map(|(at, text)| (Millis::unix(at), text)),
+        reloads: *lock(&record.reloads),
     }
 }
 
@@ -155,6 +167,7 @@ fn render_metrics(snap: &Snapshot) -> String {
     let mut out = Exposition::default();
     out.build_info("postern_agent_build_info");
     out.start_time("agent", snap.started);
+    out.reloads("postern_agent_", snap.reloads[0], snap.reloads[1]);
     out.one(
         "postern_agent_connected",
         "gauge",
@@ -313,6 +326,7 @@ mod tests {
             reconnects: 3,
             carried: Carried { up: 1234, down: 5678, resent: 12 },
             last_error: Some((Millis(1_500_000), "down lane: \"timed out\"".into())),
+            reloads: [(1, Millis(1_800_000)), (0, Millis(0))],
         }
     }
 
@@ -333,6 +347,10 @@ mod tests {
             "postern_agent_sessions_total 2",
             "postern_agent_last_error_seconds 1500.000",
             "process_start_time_seconds 1000.000",
+            "postern_agent_reloads_total{result=\"success\"} 1",
+            "postern_agent_reloads_total{result=\"failure\"} 0",
+            "postern_agent_last_reload_seconds{result=\"success\"} 1800.000",
+            "postern_agent_last_reload_seconds{result=\"failure\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

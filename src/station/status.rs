@@ -470,6 +470,8 @@ pub fn render_metrics(snap: &Snapshot) -> String {
     let mut out = Exposition::default();
     out.build_info("postern_build_info");
     out.start_time("station", Millis((snap.started * 1000.0) as u64));
+    let tally = |t: ReloadTally| (t.count, Millis(t.last.map_or(0, |at| (at * 1000.0) as u64)));
+    out.reloads("postern_", tally(snap.reloads.successes), tally(snap.reloads.failures));
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
         out.family(name, kind, help, samples)
     };
@@ -563,19 +565,6 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         "counter",
         "Streams refused, by reason.",
         &by("reason", &snap.streams_refused),
-    );
-    let reloads = [("success", snap.reloads.successes), ("failure", snap.reloads.failures)];
-    family(
-        "postern_reloads_total",
-        "counter",
-        "Config reloads (SIGHUP) applied (success) or refused (failure).",
-        &by("result", &reloads.map(|(result, tally)| (result, tally.count))),
-    );
-    family(
-        "postern_last_reload_seconds",
-        "gauge",
-        "Unix time of the last config reload of each result; 0 if there was none.",
-        &reloads.map(|(result, tally)| (format!("{{result=\"{result}\"}}"), time(tally.last))),
     );
     if let Some(cluster) = &snap.cluster {
         family(

@@ -2,7 +2,9 @@
 //! shape and watches the path.
 //!
 //! ```text
-//!  carry ─ stream shape: down (chunked response) + up (chunked request) ─ watch every second
+//!  carry ─ stream shape: down (chunked response) + up (chunked request)
+//!        │     the lanes report to a carrier::auto::Judge, asked every 100 ms while
+//!        │     it judges a new path, then every second:
 //!        │     path holds back bytes, or cuts lanes again and again ──▶ auto: poll from now on
 //!        │     silent but proven path ──▶ rebuild the lanes
 //!        └ poll shape:   poll (long-poll) + push (one request per batch) until the session ends
@@ -11,7 +13,6 @@
 //! Lanes only move sealed records; the session below them resends whatever
 //! a lost or rebuilt lane did not deliver, so switching shape loses nothing.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use futures_lite::{future, AsyncWriteExt};
 
 use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::Shared;
+use crate::carrier::auto::{self, Judge, Verdict};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
 use crate::carrier::link::Link;
@@ -36,35 +38,9 @@ use crate::tunnel::{LaneEnd, Tunnel};
 const JUDGING_TICK: Duration = Duration::from_millis(100);
 const WATCH_TICK: Duration = Duration::from_secs(1);
 
-/// How long a path may hold back what the stream lanes carry before it is
-/// judged to buffer them. A streaming path delivers within a round trip;
-/// 10 s leaves room for a congested cellular link.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The first judgement of a path comes sooner: within this many times
-/// the hello's exchange (a new connection, a request and its answer, on
-/// the same path), and [`FIRST_JUDGEMENT_MIN`] at least. Behind a box that
-/// buffers, the first connection's bytes wait for it (issue 18: a user's
-/// first command must not time out while auto decides).
-const FIRST_JUDGEMENT_HELLOS: u32 = 4;
-const FIRST_JUDGEMENT_MIN: Duration = Duration::from_millis(1500);
-
-/// How long the stream lanes get to prove a path they have not proven
-/// yet, given how long the hello took (if known).
-fn first_judgement(hello: Option<Duration>) -> Duration {
-    hello.map_or(PROBE_TIMEOUT, |took| {
-        (took * FIRST_JUDGEMENT_HELLOS).clamp(FIRST_JUDGEMENT_MIN, PROBE_TIMEOUT)
-    })
-}
-
 /// Stream lanes that lasted this long worked: the next rebuild starts its
 /// backoff afresh.
 const LANES_PROVEN: Duration = Duration::from_secs(60);
-
-/// A path that cuts an established downlink this many times within
-/// [`CUT_WINDOW`] is judged to cut long requests.
-const CUTS_TO_FALL_BACK: usize = 3;
-const CUT_WINDOW: Duration = Duration::from_secs(600);
 
 /// Shortest hold asked of a poll request when the path cuts them.
 const POLL_WAIT_MIN: Duration = Duration::from_secs(1);
@@ -72,36 +48,6 @@ const POLL_WAIT_MIN: Duration = Duration::from_secs(1);
 /// A poll cut sooner than this after it was sent is a failure, not a sign
 /// that the path has a shorter timeout than our hold.
 const POLL_CUT_MIN: Duration = Duration::from_secs(2);
-
-/// What the stream lanes of one lane set have seen of the path.
-#[derive(Default)]
-struct StreamWatch {
-    down: Mutex<DownState>,
-    /// When established lanes were cut by the path, and which (`uplink`,
-    /// `downlink`), newest last.
-    cuts: Mutex<VecDeque<(Instant, &'static str)>>,
-    /// The path answered the uplink itself (the station never does while
-    /// the body is open): its status line.
-    refused: Mutex<Option<String>>,
-}
-
-#[derive(Default)]
-struct DownState {
-    /// The current downlink's request went out at this time. The station
-    /// answers it at once with a head and a first record.
-    asked: Option<Instant>,
-    /// A record arrived on the current downlink.
-    flowing: bool,
-}
-
-/// Why a stream lane set was taken down.
-enum Verdict {
-    Closed,
-    /// The path holds back or cuts streamed bodies.
-    PathBuffers(String),
-    /// The lanes were proven but went silent.
-    Dead(String),
-}
 
 /// Everything a lane needs.
 #[derive(Clone)]
@@ -201,8 +147,8 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             backoff.reset();
         }
         let delay = backoff.delay();
+        let Some(verdict) = verdict else { return };
         match verdict {
-            Verdict::Closed => return,
             Verdict::PathBuffers(what) if ctx.shared.carrier == CarrierKind::Auto => {
                 log::warn!("carrier auto: {what}; switching to poll for as long as the agent runs");
                 ctx.shared.record.error(format!("carrier auto: {what}"));
@@ -229,81 +175,36 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
     }
 }
 
-/// Runs one set of stream lanes until the session closes or the path is
-/// judged unfit.
-async fn run_stream(ctx: &LaneCtx) -> Verdict {
-    let watch = Arc::new(StreamWatch::default());
+/// What one set of stream lanes has seen of the path, shared by the lanes
+/// (which report) and [`run_stream`] (which asks for the verdict).
+type Watch = Mutex<Judge>;
+
+/// Runs one set of stream lanes until the session closes (`None`) or the
+/// judge gives a verdict on the path.
+async fn run_stream(ctx: &LaneCtx) -> Option<Verdict> {
+    let watch = Arc::new(Mutex::new(Judge::new(ctx.shared.shape.hello(), ctx.tunnel.acked())));
     let lanes = Scope::new();
     lanes.spawn(lane_loop(ctx.clone(), Verb::Down, Some(watch.clone())));
     lanes.spawn(lane_loop(ctx.clone(), Verb::Up, Some(watch.clone())));
-    let acked_before = ctx.tunnel.acked();
     // A packet the station must acknowledge, sent now rather than with the
     // first user bytes, so the path is judged before anyone waits on it.
     ctx.tunnel.probe();
-    let first = first_judgement(ctx.shared.shape.hello());
-    // Whether the downlink has delivered in this set of lanes: until it
-    // has, it gets the first judgement's time, then PROBE_TIMEOUT.
-    let mut down_proven = false;
-    let seconds = |limit: Duration| format!("{:.1} s", limit.as_secs_f32());
     loop {
-        let judging = !down_proven || ctx.tunnel.acked() == acked_before;
+        let judging = lock(&watch).judging(ctx.tunnel.acked());
         smol::Timer::after(if judging { JUDGING_TICK } else { WATCH_TICK }).await;
         if ctx.tunnel.closed().is_some() {
-            return Verdict::Closed;
+            return None;
         }
-        let now = Instant::now();
-        if let Some(answer) = lock(&watch.refused).take() {
-            return Verdict::PathBuffers(format!(
-                "the path answered the streamed uplink with {answer}"
-            ));
-        }
-        let (asked, flowing) = {
-            let down = lock(&watch.down);
-            (down.asked, down.flowing)
-        };
-        down_proven |= flowing;
-        let down_limit = if down_proven { PROBE_TIMEOUT } else { first };
-        if asked.is_some_and(|at| !flowing && now - at >= down_limit) {
-            return Verdict::PathBuffers(format!(
-                "nothing of the streamed downlink arrived within {} of asking for it (the path buffers responses)",
-                seconds(down_limit)
-            ));
-        }
-        // Until the station acknowledged something sent on this uplink, it
-        // too has the first judgement's time.
-        let up_proven = ctx.tunnel.acked() != acked_before;
-        let up_limit = if up_proven { PROBE_TIMEOUT } else { first };
-        let stalled = ctx.tunnel.stalled_since().is_some_and(|since| now - since >= up_limit);
-        if stalled && flowing {
-            if !up_proven {
-                return Verdict::PathBuffers(format!(
-                    "the station acknowledged nothing sent on the streamed uplink within {} (the path buffers request bodies)",
-                    seconds(up_limit)
-                ));
-            }
-            return Verdict::Dead(format!(
-                "no acknowledgement from the station for {}",
-                seconds(up_limit)
-            ));
-        }
-        let mut cuts = lock(&watch.cuts);
-        while cuts.front().is_some_and(|(at, _)| now - *at > CUT_WINDOW) {
-            cuts.pop_front();
-        }
-        for lane in ["downlink", "uplink"] {
-            let count = cuts.iter().filter(|(_, cut)| *cut == lane).count();
-            if count >= CUTS_TO_FALL_BACK {
-                return Verdict::PathBuffers(format!(
-                    "the path cut the streamed {lane} {count} times within {} minutes",
-                    CUT_WINDOW.as_secs() / 60
-                ));
-            }
+        let verdict =
+            lock(&watch).verdict(Instant::now(), ctx.tunnel.acked(), ctx.tunnel.stalled_since());
+        if verdict.is_some() {
+            return verdict;
         }
     }
 }
 
 /// Keeps one lane going, reconnecting with backoff, until the session ends.
-async fn lane_loop(ctx: LaneCtx, verb: Verb, watch: Option<Arc<StreamWatch>>) {
+async fn lane_loop(ctx: LaneCtx, verb: Verb, watch: Option<Arc<Watch>>) {
     let mut backoff = Backoff::new();
     while ctx.tunnel.closed().is_none() {
         let result = match (verb, &watch) {
@@ -346,7 +247,7 @@ fn receive(
 /// response.
 async fn down_lane(
     ctx: &LaneCtx,
-    watch: &StreamWatch,
+    watch: &Watch,
     backoff: &mut Backoff,
 ) -> Result<(), CarrierError> {
     let client = &ctx.shared.client;
@@ -358,11 +259,11 @@ async fn down_lane(
     client.head(&mut out, &path, BodyKind::Length(proof.len() as u64));
     out.extend_from_slice(&proof);
     conn.write_all(&out).await.map_err(HttpError::Io)?;
-    *lock(&watch.down) = DownState { asked: Some(Instant::now()), flowing: false };
+    lock(watch).down_asked(Instant::now());
     let ended = read_downlink(ctx, watch, backoff, &mut conn).await;
-    let flowed = std::mem::take(&mut *lock(&watch.down)).flowing;
+    let flowed = lock(watch).down_ended();
     if flowed && ctx.tunnel.closed().is_none() {
-        lock(&watch.cuts).push_back((Instant::now(), "downlink"));
+        lock(watch).cut(Instant::now(), auto::Lane::Down);
     }
     ended
 }
@@ -370,7 +271,7 @@ async fn down_lane(
 /// Reads the downlink's reply into the session until it ends.
 async fn read_downlink(
     ctx: &LaneCtx,
-    watch: &StreamWatch,
+    watch: &Watch,
     backoff: &mut Backoff,
     conn: &mut HttpConn<Link>,
 ) -> Result<(), CarrierError> {
@@ -391,7 +292,7 @@ async fn read_downlink(
         receive(&ctx.tunnel, bytes, &mut reader, &mut scratch)?;
         if !flowing {
             flowing = true;
-            lock(&watch.down).flowing = true;
+            lock(watch).down_delivered();
             backoff.reset();
         }
     }
@@ -401,7 +302,7 @@ async fn read_downlink(
 /// Stream shape, agent to station: one long chunked request. The station
 /// answers only when the body ends, which we never do, so any answer (or
 /// the connection closing) is the path cutting the lane.
-async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError> {
+async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     let client = &ctx.shared.client;
     let mut conn = client.connect().await?;
     let mut writer = conn.get_ref().clone();
@@ -442,7 +343,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
             reason: head.reason.clone(),
         });
         if !matches!(answer, CarrierError::SessionGone) {
-            *lock(&watch.refused) = Some(format!("{} {}", head.status, head.reason));
+            lock(watch).refused(format!("{} {}", head.status, head.reason));
         }
         Err(answer)
     };
@@ -450,7 +351,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &StreamWatch) -> Result<(), CarrierError>
     let gone = matches!(ended, Err(CarrierError::SessionGone));
     if ended.is_err() && !gone && sent_any.load(Ordering::Relaxed) && ctx.tunnel.closed().is_none()
     {
-        lock(&watch.cuts).push_back((Instant::now(), "uplink"));
+        lock(watch).cut(Instant::now(), auto::Lane::Up);
     }
     ended
 }
@@ -524,23 +425,5 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
         client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, deliver).await?;
         backoff.reset();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_first_judgement_scales_with_the_hello() {
-        let ms = Duration::from_millis;
-        // Unknown path: the full time.
-        assert_eq!(first_judgement(None), PROBE_TIMEOUT);
-        // Loopback or a LAN: the floor, not a few milliseconds.
-        assert_eq!(first_judgement(Some(ms(2))), FIRST_JUDGEMENT_MIN);
-        // Cellular, a hello of 800 ms: four of them.
-        assert_eq!(first_judgement(Some(ms(800))), ms(3200));
-        // A path slower than that: never longer than before.
-        assert_eq!(first_judgement(Some(ms(4000))), PROBE_TIMEOUT);
     }
 }

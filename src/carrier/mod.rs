@@ -17,6 +17,7 @@
 //! Bodies are sequences of records (see [`crate::crypto::RecordReader`]),
 //! independent of chunk boundaries, so a proxy may rechunk freely.
 
+pub mod auto;
 pub mod conn;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod harness;

@@ -1,0 +1,367 @@
+//! The judge `carrier = "auto"` asks whether the stream shape serves a
+//! path. Sans-I/O: the agent's stream lanes report what they see, with the
+//! time; the judge answers with a verdict or none. Tested below in
+//! simulated time, one path shape per test.
+//!
+//! ```text
+//!  down lane: asked, a record arrived, cut ─┐
+//!  up lane: refused by the path, cut       ─┼─▶ Judge::verdict(now, acked, stalled since) ─▶ None | PathBuffers | Dead
+//!  session: packets acked, stalled since   ─┘
+//! ```
+//!
+//! A path has a short first judgement (a few hellos' time) until each
+//! lane has delivered once, then [`PROBE_TIMEOUT`]: a first command must
+//! not wait 10 s behind a box that buffers, and a proven path must not be
+//! given up on a slow moment.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How long a path may hold back what the stream lanes carry before it is
+/// judged to buffer them. A streaming path delivers within a round trip;
+/// 10 s leaves room for a congested cellular link.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first judgement comes within this many times the hello's exchange
+/// (a new connection, a request and its answer, on the same path), and
+/// [`FIRST_JUDGEMENT_MIN`] at least.
+const FIRST_JUDGEMENT_HELLOS: u32 = 4;
+const FIRST_JUDGEMENT_MIN: Duration = Duration::from_millis(1500);
+
+/// Cuts of one lane within [`CUT_WINDOW`] that make a path one that cuts
+/// long requests.
+const CUTS_TO_FALL_BACK: usize = 3;
+const CUT_WINDOW: Duration = Duration::from_secs(600);
+
+/// How long the stream lanes get to prove a path they have not proven
+/// yet, given how long the hello took (if known).
+pub fn first_judgement(hello: Option<Duration>) -> Duration {
+    hello.map_or(PROBE_TIMEOUT, |took| {
+        (took * FIRST_JUDGEMENT_HELLOS).clamp(FIRST_JUDGEMENT_MIN, PROBE_TIMEOUT)
+    })
+}
+
+/// A stream lane, as the judge counts its cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Up,
+    Down,
+}
+
+impl Lane {
+    fn as_str(self) -> &'static str {
+        match self {
+            Lane::Up => "uplink",
+            Lane::Down => "downlink",
+        }
+    }
+}
+
+/// Why the stream lanes should be taken down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The path holds back or cuts streamed bodies: `auto` moves to poll.
+    PathBuffers(String),
+    /// The lanes were proven but went silent: make them again.
+    Dead(String),
+}
+
+/// What one set of stream lanes has shown of the path.
+#[derive(Debug)]
+pub struct Judge {
+    first: Duration,
+    /// Packets the peer had acknowledged when the lanes started.
+    acked_at_start: u64,
+    /// The current downlink was asked for at this time.
+    down_asked: Option<Instant>,
+    /// A record arrived on the current downlink.
+    down_flowing: bool,
+    /// A record arrived on some downlink of this set.
+    down_proven: bool,
+    /// The path answered the uplink itself: its status line.
+    refused: Option<String>,
+    /// Cuts of established lanes, oldest first, within [`CUT_WINDOW`].
+    cuts: VecDeque<(Instant, Lane)>,
+}
+
+impl Judge {
+    /// A judge for lanes starting now, on a path whose hello took `hello`,
+    /// when the peer has acknowledged `acked` packets.
+    pub fn new(hello: Option<Duration>, acked: u64) -> Judge {
+        Judge {
+            first: first_judgement(hello),
+            acked_at_start: acked,
+            down_asked: None,
+            down_flowing: false,
+            down_proven: false,
+            refused: None,
+            cuts: VecDeque::new(),
+        }
+    }
+
+    /// A downlink request went out.
+    pub fn down_asked(&mut self, now: Instant) {
+        self.down_asked = Some(now);
+        self.down_flowing = false;
+    }
+
+    /// A record arrived on the current downlink.
+    pub fn down_delivered(&mut self) {
+        self.down_flowing = true;
+        self.down_proven = true;
+    }
+
+    /// The current downlink ended; returns whether it had delivered (a
+    /// downlink that delivered and ended while the session lives was cut).
+    pub fn down_ended(&mut self) -> bool {
+        self.down_asked = None;
+        std::mem::take(&mut self.down_flowing)
+    }
+
+    /// An established lane was cut by the path.
+    pub fn cut(&mut self, now: Instant, lane: Lane) {
+        self.prune(now);
+        // Bounded by the window's verdict: more than this many never wait.
+        if self.cuts.len() < 2 * CUTS_TO_FALL_BACK {
+            self.cuts.push_back((now, lane));
+        }
+    }
+
+    /// The path answered the streamed uplink itself with `status_line`.
+    pub fn refused(&mut self, status_line: String) {
+        self.refused = Some(status_line);
+    }
+
+    /// Whether a lane has yet to deliver: the driver then looks often.
+    pub fn judging(&self, acked: u64) -> bool {
+        !self.down_proven || acked == self.acked_at_start
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while self
+            .cuts
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > CUT_WINDOW)
+        {
+            self.cuts.pop_front();
+        }
+    }
+
+    /// The verdict at `now`, when the peer has acknowledged `acked` packets
+    /// and unacknowledged ones have waited since `stalled_since`.
+    pub fn verdict(
+        &mut self,
+        now: Instant,
+        acked: u64,
+        stalled_since: Option<Instant>,
+    ) -> Option<Verdict> {
+        let seconds = |limit: Duration| format!("{:.1} s", limit.as_secs_f32());
+        if let Some(answer) = self.refused.take() {
+            return Some(Verdict::PathBuffers(format!(
+                "the path answered the streamed uplink with {answer}"
+            )));
+        }
+        let down_limit = if self.down_proven { PROBE_TIMEOUT } else { self.first };
+        let waited = |since: Instant| now.saturating_duration_since(since);
+        if self.down_asked.is_some_and(|at| !self.down_flowing && waited(at) >= down_limit) {
+            return Some(Verdict::PathBuffers(format!(
+                "nothing of the streamed downlink arrived within {} of asking for it (the path buffers responses)",
+                seconds(down_limit)
+            )));
+        }
+        let up_proven = acked != self.acked_at_start;
+        let up_limit = if up_proven { PROBE_TIMEOUT } else { self.first };
+        if self.down_flowing && stalled_since.is_some_and(|since| waited(since) >= up_limit) {
+            return Some(if up_proven {
+                Verdict::Dead(format!(
+                    "no acknowledgement from the station for {}",
+                    seconds(up_limit)
+                ))
+            } else {
+                Verdict::PathBuffers(format!(
+                    "the station acknowledged nothing sent on the streamed uplink within {} (the path buffers request bodies)",
+                    seconds(up_limit)
+                ))
+            });
+        }
+        self.prune(now);
+        for lane in [Lane::Down, Lane::Up] {
+            let count = self.cuts.iter().filter(|(_, cut)| *cut == lane).count();
+            if count >= CUTS_TO_FALL_BACK {
+                return Some(Verdict::PathBuffers(format!(
+                    "the path cut the streamed {} {count} times within {} minutes",
+                    lane.as_str(),
+                    CUT_WINDOW.as_secs() / 60
+                )));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Simulated time: the judge never reads a clock.
+    struct Sim {
+        now: Instant,
+        judge: Judge,
+        acked: u64,
+        stalled_since: Option<Instant>,
+    }
+
+    impl Sim {
+        fn new(hello: Option<Duration>) -> Sim {
+            Sim { now: Instant::now(), judge: Judge::new(hello, 0), acked: 0, stalled_since: None }
+        }
+
+        fn advance(&mut self, by: Duration) -> Option<Verdict> {
+            self.now += by;
+            self.judge.verdict(self.now, self.acked, self.stalled_since)
+        }
+
+        /// Advances in 100 ms ticks until a verdict or `limit`.
+        fn run(&mut self, limit: Duration) -> Option<(Duration, Verdict)> {
+            let start = self.now;
+            while self.now - start < limit {
+                if let Some(verdict) = self.advance(ms(100)) {
+                    return Some((self.now - start, verdict));
+                }
+            }
+            None
+        }
+    }
+
+    #[test]
+    fn the_first_judgement_scales_with_the_hello() {
+        assert_eq!(first_judgement(None), PROBE_TIMEOUT);
+        assert_eq!(first_judgement(Some(ms(2))), FIRST_JUDGEMENT_MIN);
+        assert_eq!(first_judgement(Some(ms(800))), ms(3200));
+        assert_eq!(first_judgement(Some(ms(4000))), PROBE_TIMEOUT);
+    }
+
+    #[test]
+    fn a_direct_path_idle_for_hours_gets_no_verdict() {
+        let mut sim = Sim::new(Some(ms(1)));
+        sim.judge.down_asked(sim.now);
+        sim.advance(ms(1));
+        sim.judge.down_delivered();
+        sim.acked = 1;
+        assert!(!sim.judge.judging(sim.acked));
+        // Keepalives go and are acknowledged: nothing waits for long.
+        for _ in 0..(6 * 3600) {
+            sim.stalled_since = Some(sim.now);
+            assert_eq!(sim.advance(ms(200)), None);
+            sim.acked += 1;
+            sim.stalled_since = None;
+            assert_eq!(sim.advance(ms(800)), None);
+        }
+    }
+
+    #[test]
+    fn a_path_that_buffers_responses_is_judged_within_the_first_judgement() {
+        let mut sim = Sim::new(Some(ms(2)));
+        sim.judge.down_asked(sim.now);
+        sim.stalled_since = Some(sim.now);
+        let (at, verdict) = sim.run(PROBE_TIMEOUT).expect("a verdict");
+        assert_eq!(at, FIRST_JUDGEMENT_MIN);
+        assert_eq!(
+            verdict,
+            Verdict::PathBuffers(
+                "nothing of the streamed downlink arrived within 1.5 s of asking for it (the path buffers responses)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_path_that_buffers_request_bodies_is_judged_by_the_missing_ack() {
+        // Cellular: a hello of 700 ms gives 2.8 s.
+        let mut sim = Sim::new(Some(ms(700)));
+        sim.judge.down_asked(sim.now);
+        sim.advance(ms(400));
+        sim.judge.down_delivered();
+        sim.stalled_since = Some(sim.now);
+        let (at, verdict) = sim.run(PROBE_TIMEOUT).expect("a verdict");
+        assert_eq!(at, ms(2800));
+        assert!(
+            matches!(&verdict, Verdict::PathBuffers(why) if why.contains("within 2.8 s")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn a_proven_path_that_goes_quiet_is_dead_after_the_full_time() {
+        let mut sim = Sim::new(Some(ms(2)));
+        sim.judge.down_asked(sim.now);
+        sim.judge.down_delivered();
+        sim.acked = 3;
+        sim.stalled_since = Some(sim.now);
+        let (at, verdict) = sim.run(2 * PROBE_TIMEOUT).expect("a verdict");
+        assert_eq!(at, PROBE_TIMEOUT);
+        assert_eq!(verdict, Verdict::Dead("no acknowledgement from the station for 10.0 s".into()));
+        // A new downlink on a proven path also gets the full time.
+        let mut sim = Sim::new(Some(ms(2)));
+        sim.judge.down_asked(sim.now);
+        sim.judge.down_delivered();
+        assert!(sim.judge.down_ended(), "it had delivered");
+        sim.judge.down_asked(sim.now);
+        assert_eq!(sim.run(PROBE_TIMEOUT - ms(100)), None);
+    }
+
+    #[test]
+    fn a_path_that_cuts_at_5_s_is_judged_at_the_third_cut() {
+        for lane in [Lane::Down, Lane::Up] {
+            let mut sim = Sim::new(Some(ms(2)));
+            sim.judge.down_asked(sim.now);
+            sim.judge.down_delivered();
+            sim.acked = 1;
+            for cut in 1..=3 {
+                assert_eq!(sim.advance(Duration::from_secs(5)), None, "{lane:?} before cut {cut}");
+                sim.judge.cut(sim.now, lane);
+            }
+            let verdict = sim.advance(ms(100)).expect("a verdict");
+            let expected =
+                format!("the path cut the streamed {} 3 times within 10 minutes", lane.as_str());
+            assert_eq!(verdict, Verdict::PathBuffers(expected));
+        }
+    }
+
+    #[test]
+    fn cuts_further_apart_than_the_window_are_forgiven() {
+        let mut sim = Sim::new(Some(ms(2)));
+        sim.judge.down_delivered();
+        sim.acked = 1;
+        for _ in 0..10 {
+            sim.judge.cut(sim.now, Lane::Up);
+            assert_eq!(sim.advance(CUT_WINDOW / 2 + ms(1)), None);
+        }
+    }
+
+    #[test]
+    fn a_slow_machine_that_looks_late_still_judges_by_elapsed_time() {
+        // The driver's ticks come seconds late: the verdict is the same.
+        let mut sim = Sim::new(Some(ms(2)));
+        sim.judge.down_asked(sim.now);
+        assert!(sim.judge.judging(0));
+        let verdict = sim.advance(Duration::from_secs(7)).expect("a verdict");
+        assert!(matches!(verdict, Verdict::PathBuffers(_)));
+    }
+
+    #[test]
+    fn the_paths_own_answer_to_the_uplink_is_reported_once() {
+        let mut sim = Sim::new(None);
+        sim.judge.refused("413 Content Too Large".into());
+        assert_eq!(
+            sim.advance(ms(1)),
+            Some(Verdict::PathBuffers(
+                "the path answered the streamed uplink with 413 Content Too Large".into()
+            ))
+        );
+        assert_eq!(sim.advance(ms(1)), None);
+    }
+}

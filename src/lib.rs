@@ -10,6 +10,8 @@
 //! the sockets, the carrier connections and the tasks.
 #![forbid(unsafe_code)]
 
+#[cfg(any(feature = "agent", feature = "station"))]
+pub mod accept;
 #[cfg(feature = "station")]
 pub mod admission;
 #[cfg(feature = "agent")]

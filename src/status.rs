@@ -90,10 +90,7 @@ where
     let clients = Scope::new();
     let open = Arc::new(AtomicUsize::new(0));
     loop {
-        let Ok((socket, _)) = listener.accept().await else {
-            smol::Timer::after(Duration::from_millis(100)).await;
-            continue;
-        };
+        let (socket, _) = crate::accept::next(&listener, || format!("status {addr}")).await;
         if open.load(Ordering::Acquire) >= MAX_CLIENTS {
             continue;
         }

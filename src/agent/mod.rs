@@ -229,32 +229,26 @@ async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: Arc<
     let open = Arc::new(AtomicUsize::new(0));
     let mut last_refusal_logged: Option<Instant> = None;
     loop {
-        match listener.accept().await {
-            Ok((socket, peer)) => {
-                if open.load(Ordering::Acquire) >= MAX_STREAMS_PER_FORWARD {
-                    // Logged once a minute at most: a flood must not flood the log.
-                    if !last_refusal_logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
-                        last_refusal_logged = Some(Instant::now());
-                        log::warn!(
-                            "forward to {}: {MAX_STREAMS_PER_FORWARD} connections open \
-                             already; closing new ones from {peer} and others until some end",
-                            lock(&target)
-                        );
-                    }
-                    continue;
-                }
-                open.fetch_add(1, Ordering::AcqRel);
-                let (shared, target, open) = (shared.clone(), lock(&target).clone(), open.clone());
-                scope.spawn(async move {
-                    carry_local(shared, socket, peer, target).await;
-                    open.fetch_sub(1, Ordering::AcqRel);
-                });
+        let what = || format!("forward to {}", lock(&target));
+        let (socket, peer) = crate::accept::next(&listener, what).await;
+        if open.load(Ordering::Acquire) >= MAX_STREAMS_PER_FORWARD {
+            // Logged once a minute at most: a flood must not flood the log.
+            if !last_refusal_logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
+                last_refusal_logged = Some(Instant::now());
+                log::warn!(
+                    "forward to {}: {MAX_STREAMS_PER_FORWARD} connections open \
+                     already; closing new ones from {peer} and others until some end",
+                    lock(&target)
+                );
             }
-            Err(e) => {
-                log::warn!("forward to {}: accept failed: {e}", lock(&target));
-                smol::Timer::after(Duration::from_millis(100)).await;
-            }
+            continue;
         }
+        open.fetch_add(1, Ordering::AcqRel);
+        let (shared, target, open) = (shared.clone(), lock(&target).clone(), open.clone());
+        scope.spawn(async move {
+            carry_local(shared, socket, peer, target).await;
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 }
 

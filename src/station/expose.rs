@@ -149,15 +149,7 @@ async fn accept_exposed(shared: Arc<Shared>, listener: TcpListener, spec: Arc<Rw
         log::info!("exposing service {:?} of device {} on {addr}", spec.service, spec.device_name);
     }
     loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait, don't spin.
-                log::warn!("{addr}: accept failed: {e}");
-                smol::Timer::after(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (socket, peer) = crate::accept::next(&listener, || addr.to_string()).await;
         let ExposeSpec { device_name, service, .. } =
             spec.read().unwrap_or_else(|p| p.into_inner()).clone();
         if shared.draining.load(Ordering::Acquire) {

@@ -385,16 +385,9 @@ impl Station {
 /// Accepts connections on `listener` until the station stops, each served
 /// by its own task within the admission limits.
 async fn accept(shared: Arc<Shared>, listener: TcpListener, via: Via) {
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     loop {
-        let (socket, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait, don't spin.
-                log::warn!("accept failed: {e}");
-                smol::Timer::after(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (socket, peer) = crate::accept::next(&listener, || addr.clone()).await;
         let slot = match shared.slots.take() {
             Ok(slot) => slot,
             Err(full) => {

@@ -29,6 +29,7 @@
 #![cfg(all(feature = "agent", feature = "station"))]
 
 mod common;
+mod middleboxes;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -37,7 +38,11 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{echo_within, Digest, Keys, Pattern, Proc, Received, Server, TempDir, Tunnel};
+use common::{
+    echo_within, start_agent_via, start_station, Digest, Keys, Pattern, Proc, Received, Server,
+    TempDir, Tunnel,
+};
+use middleboxes::Middlebox;
 
 /// Names the directory with one `BOARD/postern` per built board.
 const DIST_VAR: &str = "POSTERN_DIST";
@@ -131,6 +136,38 @@ fn board_agents_keep_panic_messages() {
 /// or a native binary) with one forward to `echo`, connected.
 fn start_tunnel(program: &[&str], echo: &Server) -> Tunnel {
     Tunnel::start_via(program, "auto", &[("echo", echo.target())], &["echo"], &["echo"])
+}
+
+/// The board whose agent runs here without an emulator.
+const NATIVE_BOARD: &str = "x86-64-pc";
+
+/// Board agents leave NTLM out (cargo feature `ntlm`, boards/README.md).
+/// Behind a proxy that offers nothing else, the agent must say what is
+/// missing and knock rarely: not fail in silence, not storm the proxy.
+#[test]
+#[ignore = "needs the board agents: scripts/test builds them and sets POSTERN_DIST"]
+fn a_board_agent_without_ntlm_says_so_behind_an_ntlm_only_proxy() {
+    let binary = board_binary(&dist_dir(), NATIVE_BOARD);
+    let program = binary.to_str().expect("utf-8 path");
+    let squid = Middlebox::squid_ntlm("alice");
+    let echo = Server::echo();
+    let dir = TempDir::new("device-no-ntlm");
+    let keys = Keys::new();
+    let station_toml = keys.station_toml(&[("echo", echo.target())], "test-device", &["echo"]);
+    let (_station, addr) = start_station(&dir, &station_toml);
+    let proxy = format!("proxy = \"http://CORP%5Calice:secret@{}\"\n", squid.addr);
+    let toml = keys.agent_toml(addr, &["echo"], "").replacen('\n', &format!("\n{proxy}"), 1);
+    let (agent, _) = start_agent_via(&[program], &dir, "agent", &toml, &["echo"]);
+    let line = agent.wait_log(&[
+        "offers only NTLM authentication; this build of postern speaks Basic only (NTLM is \
+         cargo feature `ntlm`)",
+    ]);
+    assert!(line.contains(&format!("the proxy {}", squid.addr)), "names the proxy: {line}");
+    thread::sleep(Duration::from_secs(5));
+    let log = agent.stderr.text();
+    assert!(!log.contains("secret"), "the password was logged:\n{log}");
+    let attempts = agent.stderr.count("offers only NTLM authentication");
+    assert!((1..=8).contains(&attempts), "{attempts} attempts in 5 s:\n{}", agent.describe());
 }
 
 // ---------------------------------------------------------------------------
@@ -424,7 +461,7 @@ fn dist_dir() -> PathBuf {
             "{DIST_VAR} is not set. scripts/test builds the board agents \
              (scripts/build-board) and sets it; to run these alone: \
              scripts/build-board {ARMV7_BOARD} && scripts/build-board {AARCH64_BOARD} && \
-             scripts/build-board {GATEWAY_BOARD} && \
+             scripts/build-board {GATEWAY_BOARD} && scripts/build-board {NATIVE_BOARD} && \
              {DIST_VAR}=$PWD/dist cargo test --release --test device -- --ignored --skip idle_rss"
         );
     };

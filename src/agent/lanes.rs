@@ -182,7 +182,13 @@ type Watch = Mutex<Judge>;
 /// Runs one set of stream lanes until the session closes (`None`) or the
 /// judge gives a verdict on the path.
 async fn run_stream(ctx: &LaneCtx) -> Option<Verdict> {
-    let watch = Arc::new(Mutex::new(Judge::new(ctx.shared.shape.hello(), ctx.tunnel.acked())));
+    // The quick first judgement and the uplink's cuts serve `auto`'s choice
+    // of shape. A configured stream has no other shape to move to: a
+    // verdict only rebuilds its lanes and grows their backoff, so it is
+    // judged as before (10 s, downlink cuts), not more often.
+    let is_auto = ctx.shared.carrier == CarrierKind::Auto;
+    let hello = ctx.shared.shape.hello().filter(|_| is_auto);
+    let watch = Arc::new(Mutex::new(Judge::new(hello, ctx.tunnel.acked())));
     let lanes = Scope::new();
     lanes.spawn(lane_loop(ctx.clone(), Verb::Down, Some(watch.clone())));
     lanes.spawn(lane_loop(ctx.clone(), Verb::Up, Some(watch.clone())));
@@ -349,7 +355,12 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     };
     let ended = future::or(sending, answered).await;
     let gone = matches!(ended, Err(CarrierError::SessionGone));
-    if ended.is_err() && !gone && sent_any.load(Ordering::Relaxed) && ctx.tunnel.closed().is_none()
+    let is_auto = ctx.shared.carrier == CarrierKind::Auto;
+    if is_auto
+        && ended.is_err()
+        && !gone
+        && sent_any.load(Ordering::Relaxed)
+        && ctx.tunnel.closed().is_none()
     {
         lock(watch).cut(Instant::now(), auto::Lane::Up);
     }

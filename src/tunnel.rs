@@ -29,6 +29,7 @@ use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::channel;
 
 use crate::core::frame::MAX_PACKET;
+use crate::core::rtt::Span;
 use crate::core::session::{Lane, Limits, Session};
 use crate::core::streams::{Event, Read, Received, Side, StreamError, StreamId};
 use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
@@ -228,6 +229,16 @@ impl Tunnel {
     /// Since when sent packets have waited for an ack with no progress.
     pub fn stalled_since(&self) -> Option<Instant> {
         self.lock().session.stalled_since()
+    }
+
+    /// The round trips sampled since [`Tunnel::restart_round_trips`].
+    pub fn round_trips(&self) -> Span {
+        self.lock().session.rtt().span()
+    }
+
+    /// Starts counting round trips afresh: new lanes may take another path.
+    pub fn restart_round_trips(&self) {
+        self.lock().session.rtt_mut().restart_span();
     }
 
     /// Sends a packet that the peer must acknowledge, to prove the path.

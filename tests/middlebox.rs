@@ -459,6 +459,26 @@ fn haproxy_sticky_by_cookie_over_two_stations() {
     );
 }
 
+/// haproxy in `mode http` with its default options holds each small write
+/// of a streamed body back (issue 18, defect 2): every byte arrives, each
+/// round trip 0.4 s late. Auto must see it in the stream lanes' round
+/// trips against the hello's and move to poll, losing no byte.
+#[test]
+fn haproxy_holding_small_writes_back_moves_auto_to_poll() {
+    let path = Path::start(
+        "haproxy-defaults",
+        "auto",
+        1,
+        |stations| Some(Middlebox::haproxy(stations)),
+        |_, lb| (format!("http://{}/", lb.expect("haproxy").addr), None),
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(1, 1 << 20);
+    let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
+    assert!(switched.contains("holds small writes back"), "{switched}");
+    path.round_trip(2, TRANSFER);
+}
+
 /// A TCP relay that cuts each connection after a random number of bytes.
 struct CuttingRelay {
     addr: SocketAddr,
@@ -771,6 +791,10 @@ fn carriers_through_each_box() {
     }
 }
 
+/// How long a measurement leaves auto to judge an idle path: the first
+/// judgement (1.5 s on loopback) and three round trips of 0.4 s.
+const JUDGED_WITHIN: Duration = Duration::from_secs(3);
+
 /// MB/s of one echo transfer through a box with `carrier` (None if it did
 /// not complete byte-exact in time), and what the agent's log says of the
 /// carrier it ended on.
@@ -783,8 +807,11 @@ fn measure_through(
     let stations = if label.starts_with("haproxy") { 2 } else { 1 };
     let path = Path::start(&format!("measure-{carrier}"), carrier, stations, middlebox, route);
     path.agent.wait_log(&["connected to the station"]);
-    // A first transfer lets auto judge the path before the measured one.
+    // A first transfer, then a moment idle, let auto judge the path before
+    // the measured one: round trips are judged on packets sent alone, which
+    // a transfer started at once would not leave room for.
     let warm = common::echo_within(path.forward, 7, 1 << 20, MEASURE_LIMIT);
+    thread::sleep(JUDGED_WITHIN);
     let started = std::time::Instant::now();
     let got = common::echo_within(path.forward, 8, MEASURED, MEASURE_LIMIT);
     let seconds = started.elapsed().as_secs_f64();

@@ -21,7 +21,7 @@ use futures_lite::{future, AsyncWriteExt};
 
 use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::Shared;
-use crate::carrier::auto::{self, Judge, Verdict};
+use crate::carrier::auto::{self, Judge, Seen, Verdict};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
 use crate::carrier::link::Link;
@@ -189,6 +189,7 @@ async fn run_stream(ctx: &LaneCtx) -> Option<Verdict> {
     let is_auto = ctx.shared.carrier == CarrierKind::Auto;
     let hello = ctx.shared.shape.hello().filter(|_| is_auto);
     let watch = Arc::new(Mutex::new(Judge::new(hello, ctx.tunnel.acked())));
+    ctx.tunnel.restart_round_trips();
     let lanes = Scope::new();
     lanes.spawn(lane_loop(ctx.clone(), Verb::Down, Some(watch.clone())));
     lanes.spawn(lane_loop(ctx.clone(), Verb::Up, Some(watch.clone())));
@@ -196,16 +197,27 @@ async fn run_stream(ctx: &LaneCtx) -> Option<Verdict> {
     // first user bytes, so the path is judged before anyone waits on it.
     ctx.tunnel.probe();
     loop {
-        let judging = lock(&watch).judging(ctx.tunnel.acked());
+        let judging = lock(&watch).judging(&seen(&ctx.tunnel));
         smol::Timer::after(if judging { JUDGING_TICK } else { WATCH_TICK }).await;
         if ctx.tunnel.closed().is_some() {
             return None;
         }
-        let verdict =
-            lock(&watch).verdict(Instant::now(), ctx.tunnel.acked(), ctx.tunnel.stalled_since());
-        if verdict.is_some() {
-            return verdict;
+        let seen = seen(&ctx.tunnel);
+        let mut judge = lock(&watch);
+        if let Some(verdict) = judge.verdict(Instant::now(), &seen) {
+            return Some(verdict);
         }
+        if judge.wants_round_trips(&seen) && seen.stalled_since.is_none() {
+            ctx.tunnel.probe();
+        }
+    }
+}
+
+fn seen(tunnel: &Tunnel) -> Seen {
+    Seen {
+        acked: tunnel.acked(),
+        stalled_since: tunnel.stalled_since(),
+        round_trips: tunnel.round_trips(),
     }
 }
 

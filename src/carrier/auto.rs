@@ -5,17 +5,28 @@
 //!
 //! ```text
 //!  down lane: asked, a record arrived, cut ─┐
-//!  up lane: refused by the path, cut       ─┼─▶ Judge::verdict(now, acked, stalled since) ─▶ None | PathBuffers | Dead
-//!  session: packets acked, stalled since   ─┘
+//!  up lane: refused by the path, cut       ─┼─▶ Judge::verdict(now, Seen) ─▶ None | PathBuffers | Dead
+//!  session: Seen (acked, stalled since,    ─┘
+//!           round trips on these lanes)
 //! ```
 //!
 //! A path has a short first judgement (a few hellos' time) until each
 //! lane has delivered once, then [`PROBE_TIMEOUT`]: a first command must
 //! not wait 10 s behind a box that buffers, and a proven path must not be
 //! given up on a slow moment.
+//!
+//! A path may also deliver every byte, late: haproxy in `mode http`
+//! without `option http-no-delay` holds each small write of a streamed
+//! body back (about 200 ms each way), so every round trip on the stream
+//! lanes costs 0.4 s where a whole request (the hello) took a few
+//! milliseconds, and the flow crawls. The judge compares the least round
+//! trip the lanes showed with the hello's: queueing under load raises the
+//! typical sample, never the least, so a busy link is not mistaken for one.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use crate::core::rtt::Span;
 
 /// How long a path may hold back what the stream lanes carry before it is
 /// judged to buffer them. A streaming path delivers within a round trip;
@@ -32,6 +43,15 @@ const FIRST_JUDGEMENT_MIN: Duration = Duration::from_millis(1500);
 /// long requests.
 const CUTS_TO_FALL_BACK: usize = 3;
 const CUT_WINDOW: Duration = Duration::from_secs(600);
+
+/// Round trips on the stream lanes judged against the hello's: this many
+/// samples, none of them under the hello's time this many times over and
+/// [`DELAY_SLACK`] more. A hello costs at least one round trip (a new
+/// connection, two), so a path has to add two round trips to every one
+/// before it counts: jitter on a cellular link does not.
+const DELAY_SAMPLES: u32 = 3;
+const DELAY_TIMES: u32 = 3;
+const DELAY_SLACK: Duration = Duration::from_millis(100);
 
 /// How long the stream lanes get to prove a path they have not proven
 /// yet, given how long the hello took (if known).
@@ -57,6 +77,17 @@ impl Lane {
     }
 }
 
+/// What the session shows of the path at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    /// Packets the peer has acknowledged.
+    pub acked: u64,
+    /// Since when sent packets have waited for an ack with no progress.
+    pub stalled_since: Option<Instant>,
+    /// The round trips sampled since these lanes started.
+    pub round_trips: Span,
+}
+
 /// Why the stream lanes should be taken down.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -70,6 +101,8 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Judge {
     first: Duration,
+    /// What a whole request took on this path, when the lanes serve `auto`.
+    hello: Option<Duration>,
     /// Packets the peer had acknowledged when the lanes started.
     acked_at_start: u64,
     /// The current downlink was asked for at this time.
@@ -90,6 +123,7 @@ impl Judge {
     pub fn new(hello: Option<Duration>, acked: u64) -> Judge {
         Judge {
             first: first_judgement(hello),
+            hello,
             acked_at_start: acked,
             down_asked: None,
             down_flowing: false,
@@ -132,9 +166,31 @@ impl Judge {
         self.refused = Some(status_line);
     }
 
-    /// Whether a lane has yet to deliver: the driver then looks often.
-    pub fn judging(&self, acked: u64) -> bool {
-        !self.down_proven || acked == self.acked_at_start
+    /// Whether a lane has yet to deliver, or the lanes' round trips have
+    /// yet to be judged: the driver then looks often.
+    pub fn judging(&self, seen: &Seen) -> bool {
+        !self.down_proven || seen.acked == self.acked_at_start || self.wants_round_trips(seen)
+    }
+
+    /// Whether the judge needs a round trip it has not got: the driver
+    /// sends a probe when nothing is in flight, so an idle path is judged
+    /// within a few round trips rather than a few keepalives.
+    pub fn wants_round_trips(&self, seen: &Seen) -> bool {
+        self.hello.is_some() && seen.round_trips.samples < DELAY_SAMPLES
+    }
+
+    /// Why the path holds the lanes' bytes back, if their round trips say so.
+    fn held_back(&self, round_trips: Span) -> Option<String> {
+        let (hello, least) = (self.hello?, round_trips.least?);
+        let bound = (hello * DELAY_TIMES).max(hello + DELAY_SLACK);
+        (round_trips.samples >= DELAY_SAMPLES && least > bound).then(|| {
+            format!(
+                "no round trip on the stream lanes took less than {} ms ({} samples) where a whole request took {} ms (the path holds small writes back)",
+                least.as_millis(),
+                round_trips.samples,
+                hello.as_millis()
+            )
+        })
     }
 
     fn prune(&mut self, now: Instant) {
@@ -147,14 +203,9 @@ impl Judge {
         }
     }
 
-    /// The verdict at `now`, when the peer has acknowledged `acked` packets
-    /// and unacknowledged ones have waited since `stalled_since`.
-    pub fn verdict(
-        &mut self,
-        now: Instant,
-        acked: u64,
-        stalled_since: Option<Instant>,
-    ) -> Option<Verdict> {
+    /// The verdict at `now`, given what the session has `seen`.
+    pub fn verdict(&mut self, now: Instant, seen: &Seen) -> Option<Verdict> {
+        let Seen { acked, stalled_since, round_trips } = *seen;
         let seconds = |limit: Duration| format!("{:.1} s", limit.as_secs_f32());
         if let Some(answer) = self.refused.take() {
             return Some(Verdict::PathBuffers(format!(
@@ -184,6 +235,9 @@ impl Judge {
                 ))
             });
         }
+        if let Some(why) = self.held_back(round_trips) {
+            return Some(Verdict::PathBuffers(why));
+        }
         self.prune(now);
         for lane in [Lane::Down, Lane::Up] {
             let count = self.cuts.iter().filter(|(_, cut)| *cut == lane).count();
@@ -211,18 +265,26 @@ mod tests {
     struct Sim {
         now: Instant,
         judge: Judge,
-        acked: u64,
-        stalled_since: Option<Instant>,
+        seen: Seen,
     }
 
     impl Sim {
         fn new(hello: Option<Duration>) -> Sim {
-            Sim { now: Instant::now(), judge: Judge::new(hello, 0), acked: 0, stalled_since: None }
+            Sim { now: Instant::now(), judge: Judge::new(hello, 0), seen: Seen::default() }
         }
 
         fn advance(&mut self, by: Duration) -> Option<Verdict> {
             self.now += by;
-            self.judge.verdict(self.now, self.acked, self.stalled_since)
+            self.judge.verdict(self.now, &self.seen)
+        }
+
+        /// A packet sent alone comes back after `took`.
+        fn round_trip(&mut self, took: Duration) -> Option<Verdict> {
+            let span = &mut self.seen.round_trips;
+            span.samples += 1;
+            span.least = Some(span.least.map_or(took, |least| least.min(took)));
+            self.seen.acked += 1;
+            self.advance(took)
         }
 
         /// Advances in 100 ms ticks until a verdict or `limit`.
@@ -251,14 +313,17 @@ mod tests {
         sim.judge.down_asked(sim.now);
         sim.advance(ms(1));
         sim.judge.down_delivered();
-        sim.acked = 1;
-        assert!(!sim.judge.judging(sim.acked));
+        for _ in 0..DELAY_SAMPLES {
+            assert!(sim.judge.wants_round_trips(&sim.seen));
+            assert_eq!(sim.round_trip(ms(21)), None);
+        }
+        assert!(!sim.judge.judging(&sim.seen));
         // Keepalives go and are acknowledged: nothing waits for long.
         for _ in 0..(6 * 3600) {
-            sim.stalled_since = Some(sim.now);
+            sim.seen.stalled_since = Some(sim.now);
             assert_eq!(sim.advance(ms(200)), None);
-            sim.acked += 1;
-            sim.stalled_since = None;
+            sim.seen.acked += 1;
+            sim.seen.stalled_since = None;
             assert_eq!(sim.advance(ms(800)), None);
         }
     }
@@ -267,7 +332,7 @@ mod tests {
     fn a_path_that_buffers_responses_is_judged_within_the_first_judgement() {
         let mut sim = Sim::new(Some(ms(2)));
         sim.judge.down_asked(sim.now);
-        sim.stalled_since = Some(sim.now);
+        sim.seen.stalled_since = Some(sim.now);
         let (at, verdict) = sim.run(PROBE_TIMEOUT).expect("a verdict");
         assert_eq!(at, FIRST_JUDGEMENT_MIN);
         assert_eq!(
@@ -285,7 +350,7 @@ mod tests {
         sim.judge.down_asked(sim.now);
         sim.advance(ms(400));
         sim.judge.down_delivered();
-        sim.stalled_since = Some(sim.now);
+        sim.seen.stalled_since = Some(sim.now);
         let (at, verdict) = sim.run(PROBE_TIMEOUT).expect("a verdict");
         assert_eq!(at, ms(2800));
         assert!(
@@ -299,8 +364,8 @@ mod tests {
         let mut sim = Sim::new(Some(ms(2)));
         sim.judge.down_asked(sim.now);
         sim.judge.down_delivered();
-        sim.acked = 3;
-        sim.stalled_since = Some(sim.now);
+        sim.seen.acked = 3;
+        sim.seen.stalled_since = Some(sim.now);
         let (at, verdict) = sim.run(2 * PROBE_TIMEOUT).expect("a verdict");
         assert_eq!(at, PROBE_TIMEOUT);
         assert_eq!(verdict, Verdict::Dead("no acknowledgement from the station for 10.0 s".into()));
@@ -319,7 +384,7 @@ mod tests {
             let mut sim = Sim::new(Some(ms(2)));
             sim.judge.down_asked(sim.now);
             sim.judge.down_delivered();
-            sim.acked = 1;
+            sim.seen.acked = 1;
             for cut in 1..=3 {
                 assert_eq!(sim.advance(Duration::from_secs(5)), None, "{lane:?} before cut {cut}");
                 sim.judge.cut(sim.now, lane);
@@ -335,7 +400,7 @@ mod tests {
     fn cuts_further_apart_than_the_window_are_forgiven() {
         let mut sim = Sim::new(Some(ms(2)));
         sim.judge.down_delivered();
-        sim.acked = 1;
+        sim.seen.acked = 1;
         for _ in 0..10 {
             sim.judge.cut(sim.now, Lane::Up);
             assert_eq!(sim.advance(CUT_WINDOW / 2 + ms(1)), None);
@@ -347,7 +412,7 @@ mod tests {
         // The driver's ticks come seconds late: the verdict is the same.
         let mut sim = Sim::new(Some(ms(2)));
         sim.judge.down_asked(sim.now);
-        assert!(sim.judge.judging(0));
+        assert!(sim.judge.judging(&sim.seen));
         let verdict = sim.advance(Duration::from_secs(7)).expect("a verdict");
         assert!(matches!(verdict, Verdict::PathBuffers(_)));
     }
@@ -363,5 +428,53 @@ mod tests {
             ))
         );
         assert_eq!(sim.advance(ms(1)), None);
+    }
+
+    #[test]
+    fn a_path_that_holds_small_writes_back_is_judged_by_its_round_trips() {
+        // haproxy without `option http-no-delay`: every byte arrives, 0.4 s late.
+        let mut sim = Sim::new(Some(ms(3)));
+        sim.judge.down_asked(sim.now);
+        sim.judge.down_delivered();
+        assert_eq!(sim.round_trip(ms(410)), None);
+        assert_eq!(sim.round_trip(ms(402)), None);
+        let verdict = sim.round_trip(ms(405)).expect("a verdict at the third");
+        assert_eq!(
+            verdict,
+            Verdict::PathBuffers(
+                "no round trip on the stream lanes took less than 402 ms (3 samples) where a whole request took 3 ms (the path holds small writes back)".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_slow_link_with_jitter_is_not_mistaken_for_one_that_holds_back() {
+        // Cellular: the hello (a connection and a request) took 700 ms, one
+        // round trip 350 ms, with up to half a second of jitter.
+        let mut sim = Sim::new(Some(ms(700)));
+        sim.judge.down_asked(sim.now);
+        sim.judge.down_delivered();
+        for took in [850, 600, 370, 900, 1200, 380] {
+            assert_eq!(sim.round_trip(ms(took)), None, "{took} ms");
+        }
+        // A fast path whose hello was slow for once: also no verdict.
+        let mut sim = Sim::new(Some(ms(40)));
+        sim.judge.down_asked(sim.now);
+        sim.judge.down_delivered();
+        for took in [130, 141, 120] {
+            assert_eq!(sim.round_trip(ms(took)), None, "{took} ms");
+        }
+    }
+
+    #[test]
+    fn a_configured_stream_is_not_judged_by_its_round_trips() {
+        // No hello to compare with: `carrier = "stream"` has nowhere to go.
+        let mut sim = Sim::new(None);
+        sim.judge.down_asked(sim.now);
+        sim.judge.down_delivered();
+        assert!(!sim.judge.wants_round_trips(&sim.seen));
+        for _ in 0..10 {
+            assert_eq!(sim.round_trip(ms(400)), None);
+        }
     }
 }

@@ -22,18 +22,35 @@ pub struct Rtt {
     variation: Duration,
     min: Duration,
     latest: Option<Duration>,
+    span: Span,
+}
+
+/// The samples of packets that travelled alone (nothing else of ours in
+/// flight, so no queueing behind our own bytes) since a point in a
+/// session's life (new carrier lanes, say): how many, and the least.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Span {
+    pub samples: u32,
+    pub least: Option<Duration>,
 }
 
 impl Default for Rtt {
     fn default() -> Self {
-        Rtt { smoothed: INITIAL_RTT, variation: INITIAL_RTT / 2, min: INITIAL_RTT, latest: None }
+        Rtt {
+            smoothed: INITIAL_RTT,
+            variation: INITIAL_RTT / 2,
+            min: INITIAL_RTT,
+            latest: None,
+            span: Span::default(),
+        }
     }
 }
 
 impl Rtt {
     /// Folds one sample in: 1/8 of it into the smoothed value and 1/4 of
-    /// its distance from that into the variation.
-    pub fn sample(&mut self, rtt: Duration) {
+    /// its distance from that into the variation; a packet that travelled
+    /// `alone` counts in the [`Span`] too.
+    pub fn sample(&mut self, rtt: Duration, alone: bool) {
         if self.latest.is_none() {
             self.smoothed = rtt;
             self.variation = rtt / 2;
@@ -45,6 +62,21 @@ impl Rtt {
             self.smoothed = (self.smoothed * 7 + rtt) / 8;
         }
         self.latest = Some(rtt);
+        if alone {
+            self.span.samples = self.span.samples.saturating_add(1);
+            self.span.least = Some(self.span.least.map_or(rtt, |least| least.min(rtt)));
+        }
+    }
+
+    /// Starts a new [`Span`] of samples.
+    pub fn restart_span(&mut self) {
+        self.span = Span::default();
+    }
+
+    /// The samples since the last [`Rtt::restart_span`] (or the first).
+    #[must_use]
+    pub fn span(&self) -> Span {
+        self.span
     }
 
     /// The smoothed round trip ([`INITIAL_RTT`] before any sample).
@@ -91,7 +123,7 @@ mod tests {
         let mut rtt = Rtt::default();
         assert!(!rtt.measured());
         assert_eq!(rtt.smoothed(), INITIAL_RTT);
-        rtt.sample(60 * MS);
+        rtt.sample(60 * MS, true);
         assert_eq!((rtt.smoothed(), rtt.variation(), rtt.min()), (60 * MS, 30 * MS, 60 * MS));
         assert_eq!(rtt.answer_within(), 180 * MS);
     }
@@ -99,9 +131,9 @@ mod tests {
     #[test]
     fn steady_samples_converge_and_variation_decays() {
         let mut rtt = Rtt::default();
-        rtt.sample(200 * MS);
+        rtt.sample(200 * MS, true);
         for _ in 0..100 {
-            rtt.sample(20 * MS);
+            rtt.sample(20 * MS, true);
         }
         assert!(rtt.smoothed().abs_diff(20 * MS) < MS, "{:?}", rtt.smoothed());
         assert!(rtt.variation() < MS, "{:?}", rtt.variation());
@@ -111,12 +143,28 @@ mod tests {
     #[test]
     fn one_late_sample_moves_the_estimate_an_eighth() {
         let mut rtt = Rtt::default();
-        rtt.sample(80 * MS);
-        rtt.sample(80 * MS);
-        rtt.sample(160 * MS);
+        rtt.sample(80 * MS, true);
+        rtt.sample(80 * MS, true);
+        rtt.sample(160 * MS, true);
         assert_eq!(rtt.smoothed(), 90 * MS);
         // (40 * 3 / 4 after the second sample) * 3 + 80, over 4.
         assert_eq!(rtt.variation(), (30 * MS * 3 + 80 * MS) / 4);
         assert_eq!(rtt.min(), 80 * MS);
+    }
+
+    #[test]
+    fn a_span_counts_from_its_restart() {
+        let mut rtt = Rtt::default();
+        rtt.sample(5 * MS, true);
+        rtt.sample(9 * MS, true);
+        assert_eq!(rtt.span(), Span { samples: 2, least: Some(5 * MS) });
+        rtt.restart_span();
+        assert_eq!(rtt.span(), Span::default());
+        rtt.sample(400 * MS, true);
+        rtt.sample(410 * MS, true);
+        // Queued behind our own packets: not a sample of the path's delay.
+        rtt.sample(90 * MS, false);
+        assert_eq!(rtt.span(), Span { samples: 2, least: Some(400 * MS) });
+        assert_eq!(rtt.min(), 5 * MS, "the session's least is kept");
     }
 }

@@ -108,6 +108,9 @@ struct Unacked {
     sent_at: Instant,
     /// Sent more than once: its ack gives no sample.
     resent: bool,
+    /// Sent with nothing else in flight: its round trip holds no queueing
+    /// behind our own packets, which is what a path's delay is judged by.
+    alone: bool,
 }
 
 /// One end of a session: streams plus reliable delivery.
@@ -236,12 +239,12 @@ impl Session {
         while self.unacked.front().is_some_and(|p| p.seq <= ack) {
             let done = self.unacked.pop_front().expect("front exists");
             self.unacked_bytes -= done.frames.len();
-            newest = Some((done.sent_at, done.resent));
+            newest = Some((done.sent_at, done.resent, done.alone));
             self.recycle(done.frames);
             progress = true;
         }
-        if let Some((sent_at, false)) = newest {
-            self.rtt.sample(now.saturating_duration_since(sent_at));
+        if let Some((sent_at, false, alone)) = newest {
+            self.rtt.sample(now.saturating_duration_since(sent_at), alone);
         }
         if self.unacked.is_empty() {
             self.waiting_since = None;
@@ -288,6 +291,11 @@ impl Session {
     #[must_use]
     pub fn rtt(&self) -> &Rtt {
         &self.rtt
+    }
+
+    /// The round trip estimate, to start a new span of its samples.
+    pub fn rtt_mut(&mut self) -> &mut Rtt {
+        &mut self.rtt
     }
 
     /// Packets sent again because a carrier lane restarted before their ack.
@@ -349,7 +357,14 @@ impl Session {
                     encode_header(&Header { seq, ack: self.recv_next - 1 }, out);
                     out.extend_from_slice(&frames);
                     self.unacked_bytes += frames.len();
-                    self.unacked.push_back(Unacked { seq, frames, sent_at: now, resent: false });
+                    let alone = self.unacked.is_empty();
+                    self.unacked.push_back(Unacked {
+                        seq,
+                        frames,
+                        sent_at: now,
+                        resent: false,
+                        alone,
+                    });
                     self.waiting_since.get_or_insert(now);
                     self.send_cursor = self.next_seq;
                     self.sent(now);

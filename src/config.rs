@@ -243,6 +243,9 @@ pub struct AgentConfig {
     pub keepalive: Duration,
     /// `poll_hold`: the longest the station may hold a poll request.
     pub poll_hold: Duration,
+    /// `stream_retry`: how long `auto`, having moved to poll, waits before
+    /// it first tries the stream carrier again.
+    pub stream_retry: Duration,
     /// Local listeners and serial lines carried to station targets.
     pub forwards: Vec<Forward>,
     /// Service name -> what the station may open here (reverse).
@@ -588,6 +591,7 @@ struct RawAgent {
     session_timeout: Option<u64>,
     keepalive: Option<u64>,
     poll_hold: Option<u64>,
+    stream_retry: Option<u64>,
     ca_file: Option<String>,
     #[serde(default)]
     tls_pin: Vec<String>,
@@ -1239,6 +1243,13 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         range,
         file,
     )?;
+    let stream_retry = whole_seconds(
+        "stream_retry",
+        raw.stream_retry,
+        crate::carrier::auto::STREAM_RETRY,
+        1..=86_400,
+        file,
+    )?;
     // The session must outlive two silent intervals: one late keepalive
     // (or held poll) must not end it.
     for (field, interval) in [("keepalive", keepalive), ("poll_hold", poll_hold)] {
@@ -1264,6 +1275,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
         session_timeout,
         keepalive,
         poll_hold,
+        stream_retry,
         forwards,
         services,
         status,
@@ -1986,6 +1998,20 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         assert_eq!(
             agent_err(&format!("{head}poll_hold = 0\n")).to_string(),
             "agent.toml: poll_hold: 0 is out of range; give seconds from 1 to 3600"
+        );
+    }
+
+    #[test]
+    fn stream_retry_defaults_and_is_checked() {
+        let k = keys();
+        let head = agent_head(&k, "http://10.1.2.3:8080/");
+        let agent = AgentConfig::parse(&head, "a.toml").unwrap();
+        assert_eq!(agent.stream_retry, crate::carrier::auto::STREAM_RETRY);
+        let agent = AgentConfig::parse(&format!("{head}stream_retry = 2\n"), "a.toml").unwrap();
+        assert_eq!(agent.stream_retry, Duration::from_secs(2));
+        assert_eq!(
+            agent_err(&format!("{head}stream_retry = 86401\n")).to_string(),
+            "agent.toml: stream_retry: 86401 is out of range; give seconds from 1 to 86400"
         );
     }
 

@@ -192,6 +192,7 @@ impl Lab {
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             keepalive: DEFAULT_KEEPALIVE,
             poll_hold: carrier::POLL_WAIT,
+            stream_retry: carrier::auto::STREAM_RETRY,
             forwards: vec![Forward {
                 source: ForwardSource::Listen(loopback),
                 target: "echo".to_owned(),

@@ -479,6 +479,55 @@ fn haproxy_holding_small_writes_back_moves_auto_to_poll() {
     path.round_trip(2, TRANSFER);
 }
 
+/// A path that changes under auto (issue 18): first through haproxy with
+/// its defaults, which holds small writes back, so auto moves to poll;
+/// then, after a network change, straight to the station. With
+/// `stream_retry = 2` auto tries stream again once idle, finds it passes
+/// and stays on it; every byte arrives on both paths.
+#[test]
+fn auto_moves_back_to_stream_when_the_path_changes() {
+    let plug: Arc<Mutex<Option<Arc<Plug>>>> = Arc::default();
+    let keep = plug.clone();
+    let path = Path::start_with(
+        "path-change",
+        "auto",
+        1,
+        "",
+        "stream_retry = 2\n",
+        |stations| Some(Middlebox::haproxy(stations)),
+        move |_, lb| {
+            let started = Arc::new(Plug::start(lb.expect("haproxy").addr));
+            let url = format!("http://{}/", started.addr);
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+            (url, None)
+        },
+    );
+    let plug = plug.lock().unwrap_or_else(|p| p.into_inner()).clone().expect("plug started");
+    let line = path.stations[0].wait_log(&["station listening on "]);
+    let station = common::addr_after(&line, "station listening on ").expect("an address");
+    path.agent.wait_log(&["connected to the station"]);
+    let switched = path.agent.wait_log(&["carrier auto:", "switching to poll"]);
+    assert!(switched.contains("trying stream again in 2 s"), "{switched}");
+    path.round_trip(1, 1 << 20);
+    let tries = path.agent.stderr.count("trying the stream lanes again");
+    plug.route_to(station);
+    // The retry waits double (2, 4, 8 s...) while haproxy held the
+    // stream lanes back; the first try after the change finds them fast.
+    let tried =
+        path.agent.wait_log_nth(&["trying the stream lanes again"], tries + 1, AFTER_CHANGE);
+    assert!(tried.contains("on poll because"), "{tried}");
+    let falls = path.agent.stderr.count("switching to poll");
+    path.round_trip(2, TRANSFER);
+    // Judged and kept: no move back to poll.
+    thread::sleep(Duration::from_secs(5));
+    path.round_trip(3, 1 << 20);
+    assert_eq!(path.agent.stderr.count("switching to poll"), falls, "{}", path.describe());
+}
+
+/// How long a path change may take to bring auto back to stream: the
+/// retry waits grown while the old path was tried, and one judgement.
+const AFTER_CHANGE: Duration = Duration::from_secs(40);
+
 /// A TCP relay that cuts each connection after a random number of bytes.
 struct CuttingRelay {
     addr: SocketAddr,
@@ -601,6 +650,7 @@ struct Plug {
     addr: SocketAddr,
     plugged: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<Mutex<Vec<TcpStream>>>,
+    upstream: Arc<Mutex<SocketAddr>>,
 }
 
 impl Plug {
@@ -609,13 +659,15 @@ impl Plug {
         let addr = listener.local_addr().expect("plug address");
         let plugged = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (on, sockets) = (plugged.clone(), live.clone());
+        let upstream = Arc::new(Mutex::new(upstream));
+        let (on, sockets, to) = (plugged.clone(), live.clone(), upstream.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 if !on.load(Ordering::Acquire) {
                     continue;
                 }
+                let upstream = *to.lock().unwrap_or_else(|p| p.into_inner());
                 let Ok(server) = TcpStream::connect(upstream) else { continue };
                 let mut held = sockets.lock().unwrap_or_else(|p| p.into_inner());
                 for (from, to) in
@@ -632,7 +684,15 @@ impl Plug {
                 }
             }
         });
-        Plug { addr, plugged, live }
+        Plug { addr, plugged, live, upstream }
+    }
+
+    /// The path changes, as when a device moves to another network: every
+    /// connection through the plug is cut, and new ones go to `upstream`.
+    fn route_to(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) = upstream;
+        self.unplug();
+        self.plug();
     }
 
     fn unplug(&self) {

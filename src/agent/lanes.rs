@@ -5,9 +5,11 @@
 //!  carry ─ stream shape: down (chunked response) + up (chunked request)
 //!        │     the lanes report to a carrier::auto::Judge, asked every 100 ms while
 //!        │     it judges a new path, then every second:
-//!        │     path holds back bytes, or cuts lanes again and again ──▶ auto: poll from now on
+//!        │     path holds back bytes, or cuts lanes again and again ──▶ auto: poll
 //!        │     silent but proven path ──▶ rebuild the lanes
-//!        └ poll shape:   poll (long-poll) + push (one request per batch) until the session ends
+//!        └ poll shape:   poll (long-poll) + push (one request per batch) until the session ends,
+//!                        or, for auto, until a carrier::auto::Retry of stream is due and
+//!                        nothing waits for an ack ──▶ stream shape, judged afresh
 //! ```
 //!
 //! Lanes only move sealed records; the session below them resends whatever
@@ -21,7 +23,7 @@ use futures_lite::{future, AsyncWriteExt};
 
 use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::Shared;
-use crate::carrier::auto::{self, Judge, Seen, Verdict};
+use crate::carrier::auto::{self, Judge, Retry, Seen, Verdict};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
 use crate::carrier::link::Link;
@@ -68,15 +70,18 @@ pub(super) struct ShapeMemory {
     poll_wait: AtomicU64,
     /// Milliseconds the last hello's exchange took; 0 before the first.
     hello_millis: AtomicU64,
+    /// When `auto`, on poll, tries stream again.
+    retry: Mutex<Retry>,
 }
 
 impl ShapeMemory {
-    pub(super) fn new(poll_hold: Duration) -> ShapeMemory {
+    pub(super) fn new(poll_hold: Duration, stream_retry: Duration) -> ShapeMemory {
         ShapeMemory {
             fell_back: AtomicBool::new(false),
             why: Mutex::new(None),
             hello_millis: AtomicU64::new(0),
             poll_wait: AtomicU64::new(poll_hold.as_secs().max(1)),
+            retry: Mutex::new(Retry::new(stream_retry)),
         }
     }
 
@@ -126,6 +131,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Carries the session over HTTP until it closes, in the configured shape.
 pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: SessionId) {
     let ctx = LaneCtx { shared, tunnel, session };
+    let shape = &ctx.shared.shape;
     // Rebuilding stream lanes backs off too: a path that refuses them at
     // once must not make the agent knock every second.
     let mut backoff = Backoff::new();
@@ -133,27 +139,50 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
         let poll = match ctx.shared.carrier {
             CarrierKind::Poll => true,
             CarrierKind::Stream => false,
-            CarrierKind::Auto => ctx.shared.shape.fell_back.load(Ordering::Relaxed),
+            CarrierKind::Auto => shape.fell_back.load(Ordering::Relaxed),
         };
         if poll {
             let lanes = Scope::new();
             lanes.spawn(lane_loop(ctx.clone(), Verb::Poll, None));
-            lane_loop(ctx.clone(), Verb::Push, None).await;
-            return;
+            let push = lane_loop(ctx.clone(), Verb::Push, None);
+            if ctx.shared.carrier == CarrierKind::Poll {
+                return push.await;
+            }
+            let session_over = async {
+                push.await;
+                true
+            };
+            let retry = async {
+                retry_due(&ctx).await;
+                false
+            };
+            if future::or(session_over, retry).await {
+                return;
+            }
+            // Dropping the poll lanes loses nothing: the session resends.
+            drop(lanes);
+            let since = lock(&shape.why).take().unwrap_or_default();
+            log::info!("carrier auto: trying the stream lanes again (on poll because {since})");
+            shape.fell_back.store(false, Ordering::Relaxed);
         }
         let started = Instant::now();
         let verdict = run_stream(&ctx).await;
         if started.elapsed() >= LANES_PROVEN {
             backoff.reset();
+            lock(&shape.retry).passed();
         }
         let delay = backoff.delay();
         let Some(verdict) = verdict else { return };
         match verdict {
             Verdict::PathBuffers(what) if ctx.shared.carrier == CarrierKind::Auto => {
-                log::warn!("carrier auto: {what}; switching to poll for as long as the agent runs");
+                let wait = lock(&shape.retry).fell_back(Instant::now());
+                log::warn!(
+                    "carrier auto: {what}; switching to poll, and trying stream again in {}",
+                    auto::spoken(wait)
+                );
                 ctx.shared.record.error(format!("carrier auto: {what}"));
-                *lock(&ctx.shared.shape.why) = Some(what.to_string());
-                ctx.shared.shape.fell_back.store(true, Ordering::Relaxed);
+                *lock(&shape.why) = Some(what.to_string());
+                shape.fell_back.store(true, Ordering::Relaxed);
                 continue;
             }
             Verdict::PathBuffers(what) => {
@@ -172,6 +201,22 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             }
         }
         smol::Timer::after(delay).await;
+    }
+}
+
+/// Resolves when auto's [`Retry`] of the stream lanes is due and nothing
+/// waits for an acknowledgement; sleeps until then, an idle agent's way.
+async fn retry_due(ctx: &LaneCtx) {
+    let Some(at) = lock(&ctx.shared.shape.retry).due_at() else {
+        return future::pending().await;
+    };
+    smol::Timer::at(at).await;
+    loop {
+        let idle = ctx.tunnel.all_delivered();
+        if lock(&ctx.shared.shape.retry).try_if_due(Instant::now(), idle) {
+            return;
+        }
+        smol::Timer::after(WATCH_TICK).await;
     }
 }
 

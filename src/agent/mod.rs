@@ -176,7 +176,7 @@ impl Agent {
                 working: 0,
             }),
             carrier: config.carrier,
-            shape: lanes::ShapeMemory::new(config.poll_hold),
+            shape: lanes::ShapeMemory::new(config.poll_hold, config.stream_retry),
             services: Mutex::new(Arc::new(config.services.clone())),
             forwards: Mutex::new(forwards::Running::default()),
             consoles: Mutex::new(HashMap::new()),
@@ -414,6 +414,7 @@ fn restart_needed(running: &AgentConfig, new: &AgentConfig) -> Vec<String> {
         ("session_timeout", running.session_timeout != new.session_timeout),
         ("keepalive", running.keepalive != new.keepalive),
         ("poll_hold", running.poll_hold != new.poll_hold),
+        ("stream_retry", running.stream_retry != new.stream_retry),
         ("ca_file and tls_pin", running.tls != new.tls),
         ("status", running.status != new.status),
     ];

@@ -15,6 +15,10 @@
 //! not wait 10 s behind a box that buffers, and a proven path must not be
 //! given up on a slow moment.
 //!
+//! Once auto has moved to poll, [`Retry`] says when to try the stream
+//! lanes again: paths change (a proxy reconfigured, a device moved to
+//! another network), and the faster shape is not given up for good.
+//!
 //! A path may also deliver every byte, late: haproxy in `mode http`
 //! without `option http-no-delay` holds each small write of a streamed
 //! body back (about 200 ms each way), so every round trip on the stream
@@ -253,6 +257,68 @@ impl Judge {
     }
 }
 
+/// A wait as a person says it: seconds under two minutes, then minutes.
+pub fn spoken(wait: Duration) -> String {
+    match wait.as_secs() {
+        secs if secs < 120 => format!("{secs} s"),
+        secs => format!("{} min", secs / 60),
+    }
+}
+
+/// The wait before auto first tries the stream lanes again, unless the
+/// config says (`stream_retry`).
+pub const STREAM_RETRY: Duration = Duration::from_secs(600);
+
+/// The longest wait between tries, however often the path was judged the
+/// same way: a path that changed is found within a working day.
+const RETRY_MAX: Duration = Duration::from_secs(8 * 3600);
+
+/// When auto, on poll, tries the stream lanes again: `first` after the
+/// first move to poll, twice as long after each try the path refused
+/// again, and only while nothing waits for an acknowledgement, so no one's
+/// bytes wait on the judgement of a path that may still buffer them.
+#[derive(Debug)]
+pub struct Retry {
+    first: Duration,
+    wait: Duration,
+    at: Option<Instant>,
+}
+
+impl Retry {
+    pub fn new(first: Duration) -> Retry {
+        Retry { first, wait: first, at: None }
+    }
+
+    /// Auto moved to poll at `now`: returns how long until the next try.
+    pub fn fell_back(&mut self, now: Instant) -> Duration {
+        let wait = self.wait;
+        self.at = Some(now + wait);
+        self.wait = (wait * 2).min(RETRY_MAX.max(self.first));
+        wait
+    }
+
+    /// When a try is due (checked again while the tunnel is busy).
+    pub fn due_at(&self) -> Option<Instant> {
+        self.at
+    }
+
+    /// Whether to try now, given whether anything waits for an ack; a
+    /// try it allows is taken (the next waits for the next fall back).
+    pub fn try_if_due(&mut self, now: Instant, idle: bool) -> bool {
+        let due = idle && self.at.is_some_and(|at| now >= at);
+        if due {
+            self.at = None;
+        }
+        due
+    }
+
+    /// The stream lanes passed the path for long: a later move to poll
+    /// waits `first` again.
+    pub fn passed(&mut self) {
+        self.wait = self.first;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,5 +542,36 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(sim.round_trip(ms(400)), None);
         }
+    }
+
+    #[test]
+    fn tries_come_twice_as_far_apart_up_to_a_working_day() {
+        let start = Instant::now();
+        let mut retry = Retry::new(STREAM_RETRY);
+        assert!(!retry.try_if_due(start + RETRY_MAX, true), "nothing to retry before a fall back");
+        let mut now = start;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let wait = retry.fell_back(now);
+            waits.push(wait.as_secs() / 60);
+            assert!(!retry.try_if_due(now + wait - ms(1), true));
+            assert!(!retry.try_if_due(now + wait, false), "a busy tunnel is not interrupted");
+            now += wait + Duration::from_secs(5);
+            assert!(retry.try_if_due(now, true));
+            assert!(!retry.try_if_due(now, true), "one try per fall back");
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 480, 480]);
+        // Stream lanes that passed for long: the next fall back waits the
+        // first time again.
+        retry.passed();
+        assert_eq!(retry.fell_back(now), STREAM_RETRY);
+    }
+
+    #[test]
+    fn a_retry_longer_than_the_cap_is_kept() {
+        let mut retry = Retry::new(Duration::from_secs(86_400));
+        let now = Instant::now();
+        assert_eq!(retry.fell_back(now), Duration::from_secs(86_400));
+        assert_eq!(retry.fell_back(now), Duration::from_secs(86_400));
     }
 }

@@ -33,6 +33,13 @@ static EXECUTOR: smol::Executor<'static> = smol::Executor::new();
 /// starts beside it, since postern starts no processes: about 5 KiB of the
 /// armv7 agent (docs/BENCHMARKS.md, "Device builds").
 pub fn spawn<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> smol::Task<T> {
+    start_executor();
+    EXECUTOR.spawn(work)
+}
+
+/// Starts the executor's threads, once. Not generic, unlike [`spawn`]: one
+/// copy in the binary, not one per kind of task.
+fn start_executor() {
     static THREADS: std::sync::Once = std::sync::Once::new();
     THREADS.call_once(|| {
         let threads =
@@ -48,7 +55,6 @@ pub fn spawn<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) 
                 .expect("the executor thread starts: nothing runs without it");
         }
     });
-    EXECUTOR.spawn(work)
 }
 
 #[derive(Default)]

@@ -30,7 +30,7 @@ static EXECUTOR: smol::Executor<'static> = smol::Executor::new();
 /// Runs `work` on the program's executor, started on first use: what
 /// `smol::spawn` does (`SMOL_THREADS` threads, one by default, named
 /// `smol-N`), without the child-process reaper smol's global executor
-/// starts beside it, since postern starts no processes: about 5 KiB of the
+/// starts beside it, since postern starts no processes: about 4 KiB of the
 /// armv7 agent (docs/BENCHMARKS.md, "Device builds").
 pub fn spawn<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> smol::Task<T> {
     start_executor();

@@ -151,7 +151,7 @@ fn run_shard(spec: &str) {
         let mut running = Vec::with_capacity(configs.len());
         for config in configs {
             let agent = Agent::bind(config).await.expect("bind an agent");
-            running.push(smol::spawn(agent.run()));
+            running.push(postern::task::spawn(agent.run()));
         }
         futures_lite::future::pending::<()>().await;
     });

@@ -486,7 +486,7 @@ fn status(path: &std::path::Path) -> Result<(), String> {
     print_line(summary.trim_end(), "the status")
 }
 
-/// Runs the station or agent as a task of smol's executor and waits for it.
+/// Runs the station or agent as a task of the executor and waits for it.
 ///
 /// Every task of the program then runs on the executor's thread, which also
 /// waits for I/O when it has nothing to run. With `smol::block_on` here the
@@ -498,7 +498,7 @@ fn status(path: &std::path::Path) -> Result<(), String> {
 fn run_on_executor<T: Send + 'static>(
     work: impl std::future::Future<Output = T> + Send + 'static,
 ) -> T {
-    futures_lite::future::block_on(smol::spawn(work))
+    futures_lite::future::block_on(postern::task::spawn(work))
 }
 
 #[cfg(feature = "station")]

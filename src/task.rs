@@ -24,6 +24,39 @@ pub async fn within<T, E>(
     .await
 }
 
+/// The executor every task of the program runs on.
+static EXECUTOR: smol::Executor<'static> = smol::Executor::new();
+
+/// Runs `work` on the program's executor, started on first use: what
+/// `smol::spawn` does (`SMOL_THREADS` threads, one by default, named
+/// `smol-N`), without the child-process reaper smol's global executor
+/// starts beside it, since postern starts no processes: about 4 KiB of the
+/// armv7 agent (docs/BENCHMARKS.md, "Device builds").
+pub fn spawn<T: Send + 'static>(work: impl Future<Output = T> + Send + 'static) -> smol::Task<T> {
+    start_executor();
+    EXECUTOR.spawn(work)
+}
+
+/// Starts the executor's threads, once. Not generic, unlike [`spawn`]: one
+/// copy in the binary, not one per kind of task.
+fn start_executor() {
+    static THREADS: std::sync::Once = std::sync::Once::new();
+    THREADS.call_once(|| {
+        let threads =
+            std::env::var("SMOL_THREADS").ok().and_then(|text| text.parse().ok()).unwrap_or(1);
+        for n in 1..=threads {
+            std::thread::Builder::new()
+                .name(format!("smol-{n}"))
+                .spawn(|| loop {
+                    // As smol: a task that panics does not stop the others.
+                    let run = || async_io::block_on(EXECUTOR.run(future::pending::<()>()));
+                    let _ = std::panic::catch_unwind(run);
+                })
+                .expect("the executor thread starts: nothing runs without it");
+        }
+    });
+}
+
 #[derive(Default)]
 struct Signal {
     stopped: AtomicBool,
@@ -44,7 +77,7 @@ impl Scope {
     /// Runs `work` on the executor until it finishes or the scope stops.
     pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
         let stopped = Self::stopped_signal(self.signal.clone());
-        smol::spawn(future::or(work, stopped)).detach();
+        spawn(future::or(work, stopped)).detach();
     }
 
     /// A future that resolves once the scope stops.

@@ -330,7 +330,9 @@ impl Client {
     /// when the reply allows. The reply's body goes to `deliver` run by run
     /// as it arrives: the tunnel opens records while the rest of a long
     /// poll reply is still on the wire, and no copy of the whole body is
-    /// made.
+    /// made. `deliver` is a trait object, not a generic: one copy of this
+    /// state machine serves the handshake and both poll lanes (5.5 KiB of
+    /// the armv7 agent).
     pub(super) async fn exchange(
         &self,
         conn: &mut Option<HttpConn<Link>>,
@@ -338,7 +340,7 @@ impl Client {
         body: &[u8],
         wait: Duration,
         max_reply: u64,
-        mut deliver: impl FnMut(&[u8]) -> Result<(), CarrierError>,
+        deliver: &mut (dyn FnMut(&[u8]) -> Result<(), CarrierError> + Send),
     ) -> Result<(), CarrierError> {
         let mut out = Vec::with_capacity(512 + body.len());
         self.head(&mut out, path, BodyKind::Length(body.len() as u64));

@@ -437,10 +437,10 @@ async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         let hold = ctx.shared.shape.poll_wait();
         let path = client.path(&ctx.session, Verb::Poll, Some(&carrier::poll_query(hold)));
         let sent = Instant::now();
-        let deliver =
+        let mut deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
         let exchanged = client
-            .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, deliver)
+            .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, &mut deliver)
             .await;
         if let Err(e) = exchanged {
             shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
@@ -489,9 +489,11 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         if ctx.tunnel.transmit(lane, &mut body, POLL_BODY_MAX).await.is_err() {
             return Ok(());
         }
-        let deliver =
+        let mut deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
-        client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, deliver).await?;
+        client
+            .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, &mut deliver)
+            .await?;
         backoff.reset();
     }
 }

@@ -570,13 +570,13 @@ async fn handshake_exchange(
 ) -> Result<Vec<u8>, CarrierError> {
     let mut conn = None;
     let mut reply = Vec::new();
-    let collect = |bytes: &[u8]| {
+    let mut collect = |bytes: &[u8]| {
         reply.extend_from_slice(bytes);
         Ok(())
     };
     shared
         .client
-        .exchange(&mut conn, path, body, REPLY_TIMEOUT, MAX_HANDSHAKE as u64, collect)
+        .exchange(&mut conn, path, body, REPLY_TIMEOUT, MAX_HANDSHAKE as u64, &mut collect)
         .await
         .map_err(|e| match e {
             CarrierError::Status { status: 403, who: Who::Station, .. } => {

@@ -327,6 +327,12 @@ impl Middlebox {
         Self::haproxy_serving(stations, t, "", backend, |i| format!("cookie s{i}"))
     }
 
+    /// haproxy in `mode http` with its default options and `timeout_secs`
+    /// timeouts in front of one station.
+    pub(crate) fn haproxy_plain(station: SocketAddr, timeout_secs: u64) -> Middlebox {
+        Self::haproxy_serving(&[station], timeout_secs, "", "", |_| String::new())
+    }
+
     /// haproxy balancing round-robin over `stations` with no stickiness at
     /// all, as cloud balancers and Kubernetes Services do by default: each
     /// request may reach any station. A health check every half second

@@ -161,7 +161,7 @@ impl Agent {
     /// As [`Agent::bind`], with session timing chosen by the caller
     /// (`config.session_timeout` and `config.keepalive` are then ignored).
     pub async fn bind_with(config: AgentConfig, limits: Limits) -> Result<Agent, Error> {
-        let ready = forwards::prepare(config.forwards.clone()).await?;
+        let ready = forwards::prepare(config.forwards.clone())?;
         let status = match config.status {
             Some(addr) => Some(
                 TcpListener::bind(addr).await.map_err(|source| Error::Status { addr, source })?,
@@ -204,7 +204,7 @@ impl Agent {
         {
             let mut running = lock(&self.shared.forwards);
             for ready in self.forwards {
-                running.start(&self.shared, ready);
+                running.start(&self.shared, ready, None);
             }
         }
         if let Some(listener) = self.status {
@@ -224,14 +224,28 @@ impl Drop for StopForwards {
     }
 }
 
-async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: Arc<Mutex<String>>) {
-    let scope = Scope::new();
-    let open = Arc::new(AtomicUsize::new(0));
+/// The connections one TCP forward carries. They belong to the forward,
+/// not to its accept loop, so that a reload moving the forward to another
+/// address keeps them (forwards.rs).
+#[derive(Default)]
+struct Connections {
+    tasks: Scope,
+    /// How many are open. Not the whole value in each task: the tasks
+    /// would own the scope that owns them, and never stop.
+    open: Arc<AtomicUsize>,
+}
+
+async fn accept_forward(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    target: Arc<Mutex<String>>,
+    connections: Arc<Connections>,
+) {
     let mut last_refusal_logged: Option<Instant> = None;
     loop {
         let what = || format!("forward to {}", lock(&target));
         let (socket, peer) = crate::accept::next(&listener, what).await;
-        if open.load(Ordering::Acquire) >= MAX_STREAMS_PER_FORWARD {
+        if connections.open.load(Ordering::Acquire) >= MAX_STREAMS_PER_FORWARD {
             // Logged once a minute at most: a flood must not flood the log.
             if !last_refusal_logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
                 last_refusal_logged = Some(Instant::now());
@@ -243,9 +257,10 @@ async fn accept_forward(shared: Arc<Shared>, listener: TcpListener, target: Arc<
             }
             continue;
         }
-        open.fetch_add(1, Ordering::AcqRel);
-        let (shared, target, open) = (shared.clone(), lock(&target).clone(), open.clone());
-        scope.spawn(async move {
+        connections.open.fetch_add(1, Ordering::AcqRel);
+        let (shared, target, open) =
+            (shared.clone(), lock(&target).clone(), connections.open.clone());
+        connections.tasks.spawn(async move {
             carry_local(shared, socket, peer, target).await;
             open.fetch_sub(1, Ordering::AcqRel);
         });
@@ -284,22 +299,23 @@ impl Agent {
 
 impl Handle {
     /// Applies a reloaded config (SIGHUP): forwards and services added,
-    /// removed or changed without touching the streams of the others; the
-    /// keys as [`Handle::reload_keys`] does. Returns what changed, one line
-    /// each, with the settings that apply only when the agent restarts. A
-    /// forward that cannot listen refuses the whole reload: nothing
-    /// changes.
+    /// removed, moved or changed without touching the streams of the
+    /// others (forwards.rs); the keys as [`Handle::reload_keys`] does.
+    /// Returns what changed, one line each, with the settings that apply
+    /// only when the agent restarts. A forward that cannot listen, even
+    /// once the forwards leaving its port have closed their listeners,
+    /// refuses the whole reload: nothing changes.
     pub async fn reload(&self, config: AgentConfig) -> Result<Vec<String>, Error> {
         let shared = &self.0;
-        let (new, kept) = lock(&shared.forwards).plan(&config.forwards);
-        let ready = match forwards::prepare(new).await {
+        let plan = lock(&shared.forwards).plan(&config.forwards);
+        let ready = match forwards::prepare_reload(shared, &plan).await {
             Ok(ready) => ready,
             Err(e) => {
                 shared.record.reloaded(false);
                 return Err(e);
             }
         };
-        let mut changes = lock(&shared.forwards).apply(shared, &config.forwards, &kept, ready);
+        let mut changes = lock(&shared.forwards).apply(shared, &config.forwards, plan, ready);
         changes.extend(self.reload_services(&config.services));
         changes.extend(restart_needed(&lock(&shared.applied), &config));
         changes.extend(self.reload_keys(&config).await);

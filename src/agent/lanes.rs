@@ -25,7 +25,7 @@ use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::Shared;
 use crate::carrier::auto::{self, Judge, Retry, Seen, Verdict};
 use crate::carrier::conn::HttpConn;
-use crate::carrier::http::{BodyKind, HttpError, CHUNK_END};
+use crate::carrier::http::{self, BodyKind, HttpError};
 use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::config::CarrierKind;
@@ -383,13 +383,10 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     let sending = async {
         loop {
             out.clear();
-            // Room for a fixed-width size line, filled in once the size is known.
-            out.extend_from_slice(b"00000000\r\n");
+            let chunk = http::open_chunk(&mut out);
             match ctx.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await {
                 Ok(()) => {
-                    let size = format!("{:08x}", out.len() - 10);
-                    out[..8].copy_from_slice(size.as_bytes());
-                    out.extend_from_slice(CHUNK_END);
+                    http::close_chunk(&mut out, chunk);
                     writer.write_all(&out).await.map_err(HttpError::Io)?;
                     writer.flush().await.map_err(HttpError::Io)?;
                     sent_any.store(true, Ordering::Relaxed);

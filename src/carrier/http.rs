@@ -8,6 +8,7 @@
 //!
 //!  write_request_head / write_response_head ──► bytes out
 //!  write_chunk_header + payload + CHUNK_END, ..., LAST_CHUNK
+//!  open_chunk + records sealed in place + close_chunk (size unknown ahead)
 //! ```
 //!
 //! Carrier messages cross forward proxies and load balancers we do not
@@ -711,6 +712,29 @@ pub fn write_chunk_header(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(CHUNK_END);
 }
 
+/// Bytes of the fixed-width size line [`open_chunk`] leaves room for.
+const OPEN_CHUNK_HEAD: usize = 10;
+
+/// Starts a chunk whose size is not known yet (records sealed straight into
+/// `out`): room for a fixed-width size line, returned as the place
+/// [`close_chunk`] fills in. Leading zeros are valid chunk-size digits.
+pub fn open_chunk(out: &mut Vec<u8>) -> usize {
+    let at = out.len();
+    out.extend_from_slice(b"00000000\r\n");
+    at
+}
+
+/// Ends the chunk [`open_chunk`] started at `at`: writes its size and
+/// [`CHUNK_END`]. The chunk must not be empty: that is [`LAST_CHUNK`].
+pub fn close_chunk(out: &mut Vec<u8>, at: usize) {
+    let len = out.len() - at - OPEN_CHUNK_HEAD;
+    debug_assert!(len > 0 && len <= u32::MAX as usize, "a chunk of 1 to 2^32-1 bytes");
+    for (i, digit) in out[at..at + 8].iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[(len >> (28 - 4 * i)) & 0xf];
+    }
+    out.extend_from_slice(CHUNK_END);
+}
+
 /// A complete response for a request we refuse, to write before closing:
 /// status line, a one-line text body, `Connection: close`. Statuses other
 /// than 400, 403, 404, 405, 408, 410, 413, 431, 502 and 503 give a 500, so a
@@ -1145,6 +1169,12 @@ mod tests {
     #[test]
     fn chunk_header_is_lowercase_hex() {
         let mut out = Vec::new();
+        let at = open_chunk(&mut out);
+        out.extend_from_slice(&[7; 0x2c]);
+        close_chunk(&mut out, at);
+        assert_eq!(&out[..10], b"0000002c\r\n");
+        assert!(out.ends_with(b"\x07\r\n"));
+        out.clear();
         write_chunk_header(&mut out, 0x1a2b);
         write_chunk_header(&mut out, 1);
         write_chunk_header(&mut out, 0xffff_ffff);

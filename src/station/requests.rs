@@ -23,7 +23,7 @@ use super::status::{HandshakeRefusal, LiveStatus, Shape};
 use super::{confirm, drive_session, lock, log_unknown_key, log_unlogged_refusals, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
-use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
+use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, LAST_CHUNK};
 use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
 use crate::core::session::{Lane, Limits};
@@ -566,10 +566,8 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     loop {
         let frame_at = out.len();
         if chunked {
-            // Room for a fixed-width size line, filled in once the size is known.
-            out.extend_from_slice(b"00000000\r\n");
+            http::open_chunk(&mut out);
         }
-        let records_at = out.len();
         let sent = if first {
             first = false;
             live.tunnel.seal_ack(&mut out);
@@ -580,9 +578,7 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
         match sent {
             Ok(()) => {
                 if chunked {
-                    let size = format!("{:08x}", out.len() - records_at);
-                    out[frame_at..frame_at + 8].copy_from_slice(size.as_bytes());
-                    out.extend_from_slice(CHUNK_END);
+                    http::close_chunk(&mut out, frame_at);
                 }
                 conn.write_all(&out).await?;
                 if out.len() < IDLE_DOWN_BUFFER && out.capacity() > IDLE_DOWN_BUFFER {

@@ -4,6 +4,7 @@
 //! streams; nothing outlives its owner.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -76,6 +77,14 @@ impl Scope {
 
     /// Runs `work` on the executor until it finishes or the scope stops.
     pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.spawn_boxed(Box::pin(work));
+    }
+
+    /// [`Scope::spawn`] for every kind of task at once: one copy of the
+    /// executor's task code and of the race with `stopped`, not one per
+    /// kind (docs/BENCHMARKS.md, "Device builds"), for one allocation more
+    /// per task.
+    fn spawn_boxed(&self, work: Pin<Box<dyn Future<Output = ()> + Send + 'static>>) {
         let stopped = Self::stopped_signal(self.signal.clone());
         spawn(future::or(work, stopped)).detach();
     }

@@ -127,13 +127,20 @@ pub(super) async fn prepare_reload(shared: &Arc<Shared>, plan: &Plan) -> Result<
 
 /// Runs the accept loop of a TCP forward, which owns `listener`: the port
 /// is free once the task's `cancel()` returns (a moment after its drop).
+/// On the program's executor, as every task: `smol::spawn` would start
+/// smol's global one, and its child-process reaper, beside it.
 fn accepting(
     shared: &Arc<Shared>,
     listener: TcpListener,
     target: &Arc<Mutex<String>>,
     connections: &Arc<Connections>,
 ) -> smol::Task<()> {
-    smol::spawn(accept_forward(shared.clone(), listener, target.clone(), connections.clone()))
+    crate::task::spawn(accept_forward(
+        shared.clone(),
+        listener,
+        target.clone(),
+        connections.clone(),
+    ))
 }
 
 /// One running forward.

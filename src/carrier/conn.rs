@@ -2,7 +2,8 @@
 //! buffer, writes bytes through.
 //!
 //! ```text
-//!  io ──read──► [ consumed | unconsumed | free ]   2 KiB idle, up to 64 KiB while busy
+//!  io ──read──► [ consumed | unconsumed | free ]   2 KiB idle, up to 64 KiB while busy,
+//!                            │                      none while not reading (`release`)
 //!                            │
 //!                            ├─► read_request / read_response ──► owned head
 //!                            └─► body(kind).next() ──► &[u8] inside the buffer (no copy)
@@ -83,6 +84,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HttpConn<S> {
     /// The size of the read buffer now.
     pub fn buffer_len(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Lets the read buffer go if it holds nothing unread, for a connection
+    /// about to wait long without reading (a held poll; a downlink, whose
+    /// request is read): an idle device's connection then costs no buffer.
+    /// The next read takes a small one again.
+    pub fn release(&mut self) {
+        if self.start == self.end {
+            self.buf = Box::default();
+            self.start = 0;
+            self.end = 0;
+            self.last_read = 0;
+        }
     }
 
     /// The underlying stream, e.g. for its peer address.
@@ -204,7 +218,12 @@ impl<S: AsyncRead + Unpin> HttpConn<S> {
     /// less, so that an idle connection (keepalives, a held poll) keeps 2
     /// KiB and a busy one reads 64 KiB at a time. A head that fills it
     /// doubles it, up to [`MIN_READ_BUF_BYTES`], where a head always fits.
+    /// One let go ([`HttpConn::release`]) comes back small.
     async fn fill(&mut self) -> Result<usize, HttpError> {
+        if self.buf.is_empty() {
+            // Let go by `release`: nothing was unread.
+            self.resize(SMALL_READ_BUF_BYTES);
+        }
         let len = self.buf.len();
         if self.start == self.end {
             self.start = 0;
@@ -663,6 +682,34 @@ mod tests {
             let head = conn.read_request().await.unwrap().unwrap();
             assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), bulk);
             assert_eq!(conn.buffer_len(), MIN_READ_BUF_BYTES);
+        });
+    }
+
+    /// A released buffer is gone while the connection waits, comes back
+    /// small for the next message, and is kept while it holds unread bytes.
+    #[test]
+    fn a_released_buffer_comes_back_small() {
+        let input = b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /b HTTP/1.1\r\n\r\n";
+        within_deadline(async {
+            let mut conn = HttpConn::new(Peer::whole(input));
+            let head = conn.read_request().await.unwrap().unwrap();
+            // The next request is buffered already: nothing is let go.
+            conn.release();
+            assert_eq!(conn.buffer_len(), SMALL_READ_BUF_BYTES);
+            assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), b"hi");
+            let head = conn.read_request().await.unwrap().unwrap();
+            assert_eq!(head.target, "/b");
+            conn.release();
+            assert_eq!(conn.buffer_len(), 0);
+            assert!(conn.read_request().await.unwrap().is_none());
+            assert_eq!(conn.buffer_len(), SMALL_READ_BUF_BYTES);
+
+            let mut conn = HttpConn::new(Peer::random(input, 5, 7));
+            conn.release();
+            let head = conn.read_request().await.unwrap().unwrap();
+            assert_eq!(body_of(&mut conn, head.body, None).await.unwrap(), b"hi");
+            conn.release();
+            assert_eq!(conn.read_request().await.unwrap().unwrap().target, "/b");
         });
     }
 

@@ -44,9 +44,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// carried an authentic packet; strangers get [`HEAD_TIMEOUT`] for theirs.
 pub(super) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Capacity of an idle downlink's write buffer: a few records; a busy one
-/// grows to a chunk ([`STREAM_CHUNK`]).
-const IDLE_DOWN_BUFFER: usize = 4096;
+/// A downlink write shorter than this (a few records: keepalives, acks, an
+/// interactive stream's bytes) lets its buffer go before the lane waits for
+/// more, as an idle device's does, maybe for hours; a longer one keeps it
+/// for the next chunk, which grows it to [`STREAM_CHUNK`] while busy.
+const BUSY_DOWN_WRITE: usize = 4096;
 
 /// Header fields of every carrier reply.
 const REPLY_HEADERS: [(&str, &str); 3] = [
@@ -94,7 +96,9 @@ pub(super) async fn serve_connection(
     via: Via,
 ) {
     let link = match via {
-        Via::Agent => match shared.tls.accept(socket, HEAD_TIMEOUT).await {
+        // Boxed, as the handshake is below (`handle`): TLS's is large and
+        // done once.
+        Via::Agent => match Box::pin(shared.tls.accept(socket, HEAD_TIMEOUT)).await {
             Ok(link) => link,
             Err(e) => {
                 refuse_log(&shared, peer, 400, &format!("TLS handshake failed: {e}"));
@@ -217,31 +221,50 @@ async fn handle(
     if head.method != "POST" {
         return Ok(refuse(405, "carrier requests are POST"));
     }
+    // A handshake, a rekey and a request for another station's session
+    // run once in a while and hold much (a handshake's state, a registry
+    // query, a second connection), on the heap for their while: inline,
+    // they would size the task of every connection, an idle lane's
+    // included, for as long as it lives (issue 17).
     if verb == Verb::Hello {
-        return hello(shared, conn, head, session, peer, slot).await;
+        return Box::pin(hello(shared, conn, head, session, peer, slot)).await;
     }
     let live = lock(&shared.sessions).get(&session).cloned();
     let Some(live) = live else {
-        if let (Some(registry), Via::Agent) = (&shared.registry, via) {
-            if let Ok(Some(holder)) = registry.session_holder(&session).await {
-                if holder != registry.me() {
-                    return peers::forward(shared, conn, head, peer, holder, slot).await;
-                }
-            }
-        }
-        // 410, not 404: the agent must tell "start a new session" apart
-        // from a path that is wrong or was garbled on the way.
-        return Ok(refuse(410, "no such session (the station restarted or it timed out)"));
+        return Box::pin(elsewhere(shared, conn, head, session, peer, slot, via)).await;
     };
     let req = Request { shared, head, live: &live, slot };
     match verb {
         Verb::Hello => unreachable!("handled above"),
-        Verb::Rekey => rekey(req, conn, session, peer).await,
+        Verb::Rekey => Box::pin(rekey(req, conn, session, peer)).await,
         Verb::Down => down(req, conn).await,
         Verb::Up => up(req, conn).await,
         Verb::Poll => poll(req, conn).await,
         Verb::Push => push(req, conn).await,
     }
+}
+
+/// A request for a session not held here: passed on to the station of the
+/// cluster that holds it, else refused.
+async fn elsewhere(
+    shared: &Arc<Shared>,
+    conn: &mut HttpConn<Link>,
+    head: &RequestHead,
+    session: SessionId,
+    peer: SocketAddr,
+    slot: &mut Slot,
+    via: Via,
+) -> Result<Outcome, HttpError> {
+    if let (Some(registry), Via::Agent) = (&shared.registry, via) {
+        if let Ok(Some(holder)) = registry.session_holder(&session).await {
+            if holder != registry.me() {
+                return peers::forward(shared, conn, head, peer, holder, slot).await;
+            }
+        }
+    }
+    // 410, not 404: the agent must tell "start a new session" apart
+    // from a path that is wrong or was garbled on the way.
+    Ok(refuse(410, "no such session (the station restarted or it timed out)"))
 }
 
 fn refuse(status: u16, reason: &str) -> Outcome {
@@ -293,7 +316,9 @@ impl Request<'_> {
             }
             Ok(Ok(()))
         };
-        Ok(match deadline(limit, reading).await? {
+        // Boxed: the body reader's state is large, and inline it would size
+        // the task of every connection, held polls' and downlinks' too.
+        Ok(match Box::pin(deadline(limit, reading)).await? {
             Ok(()) if authentic > 0 && reader.is_clean() => {
                 self.proven(shape);
                 Ok(())
@@ -548,17 +573,19 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     if let Err(refused) = req.receive_body(conn, DOWN_BODY_MAX, Shape::Stream).await? {
         return Ok(refused);
     }
+    // Nothing more is read on this connection: its read buffer goes.
+    conn.release();
     let lane = live.tunnel.begin_lane(Lane::Data);
     // An HTTP/1.0 hop (nginx's default upstream protocol) cannot take a
     // chunked response; the body then ends when the connection closes.
     let chunked = head.minor_version >= 1;
     let body = if chunked { BodyKind::Chunked } else { BodyKind::UntilClose };
-    // Grows to a chunk when the downlink is busy, shrinks back when it idles.
-    let mut out = Vec::with_capacity(IDLE_DOWN_BUFFER);
-    let mut headers = REPLY_HEADERS.to_vec();
+    // Grows to a chunk when the downlink is busy, goes when it idles.
+    let mut out = Vec::new();
     // nginx streams a response that asks for it; other buffering proxies
     // are found out by the agent, which then switches to poll.
-    headers.push(("X-Accel-Buffering", "no"));
+    let [first, second, third] = REPLY_HEADERS;
+    let headers = [first, second, third, ("X-Accel-Buffering", "no")];
     http::write_response_head(&mut out, 200, "OK", &headers, body, false);
     // A record at once, so the agent can tell a streaming path from one
     // that holds back the response.
@@ -581,12 +608,12 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
                     http::close_chunk(&mut out, frame_at);
                 }
                 conn.write_all(&out).await?;
-                if out.len() < IDLE_DOWN_BUFFER && out.capacity() > IDLE_DOWN_BUFFER {
-                    // Idle again: the downlink of an idle device waits,
-                    // maybe for hours, and holds no chunk-sized buffer.
-                    out = Vec::with_capacity(IDLE_DOWN_BUFFER);
+                if out.len() < BUSY_DOWN_WRITE {
+                    // Idle: wait holding no buffer (only the next size line).
+                    out = Vec::new();
+                } else {
+                    out.clear();
                 }
-                out.clear();
             }
             Err(end) => {
                 if let LaneEnd::Closed(reason) = &end {
@@ -643,6 +670,8 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     let lane = live.tunnel.begin_lane(Lane::Sequenced);
     let mut out = reply_buffer(0);
     let hold = carrier::poll_wait(&head.target);
+    // Nothing is read while the poll is held, maybe for minutes.
+    conn.release();
     let wait = async {
         smol::Timer::after(hold).await;
         Ok(())

@@ -389,6 +389,24 @@ impl Tunnel {
         LaneToken { generation: state.lane, kind }
     }
 
+    /// Another request of the lane sending now: it goes on from where that
+    /// lane is, beside the lane's other requests in flight (the poll
+    /// carrier pipelines them; the peer reorders). Before any lane began,
+    /// it begins one.
+    pub fn join_lane(&self, kind: Lane) -> LaneToken {
+        let generation = self.lock().lane;
+        if generation == 0 {
+            return self.begin_lane(kind);
+        }
+        LaneToken { generation, kind }
+    }
+
+    /// Since when packets from the peer have waited past a gap that
+    /// nothing fills, if any wait.
+    pub fn gap_since(&self) -> Option<Instant> {
+        self.lock().session.gap_since()
+    }
+
     /// Waits until the session has something for `lane`, then appends
     /// sealed records to `out` until it holds about `max` bytes.
     pub async fn transmit(

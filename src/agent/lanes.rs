@@ -9,14 +9,18 @@
 //!        │     silent but proven path ──▶ rebuild the lanes
 //!        └ poll shape:   poll (long-poll) + push (one request per batch) until the session ends,
 //!                        or, for auto, until a carrier::auto::Retry of stream is due and
-//!                        nothing waits for an ack ──▶ stream shape, judged afresh
+//!                        nothing waits for an ack ──▶ stream shape, judged afresh;
+//!                        each lane has up to PIPELINE requests in flight while busy, one
+//!                        held poll and no push while idle
 //! ```
 //!
 //! Lanes only move sealed records; the session below them resends whatever
 //! a lost or rebuilt lane did not deliver, so switching shape loses nothing.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWriteExt};
@@ -32,7 +36,7 @@ use crate::config::CarrierKind;
 use crate::core::session::Lane;
 use crate::crypto::{RecordReader, SessionId, MAX_RECORD};
 use crate::task::Scope;
-use crate::tunnel::{LaneEnd, Tunnel};
+use crate::tunnel::{LaneEnd, LaneToken, Tunnel};
 
 /// How often the supervisor looks at the stream lanes: often while it
 /// judges a new path (a first command waits for the verdict), then rarely
@@ -46,6 +50,24 @@ const LANES_PROVEN: Duration = Duration::from_secs(60);
 
 /// Shortest hold asked of a poll request when the path cuts them.
 const POLL_WAIT_MIN: Duration = Duration::from_secs(1);
+
+/// Requests of one poll-shape lane in flight at most, each on its own
+/// connection: eight requests of up to 512 KiB keep 4 MiB in flight, a
+/// 60 ms path's worth at 70 MB/s, and both lanes busy open 16 connections,
+/// under the 32 browsers open to one proxy, so proxies sized for browsers
+/// pass them. Idle, a lane holds one.
+const PIPELINE: usize = 8;
+
+/// A poll reply this large says more may wait at the station: the extra
+/// pollers join in until one brings less.
+const BUSY_REPLY: usize = 16 * 1024;
+
+/// An extra pusher idle this long lets its connection go.
+const EXTRA_IDLE: Duration = Duration::from_secs(2);
+
+/// A gap in what the station sent that lasts this long, past the polls in
+/// flight, makes the next poll ask for everything unacknowledged again.
+const GAP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A poll cut sooner than this after it was sent is a failure, not a sign
 /// that the path has a shorter timeout than our hold.
@@ -421,29 +443,108 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     ended
 }
 
-/// Poll shape, station to agent: a long poll, again and again.
+/// Poll shape, station to agent: a long poll, again and again; while
+/// replies come full, more polls beside it (see [`poller`]).
 async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierError> {
+    let pipe = Pipeline::default();
+    let pollers = (0..PIPELINE).map(|n| Box::pin(poller(ctx, &pipe, n)) as LaneFuture<'_>);
+    let ended = first_of(pollers.collect()).await;
+    if pipe.answered.load(Ordering::Relaxed) {
+        backoff.reset();
+    }
+    ended
+}
+
+/// A lane's requests in flight together, on connections of their own.
+type LaneFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CarrierError>> + Send + 'a>>;
+
+/// What the requests of one poll-shape lane share.
+#[derive(Default)]
+struct Pipeline {
+    /// A request was answered since the lane started: its backoff resets.
+    answered: AtomicBool,
+    /// The first poll went out: later ones go on beside it rather than
+    /// starting the station's sending again.
+    started: AtomicBool,
+    /// Replies come full: the extra pollers poll too.
+    busy: AtomicBool,
+    /// `busy` became true.
+    woken: event_listener::Event,
+}
+
+/// Runs `lanes` together until the first one ends, and returns its result;
+/// the others are dropped (the session resends what they carried).
+async fn first_of(mut lanes: Vec<LaneFuture<'_>>) -> Result<(), CarrierError> {
+    future::poll_fn(|cx| {
+        lanes
+            .iter_mut()
+            .find_map(|lane| match lane.as_mut().poll(cx) {
+                Poll::Ready(ended) => Some(ended),
+                Poll::Pending => None,
+            })
+            .map_or(Poll::Pending, Poll::Ready)
+    })
+    .await
+}
+
+/// One poll request after another. Poller 0 always has one held at the
+/// station (for `poll_hold`); the others poll only while replies come full,
+/// each asking for the shortest hold, and stop (letting their connection
+/// go) at the first reply that brings nothing: an idle agent holds one
+/// poll, a busy one up to [`PIPELINE`].
+async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierError> {
     let client = &ctx.shared.client;
-    let mut conn = None;
-    let mut reader = RecordReader::default();
-    let mut scratch = Vec::new();
     let max_reply = (POLL_BODY_MAX + MAX_RECORD) as u64;
     while ctx.tunnel.closed().is_none() {
-        let mut proof = Vec::new();
-        ctx.tunnel.seal_ack(&mut proof);
-        let hold = ctx.shared.shape.poll_wait();
-        let path = client.path(&ctx.session, Verb::Poll, Some(&carrier::poll_query(hold)));
-        let sent = Instant::now();
-        let mut deliver =
-            |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
-        let exchanged = client
-            .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, &mut deliver)
-            .await;
-        if let Err(e) = exchanged {
-            shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
-            return Err(e);
+        if n > 0 {
+            let listener = pipe.woken.listen();
+            if !pipe.busy.load(Ordering::Relaxed) {
+                listener.await;
+                continue;
+            }
         }
-        backoff.reset();
+        let mut conn = None;
+        let mut reader = RecordReader::default();
+        let mut scratch = Vec::new();
+        loop {
+            let mut proof = Vec::new();
+            ctx.tunnel.seal_ack(&mut proof);
+            let hold = if n == 0 { ctx.shared.shape.poll_wait() } else { POLL_WAIT_MIN };
+            // A gap the polls in flight do not fill came from a reply lost
+            // on the way (a failed poll restarts the lane anyway): ask the
+            // station to send again from what we acknowledged.
+            let gap = ctx.tunnel.gap_since().is_some_and(|since| since.elapsed() > GAP_PATIENCE);
+            let continues = pipe.started.swap(true, Ordering::Relaxed) && !gap;
+            let query = carrier::poll_query(hold, continues);
+            let path = client.path(&ctx.session, Verb::Poll, Some(&query));
+            let sent = Instant::now();
+            let mut got = 0;
+            let mut deliver = |bytes: &[u8]| {
+                got += bytes.len();
+                receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop)
+            };
+            let exchanged = client
+                .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, &mut deliver)
+                .await;
+            if let Err(e) = exchanged {
+                if n == 0 {
+                    shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
+                }
+                return Err(e);
+            }
+            pipe.answered.store(true, Ordering::Relaxed);
+            let full = got >= BUSY_REPLY;
+            if full && !pipe.busy.swap(true, Ordering::Relaxed) {
+                pipe.woken.notify(usize::MAX);
+            }
+            if n > 0 && got < BUSY_REPLY {
+                pipe.busy.store(false, Ordering::Relaxed);
+                break;
+            }
+            if ctx.tunnel.closed().is_some() {
+                break;
+            }
+        }
     }
     Ok(())
 }
@@ -472,18 +573,54 @@ fn shorten_poll_hold(ctx: &LaneCtx, error: &CarrierError, waited: Duration, hold
     }
 }
 
-/// Poll shape, agent to station: a request whenever there is data.
+/// Poll shape, agent to station: a request whenever there is data, up to
+/// [`PIPELINE`] in flight on connections of their own (the station
+/// reorders what they carry).
 async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierError> {
+    let lane = ctx.tunnel.begin_lane(Lane::Sequenced);
+    let pipe = Pipeline::default();
+    let pushers = (0..PIPELINE).map(|n| Box::pin(pusher(ctx, &pipe, lane, n)) as LaneFuture<'_>);
+    let ended = first_of(pushers.collect()).await;
+    if pipe.answered.load(Ordering::Relaxed) {
+        backoff.reset();
+    }
+    ended
+}
+
+/// One push request after another, each as soon as the session has
+/// packets. Pushers past the first let their connection and buffer go
+/// when idle for [`EXTRA_IDLE`]: an idle agent keeps one connection.
+async fn pusher(
+    ctx: &LaneCtx,
+    pipe: &Pipeline,
+    lane: LaneToken,
+    n: usize,
+) -> Result<(), CarrierError> {
     let client = &ctx.shared.client;
     let mut conn = None;
     let mut reader = RecordReader::default();
     let mut scratch = Vec::new();
-    let mut body = Vec::with_capacity(POLL_BODY_MAX + MAX_RECORD);
+    let mut body = Vec::new();
     let path = client.path(&ctx.session, Verb::Push, None);
     loop {
-        let lane = ctx.tunnel.begin_lane(Lane::Sequenced);
         body.clear();
-        if ctx.tunnel.transmit(lane, &mut body, POLL_BODY_MAX).await.is_err() {
+        let sealed = loop {
+            let transmit =
+                async { Some(ctx.tunnel.transmit(lane, &mut body, POLL_BODY_MAX).await) };
+            let idle = async {
+                smol::Timer::after(EXTRA_IDLE).await;
+                None
+            };
+            let sealed = if n == 0 { transmit.await } else { future::or(transmit, idle).await };
+            match sealed {
+                Some(sealed) => break sealed,
+                None => {
+                    conn = None;
+                    (reader, scratch, body) = Default::default();
+                }
+            }
+        };
+        if sealed.is_err() {
             return Ok(());
         }
         let mut deliver =
@@ -491,6 +628,6 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
         client
             .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, &mut deliver)
             .await?;
-        backoff.reset();
+        pipe.answered.store(true, Ordering::Relaxed);
     }
 }

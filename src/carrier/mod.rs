@@ -14,6 +14,10 @@
 //! | `push`  | sealed packets            | sealed ack                             | poll   |
 //! | `rekey` | [`rekey_body`]: Noise message 1 and a sealed ack (current keys) | Noise message 2 | both |
 //!
+//! The poll shape pipelines: an agent keeps several pushes, and while data
+//! comes several polls, in flight, each on its own connection (see
+//! [`poll_continues`]); the session below reorders what they carry.
+//!
 //! Bodies are sequences of records (see [`crate::crypto::RecordReader`]),
 //! independent of chunk boundaries, so a proxy may rechunk freely.
 
@@ -96,9 +100,28 @@ fn query_secs(target: &str, name: &str) -> Option<u64> {
         .and_then(|secs| secs.parse::<u64>().ok())
 }
 
-/// The query of a poll request asking for `wait` (whole seconds, at least 1).
-pub fn poll_query(wait: Duration) -> String {
-    format!("{POLL_WAIT_PARAM}={}", wait.as_secs().max(1))
+/// Query parameter (`c=1`) of a poll request that goes on beside the
+/// agent's other polls in flight: the station answers it from where its
+/// sending is. Without it (the first poll after a failed one, or an agent
+/// that does not pipeline) the station sends again from the first packet
+/// the agent has not acknowledged, and older held polls end.
+const POLL_CONTINUE_PARAM: &str = "c";
+
+/// The query of a poll request asking for `wait` (whole seconds, at least
+/// 1), going on beside the polls in flight if `continues`.
+pub fn poll_query(wait: Duration, continues: bool) -> String {
+    let wait = wait.as_secs().max(1);
+    if continues {
+        format!("{POLL_WAIT_PARAM}={wait}&{POLL_CONTINUE_PARAM}=1")
+    } else {
+        format!("{POLL_WAIT_PARAM}={wait}")
+    }
+}
+
+/// Whether the poll request with target `target` goes on beside the polls
+/// in flight rather than starting the station's sending again.
+pub fn poll_continues(target: &str) -> bool {
+    query_secs(target, POLL_CONTINUE_PARAM) == Some(1)
 }
 
 /// How long to hold the poll request with target `target`: what it asks
@@ -238,14 +261,27 @@ mod tests {
     fn poll_wait_is_asked_for_and_capped() {
         assert_eq!(poll_wait("/p1/x/poll"), POLL_WAIT);
         assert_eq!(
-            poll_wait(&format!("/p1/x/poll?{}", poll_query(Duration::from_secs(3)))),
+            poll_wait(&format!("/p1/x/poll?{}", poll_query(Duration::from_secs(3), false))),
             Duration::from_secs(3)
         );
         assert_eq!(poll_wait("/p1/x/poll?a=b&w=0"), Duration::ZERO);
         assert_eq!(poll_wait("/p1/x/poll?w=300"), Duration::from_secs(300));
         assert_eq!(poll_wait("/p1/x/poll?w=99999"), MAX_POLL_WAIT);
         assert_eq!(poll_wait("/p1/x/poll?w=-1"), POLL_WAIT);
-        assert_eq!(poll_query(Duration::from_millis(10)), "w=1");
+        assert_eq!(poll_query(Duration::from_millis(10), false), "w=1");
+    }
+
+    #[test]
+    fn a_poll_continues_only_when_it_says_so() {
+        let continued = format!("/p1/x/poll?{}", poll_query(Duration::from_secs(20), true));
+        assert_eq!(continued, "/p1/x/poll?w=20&c=1");
+        assert!(poll_continues(&continued));
+        assert_eq!(poll_wait(&continued), Duration::from_secs(20));
+        for target in
+            ["/p1/x/poll", "/p1/x/poll?w=20", "/p1/x/poll?c=0", "/p1/x/poll?c=", "/p1/x/poll?cc=1"]
+        {
+            assert!(!poll_continues(target), "{target}");
+        }
     }
 
     #[test]

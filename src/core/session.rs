@@ -9,16 +9,22 @@
 //!
 //! Every packet with frames gets a sequence number and stays in the unacked
 //! queue until the peer acknowledges it. A carrier lane sends packets in
-//! sequence order; when a lane starts afresh (a new connection, or each poll
-//! request) the driver calls [`Session::restart_transmit`] and sending goes
-//! back to the first unacknowledged packet. Because every lane sends a run of
-//! consecutive numbers that starts at or below what the peer expects next,
-//! the receiver only ever sees old packets (dropped) or the next one
-//! (accepted): no gaps, no reordering buffer, exactly-once delivery.
+//! sequence order; when a lane starts afresh (a new connection, or a poll
+//! carrier whose request failed) the driver calls
+//! [`Session::restart_transmit`] and sending goes back to the first
+//! unacknowledged packet. Several requests of one lane may be in flight at
+//! once (the poll carrier pipelines them), each with its own run of
+//! consecutive numbers, and they may arrive in any order: the receiver
+//! holds packets that arrive ahead of a gap (up to [`AHEAD_MAX`] bytes,
+//! more than a sender keeps unacknowledged) and hands them on in order once
+//! the gap fills, dropping every number it has seen. Acks are cumulative,
+//! so a request lost on the way shows as a gap that only a restart fills:
+//! a driver restarts after every failed request, and asks its peer to when
+//! a gap lasts ([`Session::gap_since`]). Exactly-once, in-order delivery.
 //!
 //! Sans I/O: time comes in as a parameter and nothing here touches a socket.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::frame::{self, encode_header, Frames, Header, MAX_HEADER, MAX_PACKET};
@@ -33,6 +39,14 @@ use super::window::{Budget, MAX_STREAM_WINDOW};
 /// grows to at most [`MAX_STREAM_WINDOW`]); this bound sits just above one
 /// full-grown window so a single stream is never held back by it.
 pub const SESSION_WINDOW: usize = MAX_STREAM_WINDOW as usize + 2 * 1024 * 1024;
+
+/// Bytes of packets a receiver holds ahead of a gap: above what a sender
+/// keeps unacknowledged ([`SESSION_WINDOW`] and the packet that crossed
+/// it), so a conforming peer never has one dropped. Each held packet
+/// counts [`AHEAD_OVERHEAD`] bytes more than its frames, bounding the
+/// count of tiny ones too.
+pub const AHEAD_MAX: usize = SESSION_WINDOW + 2 * MAX_PACKET;
+const AHEAD_OVERHEAD: usize = 64;
 
 /// Received bytes after which an ack goes out at once rather than after
 /// [`Limits::ack_delay`], so the sender's window keeps moving.
@@ -126,6 +140,12 @@ pub struct Session {
     send_cursor: u64,
     /// Next sequence number expected from the peer.
     recv_next: u64,
+    /// Frames of packets that arrived past a gap, by sequence number.
+    ahead: BTreeMap<u64, Vec<u8>>,
+    /// What `ahead` holds, with [`AHEAD_OVERHEAD`] per packet.
+    ahead_bytes: usize,
+    /// Since when packets have waited past a gap with no progress.
+    gap_since: Option<Instant>,
     /// Bytes received since the last ack went out.
     unacked_received: usize,
     ack_due: Option<Instant>,
@@ -164,6 +184,9 @@ impl Session {
             unacked_bytes: 0,
             send_cursor: 1,
             recv_next: 1,
+            ahead: BTreeMap::new(),
+            ahead_bytes: 0,
+            gap_since: None,
             unacked_received: 0,
             ack_due: None,
             last_sent: now,
@@ -205,21 +228,28 @@ impl Session {
         if header.seq == 0 {
             return Ok(());
         }
-        if header.seq != self.recv_next {
-            // An old packet resent after a carrier loss, or (impossible by
-            // construction, see the module docs) one from past a gap. Ack at
-            // once so the peer stops resending.
+        if header.seq < self.recv_next || self.ahead.contains_key(&header.seq) {
+            // Sent again after a carrier loss: ack at once so the peer
+            // stops resending it.
             self.ack_due = Some(now);
             return Ok(());
         }
-        self.recv_next += 1;
-        for frame in Frames::new(frames) {
-            self.streams.handle_frame(frame?)?;
+        if header.seq > self.recv_next {
+            self.hold_ahead(now, header.seq, frames);
+            return Ok(());
         }
-        if self.streams.peer_closed() {
-            self.closed = true;
+        self.deliver(frames)?;
+        let mut received = packet.len();
+        while !self.closed {
+            let Some(frames) = self.ahead.remove(&self.recv_next) else { break };
+            self.ahead_bytes -= frames.len() + AHEAD_OVERHEAD;
+            received += frames.len();
+            let delivered = self.deliver(&frames);
+            self.recycle(frames);
+            delivered?;
         }
-        self.unacked_received += packet.len();
+        self.gap_since = (!self.ahead.is_empty()).then_some(now);
+        self.unacked_received += received;
         let delay = if self.unacked_received >= ACK_EVERY_BYTES {
             Duration::ZERO
         } else {
@@ -228,6 +258,42 @@ impl Session {
         let due = now + delay;
         self.ack_due = Some(self.ack_due.map_or(due, |d| d.min(due)));
         Ok(())
+    }
+
+    /// Hands the frames of packet `recv_next` to the streams.
+    fn deliver(&mut self, frames: &[u8]) -> Result<(), PeerError> {
+        self.recv_next += 1;
+        for frame in Frames::new(frames) {
+            self.streams.handle_frame(frame?)?;
+        }
+        if self.streams.peer_closed() {
+            self.closed = true;
+        }
+        Ok(())
+    }
+
+    /// Keeps a packet that arrived past a gap, if there is room. One that
+    /// does not fit is dropped unseen: a sender past its own bound (see
+    /// [`AHEAD_MAX`]) sends it again after a restart.
+    fn hold_ahead(&mut self, now: Instant, seq: u64, frames: &[u8]) {
+        let cost = frames.len() + AHEAD_OVERHEAD;
+        if self.ahead_bytes + cost > AHEAD_MAX {
+            return;
+        }
+        let mut held = self.spare.pop().unwrap_or_default();
+        held.clear();
+        held.extend_from_slice(frames);
+        self.ahead.insert(seq, held);
+        self.ahead_bytes += cost;
+        self.gap_since.get_or_insert(now);
+    }
+
+    /// Since when packets have waited past a gap in the peer's sequence
+    /// with none filling it, if any wait: a request lost on the way, which
+    /// only the peer's restart from its first unacknowledged packet fills.
+    #[must_use]
+    pub fn gap_since(&self) -> Option<Instant> {
+        self.gap_since
     }
 
     fn handle_ack(&mut self, now: Instant, ack: u64) -> Result<(), PeerError> {

@@ -85,6 +85,19 @@ fn read_available(session: &mut Session, id: StreamId, buf: &mut [u8], got: &mut
     }
 }
 
+/// Writes up to 40,000 more bytes of the pattern to stream `id`, and its
+/// FIN once all `total` are written.
+fn write_some(session: &mut Session, id: StreamId, rng: &mut Rng, written: &mut u64, total: u64) {
+    if *written < total {
+        let n = (rng.below(40_000) + 1).min(total - *written);
+        let chunk: Vec<u8> = (*written..*written + n).map(pattern).collect();
+        *written += session.streams().write(id, &chunk).unwrap() as u64;
+        if *written == total {
+            session.streams().finish(id).unwrap();
+        }
+    }
+}
+
 /// Sends `total` bytes agent → station over links cut with the given odds,
 /// and returns what the station's reader got.
 fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64, u64) {
@@ -100,14 +113,7 @@ fn transfer(seed: u64, total: u64, cut_one_in: u64) -> (Vec<u8>, u64, u64) {
     let mut cuts = 0;
     let mut opened = false;
     for _ in 0..200_000 {
-        if written < total {
-            let n = (rng.below(40_000) + 1).min(total - written);
-            let chunk: Vec<u8> = (written..written + n).map(pattern).collect();
-            written += agent.session.streams().write(id, &chunk).unwrap() as u64;
-            if written == total {
-                agent.session.streams().finish(id).unwrap();
-            }
-        }
+        write_some(&mut agent.session, id, &mut rng, &mut written, total);
         agent.transmit(now, 1 + rng.below(4) as usize);
         station.transmit(now, 2);
         if rng.below(cut_one_in) == 0 {
@@ -335,6 +341,119 @@ fn a_probe_is_acked_and_a_silent_path_shows_as_stalled() {
     }
     assert_eq!(agent.session.stalled_since(), None);
     assert_eq!(agent.session.unacked_bytes(), 0);
+}
+
+/// Sends `total` bytes agent → station the way the poll carrier's
+/// pipelined requests carry them: runs of 1 to 8 packets, up to `depth`
+/// requests in flight, delivered in any order and one in `lose_one_in`
+/// lost. A lost request is what a failed one is to the driver: the sender
+/// restarts from its first unacknowledged packet. Returns what the
+/// station's reader got and how many requests were lost.
+fn pipelined_transfer(seed: u64, total: u64, depth: usize, lose_one_in: u64) -> (Vec<u8>, u64) {
+    let mut rng = Rng(seed);
+    let mut now = Instant::now();
+    let mut agent = End::new(Side::Agent, now);
+    let mut station = End::new(Side::Station, now);
+    let id: StreamId = agent.session.streams().open("collector").unwrap();
+    let (mut written, mut lost) = (0u64, 0u64);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 50_000];
+    let mut requests: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut packet = Vec::new();
+    for _ in 0..200_000 {
+        write_some(&mut agent.session, id, &mut rng, &mut written, total);
+        while requests.len() < depth {
+            let mut request = Vec::new();
+            for _ in 0..=rng.below(8) {
+                if !agent.session.poll_transmit(now, Lane::Sequenced, &mut packet) {
+                    break;
+                }
+                request.push(packet.clone());
+            }
+            if request.is_empty() {
+                break;
+            }
+            requests.push(request);
+        }
+        if !requests.is_empty() {
+            let request = requests.swap_remove(rng.below(requests.len() as u64) as usize);
+            if rng.below(lose_one_in) == 0 {
+                lost += 1;
+                agent.session.restart_transmit();
+            } else {
+                for p in request {
+                    station.session.handle_packet(now, &p).unwrap();
+                }
+            }
+        }
+        // Acks come back on the other lane's requests, whole.
+        station.transmit(now, 2);
+        while let Some(p) = station.out.live.pop_front() {
+            agent.session.handle_packet(now, &p).unwrap();
+        }
+        while station.session.poll_event().is_some() {}
+        if read_available(&mut station.session, id, &mut buf, &mut got) {
+            return (got, lost);
+        }
+        now += Duration::from_millis(rng.below(10));
+        agent.session.handle_timeout(now);
+        station.session.handle_timeout(now);
+    }
+    panic!("transfer did not finish: {} of {total} bytes", got.len());
+}
+
+#[test]
+fn pipelined_requests_deliver_every_byte_once_in_order() {
+    let mut all_lost = 0;
+    for seed in 1..=8u64 {
+        let total = 2 * 1024 * 1024 + seed * 333;
+        let (got, lost) =
+            pipelined_transfer(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), total, 4, 15);
+        all_lost += lost;
+        assert_eq!(got.len() as u64, total, "seed {seed}");
+        assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)), "seed {seed}");
+    }
+    assert!(all_lost > 20, "the test must actually lose requests: {all_lost}");
+    // Nothing lost: reordered requests alone need no resend.
+    let (got, lost) = pipelined_transfer(3, 4 * 1024 * 1024, 6, u64::MAX);
+    assert_eq!((got.len(), lost), (4 * 1024 * 1024, 0));
+}
+
+#[test]
+fn packets_past_a_gap_wait_for_it_within_their_bound() {
+    use super::frame::{decode_header, encode_header, Header};
+    use super::session::AHEAD_MAX;
+    let start = Instant::now();
+    let mut station = Session::new(Side::Station, start, Limits::default());
+    // Sequenced packets with no frames (probes): each holds 64 bytes ahead.
+    let probe = |seq: u64| {
+        let mut packet = Vec::new();
+        encode_header(&Header { seq, ack: 0 }, &mut packet);
+        packet
+    };
+    let acked = |station: &mut Session| {
+        let mut ack = Vec::new();
+        station.write_ack(start, &mut ack);
+        decode_header(&ack).unwrap().0.ack
+    };
+    let room = (AHEAD_MAX / 64) as u64;
+    let later = start + Duration::from_secs(1);
+    for seq in 2..=room + 11 {
+        station.handle_packet(later, &probe(seq)).unwrap();
+    }
+    // Held past the gap, none acknowledged, the gap dated from the first.
+    assert_eq!(acked(&mut station), 0);
+    assert_eq!(station.gap_since(), Some(later));
+    // The gap fills: everything held goes on; what found no room did not.
+    station.handle_packet(later, &probe(1)).unwrap();
+    assert_eq!(acked(&mut station), room + 1);
+    assert_eq!(station.gap_since(), None);
+    // Sent again (the sender restarts), the dropped ones arrive too; a
+    // packet seen before changes nothing.
+    for seq in 1..=room + 11 {
+        station.handle_packet(later, &probe(seq)).unwrap();
+    }
+    assert_eq!(acked(&mut station), room + 11);
 }
 
 /// One direction of a path with a round trip and a rate: a packet leaves

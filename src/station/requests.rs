@@ -667,7 +667,11 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     if let Err(refused) = req.receive_body(conn, POLL_BODY_MAX as u64, Shape::Poll).await? {
         return Ok(refused);
     }
-    let lane = live.tunnel.begin_lane(Lane::Sequenced);
+    let lane = if carrier::poll_continues(&head.target) {
+        live.tunnel.join_lane(Lane::Sequenced)
+    } else {
+        live.tunnel.begin_lane(Lane::Sequenced)
+    };
     let mut out = reply_buffer(0);
     let hold = carrier::poll_wait(&head.target);
     // Nothing is read while the poll is held, maybe for minutes.

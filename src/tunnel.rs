@@ -28,8 +28,8 @@ use event_listener::Event as Notify;
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::channel;
 
+use crate::carrier::auto::Seen;
 use crate::core::frame::MAX_PACKET;
-use crate::core::rtt::Span;
 use crate::core::session::{Lane, Limits, Session};
 use crate::core::streams::{Event, Read, Received, Side, StreamError, StreamId};
 use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
@@ -226,14 +226,14 @@ impl Tunnel {
         self.lock().session.acked()
     }
 
-    /// Since when sent packets have waited for an ack with no progress.
-    pub fn stalled_since(&self) -> Option<Instant> {
-        self.lock().session.stalled_since()
-    }
-
-    /// The round trips sampled since [`Tunnel::restart_round_trips`].
-    pub fn round_trips(&self) -> Span {
-        self.lock().session.rtt().span()
+    /// What the session shows of the path now, taken at one moment.
+    pub fn seen(&self) -> Seen {
+        let state = self.lock();
+        Seen {
+            acked: state.session.acked(),
+            stalled_since: state.session.stalled_since(),
+            round_trips: state.session.rtt().span(),
+        }
     }
 
     /// Starts counting round trips afresh: new lanes may take another path.

@@ -56,6 +56,48 @@ fn round_trip_16_mib_auto() {
     round_trip("auto");
 }
 
+/// The poll carrier carries a bulk transfer on several requests in flight,
+/// each on its own connection, and an agent gone idle keeps only its held
+/// poll and one push connection.
+#[test]
+fn poll_pipelines_while_busy_and_keeps_two_connections_idle() {
+    let echo = Server::echo();
+    let dir = TempDir::new("pipeline");
+    let keys = Keys::new();
+    let toml =
+        with_status(&keys.station_toml(&[("echo", echo.target())], "test-device", &["echo"]));
+    let (station, station_addr) = start_station(&dir, &toml);
+    let status = status_addr(&station);
+    let toml =
+        agent_toml(station_addr, &keys.station.public_key(), &keys.device, "poll", &["echo"]);
+    let (agent, forwards) = start_agent_session(&dir, &station, "test-device", &toml, &["echo"]);
+    let connections = move || {
+        let (_, body) = status_get(status, "/metrics");
+        metric(&body, "postern_connections{kind=\"device\"}").expect("the gauge is there")
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let mut most = 0f64;
+            while done.load(Ordering::Relaxed) == 0 {
+                most = most.max(connections());
+                thread::sleep(Duration::from_millis(10));
+            }
+            most
+        })
+    };
+    let got = echo_round_trip(forwards["echo"], 0x17, ROUND_TRIP);
+    done.store(1, Ordering::Relaxed);
+    let most = sampler.join().expect("sampler");
+    let logs = format!("{}\n{}", agent.describe(), station.describe());
+    assert_eq!(got, Received::expected(0x17, ROUND_TRIP), "16 MiB echoed over poll\n{logs}");
+    assert!(most > 2.0, "at most {most} device connections during the transfer\n{logs}");
+    wait_until("the idle agent's connections fall back to a poll and a push", LOG_WAIT, || {
+        connections() <= 2.0
+    });
+}
+
 #[test]
 fn configured_carrier_is_the_one_used() {
     let echo = Server::echo();

@@ -27,7 +27,7 @@ use futures_lite::{future, AsyncWriteExt};
 
 use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::Shared;
-use crate::carrier::auto::{self, Judge, Retry, Seen, Verdict};
+use crate::carrier::auto::{self, Judge, Retry, Verdict};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError};
 use crate::carrier::link::Link;
@@ -83,8 +83,6 @@ struct LaneCtx {
 
 /// The carrier shape of one agent, shared by its successive sessions.
 pub(super) struct ShapeMemory {
-    /// `auto` found that stream does not pass this path.
-    fell_back: AtomicBool,
     /// What `auto` saw when it fell back, for `postern status`.
     why: Mutex<Option<String>>,
     /// Seconds a poll request may be held: `poll_hold`, shorter once a
@@ -99,7 +97,6 @@ pub(super) struct ShapeMemory {
 impl ShapeMemory {
     pub(super) fn new(poll_hold: Duration, stream_retry: Duration) -> ShapeMemory {
         ShapeMemory {
-            fell_back: AtomicBool::new(false),
             why: Mutex::new(None),
             hello_millis: AtomicU64::new(0),
             poll_wait: AtomicU64::new(poll_hold.as_secs().max(1)),
@@ -112,7 +109,7 @@ impl ShapeMemory {
         match configured {
             CarrierKind::Stream => "stream",
             CarrierKind::Poll => "poll",
-            CarrierKind::Auto if self.fell_back.load(Ordering::Relaxed) => "auto (poll)",
+            CarrierKind::Auto if self.on_poll() => "auto (poll)",
             CarrierKind::Auto => "auto (stream)",
         }
     }
@@ -141,6 +138,12 @@ impl ShapeMemory {
         }
     }
 
+    /// `auto` found that stream does not pass this path and has not tried
+    /// it again yet: a try is due some time.
+    fn on_poll(&self) -> bool {
+        lock(&self.retry).due_at().is_some()
+    }
+
     fn poll_wait(&self) -> Duration {
         Duration::from_secs(self.poll_wait.load(Ordering::Relaxed))
     }
@@ -161,7 +164,7 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
         let poll = match ctx.shared.carrier {
             CarrierKind::Poll => true,
             CarrierKind::Stream => false,
-            CarrierKind::Auto => shape.fell_back.load(Ordering::Relaxed),
+            CarrierKind::Auto => shape.on_poll(),
         };
         if poll {
             let lanes = Scope::new();
@@ -185,7 +188,6 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             drop(lanes);
             let since = lock(&shape.why).take().unwrap_or_default();
             log::info!("carrier auto: trying the stream lanes again (on poll because {since})");
-            shape.fell_back.store(false, Ordering::Relaxed);
         }
         let started = Instant::now();
         let verdict = run_stream(&ctx).await;
@@ -204,7 +206,6 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
                 );
                 ctx.shared.record.error(format!("carrier auto: {what}"));
                 *lock(&shape.why) = Some(what.to_string());
-                shape.fell_back.store(true, Ordering::Relaxed);
                 continue;
             }
             Verdict::PathBuffers(what) => {
@@ -263,13 +264,14 @@ async fn run_stream(ctx: &LaneCtx) -> Option<Verdict> {
     // A packet the station must acknowledge, sent now rather than with the
     // first user bytes, so the path is judged before anyone waits on it.
     ctx.tunnel.probe();
+    let mut seen = ctx.tunnel.seen();
     loop {
-        let judging = lock(&watch).judging(&seen(&ctx.tunnel));
+        let judging = lock(&watch).judging(&seen);
         smol::Timer::after(if judging { JUDGING_TICK } else { WATCH_TICK }).await;
         if ctx.tunnel.closed().is_some() {
             return None;
         }
-        let seen = seen(&ctx.tunnel);
+        seen = ctx.tunnel.seen();
         let mut judge = lock(&watch);
         if let Some(verdict) = judge.verdict(Instant::now(), &seen) {
             return Some(verdict);
@@ -277,14 +279,6 @@ async fn run_stream(ctx: &LaneCtx) -> Option<Verdict> {
         if judge.wants_round_trips(&seen) && seen.stalled_since.is_none() {
             ctx.tunnel.probe();
         }
-    }
-}
-
-fn seen(tunnel: &Tunnel) -> Seen {
-    Seen {
-        acked: tunnel.acked(),
-        stalled_since: tunnel.stalled_since(),
-        round_trips: tunnel.round_trips(),
     }
 }
 

@@ -602,6 +602,26 @@ fn windows_grow_to_fill_a_long_path() {
 }
 
 #[test]
+fn a_fast_long_path_grows_the_first_window_within_its_first_burst() {
+    // 100 MB/s at 60 ms: the first 256 KiB land at 30 ms, all at once.
+    let mut path = Path::new(Duration::from_millis(60), 100e6, 1, Limits::default());
+    let id = path.streams[0].0;
+    path.run(Duration::from_millis(40));
+    // Judged once its reader took it, within the first burst: the grant
+    // that leaves then is for a grown window, a round trip sooner than
+    // judging it by the next burst would give.
+    assert_eq!(path.station.streams().window(id), Some(4 * STREAM_WINDOW));
+    // 8 MiB, a short transfer on such a path, within four round trips:
+    // windows of 256 KiB, 1, 4 and 16 MiB.
+    let mut rtts = 0;
+    while path.received() < 8 << 20 {
+        path.run(Duration::from_millis(60));
+        rtts += 1;
+    }
+    assert!(rtts <= 4, "{rtts} round trips for 8 MiB");
+}
+
+#[test]
 fn a_short_path_keeps_the_first_window() {
     // 20 Mbit/s at 60 ms, a cellular uplink: 150 KB in flight fits the
     // first window, which grows one step at most (the first epoch, judged

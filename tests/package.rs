@@ -5,7 +5,10 @@
 //! `systemd-analyze verify` and `security`; the installed binary carries
 //! bytes with the installed example configs, adjusted to loopback; an
 //! upgrade keeps configs and keys, removal keeps the keys, purge deletes
-//! them.
+//! them. The arm64 and armhf `postern` packages, which this amd64 machine
+//! cannot install, hold what the amd64 one does and a binary for their
+//! CPU with the station in it, which carries the same bytes under
+//! qemu-user with the installed configs and keys.
 //!
 //! Ignored by default: it installs packages system-wide (as root).
 //! scripts/test builds the packages twice, the second time as a newer
@@ -26,6 +29,35 @@ const MAX_EXPOSURE: f64 = 2.0;
 const ROUND_TRIP_BYTES: u64 = 1 << 20;
 
 const UNITS: [&str; 2] = ["postern-agent.service", "postern-station.service"];
+
+/// The architectures of the packages, amd64 (this machine's) first.
+const ARCHES: [&str; 3] = ["amd64", "arm64", "armhf"];
+
+/// What the binary of an ARM `postern` package must be, and how it runs here.
+struct Foreign {
+    arch: &'static str,
+    /// `readelf -h`'s `Machine:`.
+    machine: &'static str,
+    /// The dynamic loader it asks for; None: statically linked.
+    interpreter: Option<&'static str>,
+    /// qemu-user, with the armhf loader and libc from Debian's cross libc6.
+    qemu: &'static [&'static str],
+}
+
+const FOREIGN: [Foreign; 2] = [
+    Foreign {
+        arch: "arm64",
+        machine: "AArch64",
+        interpreter: None,
+        qemu: &["qemu-aarch64-static"],
+    },
+    Foreign {
+        arch: "armhf",
+        machine: "ARM",
+        interpreter: Some("/lib/ld-linux-armhf.so.3"),
+        qemu: &["qemu-arm-static", "-L", "/usr/arm-linux-gnueabihf"],
+    },
+];
 
 fn packages_dir(var: &str) -> PathBuf {
     let dir = std::env::var_os(var)
@@ -113,12 +145,15 @@ fn purge_all() {
 fn debian_packages_install_upgrade_remove_and_purge() {
     let dir = packages_dir("POSTERN_PACKAGES");
     let next_dir = packages_dir("POSTERN_PACKAGES_NEXT");
-    let agents = ["amd64", "arm64", "armhf"].map(|arch| deb(&dir, "postern-agent", arch));
-    let full = deb(&dir, "postern", "amd64");
+    let agents = ARCHES.map(|arch| deb(&dir, "postern-agent", arch));
+    let fulls = ARCHES.map(|arch| deb(&dir, "postern", arch));
+    let full = &fulls[0];
     let full_next = deb(&next_dir, "postern", "amd64");
 
-    check_with_lintian(&agents, &full);
-    check_contents(&agents, &full);
+    check_with_lintian(&agents, &fulls);
+    check_contents(&agents, &fulls);
+    let foreign: Vec<(&Foreign, TempDir)> =
+        FOREIGN.iter().map(|arm| (arm, check_foreign_binary(&dir, arm))).collect();
     assert!(rustix::process::geteuid().is_root(), "dpkg -i needs root");
 
     purge_all();
@@ -140,7 +175,7 @@ fn debian_packages_install_upgrade_remove_and_purge() {
     );
 
     // The central package replaces it and keeps the device key.
-    dpkg_install(&full);
+    dpkg_install(full);
     assert_eq!(installed("postern-agent"), None, "postern replaced postern-agent");
     assert_eq!(key_at("/etc/postern/agent.key").to_base64(), device_key.to_base64());
     assert_eq!(
@@ -153,7 +188,14 @@ fn debian_packages_install_upgrade_remove_and_purge() {
         check_unit(&path);
     }
 
-    run_installed_configs(&device_key);
+    run_installed_configs(&device_key, &["/usr/bin/postern"]);
+    // The ARM stations, under qemu-user, with the same configs and keys.
+    for (arm, unpacked) in &foreign {
+        let binary = unpacked.path().join("usr/bin/postern");
+        let mut station = arm.qemu.to_vec();
+        station.push(binary.to_str().expect("utf-8"));
+        run_installed_configs(&device_key, &station);
+    }
 
     // Upgrade: the admin's config and both keys stay.
     let station_key = read("/etc/postern/station.key");
@@ -176,18 +218,40 @@ fn debian_packages_install_upgrade_remove_and_purge() {
     assert!(!Path::new("/etc/postern").exists(), "purge left /etc/postern behind");
 }
 
-fn check_with_lintian(agents: &[PathBuf], full: &Path) {
+fn check_with_lintian(agents: &[PathBuf], fulls: &[PathBuf]) {
     let mut args = vec!["--tag-display-limit", "0"];
-    let full = [full.to_path_buf()];
-    args.extend(agents.iter().chain(&full).map(|p| p.to_str().expect("utf-8")));
+    args.extend(agents.iter().chain(fulls).map(|p| p.to_str().expect("utf-8")));
     let (ok, stdout, stderr) = tool("lintian", &args);
     let errors: Vec<&str> = stdout.lines().filter(|l| l.starts_with("E: ")).collect();
     assert!(ok && errors.is_empty(), "lintian found errors:\n{stdout}{stderr}");
 }
 
+fn unpack(deb: &Path) -> TempDir {
+    let unpacked = TempDir::new("deb");
+    must(
+        "dpkg-deb",
+        &["-x", deb.to_str().expect("utf-8"), unpacked.path().to_str().expect("utf-8")],
+    );
+    unpacked
+}
+
+/// The man page help2man made from the package's own binary (under
+/// qemu-user for ARM): its commands' sections and their options.
+fn check_man_page(deb: &Path, unpacked: &TempDir, commands: &[&str]) {
+    let man = must(
+        "zcat",
+        &[unpacked.path().join("usr/share/man/man1/postern.1.gz").to_str().expect("utf-8")],
+    );
+    for command in commands {
+        assert!(man.contains(&format!(".SS {command}\n")), "man page of {}:\n{man}", deb.display());
+    }
+    assert!(man.contains("\\-o, \\-\\-output FILE"), "man page of {}:\n{man}", deb.display());
+}
+
 /// The agent packages hold the boards' binaries, the same unit file as
-/// install-image, and no station unit; postern holds both.
-fn check_contents(agents: &[PathBuf; 3], full: &Path) {
+/// install-image, and no station unit; postern, for each architecture,
+/// holds both units, the monitoring examples and the same conffiles.
+fn check_contents(agents: &[PathBuf; 3], fulls: &[PathBuf; 3]) {
     let dist =
         PathBuf::from(std::env::var_os("POSTERN_DIST").expect("POSTERN_DIST: the board builds"));
     let boards = ["x86-64-pc", "raspberry-pi", "beaglebone-black"];
@@ -204,36 +268,74 @@ fn check_contents(agents: &[PathBuf; 3], full: &Path) {
             assert!(files.contains(path), "{} lacks {path}:\n{files}", deb.display());
         }
         assert!(!files.contains("postern-station"), "{} carries the station", deb.display());
-        let unpacked = TempDir::new("deb");
-        must(
-            "dpkg-deb",
-            &["-x", deb.to_str().expect("utf-8"), unpacked.path().to_str().expect("utf-8")],
-        );
+        let unpacked = unpack(deb);
         let packaged = std::fs::read(unpacked.path().join("usr/bin/postern")).expect("read");
         let built = std::fs::read(dist.join(board).join("postern")).expect("the board build");
         assert!(packaged == built, "{} does not hold dist/{board}/postern", deb.display());
-        let man = must(
-            "zcat",
-            &[unpacked.path().join("usr/share/man/man1/postern.1.gz").to_str().expect("utf-8")],
-        );
-        assert!(
-            man.contains(".SS genkey") && man.contains("\\-o, \\-\\-output FILE"),
-            "man page of {}:\n{man}",
-            deb.display()
-        );
+        check_man_page(deb, &unpacked, &["agent", "genkey"]);
     }
-    let files = must("dpkg-deb", &["-c", full.to_str().expect("utf-8")]);
-    for path in UNITS.map(|unit| format!("./lib/systemd/system/{unit}")).into_iter().chain([
-        "./usr/share/doc/postern/examples/postern.rules.yml".to_owned(),
-        "./usr/share/doc/postern/examples/grafana-fleet.json".to_owned(),
-    ]) {
-        assert!(files.contains(&path), "postern lacks {path}");
+    for (deb, arch) in fulls.iter().zip(ARCHES) {
+        let path = deb.to_str().expect("utf-8");
+        assert_eq!(must("dpkg-deb", &["-f", path, "Architecture"]), format!("{arch}\n"));
+        let files = must("dpkg-deb", &["-c", path]);
+        for wanted in UNITS.map(|unit| format!("./lib/systemd/system/{unit}")).into_iter().chain([
+            "./usr/bin/postern".to_owned(),
+            "./usr/share/doc/postern/examples/postern.rules.yml".to_owned(),
+            "./usr/share/doc/postern/examples/grafana-fleet.json".to_owned(),
+        ]) {
+            assert!(files.contains(&wanted), "{path} lacks {wanted}");
+        }
+        let conffiles = must("dpkg-deb", &["-I", path, "conffiles"]);
+        assert_eq!(
+            conffiles,
+            "/etc/postern/station.toml\n/etc/default/postern-station\n/etc/postern/agent.toml\n/etc/default/postern-agent\n",
+            "{path}"
+        );
+        let unpacked = unpack(deb);
+        for unit in UNITS {
+            let packaged =
+                std::fs::read_to_string(unpacked.path().join("lib/systemd/system").join(unit));
+            assert_eq!(
+                packaged.expect("read"),
+                repo_file(&format!("packaging/systemd/{unit}")),
+                "{path}: {unit}"
+            );
+        }
+        check_man_page(deb, &unpacked, &["agent", "station", "genkey"]);
     }
-    let conffiles = must("dpkg-deb", &["-I", full.to_str().expect("utf-8"), "conffiles"]);
+}
+
+/// The ARM `postern` package's binary is for its CPU, linked as its board
+/// build is, and is the full build of this commit: `--version` under
+/// qemu-user names the station. Returns the package unpacked.
+fn check_foreign_binary(dir: &Path, arm: &Foreign) -> TempDir {
+    let deb = deb(dir, "postern", arm.arch);
+    let unpacked = unpack(&deb);
+    let binary = unpacked.path().join("usr/bin/postern");
+    let binary = binary.to_str().expect("utf-8");
+    let header = must("readelf", &["-h", binary]);
+    let machine = header.lines().find_map(|l| l.trim().strip_prefix("Machine:"));
+    assert_eq!(machine.map(str::trim), Some(arm.machine), "{}: {header}", deb.display());
+    let program_headers = must("readelf", &["-l", binary]);
+    let interpreter = program_headers
+        .lines()
+        .find_map(|l| l.split("[Requesting program interpreter: ").nth(1))
+        .and_then(|rest| rest.strip_suffix(']'));
+    assert_eq!(interpreter, arm.interpreter, "{}: {program_headers}", deb.display());
+    let (qemu, args) = arm.qemu.split_first().expect("an emulator");
+    let mut version_args = args.to_vec();
+    version_args.extend([binary, "--version"]);
     assert_eq!(
-        conffiles,
-        "/etc/postern/station.toml\n/etc/default/postern-station\n/etc/postern/agent.toml\n/etc/default/postern-agent\n"
+        must(qemu, &version_args),
+        format!(
+            "postern {} (commit {}; features: agent, station, tls, tls12, ntlm, ring)\n",
+            env!("CARGO_PKG_VERSION"),
+            postern::COMMIT
+        ),
+        "{}",
+        deb.display()
     );
+    unpacked
 }
 
 /// `systemd-analyze verify` finds nothing wrong with the installed unit and
@@ -254,9 +356,11 @@ fn check_unit(path: &str) {
     assert!(exposure <= MAX_EXPOSURE, "{name} exposure {exposure} > {MAX_EXPOSURE}:\n{report}");
 }
 
-/// The installed binary, keys and example configs, moved to loopback:
-/// an echo through the tunnel comes back byte for byte.
-fn run_installed_configs(device_key: &PrivateKey) {
+/// The installed keys and example configs, moved to loopback, with the
+/// station `station` (the installed binary, or an ARM one under qemu-user)
+/// and the installed agent: an echo through the tunnel comes back byte for
+/// byte.
+fn run_installed_configs(device_key: &PrivateKey, station: &[&str]) {
     let echo = Server::echo();
     let dir = TempDir::new("installed");
     let station_key = key_at("/etc/postern/station.key");
@@ -275,7 +379,7 @@ fn run_installed_configs(device_key: &PrivateKey) {
     let path = dir.write("station.toml", &station_toml);
     let installed = ["/usr/bin/postern"];
     let station = Proc::spawn_via(
-        &installed,
+        station,
         "station",
         &["station", "-c", path.to_str().expect("utf-8")],
         None,

@@ -243,8 +243,10 @@ std_rebuild_args() {
 # build_agent TARGET FEATURES STD [RUSTFLAG...]: builds the agent for
 # TARGET with the size-tuned `device` cargo profile, first adding the rust
 # target and the linker when they are missing; sets built_binary to the
-# result. STD is "prebuilt" (rustup's standard library for the target) or
-# "rebuilt" (compiled with the agent, see std_rebuild_args).
+# result. FEATURES "default" builds postern's default features, station
+# included (scripts/package's ARM `postern` packages). STD is "prebuilt"
+# (rustup's standard library for the target) or "rebuilt" (compiled with
+# the agent, see std_rebuild_args).
 # CARGO_PROFILE_DEVICE_* and CARGO_TARGET_DIR from the environment apply.
 build_agent() {
     local target=$1 features=$2 std=$3

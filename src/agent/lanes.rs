@@ -18,7 +18,7 @@
 //! a lost or rebuilt lane did not deliver, so switching shape loses nothing.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -61,10 +61,6 @@ const PIPELINE: usize = 8;
 /// A poll reply this large says more may wait at the station: the extra
 /// pollers join in until one brings less.
 const BUSY_REPLY: usize = 16 * 1024;
-
-/// A push body this full goes at once; a smaller one waits for more while
-/// other pushes are in flight.
-const PUSH_FULL: usize = POLL_BODY_MAX / 2;
 
 /// An extra pusher idle this long lets its connection go.
 const EXTRA_IDLE: Duration = Duration::from_secs(2);
@@ -468,10 +464,6 @@ struct Pipeline {
     busy: AtomicBool,
     /// `busy` became true.
     woken: event_listener::Event,
-    /// Pushes sent and not answered yet.
-    in_flight: AtomicUsize,
-    /// A push was answered.
-    landed: event_listener::Event,
 }
 
 /// Runs `lanes` together until the first one ends, and returns its result;
@@ -492,8 +484,8 @@ async fn first_of(mut lanes: Vec<LaneFuture<'_>>) -> Result<(), CarrierError> {
 /// One poll request after another. Poller 0 always has one held at the
 /// station (for `poll_hold`); the others poll only while replies come full,
 /// each asking for the shortest hold, and stop (letting their connection
-/// go) at the first reply that brings nothing: an idle agent holds one
-/// poll, a busy one up to [`PIPELINE`].
+/// go) at the first reply that brings less than [`BUSY_REPLY`]: an idle
+/// agent holds one poll, a busy one up to [`PIPELINE`].
 async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierError> {
     let client = &ctx.shared.client;
     let max_reply = (POLL_BODY_MAX + MAX_RECORD) as u64;
@@ -622,46 +614,14 @@ async fn pusher(
                 }
             }
         };
-        if sealed.is_err() || top_up(ctx, pipe, lane, &mut body).await.is_err() {
+        if sealed.is_err() {
             return Ok(());
         }
         let mut deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
-        pipe.in_flight.fetch_add(1, Ordering::Relaxed);
-        let pushed = client
+        client
             .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, &mut deliver)
-            .await;
-        pipe.in_flight.fetch_sub(1, Ordering::Relaxed);
-        pipe.landed.notify(usize::MAX);
-        pushed?;
+            .await?;
         pipe.answered.store(true, Ordering::Relaxed);
     }
-}
-
-/// Fills a push body toward [`PUSH_FULL`] while other pushes are in
-/// flight: each costs a round trip whatever it carries, and a busy sender
-/// hands the session a socket read at a time. With none in flight the
-/// body goes as it is (a lone small write waits for nothing).
-async fn top_up(
-    ctx: &LaneCtx,
-    pipe: &Pipeline,
-    lane: LaneToken,
-    body: &mut Vec<u8>,
-) -> Result<(), LaneEnd> {
-    while body.len() < PUSH_FULL {
-        let landed = pipe.landed.listen();
-        if pipe.in_flight.load(Ordering::Relaxed) == 0 {
-            break;
-        }
-        let room = POLL_BODY_MAX - body.len();
-        let more = async { Some(ctx.tunnel.transmit(lane, body, room).await) };
-        let landed = async {
-            landed.await;
-            None
-        };
-        if let Some(more) = future::or(more, landed).await {
-            more?;
-        }
-    }
-    Ok(())
 }

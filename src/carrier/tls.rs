@@ -23,22 +23,27 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::{Arc, Mutex};
 
+use curve25519_dalek::MontgomeryPoint;
 #[cfg(feature = "station")]
 use futures_rustls::TlsAcceptor;
 use futures_rustls::TlsConnector;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    ActiveKeyExchange, CryptoProvider, SharedSecret, SupportedKxGroup, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::pem::PemObject;
 #[cfg(feature = "station")]
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
 #[cfg(feature = "station")]
 use rustls::ServerConfig;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, NamedGroup, RootCertStore,
+    SignatureScheme,
 };
 use smol::net::TcpStream;
+use zeroize::Zeroize;
 
 use super::link::Link;
 
@@ -110,14 +115,22 @@ fn provider() -> Arc<CryptoProvider> {
 /// The agent's provider: ring's suites and key exchanges, but no private
 /// key loading (the agent has no client certificate, and the key loader
 /// links every signing algorithm) and no Ed25519 certificates (none in
-/// the web PKI). 30 KiB less on armv7 (boards/README.md).
+/// the web PKI). 30 KiB less on armv7 (boards/README.md). X25519 is
+/// [`X25519`], the curve25519-dalek that Noise uses, not ring's, and
+/// nothing comes through ring's `default_provider`, whose groups would
+/// link ring's X25519 again: 16 KiB less (docs/BENCHMARKS.md).
 fn client_provider() -> Arc<CryptoProvider> {
-    let ring = rustls::crypto::ring::default_provider();
     Arc::new(CryptoProvider {
         cipher_suites: rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec(),
-        kx_groups: rustls::crypto::ring::DEFAULT_KX_GROUPS.to_vec(),
+        // ring's order (X25519 first, the one key share sent), with
+        // curve25519-dalek's X25519 in place of ring's.
+        kx_groups: vec![
+            &X25519,
+            rustls::crypto::ring::kx_group::SECP256R1,
+            rustls::crypto::ring::kx_group::SECP384R1,
+        ],
         signature_verification_algorithms: CLIENT_SIG_ALGS,
-        secure_random: ring.secure_random,
+        secure_random: &SystemRandom,
         key_provider: &NoKeys,
     })
 }
@@ -154,6 +167,72 @@ static CLIENT_SIG_ALGS: WebPkiSupportedAlgorithms = {
         ],
     }
 };
+
+/// The system's random generator (getrandom), as ring's is.
+#[derive(Debug)]
+struct SystemRandom;
+
+impl rustls::crypto::SecureRandom for SystemRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        getrandom::fill(buf).map_err(|_| rustls::crypto::GetRandomFailed)
+    }
+}
+
+/// X25519 key exchange (RFC 7748) with curve25519-dalek, which the agent
+/// links for Noise anyway, so that ring's X25519 is not linked as well.
+/// Does what rustls' ring group does: a fresh secret from the system's
+/// generator for each handshake, and a peer share that gives the all-zero
+/// secret (a low-order point) refused.
+#[derive(Debug)]
+struct X25519;
+
+impl SupportedKxGroup for X25519 {
+    fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, rustls::Error> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
+        let public = MontgomeryPoint::mul_base_clamped(secret).to_bytes();
+        Ok(Box::new(X25519Share { secret, public }))
+    }
+
+    fn name(&self) -> NamedGroup {
+        NamedGroup::X25519
+    }
+}
+
+/// One handshake's X25519 secret (wiped when dropped) and its share.
+struct X25519Share {
+    secret: [u8; 32],
+    public: [u8; 32],
+}
+
+impl Drop for X25519Share {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
+impl ActiveKeyExchange for X25519Share {
+    fn complete(self: Box<Self>, peer: &[u8]) -> Result<SharedSecret, rustls::Error> {
+        let invalid = || rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::InvalidKeyShare);
+        let peer: [u8; 32] = peer.try_into().map_err(|_| invalid())?;
+        let mut shared = MontgomeryPoint(peer).mul_clamped(self.secret).to_bytes();
+        let zero = shared.iter().fold(0u8, |any, byte| any | byte) == 0;
+        let secret = SharedSecret::from(&shared[..]);
+        shared.zeroize();
+        if zero {
+            return Err(invalid());
+        }
+        Ok(secret)
+    }
+
+    fn pub_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn group(&self) -> NamedGroup {
+        NamedGroup::X25519
+    }
+}
 
 /// The agent's key provider: it has no keys to load.
 #[derive(Debug)]
@@ -203,6 +282,80 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
     PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsSetupError::NoKey { path: path.to_owned() })
 }
 
+/// Bundle files of the system's CA certificates, the first found is read
+/// (openssl-probe's list for Linux, which rustls-native-certs used).
+const SYSTEM_CA_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Gentoo, Buildroot, Yocto
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", // CentOS, RHEL 7+
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL 6
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/pki/tls/cacert.pem",            // OpenELEC
+    "/etc/ssl/cert.pem",                  // Alpine
+    "/opt/etc/ssl/certs/ca-certificates.crt", // Entware
+    "/etc/ssl/certs/cacert.pem",          // OpenHarmony
+];
+
+/// Directories of CA certificates, one a file (OpenSSL's CApath), each
+/// read when it exists.
+const SYSTEM_CA_DIRS: &[&str] =
+    &["/etc/ssl/certs", "/etc/pki/tls/certs", "/etc/security/certificates"];
+
+/// The system's CA certificates, found as OpenSSL finds them:
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` (`:`-separated) when either is set,
+/// else the first of [`SYSTEM_CA_FILES`] and every one of
+/// [`SYSTEM_CA_DIRS`] that exists. What rustls-native-certs did, read here
+/// with the PEM parser rustls already links: 4 KiB less on armv7.
+fn system_roots() -> Vec<CertificateDer<'static>> {
+    use std::env;
+    let file = env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    let dirs: Vec<PathBuf> = env::var_os("SSL_CERT_DIR")
+        .map(|dirs| env::split_paths(&dirs).filter(|p| !p.as_os_str().is_empty()).collect())
+        .unwrap_or_default();
+    if file.is_some() || !dirs.is_empty() {
+        return certs_in(file.as_deref(), &dirs);
+    }
+    let file = SYSTEM_CA_FILES.iter().map(Path::new).find(|path| path.exists());
+    let dirs: Vec<PathBuf> =
+        SYSTEM_CA_DIRS.iter().map(PathBuf::from).filter(|path| path.exists()).collect();
+    certs_in(file, &dirs)
+}
+
+/// The certificates in `file` and in the files of `dirs`, each
+/// certificate once. A file is read once however many names lead to it
+/// (the hash-named links of `c_rehash`, a link to the bundle); files that
+/// cannot be read or hold no certificate are passed over, as an unusable
+/// certificate in a system bundle is.
+fn certs_in(file: Option<&Path>, dirs: &[PathBuf]) -> Vec<CertificateDer<'static>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    let mut certs = Vec::new();
+    let mut read = |path: &Path, certs: &mut Vec<CertificateDer<'static>>| {
+        let Ok(meta) = std::fs::metadata(path) else { return };
+        let id = (meta.dev(), meta.ino());
+        if !meta.is_file() || seen.contains(&id) {
+            return;
+        }
+        seen.push(id);
+        let Ok(pem) = read_pem(path) else { return };
+        for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+            // A linear search: a few hundred certificates, once at start.
+            if !certs.contains(&cert) {
+                certs.push(cert);
+            }
+        }
+    };
+    if let Some(file) = file {
+        read(file, &mut certs);
+    }
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for entry in entries.flatten() {
+            read(&entry.path(), &mut certs);
+        }
+    }
+    certs
+}
+
 /// The SHA-256 of a certificate's SubjectPublicKeyInfo.
 pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<SpkiPin, rustls::Error> {
     let parsed = webpki::EndEntityCert::try_from(cert)
@@ -238,18 +391,14 @@ impl ClientTls {
             None => {
                 // Certificates the bundle holds but webpki cannot use are
                 // skipped, as every TLS client does with a system bundle.
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
+                roots.add_parsable_certificates(system_roots());
                 if roots.is_empty() {
                     return Err(TlsSetupError::NoSystemRoots);
                 }
             }
         }
         let provider = client_provider();
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| TlsSetupError::Config(rustls::Error::General(e.to_string())))?;
-        let verifier = Verifier { webpki, pins: pins.to_vec() };
+        let verifier = Verifier { roots, pins: pins.to_vec() };
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(TlsSetupError::Config)?
@@ -311,10 +460,37 @@ pub fn pin_text(pin: &SpkiPin) -> String {
 
 /// webpki's verification, then the pins; and a self-signed certificate
 /// told apart from one of an unknown CA.
+///
+/// rustls' own `WebPkiServerVerifier` does the same first step through
+/// the same functions, but links webpki's CRL parsing and revocation
+/// checks whether or not any CRL is given (16 KiB on armv7); the
+/// agent takes no CRLs, so it calls the steps itself.
 #[derive(Debug)]
 struct Verifier {
-    webpki: Arc<WebPkiServerVerifier>,
+    roots: RootCertStore,
     pins: Vec<SpkiPin>,
+}
+
+impl Verifier {
+    /// The chain to one of `roots` and the name, as rustls'
+    /// `WebPkiServerVerifier` checks them with no CRLs.
+    fn webpki(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            CLIENT_SIG_ALGS.all,
+        )?;
+        rustls::client::verify_server_name(&cert, server_name)
+    }
 }
 
 impl ServerCertVerifier for Verifier {
@@ -323,11 +499,10 @@ impl ServerCertVerifier for Verifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
-        ocsp: &[u8],
+        _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verdict =
-            self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let verdict = self.webpki(end_entity, intermediates, server_name, now);
         if let Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) = verdict {
             if intermediates.is_empty() && is_self_signed(end_entity) {
                 return Err(refusal(Refusal::SelfSigned));
@@ -349,7 +524,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &CLIENT_SIG_ALGS)
     }
 
     fn verify_tls13_signature(
@@ -358,11 +533,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &CLIENT_SIG_ALGS)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        CLIENT_SIG_ALGS.supported_schemes()
     }
 }
 
@@ -428,4 +603,71 @@ fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsSetupEr
         .with_single_cert(certs, key)
         .map_err(TlsSetupError::Config)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem(der: &[u8]) -> String {
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")
+    }
+
+    fn hex(text: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap();
+        }
+        out
+    }
+
+    /// RFC 7748, section 6.1 (Alice's key, Bob's share); and the all-zero
+    /// secret of a low-order share refused.
+    #[test]
+    fn x25519_agrees_with_rfc_7748() {
+        let alice = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let share = X25519Share {
+            secret: alice,
+            public: MontgomeryPoint::mul_base_clamped(alice).to_bytes(),
+        };
+        assert_eq!(
+            share.pub_key(),
+            hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+        );
+        let bob = hex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f");
+        let shared = Box::new(share).complete(&bob).unwrap();
+        assert_eq!(
+            shared.secret_bytes(),
+            hex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+        );
+        let fresh = X25519.start().unwrap();
+        assert!(fresh.complete(&[0u8; 32]).is_err());
+        assert!(X25519.start().unwrap().complete(&[9u8; 31]).is_err());
+    }
+
+    /// A bundle, a c_rehash-style directory of links and copies: each
+    /// certificate once, files that are not certificates passed over.
+    #[test]
+    fn system_certificates_are_read_once_each() {
+        let dir = std::env::temp_dir().join(format!("postern-certs-in-{}", std::process::id()));
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let bundle = dir.join("bundle.crt");
+        std::fs::write(&bundle, pem(b"one") + "junk\n" + &pem(b"two")).unwrap();
+        std::fs::write(certs.join("three.pem"), pem(b"three")).unwrap();
+        std::fs::write(certs.join("copy-of-two.pem"), pem(b"two")).unwrap();
+        std::fs::write(certs.join("README"), "not a certificate\n").unwrap();
+        std::os::unix::fs::symlink("three.pem", certs.join("0123abcd.0")).unwrap();
+        std::os::unix::fs::symlink(&bundle, certs.join("ca-certificates.crt")).unwrap();
+        std::os::unix::fs::symlink("gone.pem", certs.join("89abcdef.0")).unwrap();
+
+        let mut found: Vec<Vec<u8>> =
+            certs_in(Some(&bundle), &[certs]).iter().map(|c| c.to_vec()).collect();
+        found.sort();
+        assert_eq!(found, [b"one".to_vec(), b"three".to_vec(), b"two".to_vec()]);
+        assert!(certs_in(None, &[dir.join("missing")]).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

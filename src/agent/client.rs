@@ -31,6 +31,10 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for a reply to a request that the station answers at once.
 pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Request bodies up to this size are copied behind the head and written
+/// with it; larger ones are written on their own.
+const INLINE_BODY: usize = 16 * 1024;
+
 /// Cookies kept for a load balancer's stickiness. Balancers set one or two;
 /// the bound keeps a misbehaving middlebox from growing our requests.
 const MAX_COOKIES: usize = 8;
@@ -342,12 +346,21 @@ impl Client {
         max_reply: u64,
         deliver: &mut (dyn FnMut(&[u8]) -> Result<(), CarrierError> + Send),
     ) -> Result<(), CarrierError> {
-        let mut out = Vec::with_capacity(512 + body.len());
+        // A small body rides in the head's write (one segment); a large one
+        // (a push) is written from where it is rather than copied: eight
+        // pushes in flight would hold two copies of 512 KiB each.
+        let mut out = Vec::with_capacity(512 + body.len().min(INLINE_BODY));
         self.head(&mut out, path, BodyKind::Length(body.len() as u64));
-        out.extend_from_slice(body);
+        let body = if body.len() <= INLINE_BODY {
+            out.extend_from_slice(body);
+            &[][..]
+        } else {
+            body
+        };
+        let request = [out.as_slice(), body];
         let (mut live, head) = match conn.take() {
             Some(mut reused) => {
-                match self.send(&mut reused, &out, wait).await {
+                match self.send(&mut reused, &request, wait).await {
                     Ok(head) if head.status != 408 => (reused, head),
                     // The box (or the station) closed the connection while it
                     // sat idle, before any byte of an answer: the request was
@@ -356,8 +369,10 @@ impl Client {
                     Ok(_) | Err(Stale::Closed) => {
                         log::debug!("{path}: kept-alive connection was closed while idle; sending on a new one");
                         let mut fresh = self.connect().await?;
-                        let head =
-                            self.send(&mut fresh, &out, wait).await.map_err(Stale::into_error)?;
+                        let head = self
+                            .send(&mut fresh, &request, wait)
+                            .await
+                            .map_err(Stale::into_error)?;
                         (fresh, head)
                     }
                     Err(Stale::Failed(e)) => return Err(e),
@@ -365,7 +380,8 @@ impl Client {
             }
             None => {
                 let mut fresh = self.connect().await?;
-                let head = self.send(&mut fresh, &out, wait).await.map_err(Stale::into_error)?;
+                let head =
+                    self.send(&mut fresh, &request, wait).await.map_err(Stale::into_error)?;
                 (fresh, head)
             }
         };
@@ -384,18 +400,25 @@ impl Client {
         Ok(())
     }
 
-    /// Writes a whole request and reads the head of its answer.
+    /// Writes a whole request, given in parts, and reads the head of its answer.
     async fn send(
         &self,
         live: &mut HttpConn<Link>,
-        request: &[u8],
+        request: &[&[u8]],
         wait: Duration,
     ) -> Result<ResponseHead, Stale> {
         let closed = |e: &std::io::Error| {
             use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
             matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
         };
-        if let Err(e) = live.write_all(request).await {
+        let mut written = Ok(());
+        for part in request.iter().filter(|part| !part.is_empty()) {
+            written = live.write_all(part).await;
+            if written.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = written {
             return Err(if closed(&e) {
                 Stale::Closed
             } else {

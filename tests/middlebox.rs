@@ -246,6 +246,25 @@ fn squid_resetting_long_request_bodies_moves_auto_to_poll() {
     path.round_trip(2, 16 << 20);
 }
 
+/// A proxy that allows each client four connections: the poll carrier's
+/// extra requests past them are refused (403), and the agent keeps fewer
+/// in flight from then on, losing no byte.
+#[test]
+fn squid_limiting_connections_per_client_lowers_the_poll_depth() {
+    let path = Path::start(
+        "squid-maxconn",
+        "poll",
+        1,
+        |_| Some(Middlebox::squid_limiting_connections(4)),
+        via_proxy,
+    );
+    path.agent.wait_log(&["connected to the station"]);
+    path.round_trip(1, 16 << 20);
+    let lowered = path.agent.wait_log(&["the path refused request", "in flight per lane"]);
+    assert!(lowered.contains("403"), "{lowered}");
+    path.round_trip(2, 16 << 20);
+}
+
 #[test]
 fn tinyproxy_forward_proxy() {
     let mut path = Path::start("tinyproxy", "auto", 1, |_| Some(Middlebox::tinyproxy()), via_proxy);

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{future, AsyncWriteExt};
 
 use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
+use super::depth::{Depth, PIPELINE};
 use super::Shared;
 use crate::carrier::auto::{self, Judge, Retry, Verdict};
 use crate::carrier::conn::HttpConn;
@@ -50,13 +51,6 @@ const LANES_PROVEN: Duration = Duration::from_secs(60);
 
 /// Shortest hold asked of a poll request when the path cuts them.
 const POLL_WAIT_MIN: Duration = Duration::from_secs(1);
-
-/// Requests of one poll-shape lane in flight at most, each on its own
-/// connection: eight requests of up to 512 KiB keep 4 MiB in flight, a
-/// 60 ms path's worth at 70 MB/s, and both lanes busy open 16 connections,
-/// under the 32 browsers open to one proxy, so proxies sized for browsers
-/// pass them. Idle, a lane holds one.
-const PIPELINE: usize = 8;
 
 /// A poll reply this large says more may wait at the station: the extra
 /// pollers join in until one brings less.
@@ -92,6 +86,8 @@ pub(super) struct ShapeMemory {
     hello_millis: AtomicU64,
     /// When `auto`, on poll, tries stream again.
     retry: Mutex<Retry>,
+    /// How many requests a poll-shape lane keeps in flight.
+    depth: Mutex<Depth>,
 }
 
 impl ShapeMemory {
@@ -101,6 +97,7 @@ impl ShapeMemory {
             hello_millis: AtomicU64::new(0),
             poll_wait: AtomicU64::new(poll_hold.as_secs().max(1)),
             retry: Mutex::new(Retry::new(stream_retry)),
+            depth: Mutex::new(Depth::default()),
         }
     }
 
@@ -135,6 +132,34 @@ impl ShapeMemory {
         match self.describe(configured) {
             "stream" | "auto (stream)" => "up + down",
             _ => "push + poll",
+        }
+    }
+
+    /// Whether request `n` (0 the first) of a poll-shape lane may go now.
+    fn in_depth(&self, n: usize) -> bool {
+        n < lock(&self.depth).allowed(Instant::now())
+    }
+
+    /// Request `n` of a poll-shape lane failed with `error`: a refusal of
+    /// the path (a proxy's page or a refused connection, not a cut or a
+    /// timeout) past the first request lowers how many go at once.
+    fn failed(&self, n: usize, error: &CarrierError) {
+        let refusal = match error {
+            CarrierError::Connect { .. } => true,
+            CarrierError::Status { who, status, .. } => {
+                *who != Who::Station && matches!(status, 403 | 429 | 503)
+            }
+            _ => false,
+        };
+        if !refusal {
+            return;
+        }
+        if let Some(depth) = lock(&self.depth).refused(n, Instant::now()) {
+            log::warn!(
+                "the path refused request {} of a lane's requests in flight ({error}): keeping \
+                 {depth} in flight per lane for the next hour (a proxy's limit of connections per client?)",
+                n + 1
+            );
         }
     }
 
@@ -487,6 +512,9 @@ async fn first_of(mut lanes: Vec<LaneFuture<'_>>) -> Result<(), CarrierError> {
 /// go) at the first reply that brings less than [`BUSY_REPLY`]: an idle
 /// agent holds one poll, a busy one up to [`PIPELINE`].
 async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierError> {
+    if !ctx.shared.shape.in_depth(n) {
+        return future::pending().await;
+    }
     let client = &ctx.shared.client;
     let max_reply = (POLL_BODY_MAX + MAX_RECORD) as u64;
     while ctx.tunnel.closed().is_none() {
@@ -524,6 +552,7 @@ async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierE
                 if n == 0 {
                     shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
                 }
+                ctx.shared.shape.failed(n, &e);
                 return Err(e);
             }
             pipe.answered.store(true, Ordering::Relaxed);
@@ -590,6 +619,9 @@ async fn pusher(
     lane: LaneToken,
     n: usize,
 ) -> Result<(), CarrierError> {
+    if !ctx.shared.shape.in_depth(n) {
+        return future::pending().await;
+    }
     let client = &ctx.shared.client;
     let mut conn = None;
     let mut reader = RecordReader::default();
@@ -619,9 +651,13 @@ async fn pusher(
         }
         let mut deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
-        client
+        let pushed = client
             .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, &mut deliver)
-            .await?;
+            .await;
+        if let Err(e) = pushed {
+            ctx.shared.shape.failed(n, &e);
+            return Err(e);
+        }
         pipe.answered.store(true, Ordering::Relaxed);
     }
 }

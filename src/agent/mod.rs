@@ -14,6 +14,7 @@
 //! form (`POST http://station/...`); CONNECT is never used.
 
 mod client;
+mod depth;
 mod egress;
 mod forwards;
 mod lanes;

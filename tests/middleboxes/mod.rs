@@ -110,6 +110,20 @@ impl Middlebox {
         Self::squid_serving(dir, &access, timeout)
     }
 
+    /// Squid refusing (403) the requests of a client that holds more than
+    /// `max` connections to it (the `maxconn` ACL), as proxies that ration
+    /// their clients do.
+    pub(crate) fn squid_limiting_connections(max: usize) -> Middlebox {
+        let access = format!(
+            "acl CONNECT method CONNECT\n\
+             http_access deny CONNECT\n\
+             acl crowded maxconn {max}\n\
+             http_access deny crowded\n\
+             http_access allow localhost\n"
+        );
+        Self::squid_serving(shared_dir("squid"), &access, Some(SHORT_TIMEOUT_SECS))
+    }
+
     /// Squid as the proxy of a site whose egress is HTTPS only: CONNECT to
     /// `tls_port` alone, and every plain (absolute-form) request refused.
     pub(crate) fn squid_connect_only(tls_port: u16) -> Middlebox {

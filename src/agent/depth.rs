@@ -1,6 +1,6 @@
 //! How many requests a poll-shape lane keeps in flight: [`PIPELINE`] until
 //! the path refuses one past some count (a proxy that limits connections
-//! per client answers the extra one with an error page or a reset), then
+//! per client answers the extra one with an error page), then
 //! that count, until it has gone [`DEPTH_RESET`] without refusing again.
 //!
 //! Sans I/O: time comes in as a parameter.

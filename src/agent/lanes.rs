@@ -140,17 +140,15 @@ impl ShapeMemory {
         n < lock(&self.depth).allowed(Instant::now())
     }
 
-    /// Request `n` of a poll-shape lane failed with `error`: a refusal of
-    /// the path (a proxy's page or a refused connection, not a cut or a
-    /// timeout) past the first request lowers how many go at once.
+    /// Request `n` of a poll-shape lane failed with `error`: a refusal by
+    /// a box on the path (its 403, 429 or 503 page; not a cut, a timeout
+    /// or a refused connection, which a restarting station gives too) past
+    /// the first request lowers how many go at once.
     fn failed(&self, n: usize, error: &CarrierError) {
-        let refusal = match error {
-            CarrierError::Connect { .. } => true,
-            CarrierError::Status { who, status, .. } => {
-                *who != Who::Station && matches!(status, 403 | 429 | 503)
-            }
-            _ => false,
-        };
+        let refusal = matches!(
+            error,
+            CarrierError::Status { who, status: 403 | 429 | 503, .. } if *who != Who::Station
+        );
         if !refusal {
             return;
         }

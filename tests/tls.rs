@@ -189,18 +189,26 @@ fn squid_with_ntlm_authenticates_and_refuses_a_wrong_user_once() {
 
     // http:// station: absolute-form requests on an NTLM-authenticated connection.
     let url = format!("http://{}/", plain_station.addr);
-    let (agent, forward) = plain_station.agent(&dir, "plain", &url, "auto", &proxy("alice"));
-    agent.wait_log(&["connected to the station"]);
-    let context = || format!("{}\n{}", agent.describe(), squid.logs());
-    round_trip(forward, 1, TRANSFER, &context);
+    let (plain, plain_forward) = plain_station.agent(&dir, "plain", &url, "auto", &proxy("alice"));
+    plain.wait_log(&["connected to the station"]);
+    let plain_context = || format!("{}\n{}", plain.describe(), squid.logs());
+    round_trip(plain_forward, 1, TRANSFER, &plain_context);
 
     // https:// station: NTLM on the CONNECT, TLS inside.
     let url = format!("https://{}/", tls_station.addr);
     let extra = format!("{}{}", proxy("alice"), ca_line(&pki));
-    let (agent, forward) = tls_station.agent(&dir, "tls", &url, "auto", &extra);
-    agent.wait_log(&["connected to the station"]);
-    let context = || format!("{}\n{}", agent.describe(), squid.logs());
-    round_trip(forward, 2, TRANSFER, &context);
+    let (tls, tls_forward) = tls_station.agent(&dir, "tls", &url, "auto", &extra);
+    tls.wait_log(&["connected to the station"]);
+    let tls_context = || format!("{}\n{}", tls.describe(), squid.logs());
+    round_trip(tls_forward, 2, TRANSFER, &tls_context);
+
+    // Idle past squid's timeouts: the authenticated connections are gone,
+    // and new ones authenticate again (each handshake starts with a 407).
+    let challenges = squid.log_count("TCP_DENIED/407");
+    thread::sleep(Duration::from_secs(2 * SHORT_TIMEOUT_SECS + 1));
+    round_trip(plain_forward, 3, TRANSFER, &plain_context);
+    round_trip(tls_forward, 4, TRANSFER, &tls_context);
+    assert!(squid.log_count("TCP_DENIED/407") > challenges, "{}", squid.logs());
 
     // A user the proxy refuses: a clear 407 in the log, then backoff, not a storm.
     let extra = format!("{}{}", proxy("mallory"), ca_line(&pki));
@@ -288,5 +296,8 @@ fn squid_bumping_tls_needs_its_ca_in_ca_file() {
     agent.wait_log(&["connected to the station"]);
     let context = || format!("{}\n{}\n{}", agent.describe(), station.proc.describe(), squid.logs());
     round_trip(forward, 1, TRANSFER, &context);
-    round_trip(forward, 2, 1000, &context);
+    // Idle past squid's timeouts: new connections are bumped again.
+    thread::sleep(Duration::from_secs(2 * SHORT_TIMEOUT_SECS + 1));
+    round_trip(forward, 2, TRANSFER, &context);
+    round_trip(forward, 3, 1000, &context);
 }

@@ -44,6 +44,17 @@ pub(crate) struct Middlebox {
 }
 
 impl Middlebox {
+    /// How many lines of the middlebox's logs contain `needle`.
+    pub(crate) fn log_count(&self, needle: &str) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return 0 };
+        entries
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "log"))
+            .map(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default())
+            .map(|body| body.lines().filter(|line| line.contains(needle)).count())
+            .sum()
+    }
+
     /// The middlebox's own logs, for failure messages.
     pub(crate) fn logs(&self) -> String {
         let mut text = String::new();

@@ -16,6 +16,9 @@
 //!          *-squid        ... agent (or htc) ══▶ squid (forward proxy, CONNECT denied) ══▶ station
 //!          *-nginx        ... agent ══▶ nginx (reverse proxy, stock settings, /tunnel/) ══▶ station
 //!          stream-nginx-tuned  the same with README.md's three lines for the stream carrier
+//!          *-tls          ... agent ══https══▶ station terminating TLS (a test CA's certificate)
+//!          *-nginx-tls    ... agent ══https══▶ nginx terminating TLS, set as README.md says ══▶ station
+//!          wstunnel-wss   wstunnel over wss:// (its built-in certificate, unverified by its client)
 //!          *-rtt          with 20 ms of round trip on the hop that crosses the firewall
 //! ```
 //!
@@ -58,6 +61,7 @@ use support::*;
 mod common {
     pub(crate) use super::support::{refused_addr, TempDir};
 }
+use middleboxes::pki::Pki;
 use middleboxes::Middlebox;
 
 /// Bytes per application write and read: a common socket buffer size
@@ -116,8 +120,11 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ..
                    tests (default 128)
   --repeat N       measurements per row; the median is reported (default 4)
   --only NAMES     routes to run, comma-separated: direct, httptunnel,
-                   rathole-tcp, rathole-noise, wstunnel, stream, poll,
-                   stream-squid, poll-squid, stream-nginx, poll-nginx, and
+                   rathole-tcp, rathole-noise, wstunnel, wstunnel-wss,
+                   stream, poll, stream-squid, poll-squid, stream-nginx,
+                   poll-nginx, stream-nginx-tuned, stream-tls, poll-tls
+                   (https:// to the station), stream-nginx-tls,
+                   poll-nginx-tls (https:// to nginx), and
                    direct-rtt, httptunnel-rtt, rathole-tcp-rtt,
                    rathole-noise-rtt, stream-rtt, poll-rtt: with --rtt-ms of
                    latency on the hop that crosses the firewall
@@ -319,6 +326,10 @@ enum Via {
     /// The same with the three lines the README gives for the stream
     /// carrier (HTTP/1.1 upstream, no request buffering, no body limit).
     NginxTuned,
+    /// `https://`, to the station terminating TLS itself.
+    Tls,
+    /// `https://`, to nginx terminating TLS, set as for `NginxTuned`.
+    NginxTls,
 }
 
 /// The location settings README.md gives for the stream carrier behind nginx.
@@ -335,6 +346,9 @@ enum Route {
     RatholeTcp,
     RatholeNoise,
     Wstunnel,
+    /// wstunnel over `wss://`: its server's built-in certificate, which its
+    /// client does not verify by default.
+    WstunnelTls,
     Stream,
     Poll,
     StreamSquid,
@@ -342,6 +356,10 @@ enum Route {
     StreamNginx,
     PollNginx,
     StreamNginxTuned,
+    StreamTls,
+    PollTls,
+    StreamNginxTls,
+    PollNginxTls,
     /// The carriers again with the `--baseline` binary, for before/after
     /// comparisons of a change measured in one run.
     StreamBaseline,
@@ -358,13 +376,14 @@ enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 19] = [
+    const ALL: [Route; 24] = [
         Route::Direct,
         Route::Httptunnel,
         Route::HttptunnelSquid,
         Route::RatholeTcp,
         Route::RatholeNoise,
         Route::Wstunnel,
+        Route::WstunnelTls,
         Route::Stream,
         Route::Poll,
         Route::StreamSquid,
@@ -372,6 +391,10 @@ impl Route {
         Route::StreamNginx,
         Route::PollNginx,
         Route::StreamNginxTuned,
+        Route::StreamTls,
+        Route::PollTls,
+        Route::StreamNginxTls,
+        Route::PollNginxTls,
         Route::DirectRtt,
         Route::HttptunnelRtt,
         Route::RatholeTcpRtt,
@@ -389,6 +412,7 @@ impl Route {
             Route::RatholeTcp => "rathole-tcp",
             Route::RatholeNoise => "rathole-noise",
             Route::Wstunnel => "wstunnel",
+            Route::WstunnelTls => "wstunnel-wss",
             Route::Stream => "stream",
             Route::Poll => "poll",
             Route::StreamSquid => "stream-squid",
@@ -396,6 +420,10 @@ impl Route {
             Route::StreamNginx => "stream-nginx",
             Route::PollNginx => "poll-nginx",
             Route::StreamNginxTuned => "stream-nginx-tuned",
+            Route::StreamTls => "stream-tls",
+            Route::PollTls => "poll-tls",
+            Route::StreamNginxTls => "stream-nginx-tls",
+            Route::PollNginxTls => "poll-nginx-tls",
             Route::StreamBaseline => "stream-baseline",
             Route::PollBaseline => "poll-baseline",
             Route::DirectRtt => "direct-rtt",
@@ -415,6 +443,7 @@ impl Route {
             Route::RatholeTcp => "rathole, transport tcp",
             Route::RatholeNoise => "rathole, transport noise",
             Route::Wstunnel => "wstunnel (ws://)",
+            Route::WstunnelTls => "wstunnel (wss://, certificate not verified)",
             Route::Stream => "postern, carrier stream",
             Route::Poll => "postern, carrier poll",
             Route::StreamSquid => "postern stream, via squid",
@@ -422,6 +451,10 @@ impl Route {
             Route::StreamNginx => "postern stream, behind nginx",
             Route::PollNginx => "postern poll, behind nginx",
             Route::StreamNginxTuned => "postern stream, behind nginx set as the README says",
+            Route::StreamTls => "postern stream, https:// to the station",
+            Route::PollTls => "postern poll, https:// to the station",
+            Route::StreamNginxTls => "postern stream, https:// to nginx (as the README says)",
+            Route::PollNginxTls => "postern poll, https:// to nginx (as the README says)",
             Route::StreamBaseline => "postern --baseline build, carrier stream",
             Route::PollBaseline => "postern --baseline build, carrier poll",
             Route::DirectRtt => "direct, with RTT",
@@ -533,7 +566,8 @@ impl Route {
             Route::RatholeNoise | Route::RatholeNoiseRtt => {
                 start_rathole(&all, options.rathole()?, true, delay)
             }
-            Route::Wstunnel => start_wstunnel(&all, options.wstunnel()?),
+            Route::Wstunnel => start_wstunnel(&all, options.wstunnel()?, "ws"),
+            Route::WstunnelTls => start_wstunnel(&all, options.wstunnel()?, "wss"),
             Route::Stream | Route::StreamRtt => {
                 postern(&options.postern, "stream", Via::Direct, delay).start(&all)
             }
@@ -550,6 +584,14 @@ impl Route {
             Route::PollNginx => postern(&options.postern, "poll", Via::Nginx, delay).start(&all),
             Route::StreamNginxTuned => {
                 postern(&options.postern, "stream", Via::NginxTuned, delay).start(&all)
+            }
+            Route::StreamTls => postern(&options.postern, "stream", Via::Tls, delay).start(&all),
+            Route::PollTls => postern(&options.postern, "poll", Via::Tls, delay).start(&all),
+            Route::StreamNginxTls => {
+                postern(&options.postern, "stream", Via::NginxTls, delay).start(&all)
+            }
+            Route::PollNginxTls => {
+                postern(&options.postern, "poll", Via::NginxTls, delay).start(&all)
             }
             Route::StreamBaseline => postern(baseline()?, "stream", Via::Direct, delay).start(&all),
             Route::PollBaseline => postern(baseline()?, "poll", Via::Direct, delay).start(&all),
@@ -1334,10 +1376,23 @@ impl Postern<'_> {
         let station_key = PrivateKey::generate();
         let agent_key = PrivateKey::generate();
         let names: Vec<String> = targets.iter().map(|(name, _)| format!("{name:?}")).collect();
-        let mut station_toml = format!(
-            "listen = \"127.0.0.1:0\"\nprivate_key = \"{}\"\n\n[targets]\n",
-            station_key.to_base64()
-        );
+        let mut station_toml =
+            format!("listen = \"127.0.0.1:0\"\nprivate_key = \"{}\"\n", station_key.to_base64());
+        let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+        // A test CA and a certificate for 127.0.0.1, for the TLS ways.
+        let pki = matches!(self.via, Via::Tls | Via::NginxTls)
+            .then(|| catching(|| Pki::new("bench CA")).map_err(|e| format!("openssl: {e}")))
+            .transpose()?;
+        let leaf = pki.as_ref().map(|pki| pki.leaf("station", "IP:127.0.0.1", 1));
+        if let (Via::Tls, Some(leaf)) = (self.via, &leaf) {
+            let _ = writeln!(
+                station_toml,
+                "tls_cert_file = {:?}\ntls_key_file = {:?}",
+                leaf.cert.display().to_string(),
+                leaf.key.display().to_string()
+            );
+        }
+        station_toml.push_str("\n[targets]\n");
         for (name, addr) in targets {
             let _ = writeln!(station_toml, "{name} = \"{addr}\"");
         }
@@ -1358,7 +1413,6 @@ impl Postern<'_> {
         let rest = wait_for_line(&station_lines, "station listening on ", &station)?;
         let mut station_addr =
             parse_addr(&rest).ok_or(format!("no address in station log line {rest:?}"))?;
-        let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
         if let Some(delay) = self.delay {
             let proxy = DelayProxy::start(station_addr, delay)?;
             station_addr = proxy.addr;
@@ -1366,6 +1420,17 @@ impl Postern<'_> {
         }
         let (url, proxy) = match self.via {
             Via::Direct => (format!("http://{station_addr}/"), None),
+            Via::Tls => (format!("https://{station_addr}/"), None),
+            Via::NginxTls => {
+                let leaf = leaf.as_ref().expect("made above for TLS");
+                let nginx = catching(|| {
+                    Middlebox::nginx_tls(station_addr, "/tunnel/", NGINX_FOR_STREAM, leaf, None)
+                })
+                .map_err(|e| format!("nginx: {e}"))?;
+                let url = format!("https://{}/tunnel/", nginx.addr);
+                keep.push(Box::new(nginx));
+                (url, None)
+            }
             Via::Squid => {
                 let squid = catching(|| Middlebox::squid_with(None, None))
                     .map_err(|e| format!("squid: {e}"))?;
@@ -1392,6 +1457,10 @@ impl Postern<'_> {
         );
         if let Some(proxy) = proxy {
             let _ = writeln!(agent_toml, "proxy = \"{proxy}\"");
+        }
+        if let Some(pki) = pki {
+            let _ = writeln!(agent_toml, "ca_file = {:?}", pki.ca.cert.display().to_string());
+            keep.push(Box::new(pki));
         }
         // The config refuses two forwards on port 0, so ask for free ports.
         for (name, _) in targets {
@@ -1585,13 +1654,17 @@ fn start_rathole(
 
 /// wstunnel (the Rust one, v7 and later): a client listening per target,
 /// tunnelling over one ws:// server.
-fn start_wstunnel(targets: &[(&str, SocketAddr)], wstunnel: &Path) -> Result<Running, String> {
+fn start_wstunnel(
+    targets: &[(&str, SocketAddr)],
+    wstunnel: &Path,
+    scheme: &str,
+) -> Result<Running, String> {
     let server_port = free_port()?;
     let (tx, _) = mpsc::channel();
     let server = Proc::spawn(
         "wstunnel server",
         Side::Central,
-        Command::new(wstunnel).args(["server", &format!("ws://127.0.0.1:{server_port}")]),
+        Command::new(wstunnel).args(["server", &format!("{scheme}://127.0.0.1:{server_port}")]),
         tx,
     )?;
     wait_listening(server_port, &server)?;
@@ -1603,7 +1676,7 @@ fn start_wstunnel(targets: &[(&str, SocketAddr)], wstunnel: &Path) -> Result<Run
         command.args(["-L", &format!("tcp://127.0.0.1:{port}:{target}")]);
         entries.insert(name.to_owned(), SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    command.arg(format!("ws://127.0.0.1:{server_port}"));
+    command.arg(format!("{scheme}://127.0.0.1:{server_port}"));
     let (tx, _) = mpsc::channel();
     let client = Proc::spawn("wstunnel client", Side::Device, &mut command, tx)?;
     for addr in entries.values() {
@@ -1659,7 +1732,7 @@ fn idle_memory(targets: &Targets, options: &Options) -> Vec<Idle> {
         }
         IdleTunnel::Httptunnel => start_httptunnel(&echo, None, None),
         IdleTunnel::Rathole(noise) => start_rathole(&echo, options.rathole()?, noise, None),
-        IdleTunnel::Wstunnel => start_wstunnel(&echo, options.wstunnel()?),
+        IdleTunnel::Wstunnel => start_wstunnel(&echo, options.wstunnel()?, "ws"),
     };
     tunnels
         .into_iter()

@@ -106,7 +106,8 @@ fn nginx_terminates_tls_in_front_of_the_station() {
     let station = Station::start("tls-nginx", None);
     // Unbuffered, so the stream carrier passes too (auto finds its way either way).
     let unbuffered = "proxy_http_version 1.1; proxy_request_buffering off; proxy_buffering off;";
-    let nginx = Middlebox::nginx_tls(station.addr, "/tunnel/", unbuffered, &leaf);
+    let nginx =
+        Middlebox::nginx_tls(station.addr, "/tunnel/", unbuffered, &leaf, Some(SHORT_TIMEOUT_SECS));
     let dir = TempDir::new("tls-nginx-agents");
     let url = format!("https://{}/tunnel/", nginx.addr);
     for (seed, carrier) in [(1, "stream"), (2, "poll"), (3, "auto")] {

@@ -281,15 +281,16 @@ impl Middlebox {
         Self::nginx_serving(station, prefix, extra, timeout, None)
     }
 
-    /// As [`Middlebox::nginx`], terminating TLS with `tls` (certificate
-    /// and key files) and proxying plain HTTP to the station.
+    /// As [`Middlebox::nginx_with`], terminating TLS with `tls`
+    /// (certificate and key files) and proxying plain HTTP to the station.
     pub(crate) fn nginx_tls(
         station: SocketAddr,
         prefix: &str,
         extra: &str,
         tls: &pki::Cert,
+        timeout: Option<u64>,
     ) -> Middlebox {
-        Self::nginx_serving(station, prefix, extra, Some(SHORT_TIMEOUT_SECS), Some(tls))
+        Self::nginx_serving(station, prefix, extra, timeout, Some(tls))
     }
 
     fn nginx_serving(

@@ -180,22 +180,35 @@ fn squid_lets_only_connect_to_the_tls_port_through() {
 
 #[test]
 fn squid_with_ntlm_authenticates_and_refuses_a_wrong_user_once() {
+    through_an_authenticating_squid(&Middlebox::squid_ntlm("alice"), "NTLM");
+}
+
+#[test]
+fn squid_offering_only_negotiate_gets_ntlm_inside_it() {
+    through_an_authenticating_squid(&Middlebox::squid_negotiate("alice"), "Negotiate");
+}
+
+/// Through `squid`, which lets in only alice with `scheme`: http:// and
+/// https:// stations, again after idling past squid's timeouts, and a
+/// refused user.
+fn through_an_authenticating_squid(squid: &Middlebox, scheme: &str) {
     let pki = Pki::new("postern test CA");
     let leaf = pki.leaf("station", "IP:127.0.0.1", 1);
-    let plain_station = Station::start("ntlm-plain", None);
-    let tls_station = Station::start("ntlm-tls", Some(&leaf));
-    let squid = Middlebox::squid_ntlm("alice");
-    let dir = TempDir::new("ntlm-agents");
+    let plain_station = Station::start("auth-plain", None);
+    let tls_station = Station::start("auth-tls", Some(&leaf));
+    let dir = TempDir::new("auth-agents");
     let proxy = |user: &str| format!("proxy = \"http://CORP%5C{user}:secret@{}\"\n", squid.addr);
 
-    // http:// station: absolute-form requests on an NTLM-authenticated connection.
+    // http:// station: absolute-form requests on an authenticated connection.
     let url = format!("http://{}/", plain_station.addr);
     let (plain, plain_forward) = plain_station.agent(&dir, "plain", &url, "auto", &proxy("alice"));
     plain.wait_log(&["connected to the station"]);
     let plain_context = || format!("{}\n{}", plain.describe(), squid.logs());
     round_trip(plain_forward, 1, TRANSFER, &plain_context);
+    // Squid let the requests through as alice (it logs whom it authenticated).
+    assert!(squid.log_count(" alice HIER_DIRECT/") > 0, "{}", squid.logs());
 
-    // https:// station: NTLM on the CONNECT, TLS inside.
+    // https:// station: authentication on the CONNECT, TLS inside.
     let url = format!("https://{}/", tls_station.addr);
     let extra = format!("{}{}", proxy("alice"), ca_line(&pki));
     let (tls, tls_forward) = tls_station.agent(&dir, "tls", &url, "auto", &extra);
@@ -214,11 +227,12 @@ fn squid_with_ntlm_authenticates_and_refuses_a_wrong_user_once() {
     // A user the proxy refuses: a clear 407 in the log, then backoff, not a storm.
     let extra = format!("{}{}", proxy("mallory"), ca_line(&pki));
     let (refused, _) = tls_station.agent(&dir, "mallory", &url, "poll", &extra);
-    let line = refused.wait_log(&["refused our NTLM credentials (407)"]);
+    let refusal = format!("refused our {scheme} credentials (407)");
+    let line = refused.wait_log(&[&refusal]);
     assert!(!line.contains("secret"), "{line}");
     thread::sleep(Duration::from_secs(5));
     assert!(!refused.stderr.text().contains("secret"), "{}", refused.describe());
-    let attempts = refused.stderr.count("refused our NTLM credentials");
+    let attempts = refused.stderr.count(&refusal);
     assert!((1..=8).contains(&attempts), "{attempts} attempts in 5 s:\n{}", refused.describe());
 }
 

@@ -35,7 +35,8 @@ use crate::carrier::tls::{ClientTls, TlsError};
 use crate::config::{AgentTls, ProxyUrl, StationUrl};
 
 /// Requests one connection may spend authenticating: NTLM needs two, one
-/// more lets a proxy that refused unasked Basic offer NTLM instead.
+/// more lets a proxy that refused unasked Basic offer NTLM (or Negotiate)
+/// instead.
 const MAX_AUTH_ROUNDS: usize = 3;
 
 /// The workstation name NTLM sends: proxies log it; some refuse an empty one.
@@ -43,9 +44,9 @@ const WORKSTATION: &str = "POSTERN";
 
 /// What this build can answer a 407 with.
 const SCHEMES: &str = if cfg!(feature = "ntlm") {
-    "postern speaks NTLM and Basic"
+    "postern speaks NTLM, Negotiate (with NTLM inside, no Kerberos) and Basic"
 } else {
-    "this build of postern speaks Basic only (NTLM is cargo feature `ntlm`)"
+    "this build of postern speaks Basic only (NTLM and Negotiate are cargo feature `ntlm`)"
 };
 
 /// Largest 407 or error page read (and thrown away) to keep the connection.
@@ -65,10 +66,10 @@ pub(super) enum EgressError {
     SchemeUnsupported { proxy: String, offers: String },
     #[error("the proxy {proxy} closed the connection in the middle of {scheme} authentication")]
     ClosedDuringAuth { proxy: String, scheme: &'static str },
-    #[error("the proxy {0} asks for NTLM authentication; the next connection uses it")]
-    SwitchingToNtlm(String),
-    #[error("the proxy {0} asked again for authentication on a connection NTLM had authenticated (does it refuse TRACE, which postern authenticates with?)")]
-    NtlmNotKept(String),
+    #[error("the proxy {proxy} asks for {scheme} authentication; the next connection uses it")]
+    SwitchingScheme { proxy: String, scheme: &'static str },
+    #[error("the proxy {proxy} asked again for authentication on a connection {scheme} had authenticated (does it refuse TRACE, which postern authenticates with?)")]
+    NotKept { proxy: String, scheme: &'static str },
     #[error("the proxy {0} sent bytes after its answer to CONNECT, before TLS began")]
     BytesAfterConnect(String),
     #[error(transparent)]
@@ -78,13 +79,6 @@ pub(super) enum EgressError {
     Tls { station: String, source: TlsError },
     #[error("TLS is not set up: {0}")]
     TlsSetup(String),
-}
-
-fn scheme_name(scheme: Scheme) -> &'static str {
-    match scheme {
-        Scheme::Ntlm => "NTLM",
-        Scheme::Basic => "Basic",
-    }
 }
 
 /// The agent's way out: proxy authentication state and TLS settings.
@@ -135,16 +129,21 @@ impl Egress {
     }
 
     /// A 407 answered a request: learns the scheme the proxy offers (NTLM
-    /// then authenticates the next connection) and says what went wrong.
+    /// or Negotiate then authenticates the next connection) and says what
+    /// went wrong.
     pub(super) fn request_refused(&self, head: &ResponseHead) -> CarrierError {
         if self.credentials.is_none() {
             return CarrierError::ProxyAuth(format!("proxy {}", self.proxy_text()));
         }
-        if *lock(&self.scheme) == Scheme::Ntlm {
-            return EgressError::NtlmNotKept(self.proxy_text()).into();
+        let scheme = *lock(&self.scheme);
+        if scheme.per_connection() {
+            return EgressError::NotKept { proxy: self.proxy_text(), scheme: scheme.name() }.into();
         }
         match self.learn(head, Some(Scheme::Basic)) {
-            Ok(_) => EgressError::SwitchingToNtlm(self.proxy_text()).into(),
+            Ok(scheme) => {
+                EgressError::SwitchingScheme { proxy: self.proxy_text(), scheme: scheme.name() }
+                    .into()
+            }
             Err(e) => e.into(),
         }
     }
@@ -166,13 +165,15 @@ impl Egress {
             });
         }
         match (sent, offered) {
-            (Some(Scheme::Basic), Scheme::Ntlm) | (None, _) => {
+            (Some(Scheme::Basic), offered) if offered.per_connection() => {
                 *lock(&self.scheme) = offered;
                 Ok(offered)
             }
-            (Some(sent), _) => {
-                Err(EgressError::CredentialsRefused { proxy, scheme: scheme_name(sent) })
+            (None, _) => {
+                *lock(&self.scheme) = offered;
+                Ok(offered)
             }
+            (Some(sent), _) => Err(EgressError::CredentialsRefused { proxy, scheme: sent.name() }),
         }
     }
 
@@ -186,7 +187,7 @@ impl Egress {
         let tcp = match (&self.proxy, self.station.https) {
             (None, _) => tcp,
             (Some(_), true) => self.tunnel(tcp).await?,
-            (Some(_), false) if *lock(&self.scheme) == Scheme::Ntlm => self.probe(tcp).await?,
+            (Some(_), false) if lock(&self.scheme).per_connection() => self.probe(tcp).await?,
             (Some(_), false) => tcp,
         };
         if !self.station.https {
@@ -237,7 +238,7 @@ impl Egress {
         Ok(tcp)
     }
 
-    /// Authenticates the connection with NTLM by a request the proxy
+    /// Authenticates the connection with NTLM (or Negotiate) by a request the proxy
     /// answers itself (`OPTIONS` with `Max-Forwards: 0`, RFC 9110 7.6.2), so
     /// the station never sees it.
     async fn probe(&self, tcp: TcpStream) -> Result<TcpStream, CarrierError> {
@@ -252,9 +253,8 @@ impl Egress {
         };
         let (head, tcp) = self.authenticate(tcp, &request, false).await?;
         if !head.keep_alive {
-            return Err(
-                EgressError::ClosedDuringAuth { proxy: self.proxy_text(), scheme: "NTLM" }.into()
-            );
+            let scheme = lock(&self.scheme).name();
+            return Err(EgressError::ClosedDuringAuth { proxy: self.proxy_text(), scheme }.into());
         }
         Ok(tcp)
     }
@@ -269,16 +269,16 @@ impl Egress {
         connect: bool,
     ) -> Result<(ResponseHead, TcpStream), CarrierError> {
         let mut conn = HttpConn::new(tcp);
-        let start = *lock(&self.scheme);
-        let mut sending = self.credentials.as_ref().map(|_| match start {
-            Scheme::Basic => Step::Basic,
-            Scheme::Ntlm => Step::NtlmNegotiate,
-        });
+        let mut sending = self.credentials.as_ref().map(|_| Step::first(*lock(&self.scheme)));
         for _ in 0..MAX_AUTH_ROUNDS {
             let header = match (&sending, &self.credentials) {
                 (Some(Step::Basic), Some(creds)) => Some(creds.basic()),
-                (Some(Step::NtlmNegotiate), _) => Some(proxy_auth::ntlm_negotiate()),
-                (Some(Step::NtlmAuthenticate(value)), _) => Some(value.clone()),
+                (Some(Step::NtlmNegotiate(scheme)), _) => {
+                    Some(format!("{} {}", scheme.name(), proxy_auth::ntlm_negotiate()))
+                }
+                (Some(Step::NtlmAuthenticate(scheme, token)), _) => {
+                    Some(format!("{} {token}", scheme.name()))
+                }
                 _ => None,
             };
             conn.write_all(request(header.as_deref()).as_bytes()).await.map_err(HttpError::Io)?;
@@ -303,56 +303,37 @@ impl Egress {
                 }
                 return Ok((head, tcp));
             }
+            let refused = |scheme: Scheme| EgressError::CredentialsRefused {
+                proxy: self.proxy_text(),
+                scheme: scheme.name(),
+            };
             let next = match sending.take() {
-                Some(Step::NtlmNegotiate) => {
+                Some(Step::NtlmNegotiate(scheme)) => {
                     let challenge =
-                        proxy_auth::ntlm_challenge(head.headers_all("proxy-authenticate"));
-                    match (challenge, &self.credentials) {
-                        (Some(challenge), Some(creds)) => {
-                            let mut client_challenge = [0u8; 8];
-                            getrandom::fill(&mut client_challenge).map_err(CarrierError::Random)?;
-                            let value = proxy_auth::ntlm_authenticate(
-                                creds,
-                                WORKSTATION,
-                                &challenge,
-                                client_challenge,
-                                proxy_auth::ntlm_time(SystemTime::now()),
-                            )
-                            .map_err(EgressError::from)?;
-                            Step::NtlmAuthenticate(value)
-                        }
-                        _ => {
-                            return Err(EgressError::CredentialsRefused {
-                                proxy: self.proxy_text(),
-                                scheme: "NTLM",
-                            }
-                            .into())
-                        }
-                    }
+                        proxy_auth::ntlm_challenge(head.headers_all("proxy-authenticate"), scheme);
+                    let (Some(challenge), Some(creds)) = (challenge, &self.credentials) else {
+                        return Err(refused(scheme).into());
+                    };
+                    let mut client_challenge = [0u8; 8];
+                    getrandom::fill(&mut client_challenge).map_err(CarrierError::Random)?;
+                    let token = proxy_auth::ntlm_authenticate(
+                        creds,
+                        WORKSTATION,
+                        &challenge,
+                        client_challenge,
+                        proxy_auth::ntlm_time(SystemTime::now()),
+                    )
+                    .map_err(EgressError::from)?;
+                    Step::NtlmAuthenticate(scheme, token)
                 }
-                Some(Step::NtlmAuthenticate(_)) => {
-                    return Err(EgressError::CredentialsRefused {
-                        proxy: self.proxy_text(),
-                        scheme: "NTLM",
-                    }
-                    .into())
-                }
-                Some(Step::Basic) => match self.learn(&head, Some(Scheme::Basic))? {
-                    Scheme::Ntlm => Step::NtlmNegotiate,
-                    Scheme::Basic => unreachable!("learn refuses Basic after Basic"),
-                },
-                None => match self.learn(&head, None)? {
-                    Scheme::Ntlm => Step::NtlmNegotiate,
-                    Scheme::Basic => Step::Basic,
-                },
+                Some(Step::NtlmAuthenticate(scheme, _)) => return Err(refused(scheme).into()),
+                Some(Step::Basic) => Step::first(self.learn(&head, Some(Scheme::Basic))?),
+                None => Step::first(self.learn(&head, None)?),
             };
             if !reusable {
                 return Err(EgressError::ClosedDuringAuth {
                     proxy: self.proxy_text(),
-                    scheme: match next {
-                        Step::Basic => "Basic",
-                        _ => "NTLM",
-                    },
+                    scheme: next.scheme().name(),
                 }
                 .into());
             }
@@ -360,17 +341,35 @@ impl Egress {
         }
         Err(EgressError::CredentialsRefused {
             proxy: self.proxy_text(),
-            scheme: scheme_name(*lock(&self.scheme)),
+            scheme: lock(&self.scheme).name(),
         }
         .into())
     }
 }
 
-/// What the next authentication round sends.
+/// What the next authentication round sends: NTLM's messages go under
+/// the scheme's name (NTLM or Negotiate).
 enum Step {
     Basic,
-    NtlmNegotiate,
-    NtlmAuthenticate(String),
+    NtlmNegotiate(Scheme),
+    NtlmAuthenticate(Scheme, String),
+}
+
+impl Step {
+    fn first(scheme: Scheme) -> Step {
+        if scheme.per_connection() {
+            Step::NtlmNegotiate(scheme)
+        } else {
+            Step::Basic
+        }
+    }
+
+    fn scheme(&self) -> Scheme {
+        match self {
+            Step::Basic => Scheme::Basic,
+            Step::NtlmNegotiate(scheme) | Step::NtlmAuthenticate(scheme, _) => *scheme,
+        }
+    }
 }
 
 fn push_auth(head: &mut String, auth: Option<&str>) {
@@ -440,8 +439,10 @@ mod tests {
         Proxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n";
     const OFFERS_BASIC: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
         Proxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n";
-    const OFFERS_KERBEROS: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+    const OFFERS_NEGOTIATE: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
         Proxy-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n";
+    const OFFERS_DIGEST: &str = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+        Proxy-Authenticate: Digest realm=\"x\", nonce=\"n\"\r\nContent-Length: 0\r\n\r\n";
 
     #[test]
     fn basic_goes_unasked_until_the_proxy_offers_ntlm() {
@@ -449,13 +450,22 @@ mod tests {
         assert!(e.absolute_form());
         assert_eq!(e.request_authorization(), Some(Credentials::new("CORP\\alice", "pw").basic()));
         let error = e.request_refused(&head(OFFERS_NTLM));
-        assert!(matches!(error, CarrierError::Egress(EgressError::SwitchingToNtlm(_))), "{error}");
+        assert!(
+            matches!(
+                error,
+                CarrierError::Egress(EgressError::SwitchingScheme { scheme: "NTLM", .. })
+            ),
+            "{error}"
+        );
         // The connection is authenticated now; requests carry nothing.
         assert_eq!(e.request_authorization(), None);
         assert_eq!(*lock(&e.scheme), Scheme::Ntlm);
         // A 407 on an NTLM-authenticated connection is not a new offer.
         let error = e.request_refused(&head(OFFERS_NTLM));
-        assert!(matches!(error, CarrierError::Egress(EgressError::NtlmNotKept(_))), "{error}");
+        assert!(
+            matches!(error, CarrierError::Egress(EgressError::NotKept { scheme: "NTLM", .. })),
+            "{error}"
+        );
     }
 
     #[test]
@@ -470,16 +480,30 @@ mod tests {
             "{error}"
         );
         assert!(!error.to_string().contains("s3cret"));
-        let error = e.request_refused(&head(OFFERS_KERBEROS));
+        let error = e.request_refused(&head(OFFERS_DIGEST));
         assert_eq!(
             error.to_string(),
-            "the proxy px:3128 offers only Negotiate authentication; postern speaks NTLM and Basic"
+            format!("the proxy px:3128 offers only Digest authentication; {SCHEMES}")
         );
         let anonymous = egress(None, false);
         assert!(matches!(
             anonymous.request_refused(&head(OFFERS_NTLM)),
             CarrierError::ProxyAuth(_)
         ));
+    }
+
+    #[cfg(feature = "ntlm")]
+    #[test]
+    fn a_proxy_offering_only_negotiate_gets_ntlm_under_that_name() {
+        let e = egress(Some(("CORP\\alice", "pw")), false);
+        let error = e.request_refused(&head(OFFERS_NEGOTIATE));
+        assert_eq!(
+            error.to_string(),
+            "the proxy px:3128 asks for Negotiate authentication; the next connection uses it"
+        );
+        assert_eq!(*lock(&e.scheme), Scheme::Negotiate);
+        assert_eq!(e.request_authorization(), None);
+        assert!(matches!(Step::first(Scheme::Negotiate), Step::NtlmNegotiate(Scheme::Negotiate)));
     }
 
     #[test]

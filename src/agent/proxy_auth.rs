@@ -6,12 +6,21 @@
 //!  Basic:  every request (or CONNECT) carries  Proxy-Authorization: Basic base64(user:pass)
 //!  NTLM:   → NTLM <negotiate>   ← 407 NTLM <challenge>   → NTLM <authenticate>   ← 2xx
 //!          on one connection, which stays authenticated (the proxy remembers it)
+//!  Negotiate: the same three NTLM messages under the name Negotiate
 //! ```
 //!
 //! NTLM is NTLMv2 (MS-NLMP 3.3.2) only: the NTLMv1 and LM responses are
 //! broken and turned off on current Windows domains. A user given as
-//! `DOMAIN\user` names the domain. Kerberos (Negotiate) is not here: every
-//! client of it links a GSSAPI library or a large Kerberos stack.
+//! `DOMAIN\user` names the domain.
+//!
+//! Kerberos is not here: every client of it links a GSSAPI library or a
+//! large Kerberos stack. A proxy that offers only Negotiate gets NTLM's
+//! messages as its tokens, as a Windows client without a Kerberos ticket
+//! sends them: Windows servers (SSPI's Negotiate package) and squid's
+//! `negotiate_wrapper_auth` take a raw NTLMSSP token; a proxy whose
+//! Negotiate is Kerberos alone refuses it, and the agent says so. Basic,
+//! when offered beside Negotiate, is preferred to it: such a Negotiate is
+//! often Kerberos alone, and Basic then works.
 //!
 //! Not here: the requests that carry these headers (`egress`).
 
@@ -24,12 +33,33 @@ use hmac::{Hmac, Mac};
 #[cfg(feature = "ntlm")]
 use md4::{Digest, Md4};
 
-/// The schemes this agent speaks, strongest first: a proxy offering both
-/// gets NTLM, which does not send the password.
+/// The schemes this agent speaks, preferred first: a proxy offering NTLM
+/// and Basic gets NTLM, which does not send the password; Negotiate (NTLM
+/// inside) only when nothing else is offered (see the module's comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     Ntlm,
     Basic,
+    Negotiate,
+}
+
+impl Scheme {
+    /// Its name in `Proxy-Authenticate` and `Proxy-Authorization`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Ntlm => "NTLM",
+            Scheme::Basic => "Basic",
+            Scheme::Negotiate => "Negotiate",
+        }
+    }
+
+    /// Whether the scheme authenticates the connection (by NTLM's
+    /// handshake) rather than each request.
+    #[must_use]
+    pub fn per_connection(self) -> bool {
+        self != Scheme::Basic
+    }
 }
 
 /// The user, domain and password for the proxy. `{:?}` shows no password.
@@ -78,13 +108,10 @@ pub fn choose<'a>(offers: impl Iterator<Item = &'a [u8]>) -> Option<Scheme> {
         .filter_map(|offer| {
             let name = offer.trim_ascii().split(|&b| b == b' ').next()?;
             // A build without NTLM answers a proxy that offers both with Basic.
-            if name.eq_ignore_ascii_case(b"NTLM") && cfg!(feature = "ntlm") {
-                Some(Scheme::Ntlm)
-            } else if name.eq_ignore_ascii_case(b"Basic") {
-                Some(Scheme::Basic)
-            } else {
-                None
-            }
+            [Scheme::Ntlm, Scheme::Basic, Scheme::Negotiate].into_iter().find(|scheme| {
+                name.eq_ignore_ascii_case(scheme.name().as_bytes())
+                    && (*scheme == Scheme::Basic || cfg!(feature = "ntlm"))
+            })
         })
         .min_by_key(|scheme| *scheme as u8)
 }
@@ -106,11 +133,14 @@ pub fn offers_text<'a>(offers: impl Iterator<Item = &'a [u8]>) -> String {
 }
 
 /// The server's NTLM challenge message in a 407's `Proxy-Authenticate:
-/// NTLM <base64>`, decoded.
-pub fn ntlm_challenge<'a>(offers: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+/// NTLM <base64>` (or `Negotiate <base64>`, as `scheme` says), decoded.
+pub fn ntlm_challenge<'a>(
+    offers: impl Iterator<Item = &'a [u8]>,
+    scheme: Scheme,
+) -> Option<Vec<u8>> {
     offers.filter_map(|value| std::str::from_utf8(value).ok()).find_map(|value| {
         let (name, token) = value.trim().split_once(' ')?;
-        if !name.eq_ignore_ascii_case("NTLM") {
+        if !name.eq_ignore_ascii_case(scheme.name()) {
             return None;
         }
         STANDARD.decode(token.trim()).ok()
@@ -155,8 +185,8 @@ const AV_TIMESTAMP: u16 = 7;
 /// real ones are a few hundred bytes.
 const MAX_TARGET_INFO: usize = 4096;
 
-/// `NTLM <negotiate message>` (MS-NLMP 2.2.1.1), without domain or
-/// workstation: the proxy learns them from the authenticate message.
+/// NTLM's negotiate message (MS-NLMP 2.2.1.1) in base64, without domain
+/// or workstation: the proxy learns them from the authenticate message.
 #[must_use]
 pub fn ntlm_negotiate() -> String {
     let mut msg = Vec::with_capacity(32);
@@ -164,7 +194,7 @@ pub fn ntlm_negotiate() -> String {
     msg.extend_from_slice(&1u32.to_le_bytes());
     msg.extend_from_slice(&NEGOTIATE_FLAGS.to_le_bytes());
     msg.extend_from_slice(&[0; 16]); // empty domain and workstation fields
-    format!("NTLM {}", STANDARD.encode(msg))
+    STANDARD.encode(msg)
 }
 
 #[cfg(feature = "ntlm")]
@@ -257,7 +287,7 @@ fn ntowf_v2(creds: &Credentials) -> [u8; 16] {
 }
 
 #[cfg(feature = "ntlm")]
-/// `NTLM <authenticate message>` (MS-NLMP 2.2.1.3) answering `challenge`,
+/// NTLM's authenticate message (MS-NLMP 2.2.1.3) in base64, answering `challenge`,
 /// with NTLMv2 and LMv2 responses. `client_challenge` is 8 random bytes;
 /// `now` is the time in 100 ns ticks since 1601 (used when the server sent
 /// no timestamp of its own).
@@ -323,7 +353,7 @@ pub fn ntlm_authenticate(
     for field in &fields {
         msg.extend_from_slice(field);
     }
-    Ok(format!("NTLM {}", STANDARD.encode(msg)))
+    Ok(STANDARD.encode(msg))
 }
 
 /// Without the `ntlm` feature [`choose`] never picks NTLM, so this is not
@@ -396,7 +426,7 @@ mod tests {
         let header =
             ntlm_authenticate(&spec_credentials(), "COMPUTER", &spec_challenge(), [0xaa; 8], 0)
                 .unwrap();
-        let msg = STANDARD.decode(header.strip_prefix("NTLM ").unwrap()).unwrap();
+        let msg = STANDARD.decode(header).unwrap();
         let field = |at: usize| {
             let len = usize::from(u16_at(&msg, at).unwrap());
             let offset = u32_at(&msg, at + 4).unwrap() as usize;
@@ -411,22 +441,25 @@ mod tests {
     }
 
     #[test]
-    fn offers_pick_ntlm_over_basic_and_ignore_the_rest() {
+    fn offers_pick_ntlm_then_basic_then_negotiate_and_ignore_the_rest() {
         let offers: [&[u8]; 3] = [b"Negotiate", b"Basic realm=\"x\"", b"NTLM"];
         assert_eq!(choose(offers.into_iter()), Some(Scheme::Ntlm));
         assert_eq!(choose([&b"Basic realm=\"a, b\""[..]].into_iter()), Some(Scheme::Basic));
-        assert_eq!(choose([&b"Negotiate"[..], b"Digest realm=x"].into_iter()), None);
-        assert_eq!(
-            offers_text([&b"Negotiate"[..], b"Digest realm=x"].into_iter()),
-            "Negotiate, Digest"
-        );
+        let kerberos_or_basic: [&[u8]; 2] = [b"Negotiate", b"Basic realm=x"];
+        assert_eq!(choose(kerberos_or_basic.into_iter()), Some(Scheme::Basic));
+        let negotiate_only: [&[u8]; 2] = [b"negotiate", b"Digest realm=x"];
+        let expected = cfg!(feature = "ntlm").then_some(Scheme::Negotiate);
+        assert_eq!(choose(negotiate_only.into_iter()), expected);
+        assert_eq!(choose([&b"Digest realm=x"[..]].into_iter()), None);
+        assert_eq!(offers_text(negotiate_only.into_iter()), "negotiate, Digest");
         let token = STANDARD.encode(b"abc");
-        let with_token = format!("NTLM {token}");
-        assert_eq!(
-            ntlm_challenge([&b"Basic realm=x"[..], with_token.as_bytes()].into_iter()),
-            Some(b"abc".to_vec())
-        );
-        assert_eq!(ntlm_challenge([&b"NTLM"[..]].into_iter()), None);
+        let (ntlm, negotiate) = (format!("NTLM {token}"), format!("Negotiate {token}"));
+        let offers = [&b"Basic realm=x"[..], ntlm.as_bytes()];
+        assert_eq!(ntlm_challenge(offers.into_iter(), Scheme::Ntlm), Some(b"abc".to_vec()));
+        assert_eq!(ntlm_challenge(offers.into_iter(), Scheme::Negotiate), None);
+        let offers = [negotiate.as_bytes()];
+        assert_eq!(ntlm_challenge(offers.into_iter(), Scheme::Negotiate), Some(b"abc".to_vec()));
+        assert_eq!(ntlm_challenge([&b"NTLM"[..]].into_iter(), Scheme::Ntlm), None);
     }
 
     #[test]

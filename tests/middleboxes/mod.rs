@@ -151,9 +151,27 @@ impl Middlebox {
     /// `user`: any other user gets a 407, as a wrong password would.
     /// CONNECT is allowed to any port, plain requests too.
     pub(crate) fn squid_ntlm(user: &str) -> Middlebox {
+        let auth = "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth -S\n\
+                    auth_param ntlm children 2\n";
+        Self::squid_authenticating(auth, user)
+    }
+
+    /// Squid offering only Negotiate, as an Active Directory site's proxy
+    /// does: squid's `negotiate_wrapper_auth` hands NTLM tokens to
+    /// `ntlm_fake_auth` (as [`Middlebox::squid_ntlm`]) and Kerberos ones to
+    /// the Kerberos helper, which has no keytab here and refuses them.
+    pub(crate) fn squid_negotiate(user: &str) -> Middlebox {
+        let auth = "auth_param negotiate program /usr/lib/squid/negotiate_wrapper_auth \
+                    --ntlm /usr/lib/squid/ntlm_fake_auth -S \
+                    --kerberos /usr/lib/squid/negotiate_kerberos_auth -s GSS_C_NO_NAME\n\
+                    auth_param negotiate children 2\n";
+        Self::squid_authenticating(auth, user)
+    }
+
+    /// Squid with the `auth` helper lines, letting in only `user`.
+    fn squid_authenticating(auth: &str, user: &str) -> Middlebox {
         let access = format!(
-            "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth -S\n\
-             auth_param ntlm children 2\n\
+            "{auth}\
              acl users proxy_auth {user}\n\
              http_access deny !users\n\
              http_access allow localhost\n"

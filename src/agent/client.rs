@@ -411,19 +411,14 @@ impl Client {
             use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
             matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
         };
-        let mut written = Ok(());
         for part in request.iter().filter(|part| !part.is_empty()) {
-            written = live.write_all(part).await;
-            if written.is_err() {
-                break;
-            }
-        }
-        if let Err(e) = written {
-            return Err(if closed(&e) {
-                Stale::Closed
-            } else {
-                Stale::Failed(HttpError::Io(e).into())
-            });
+            live.write_all(part).await.map_err(|e| {
+                if closed(&e) {
+                    Stale::Closed
+                } else {
+                    Stale::Failed(HttpError::Io(e).into())
+                }
+            })?;
         }
         match deadline(wait, async { live.read_response(false).await.map_err(Into::into) }).await {
             Ok(head) => Ok(head),

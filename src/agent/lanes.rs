@@ -463,23 +463,43 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
 /// Poll shape, station to agent: a long poll, again and again; while
 /// replies come full, more polls beside it (see [`poller`]).
 async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierError> {
-    let pipe = Pipeline::default();
-    let pollers = (0..PIPELINE).map(|n| Box::pin(poller(ctx, &pipe, n)) as LaneFuture<'_>);
-    let ended = first_of(pollers.collect()).await;
-    if pipe.answered.load(Ordering::Relaxed) {
+    let (polls, answered) = (Polls::default(), AtomicBool::new(false));
+    let pollers =
+        (0..PIPELINE).map(|n| Box::pin(poller(ctx, &polls, &answered, n)) as LaneFuture<'_>);
+    pipelined(pollers.collect(), &answered, backoff).await
+}
+
+/// One of a lane's requests in flight together, on connections of their own.
+type LaneFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CarrierError>> + Send + 'a>>;
+
+/// Runs a lane's `requests` together until the first one ends, and returns
+/// its result; the others are dropped (the session resends what they
+/// carried). If any was `answered` meanwhile, the path works: the lane's
+/// backoff starts over.
+async fn pipelined(
+    mut requests: Vec<LaneFuture<'_>>,
+    answered: &AtomicBool,
+    backoff: &mut Backoff,
+) -> Result<(), CarrierError> {
+    let ended = future::poll_fn(|cx| {
+        requests
+            .iter_mut()
+            .find_map(|request| match request.as_mut().poll(cx) {
+                Poll::Ready(ended) => Some(ended),
+                Poll::Pending => None,
+            })
+            .map_or(Poll::Pending, Poll::Ready)
+    })
+    .await;
+    if answered.load(Ordering::Relaxed) {
         backoff.reset();
     }
     ended
 }
 
-/// A lane's requests in flight together, on connections of their own.
-type LaneFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CarrierError>> + Send + 'a>>;
-
-/// What the requests of one poll-shape lane share.
+/// What the pollers of one lane share.
 #[derive(Default)]
-struct Pipeline {
-    /// A request was answered since the lane started: its backoff resets.
-    answered: AtomicBool,
+struct Polls {
     /// The first poll went out: later ones go on beside it rather than
     /// starting the station's sending again.
     started: AtomicBool,
@@ -489,27 +509,17 @@ struct Pipeline {
     woken: event_listener::Event,
 }
 
-/// Runs `lanes` together until the first one ends, and returns its result;
-/// the others are dropped (the session resends what they carried).
-async fn first_of(mut lanes: Vec<LaneFuture<'_>>) -> Result<(), CarrierError> {
-    future::poll_fn(|cx| {
-        lanes
-            .iter_mut()
-            .find_map(|lane| match lane.as_mut().poll(cx) {
-                Poll::Ready(ended) => Some(ended),
-                Poll::Pending => None,
-            })
-            .map_or(Poll::Pending, Poll::Ready)
-    })
-    .await
-}
-
 /// One poll request after another. Poller 0 always has one held at the
 /// station (for `poll_hold`); the others poll only while replies come full,
 /// each asking for the shortest hold, and stop (letting their connection
 /// go) at the first reply that brings less than [`BUSY_REPLY`]: an idle
 /// agent holds one poll, a busy one up to [`PIPELINE`].
-async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierError> {
+async fn poller(
+    ctx: &LaneCtx,
+    polls: &Polls,
+    answered: &AtomicBool,
+    n: usize,
+) -> Result<(), CarrierError> {
     if !ctx.shared.shape.in_depth(n) {
         return future::pending().await;
     }
@@ -517,8 +527,8 @@ async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierE
     let max_reply = (POLL_BODY_MAX + MAX_RECORD) as u64;
     while ctx.tunnel.closed().is_none() {
         if n > 0 {
-            let listener = pipe.woken.listen();
-            if !pipe.busy.load(Ordering::Relaxed) {
+            let listener = polls.woken.listen();
+            if !polls.busy.load(Ordering::Relaxed) {
                 listener.await;
                 continue;
             }
@@ -534,7 +544,7 @@ async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierE
             // on the way (a failed poll restarts the lane anyway): ask the
             // station to send again from what we acknowledged.
             let gap = ctx.tunnel.gap_since().is_some_and(|since| since.elapsed() > GAP_PATIENCE);
-            let continues = pipe.started.swap(true, Ordering::Relaxed) && !gap;
+            let continues = polls.started.swap(true, Ordering::Relaxed) && !gap;
             let query = carrier::poll_query(hold, continues);
             let path = client.path(&ctx.session, Verb::Poll, Some(&query));
             let sent = Instant::now();
@@ -553,13 +563,13 @@ async fn poller(ctx: &LaneCtx, pipe: &Pipeline, n: usize) -> Result<(), CarrierE
                 ctx.shared.shape.failed(n, &e);
                 return Err(e);
             }
-            pipe.answered.store(true, Ordering::Relaxed);
+            answered.store(true, Ordering::Relaxed);
             let full = got >= BUSY_REPLY;
-            if full && !pipe.busy.swap(true, Ordering::Relaxed) {
-                pipe.woken.notify(usize::MAX);
+            if full && !polls.busy.swap(true, Ordering::Relaxed) {
+                polls.woken.notify(usize::MAX);
             }
             if n > 0 && got < BUSY_REPLY {
-                pipe.busy.store(false, Ordering::Relaxed);
+                polls.busy.store(false, Ordering::Relaxed);
                 break;
             }
             if ctx.tunnel.closed().is_some() {
@@ -599,13 +609,10 @@ fn shorten_poll_hold(ctx: &LaneCtx, error: &CarrierError, waited: Duration, hold
 /// reorders what they carry).
 async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierError> {
     let lane = ctx.tunnel.begin_lane(Lane::Sequenced);
-    let pipe = Pipeline::default();
-    let pushers = (0..PIPELINE).map(|n| Box::pin(pusher(ctx, &pipe, lane, n)) as LaneFuture<'_>);
-    let ended = first_of(pushers.collect()).await;
-    if pipe.answered.load(Ordering::Relaxed) {
-        backoff.reset();
-    }
-    ended
+    let answered = AtomicBool::new(false);
+    let pushers =
+        (0..PIPELINE).map(|n| Box::pin(pusher(ctx, &answered, lane, n)) as LaneFuture<'_>);
+    pipelined(pushers.collect(), &answered, backoff).await
 }
 
 /// One push request after another, each as soon as the session has
@@ -613,7 +620,7 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
 /// when idle for [`EXTRA_IDLE`]: an idle agent keeps one connection.
 async fn pusher(
     ctx: &LaneCtx,
-    pipe: &Pipeline,
+    answered: &AtomicBool,
     lane: LaneToken,
     n: usize,
 ) -> Result<(), CarrierError> {
@@ -656,6 +663,6 @@ async fn pusher(
             ctx.shared.shape.failed(n, &e);
             return Err(e);
         }
-        pipe.answered.store(true, Ordering::Relaxed);
+        answered.store(true, Ordering::Relaxed);
     }
 }

@@ -152,11 +152,12 @@ impl ShapeMemory {
         if !refusal {
             return;
         }
-        if let Some(depth) = lock(&self.depth).refused(n, Instant::now()) {
+        if let Some((depth, hold)) = lock(&self.depth).refused(n, Instant::now()) {
             log::warn!(
                 "the path refused request {} of a lane's requests in flight ({error}): keeping \
-                 {depth} in flight per lane for the next hour (a proxy's limit of connections per client?)",
-                n + 1
+                 {depth} in flight per lane for {} (a proxy's limit of connections per client?)",
+                n + 1,
+                auto::spoken(hold)
             );
         }
     }

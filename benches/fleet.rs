@@ -3,14 +3,19 @@
 //! real station process. It reports what the station pays per idle device
 //! (memory and CPU), how fast devices handshake, and how long the whole
 //! fleet takes to come back after the station is killed and restarted.
+//! With `--traffic SECS` each device also polls an echo target on the
+//! station's side, after the idle figures are read: what the station then
+//! pays per device, the round trips' times, and any that failed.
 //! A benchmark, not a test: nothing here asserts a figure.
 //!
 //! ```text
 //!  fleet (this process) ─ writes N device keys and station.toml ─▶ postern station (process)
 //!    ├ shard 0: agents 0..S   ┐  each Agent::run on one smol executor,
 //!    ├ shard 1: agents S..2S  ├─ carrier `--carrier`, no forwards, idle
-//!    └ ...                    ┘
+//!    └ ...                    ┘  (--traffic: one forward each, polled)
 //!  reads /metrics (postern_devices_connected) and /proc/PID (VmRSS, CPU time) of the station
+//!
+//!  --traffic: poller ─▶ agent's forward ═ tunnel ═▶ station ─▶ echo (this process)
 //! ```
 //!
 //! Shards are this same program started again with POSTERN_FLEET_SHARD
@@ -47,10 +52,15 @@ use support::{free_port, metric, parse_addr, wait_for_lines, Proc, Side, TempDir
 
 const USAGE: &str = "\
 usage: fleet [--devices N] [--carrier poll|stream] [--idle SECS] [--shard N] [--no-restart]
+             [--traffic SECS | --light]
        fleet --forwarding [--repeat N]
   --devices N    agent sessions (default 1000)
   --carrier C    their carrier (default poll)
   --idle SECS    idle time over which the station's CPU is measured (default 30)
+  --traffic SECS after the idle figures, each device sends 64 to 256 bytes through
+                 a forward to an echo every SECS (±25 %) and checks the echo; the
+                 station is measured again over the same --idle time
+  --light        --traffic 10 (a monitoring poll)
   --shard N      agents per shard process (default 4000)
   --no-restart   skip killing and restarting the station
   --forwarding   instead: a cluster's forwarding cost, rate and latency of one
@@ -67,12 +77,21 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(900);
 /// How long the station sits after a change before its memory is read.
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// `--light`: seconds between one device's messages, as a monitoring
+/// system polls (Modbus, SNMP): 100 messages/s at the station per 1,000.
+const LIGHT: Duration = Duration::from_secs(10);
+
+/// Longest one message may take to come back before it counts as failed.
+const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(10);
+
 struct Options {
     devices: usize,
     carrier: String,
     idle: Duration,
     shard: usize,
     restart: bool,
+    /// Seconds between one device's messages; `None`: idle only.
+    traffic: Option<Duration>,
     forwarding: bool,
     repeat: usize,
 }
@@ -84,6 +103,7 @@ fn options() -> Result<Options, String> {
         idle: Duration::from_secs(30),
         shard: 4000,
         restart: true,
+        traffic: None,
         forwarding: false,
         repeat: 3,
     };
@@ -97,6 +117,11 @@ fn options() -> Result<Options, String> {
             "--idle" => options.idle = Duration::from_secs(number(value("--idle")?)? as u64),
             "--shard" => options.shard = number(value("--shard")?)?.max(1),
             "--no-restart" => options.restart = false,
+            "--traffic" => {
+                let secs = number(value("--traffic")?)?.max(1);
+                options.traffic = Some(Duration::from_secs(secs as u64));
+            }
+            "--light" => options.traffic = Some(LIGHT),
             "--forwarding" => options.forwarding = true,
             "--repeat" => options.repeat = number(value("--repeat")?)?.max(1),
             // cargo bench passes --bench.
@@ -126,15 +151,23 @@ fn main() {
     }
 }
 
-/// A shard: `spec` is "station URL|station key|carrier|keys file|from|to".
-/// Runs its agents until killed.
+/// A shard: `spec` is "station URL|station key|carrier|keys file|from|to|
+/// traffic", where traffic is "-" (idle) or "ms between messages,seconds
+/// to wait for the go file,go file". Runs its agents until killed.
 fn run_shard(spec: &str) {
-    let parts: Vec<&str> = spec.split('|').collect();
-    let [url, station_key, carrier, keys, from, to] = parts[..] else {
-        panic!("{SHARD}: expected six fields, got {spec:?}");
+    let parts: Vec<&str> = spec.splitn(7, '|').collect();
+    let [url, station_key, carrier, keys, from, to, traffic] = parts[..] else {
+        panic!("{SHARD}: expected seven fields, got {spec:?}");
     };
+    let traffic = ShardTraffic::parse(traffic);
     let keys = std::fs::read_to_string(keys).expect("read the keys file");
     let (from, to): (usize, usize) = (from.parse().expect("from"), to.parse().expect("to"));
+    // With traffic, one forward to the station's echo target each.
+    let forward = if traffic.is_some() {
+        "\n[[forward]]\nlisten = \"127.0.0.1:0\"\ntarget = \"echo\"\n"
+    } else {
+        ""
+    };
     let configs: Vec<AgentConfig> = keys
         .lines()
         .skip(from)
@@ -142,19 +175,164 @@ fn run_shard(spec: &str) {
         .map(|key| {
             let text = format!(
                 "station = \"{url}\"\nstation_public_key = \"{station_key}\"\n\
-                 private_key = \"{key}\"\ncarrier = \"{carrier}\"\n"
+                 private_key = \"{key}\"\ncarrier = \"{carrier}\"\n{forward}"
             );
             AgentConfig::parse(&text, "fleet").expect("a valid agent config")
         })
         .collect();
     smol::block_on(async {
         let mut running = Vec::with_capacity(configs.len());
+        let mut forwards = Vec::new();
         for config in configs {
             let agent = Agent::bind(config).await.expect("bind an agent");
+            forwards.extend(agent.forward_addrs());
             running.push(postern::task::spawn(agent.run()));
+        }
+        if let Some(traffic) = traffic {
+            traffic.run(&forwards, from).await;
         }
         futures_lite::future::pending::<()>().await;
     });
+}
+
+/// A shard's side of `--traffic`: its devices' pollers, started once the
+/// fleet creates the go file (after it has read the idle figures).
+struct ShardTraffic {
+    every: Duration,
+    wait: Duration,
+    go: PathBuf,
+}
+
+impl ShardTraffic {
+    fn parse(field: &str) -> Option<ShardTraffic> {
+        if field == "-" {
+            return None;
+        }
+        let mut parts = field.splitn(3, ',');
+        let mut number = || -> u64 {
+            let text = parts.next().unwrap_or_default();
+            text.parse().unwrap_or_else(|e| panic!("{SHARD}: traffic {field:?}: {e}"))
+        };
+        let (every, wait) = (Duration::from_millis(number()), Duration::from_secs(number()));
+        let go = PathBuf::from(parts.next().unwrap_or_else(|| panic!("{SHARD}: no go file")));
+        Some(ShardTraffic { every, wait, go })
+    }
+
+    fn spec(every: Duration, wait: Duration, go: &std::path::Path) -> String {
+        format!("{},{},{}", every.as_millis(), wait.as_secs(), go.display())
+    }
+
+    /// Starts a poller for each of `forwards` (device `first` onwards) once
+    /// the go file is there; they run until the shard is killed.
+    async fn run(self, forwards: &[SocketAddr], first: usize) {
+        let deadline = Instant::now() + self.wait;
+        // A file looked for ten times a second: one stat, nothing the
+        // station sees.
+        while !self.go.exists() {
+            if Instant::now() > deadline {
+                eprintln!("traffic failed: no go from the fleet within {:?}", self.wait);
+                return;
+            }
+            async_io::Timer::after(Duration::from_millis(100)).await;
+        }
+        for (i, &forward) in forwards.iter().enumerate() {
+            postern::task::spawn(poll_echo(forward, (first + i) as u64, self.every)).detach();
+        }
+    }
+}
+
+/// One device's light traffic: a message of 64 to 256 bytes through its
+/// forward every `every` (±25 %, the first at a random moment within it,
+/// so that the fleet does not send in step), on one kept connection as a
+/// monitoring poller keeps it. Each round trip goes to stderr, which the
+/// fleet reads: `traffic ok MICROSECONDS` or `traffic failed WHY`. A
+/// failure drops the connection; the next message opens a new one.
+async fn poll_echo(forward: SocketAddr, device: u64, every: Duration) {
+    let mut random = Random::new(device);
+    async_io::Timer::after(every.mul_f64(random.unit())).await;
+    let mut socket = None;
+    // Until the shard is killed, as its agents; each round trip is bounded.
+    for sequence in 0u64.. {
+        let started = Instant::now();
+        let message = random.message(device, sequence);
+        let timed_out = || std::io::Error::other(format!("no echo within {ROUND_TRIP_LIMIT:?}"));
+        let result = postern::task::within(
+            ROUND_TRIP_LIMIT,
+            timed_out,
+            round_trip(&mut socket, forward, &message),
+        )
+        .await;
+        match result {
+            Ok(()) => eprintln!("traffic ok {}", started.elapsed().as_micros()),
+            Err(e) => {
+                socket = None;
+                eprintln!("traffic failed: device {device}, message {sequence}: {e}");
+            }
+        }
+        async_io::Timer::at(started + every.mul_f64(0.75 + 0.5 * random.unit())).await;
+    }
+}
+
+/// Sends `message` on `socket` (opened to `forward` first if it is not)
+/// and reads the echo, which must be the same bytes.
+async fn round_trip(
+    socket: &mut Option<smol::net::TcpStream>,
+    forward: SocketAddr,
+    message: &[u8],
+) -> std::io::Result<()> {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let socket = match socket {
+        Some(socket) => socket,
+        None => {
+            let opened = smol::net::TcpStream::connect(forward).await?;
+            opened.set_nodelay(true)?;
+            socket.insert(opened)
+        }
+    };
+    socket.write_all(message).await?;
+    let mut back = vec![0u8; message.len()];
+    socket.read_exact(&mut back).await?;
+    if back != message {
+        return Err(std::io::Error::other("the echo came back changed"));
+    }
+    Ok(())
+}
+
+/// splitmix64: jitter and message bytes, with no dependency for them.
+struct Random(u64);
+
+impl Random {
+    fn new(seed: u64) -> Random {
+        Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// 64 to 256 bytes: the device and the message's number first, so that
+    /// an echo from another device's stream or an old message shows, then
+    /// random bytes.
+    fn message(&mut self, device: u64, sequence: u64) -> Vec<u8> {
+        let len = 64 + (self.next() % 193) as usize;
+        let mut message = Vec::with_capacity(len);
+        message.extend_from_slice(&device.to_le_bytes());
+        message.extend_from_slice(&sequence.to_le_bytes());
+        while message.len() < len {
+            message.extend_from_slice(&self.next().to_le_bytes());
+        }
+        message.truncate(len);
+        message
+    }
 }
 
 /// The station process, its config and where it serves.
@@ -222,15 +400,21 @@ fn simulate(options: &Options) -> Result<(), String> {
     let (listen, status) = (free_port()?, free_port()?);
     // Two carrier connections a device, and room for reconnects.
     let max_connections = (2 * n + 1024).max(8192);
+    // With traffic, every device may reach the echo; without, the config
+    // is as it always was, so that idle figures stay comparable.
+    let (target, allow) = match options.traffic {
+        Some(_) => (format!("echo = \"{}\"\n", echo_server()?), "allow = [\"echo\"]\n"),
+        None => (String::new(), ""),
+    };
     let mut toml = format!(
         "listen = \"127.0.0.1:{listen}\"\nprivate_key = \"{}\"\nstatus = \"127.0.0.1:{status}\"\n\
-         max_connections = {max_connections}\n\n[targets]\n",
+         max_connections = {max_connections}\n\n[targets]\n{target}",
         station_key.to_base64()
     );
     for (i, key) in keys.iter().enumerate() {
         let _ = write!(
             toml,
-            "\n[[devices]]\nname = \"device-{i}\"\npublic_key = \"{}\"\n",
+            "\n[[devices]]\nname = \"device-{i}\"\npublic_key = \"{}\"\n{allow}",
             key.public_key().to_base64()
         );
     }
@@ -243,20 +427,29 @@ fn simulate(options: &Options) -> Result<(), String> {
     let cpu_at_start = station.proc.cpu_seconds();
     let url = format!("http://127.0.0.1:{listen}/");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // The shards' traffic starts when this file appears; they wait for it
+    // as long as the fleet may take to get there.
+    let go = dir.path().join("go");
+    let traffic_spec = match options.traffic {
+        Some(every) => ShardTraffic::spec(every, CONNECT_LIMIT + 2 * SETTLE + options.idle, &go),
+        None => "-".to_owned(),
+    };
     let started = Instant::now();
     let mut shards = Vec::new();
+    // Every shard's stderr: with traffic, a line a round trip.
+    let (tx, shard_lines) = mpsc::channel();
     for from in (0..n).step_by(options.shard) {
         let to = (from + options.shard).min(n);
         let spec = format!(
-            "{url}|{}|{}|{}|{from}|{to}",
+            "{url}|{}|{}|{}|{from}|{to}|{traffic_spec}",
             station_key.public_key().to_base64(),
             options.carrier,
             keys_path.display()
         );
-        let (tx, _) = mpsc::channel();
         let mut command = Command::new(&exe);
         command.env(SHARD, spec);
-        shards.push(Proc::spawn(&format!("shard {from}"), Side::Device, &mut command, tx)?);
+        let name = format!("shard {from}");
+        shards.push(Proc::spawn(&name, Side::Device, &mut command, tx.clone())?);
     }
     let first = wait_connected(&station, n, started)?;
     let per_handshake = (station.proc.cpu_seconds() - cpu_at_start) / n as f64;
@@ -294,6 +487,13 @@ fn simulate(options: &Options) -> Result<(), String> {
         cpu / idle / n as f64 * 1e6,
         first.as_secs_f64(),
     );
+    let traffic = match options.traffic {
+        Some(every) => {
+            let figures = measure_traffic(&station, &shard_lines, &go, every, options.idle)?;
+            figures.row(options, baseline, cpu / idle)
+        }
+        None => String::new(),
+    };
     let mut back = String::from("-");
     if options.restart {
         drop(station);
@@ -315,7 +515,126 @@ fn simulate(options: &Options) -> Result<(), String> {
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     print!("{}", report.trim_end().trim_end_matches('|'));
     println!("| {back} |");
+    if !traffic.is_empty() {
+        println!(
+            "\n| devices | carrier | s between messages | messages/s | ms round trip, p50 | p99 | \
+             failed or changed | MiB, with traffic | KiB per device | % of a core | \
+             µs of station CPU per message |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("{traffic}");
+    }
     Ok(())
+}
+
+/// What the station carried and paid under `--traffic`, over the window.
+struct TrafficFigures {
+    every: Duration,
+    window: f64,
+    /// Station CPU seconds over the window.
+    cpu: f64,
+    rss: u64,
+    trips: RoundTrips,
+    /// Failures since the traffic began (the window's and the warm-up's),
+    /// and all the round trips tried since.
+    failed: usize,
+    tried: usize,
+}
+
+/// Starts the shards' traffic (creates `go`), lets every device open its
+/// connection and send once, then measures the station over `window` as
+/// the idle figures were measured.
+fn measure_traffic(
+    station: &Station,
+    lines: &mpsc::Receiver<String>,
+    go: &std::path::Path,
+    every: Duration,
+    window: Duration,
+) -> Result<TrafficFigures, String> {
+    std::fs::write(go, "").map_err(|e| format!("cannot write {}: {e}", go.display()))?;
+    eprintln!("traffic: a message every {every:?} a device; measuring after {:?}", every + SETTLE);
+    // Each device's first message goes within `every`.
+    thread::sleep(every + SETTLE);
+    let warm_up = RoundTrips::take(lines);
+    let cpu_before = station.proc.cpu_seconds();
+    let started = Instant::now();
+    thread::sleep(window);
+    let cpu = station.proc.cpu_seconds() - cpu_before;
+    let window = started.elapsed().as_secs_f64();
+    let rss = station.proc.rss();
+    let trips = RoundTrips::take(lines);
+    let failed = warm_up.failed + trips.failed;
+    let tried = warm_up.tried() + trips.tried();
+    if let Some(line) = warm_up.first_failure.as_ref().or(trips.first_failure.as_ref()) {
+        eprintln!("traffic: {failed} of {tried} failed; the first: {line}");
+    }
+    Ok(TrafficFigures { every, window, cpu, rss, trips, failed, tried })
+}
+
+impl TrafficFigures {
+    /// The table row, beside `idle_cpu` (cores) and the station's memory
+    /// before any device came (`baseline`).
+    fn row(mut self, options: &Options, baseline: u64, idle_cpu: f64) -> String {
+        let n = options.devices as f64;
+        let rate = self.trips.millis.len() as f64 / self.window;
+        let share = self.cpu / self.window;
+        let per_device = self.rss.saturating_sub(baseline) as f64 / 1024.0 / n;
+        // What a message adds to what the idle fleet costs anyway.
+        let per_message = (share - idle_cpu) / rate.max(f64::MIN_POSITIVE) * 1e6;
+        let (p50, p99) =
+            (percentile(&mut self.trips.millis, 0.50), percentile(&mut self.trips.millis, 0.99));
+        eprintln!(
+            "traffic: {rate:.1} messages/s over {:.0} s, round trip {p50:.2} ms p50, \
+             {p99:.2} ms p99; {} of {} failed or changed; station {:.1} MiB, {per_device:.1} \
+             KiB per device, {:.2}% of a core ({per_message:.0} µs per message above idle)",
+            self.window,
+            self.failed,
+            self.tried,
+            self.rss as f64 / 1048576.0,
+            share * 100.0
+        );
+        format!(
+            "| {} | {} | {} | {rate:.1} | {p50:.2} | {p99:.2} | {} of {} | {:.1} | \
+             {per_device:.1} | {:.2} | {per_message:.0} |",
+            options.devices,
+            options.carrier,
+            self.every.as_secs_f64(),
+            self.failed,
+            self.tried,
+            self.rss as f64 / 1048576.0,
+            share * 100.0
+        )
+    }
+}
+
+/// The round trips the shards reported (`traffic ok` and `traffic failed`
+/// lines, written by [`poll_echo`]).
+#[derive(Default)]
+struct RoundTrips {
+    millis: Vec<f64>,
+    failed: usize,
+    first_failure: Option<String>,
+}
+
+impl RoundTrips {
+    /// Those reported since the last call; the shards' other lines are
+    /// left to their logs.
+    fn take(lines: &mpsc::Receiver<String>) -> RoundTrips {
+        let mut trips = RoundTrips::default();
+        for line in lines.try_iter() {
+            if let Some(micros) = line.strip_prefix("traffic ok ") {
+                trips.millis.push(micros.parse::<f64>().unwrap_or(f64::NAN) / 1000.0);
+            } else if line.starts_with("traffic failed") {
+                trips.failed += 1;
+                trips.first_failure.get_or_insert(line);
+            }
+        }
+        trips
+    }
+
+    fn tried(&self) -> usize {
+        self.millis.len() + self.failed
+    }
 }
 
 /// Bytes each way of a forwarding rate measurement.
@@ -471,8 +790,14 @@ fn latency(forward: SocketAddr) -> Result<f64, String> {
 }
 
 fn median(values: &mut [f64]) -> f64 {
+    percentile(values, 0.5)
+}
+
+/// The value `share` of the way up `values` (sorted here); NaN if empty.
+fn percentile(values: &mut [f64], share: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let at = ((values.len() as f64 * share) as usize).min(values.len().saturating_sub(1));
+    values.get(at).copied().unwrap_or(f64::NAN)
 }
 
 fn forwarding(options: &Options) -> Result<(), String> {

@@ -159,8 +159,8 @@ fn a_board_agent_without_ntlm_says_so_behind_an_ntlm_only_proxy() {
     let toml = keys.agent_toml(addr, &["echo"], "").replacen('\n', &format!("\n{proxy}"), 1);
     let (agent, _) = start_agent_via(&[program], &dir, "agent", &toml, &["echo"]);
     let line = agent.wait_log(&[
-        "offers only NTLM authentication; this build of postern speaks Basic only (NTLM is \
-         cargo feature `ntlm`)",
+        "offers only NTLM authentication; this build of postern speaks Basic only (NTLM and \
+         Negotiate are cargo feature `ntlm`)",
     ]);
     assert!(line.contains(&format!("the proxy {}", squid.addr)), "names the proxy: {line}");
     thread::sleep(Duration::from_secs(5));

@@ -630,8 +630,16 @@ impl Tunnel {
                 if first.is_empty() {
                     return Ok(Step::Full);
                 }
-                let n =
-                    socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])?;
+                let read =
+                    socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)]);
+                let n = match read {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Nothing to read (or a failure): wait holding no buffer.
+                        streams.send_idle(id);
+                        return Err(e);
+                    }
+                };
                 let step = if n == 0 {
                     let _ = streams.finish(id);
                     Step::End

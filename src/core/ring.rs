@@ -10,7 +10,10 @@
 //! (`read_vectored` / `write_vectored` with both slices): no staging buffer
 //! and no copy between the socket and the stream. It grows by doubling from
 //! [`Ring::FIRST`] up to its limit, so an interactive stream that never has
-//! much in flight keeps a small buffer, and never grows past the limit.
+//! much in flight keeps a small buffer, and never grows past the limit. A
+//! small ring gives its allocation back whenever it drains, so an open
+//! stream that waits between messages holds none; a larger one keeps it
+//! for the stream's next burst, up to [`Ring::KEEP`].
 //!
 //! No I/O here; the slices are plain memory.
 
@@ -106,7 +109,23 @@ impl Ring {
         assert!(n <= self.len, "consume of more than is held");
         self.len -= n;
         self.head = if self.len == 0 { 0 } else { (self.head + n) % self.buf.len() };
-        if self.len == 0 && self.buf.len() > Self::KEEP.min(self.limit) {
+        if self.buf.len() > Self::KEEP.min(self.limit) {
+            self.release_if_empty();
+        }
+        self.release_if_small();
+    }
+
+    /// An empty ring of at most [`Ring::FIRST`] gives its allocation back:
+    /// a stream waits between messages with none. Called when it drains,
+    /// and by a driver that took free space and found nothing to put in it.
+    pub fn release_if_small(&mut self) {
+        if self.buf.len() <= Self::FIRST {
+            self.release_if_empty();
+        }
+    }
+
+    fn release_if_empty(&mut self) {
+        if self.len == 0 {
             self.buf = Box::default();
         }
     }
@@ -250,15 +269,27 @@ mod tests {
     }
 
     #[test]
-    fn small_use_keeps_a_small_allocation() {
+    fn small_use_keeps_a_small_allocation_and_only_while_it_holds_bytes() {
         let mut ring = Ring::new(256 * 1024);
         for _ in 0..100 {
             assert_eq!(ring.push(&[9; 1000]), 1000);
-            ring.consume(1000);
+            assert_eq!(ring.buf.len(), Ring::FIRST);
+            ring.consume(600);
+            assert_eq!(ring.buf.len(), Ring::FIRST, "kept while it holds bytes");
+            ring.consume(400);
+            assert_eq!(ring.buf.len(), 0, "an idle stream holds no buffer");
         }
-        assert_eq!(ring.buf.len(), Ring::FIRST);
+        // A driver asks for space, finds nothing to read, gives it back.
+        assert_eq!(ring.free_mut(usize::MAX).0.len(), Ring::FIRST);
+        ring.release_if_small();
+        assert_eq!(ring.buf.len(), 0);
+        // A ring that grew past FIRST keeps its buffer for the next burst.
+        assert_eq!(ring.push(&[8; 3 * Ring::FIRST]), 3 * Ring::FIRST);
+        ring.consume(3 * Ring::FIRST);
+        ring.release_if_small();
+        assert_eq!(ring.buf.len(), 4 * Ring::FIRST);
         // An emptied ring starts again at its beginning, so a read gets
         // the whole allocation as one slice.
-        assert_eq!(ring.free_mut(usize::MAX).0.len(), Ring::FIRST);
+        assert_eq!(ring.free_mut(usize::MAX).0.len(), 4 * Ring::FIRST);
     }
 }

@@ -345,6 +345,15 @@ impl Streams {
         Ok(stream.send_buf.free_mut(max))
     }
 
+    /// The driver took [`Streams::send_space`] and had nothing to put in it
+    /// (its socket would block): a small empty send buffer is let go while
+    /// the stream waits.
+    pub fn send_idle(&mut self, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.send_buf.release_if_small();
+        }
+    }
+
     /// The first `n` bytes of what [`Streams::send_space`] gave were filled.
     pub fn commit_send(&mut self, id: StreamId, n: usize) -> Result<(), StreamError> {
         let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;

@@ -524,7 +524,15 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &CLIENT_SIG_ALGS)
+        #[cfg(feature = "tls12")]
+        return rustls::crypto::verify_tls12_signature(message, cert, dss, &CLIENT_SIG_ALGS);
+        // Without `tls12` rustls speaks only TLS 1.3 and never asks for
+        // this; refusing keeps the unused check out of the binary.
+        #[cfg(not(feature = "tls12"))]
+        {
+            let _ = (message, cert, dss);
+            Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        }
     }
 
     fn verify_tls13_signature(

@@ -38,6 +38,12 @@ use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
 /// buffer, so a fast local writer costs few system calls.
 const SOCKET_READ: usize = crate::core::streams::SEND_BUFFER;
 
+/// A TCP pump direction that moved less than this between two waits is
+/// carrying messages, not a bulk transfer: it lets its stream's small
+/// buffer go while it waits (a busy one keeps it, rather than reallocate
+/// at every wait).
+const SMALL_BURST: usize = 4 * 1024;
+
 /// A stream the peer opened, waiting for the driver to connect it.
 #[derive(Debug)]
 pub struct Incoming {
@@ -615,6 +621,7 @@ impl Tunnel {
         socket: &Async<std::net::TcpStream>,
         waker: &Notify,
     ) -> Result<(), String> {
+        let mut burst = 0;
         loop {
             let listener = waker.listen();
             // Called again after each wait for readability; the lock is held
@@ -635,11 +642,13 @@ impl Tunnel {
                 let n = match read {
                     Ok(n) => n,
                     Err(e) => {
-                        // Nothing to read (or a failure): wait holding no buffer.
-                        streams.send_idle(id);
+                        if std::mem::take(&mut burst) < SMALL_BURST {
+                            streams.idle(id, true);
+                        }
                         return Err(e);
                     }
                 };
+                burst += n;
                 let step = if n == 0 {
                     let _ = streams.finish(id);
                     Step::End
@@ -668,6 +677,7 @@ impl Tunnel {
         socket: &Async<std::net::TcpStream>,
         waker: &Notify,
     ) -> Result<(), String> {
+        let mut burst = 0;
         loop {
             let listener = waker.listen();
             let step = socket.write_with(|mut socket| {
@@ -680,10 +690,16 @@ impl Tunnel {
                         if streams.consume(id, n).is_ok() {
                             state.stats.stream_in += n as u64;
                         }
+                        burst += n;
                         Step::Moved
                     }
                     Ok(Received::Fin) => Step::End,
-                    Ok(Received::Blocked) => Step::Full,
+                    Ok(Received::Blocked) => {
+                        if std::mem::take(&mut burst) < SMALL_BURST {
+                            streams.idle(id, false);
+                        }
+                        Step::Full
+                    }
                     Err(_) => Step::Gone,
                 };
                 self.settle(&mut state);

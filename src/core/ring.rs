@@ -11,9 +11,9 @@
 //! and no copy between the socket and the stream. It grows by doubling from
 //! [`Ring::FIRST`] up to its limit, so an interactive stream that never has
 //! much in flight keeps a small buffer, and never grows past the limit. A
-//! small ring gives its allocation back whenever it drains, so an open
-//! stream that waits between messages holds none; a larger one keeps it
-//! for the stream's next burst, up to [`Ring::KEEP`].
+//! driver lets a small one go ([`Ring::release_when_drained`]) when its
+//! stream waits between small messages, so an open stream that idles
+//! holds none.
 //!
 //! No I/O here; the slices are plain memory.
 
@@ -27,6 +27,8 @@ pub struct Ring {
     /// Bytes held.
     len: usize,
     limit: usize,
+    /// Let the allocation go when the ring next drains.
+    shed: bool,
 }
 
 impl Ring {
@@ -40,7 +42,7 @@ impl Ring {
 
     /// An empty ring that will hold at most `limit` bytes.
     pub fn new(limit: usize) -> Ring {
-        Ring { buf: Box::default(), head: 0, len: 0, limit }
+        Ring { buf: Box::default(), head: 0, len: 0, limit, shed: false }
     }
 
     pub fn len(&self) -> usize {
@@ -109,24 +111,21 @@ impl Ring {
         assert!(n <= self.len, "consume of more than is held");
         self.len -= n;
         self.head = if self.len == 0 { 0 } else { (self.head + n) % self.buf.len() };
-        if self.buf.len() > Self::KEEP.min(self.limit) {
-            self.release_if_empty();
-        }
-        self.release_if_small();
-    }
-
-    /// An empty ring of at most [`Ring::FIRST`] gives its allocation back:
-    /// a stream waits between messages with none. Called when it drains,
-    /// and by a driver that took free space and found nothing to put in it.
-    pub fn release_if_small(&mut self) {
-        if self.buf.len() <= Self::FIRST {
-            self.release_if_empty();
-        }
-    }
-
-    fn release_if_empty(&mut self) {
-        if self.len == 0 {
+        if self.len == 0 && (self.shed || self.buf.len() > Self::KEEP.min(self.limit)) {
             self.buf = Box::default();
+            self.shed = false;
+        }
+    }
+
+    /// A ring of at most [`Ring::FIRST`] gives its allocation back now if
+    /// it is empty, else when it drains; the next byte takes a new one.
+    /// For a stream that waits between small messages, not for a busy
+    /// one, which would reallocate at each drain (growing past
+    /// [`Ring::FIRST`] forgets the request).
+    pub fn release_when_drained(&mut self) {
+        if self.buf.len() <= Self::FIRST {
+            self.shed = true;
+            self.consume(0);
         }
     }
 
@@ -168,6 +167,7 @@ impl Ring {
         bigger[first.len()..self.len].copy_from_slice(second);
         self.buf = bigger;
         self.head = 0;
+        self.shed &= size <= Self::FIRST;
     }
 }
 
@@ -269,24 +269,34 @@ mod tests {
     }
 
     #[test]
-    fn small_use_keeps_a_small_allocation_and_only_while_it_holds_bytes() {
+    fn small_use_keeps_a_small_allocation_until_let_go() {
         let mut ring = Ring::new(256 * 1024);
         for _ in 0..100 {
             assert_eq!(ring.push(&[9; 1000]), 1000);
-            assert_eq!(ring.buf.len(), Ring::FIRST);
-            ring.consume(600);
-            assert_eq!(ring.buf.len(), Ring::FIRST, "kept while it holds bytes");
-            ring.consume(400);
-            assert_eq!(ring.buf.len(), 0, "an idle stream holds no buffer");
+            ring.consume(1000);
         }
+        assert_eq!(ring.buf.len(), Ring::FIRST);
+        ring.push(&[9; 10]);
+        ring.release_when_drained();
+        assert_eq!(ring.buf.len(), Ring::FIRST, "kept while it holds bytes");
+        ring.consume(4);
+        assert_eq!(ring.buf.len(), Ring::FIRST, "kept while it holds bytes");
+        ring.consume(6);
+        assert_eq!(ring.buf.len(), 0, "an idle stream holds no buffer");
+        ring.push(&[9; 10]);
+        ring.consume(10);
+        assert_eq!(ring.buf.len(), Ring::FIRST, "let go once per request");
         // A driver asks for space, finds nothing to read, gives it back.
         assert_eq!(ring.free_mut(usize::MAX).0.len(), Ring::FIRST);
-        ring.release_if_small();
+        ring.release_when_drained();
         assert_eq!(ring.buf.len(), 0);
-        // A ring that grew past FIRST keeps its buffer for the next burst.
+        // A ring that grows past FIRST forgets the request, and keeps its
+        // buffer for the next burst.
+        ring.push(&[8; 10]);
+        ring.release_when_drained();
         assert_eq!(ring.push(&[8; 3 * Ring::FIRST]), 3 * Ring::FIRST);
-        ring.consume(3 * Ring::FIRST);
-        ring.release_if_small();
+        ring.consume(3 * Ring::FIRST + 10);
+        ring.release_when_drained();
         assert_eq!(ring.buf.len(), 4 * Ring::FIRST);
         // An emptied ring starts again at its beginning, so a read gets
         // the whole allocation as one slice.

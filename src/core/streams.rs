@@ -345,12 +345,15 @@ impl Streams {
         Ok(stream.send_buf.free_mut(max))
     }
 
-    /// The driver took [`Streams::send_space`] and had nothing to put in it
-    /// (its socket would block): a small empty send buffer is let go while
-    /// the stream waits.
-    pub fn send_idle(&mut self, id: StreamId) {
+    /// The driver waits on stream `id` after moving only a small message:
+    /// a small buffer is let go once it drains (an open stream that idles
+    /// between messages holds none). `send` says which: the
+    /// send buffer (the local socket has nothing to read) or the receive
+    /// buffer (nothing has come from the peer).
+    pub fn idle(&mut self, id: StreamId, send: bool) {
         if let Some(stream) = self.streams.get_mut(&id) {
-            stream.send_buf.release_if_small();
+            let ring = if send { &mut stream.send_buf } else { &mut stream.recv_buf };
+            ring.release_when_drained();
         }
     }
 

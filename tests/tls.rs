@@ -131,6 +131,9 @@ fn certificates_are_refused_with_the_reason() {
         (pki.leaf("expired", "IP:127.0.0.1", -1), true, "certificate has expired"),
         (pki.leaf("other", "DNS:other.example", 1), true, "is not for 127.0.0.1"),
         (pki.self_signed("self", "IP:127.0.0.1"), true, "is self-signed"),
+        (pki.self_signed("self-system", "IP:127.0.0.1"), false, "is self-signed"),
+        // A CA's own certificate serving as the station's.
+        (Cert { cert: pki.ca.cert.clone(), key: pki.ca.key.clone() }, false, "is self-signed"),
         // Signed by our CA, but the agent trusts only the system's CAs.
         (pki.leaf("unknown", "IP:127.0.0.1", 1), false, "not signed by a CA this agent trusts"),
     ];

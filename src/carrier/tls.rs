@@ -503,8 +503,21 @@ impl ServerCertVerifier for Verifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let verdict = self.webpki(end_entity, intermediates, server_name, now);
-        if let Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) = verdict {
-            if intermediates.is_empty() && is_self_signed(end_entity) {
+        // A self-signed certificate nothing vouches for fails as an
+        // unknown issuer, or, depending on what webpki tried first, as an
+        // unsupported algorithm or a CA used as an end entity: all mean
+        // the same to the user. Its dates and name are reported as such.
+        if let Err(rustls::Error::InvalidCertificate(why)) = &verdict {
+            let dated_or_named = matches!(
+                why,
+                CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. }
+                    | CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. }
+            );
+            if !dated_or_named && intermediates.is_empty() && is_self_signed(end_entity) {
                 return Err(refusal(Refusal::SelfSigned));
             }
         }

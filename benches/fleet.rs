@@ -52,7 +52,7 @@ use support::{free_port, metric, parse_addr, wait_for_lines, Proc, Side, TempDir
 
 const USAGE: &str = "\
 usage: fleet [--devices N] [--carrier poll|stream] [--idle SECS] [--shard N] [--no-restart]
-             [--traffic SECS | --light]
+             [--traffic SECS | --light] [--stations N]
        fleet --forwarding [--repeat N]
   --devices N    agent sessions (default 1000)
   --carrier C    their carrier (default poll)
@@ -63,6 +63,10 @@ usage: fleet [--devices N] [--carrier poll|stream] [--idle SECS] [--shard N] [--
   --light        --traffic 10 (a monitoring poll)
   --shard N      agents per shard process (default 4000)
   --no-restart   skip killing and restarting the station
+  --stations N   N stations of a cluster (one redis-server) behind haproxy
+                 balancing round-robin with no stickiness; the figures are the
+                 stations' sums, and the restart is a failover: the first
+                 station is killed and the others take its devices (default 1)
   --forwarding   instead: a cluster's forwarding cost, rate and latency of one
                  device whose requests all reach the station not holding its
                  session, beside the same path with no forwarding
@@ -90,10 +94,22 @@ struct Options {
     idle: Duration,
     shard: usize,
     restart: bool,
+    /// Stations; more than one: a cluster behind a balancer.
+    stations: usize,
     /// Seconds between one device's messages; `None`: idle only.
     traffic: Option<Duration>,
     forwarding: bool,
     repeat: usize,
+}
+
+impl Options {
+    /// The carrier, and the stations when more than one, for the tables.
+    fn label(&self) -> String {
+        match self.stations {
+            1 => self.carrier.clone(),
+            n => format!("{}, {n} stations", self.carrier),
+        }
+    }
 }
 
 fn options() -> Result<Options, String> {
@@ -103,6 +119,7 @@ fn options() -> Result<Options, String> {
         idle: Duration::from_secs(30),
         shard: 4000,
         restart: true,
+        stations: 1,
         traffic: None,
         forwarding: false,
         repeat: 3,
@@ -117,6 +134,7 @@ fn options() -> Result<Options, String> {
             "--idle" => options.idle = Duration::from_secs(number(value("--idle")?)? as u64),
             "--shard" => options.shard = number(value("--shard")?)?.max(1),
             "--no-restart" => options.restart = false,
+            "--stations" => options.stations = number(value("--stations")?)?.max(1),
             "--traffic" => {
                 let secs = number(value("--traffic")?)?.max(1);
                 options.traffic = Some(Duration::from_secs(secs as u64));
@@ -363,16 +381,38 @@ fn start_station(
     Ok(station)
 }
 
+/// The station processes of a run: one, or a cluster's; figures are
+/// their sums.
+struct Stations(Vec<Station>);
+
+impl Stations {
+    fn cpu_seconds(&self) -> f64 {
+        self.0.iter().map(|s| s.proc.cpu_seconds()).sum()
+    }
+
+    fn rss(&self) -> u64 {
+        self.0.iter().map(|s| s.proc.rss()).sum()
+    }
+
+    /// Devices connected, or `None` if a station's /metrics did not answer.
+    fn connected(&self) -> Option<usize> {
+        self.0
+            .iter()
+            .map(|s| metric(s.status, "postern_devices_connected").map(|n| n as usize))
+            .sum()
+    }
+}
+
 /// Waits until `n` devices are connected; returns how long that took
 /// since `since`.
-fn wait_connected(station: &Station, n: usize, since: Instant) -> Result<Duration, String> {
+fn wait_connected(stations: &Stations, n: usize, since: Instant) -> Result<Duration, String> {
     let mut last_print = Instant::now();
     let mut connected = 0;
     loop {
         // A /metrics of thousands of devices is large: a read that times
         // out under load keeps the last count rather than taking it for none.
-        if let Some(now) = metric(station.status, "postern_devices_connected") {
-            connected = now as usize;
+        if let Some(now) = stations.connected() {
+            connected = now;
         }
         if connected >= n {
             return Ok(since.elapsed());
@@ -393,11 +433,10 @@ fn simulate(options: &Options) -> Result<(), String> {
     let n = options.devices;
     let dir = TempDir::new("fleet");
     let station_key = PrivateKey::generate();
-    eprintln!("fleet: {n} devices, carrier {}", options.carrier);
+    eprintln!("fleet: {n} devices, carrier {}", options.label());
     let keys: Vec<PrivateKey> = (0..n).map(|_| PrivateKey::generate()).collect();
     let keys_text: String = keys.iter().map(|k| k.to_base64() + "\n").collect();
     let keys_path = dir.write("keys", &keys_text);
-    let (listen, status) = (free_port()?, free_port()?);
     // Two carrier connections a device, and room for reconnects.
     let max_connections = (2 * n + 1024).max(8192);
     // With traffic, every device may reach the echo; without, the config
@@ -406,26 +445,49 @@ fn simulate(options: &Options) -> Result<(), String> {
         Some(_) => (format!("echo = \"{}\"\n", echo_server()?), "allow = [\"echo\"]\n"),
         None => (String::new(), ""),
     };
-    let mut toml = format!(
-        "listen = \"127.0.0.1:{listen}\"\nprivate_key = \"{}\"\nstatus = \"127.0.0.1:{status}\"\n\
-         max_connections = {max_connections}\n\n[targets]\n{target}",
-        station_key.to_base64()
-    );
+    let mut devices = String::new();
     for (i, key) in keys.iter().enumerate() {
         let _ = write!(
-            toml,
+            devices,
             "\n[[devices]]\nname = \"device-{i}\"\npublic_key = \"{}\"\n{allow}",
             key.public_key().to_base64()
         );
     }
-    let config = dir.write("station.toml", &toml);
-    let status = std::net::SocketAddr::from(([127, 0, 0, 1], status));
-    let station = start_station(&postern, &config, status)?;
+    // A cluster's stations share one store and their key.
+    let redis = (options.stations > 1).then(Middlebox::redis);
+    let cluster = redis.as_ref().map_or(String::new(), |redis| {
+        format!("\n[cluster]\nstore = \"{}\"\npeer = \"127.0.0.1:0\"\n", redis.addr)
+    });
+    let mut configs = Vec::new();
+    let mut listens = Vec::new();
+    for i in 0..options.stations {
+        let (listen, status) = (free_port()?, free_port()?);
+        let toml = format!(
+            "listen = \"127.0.0.1:{listen}\"\nprivate_key = \"{}\"\nstatus = \"127.0.0.1:{status}\"\n\
+             max_connections = {max_connections}\n\n[targets]\n{target}{devices}{cluster}",
+            station_key.to_base64()
+        );
+        let status = std::net::SocketAddr::from(([127, 0, 0, 1], status));
+        configs.push((dir.write(&format!("station-{i}.toml"), &toml), status));
+        listens.push(std::net::SocketAddr::from(([127, 0, 0, 1], listen)));
+    }
+    let mut stations = Stations(Vec::new());
+    for (config, status) in &configs {
+        stations.0.push(start_station(&postern, config, *status)?);
+    }
+    // As README.md sets haproxy before stations (http-no-delay), with
+    // room for every device's two connections and timeouts past a poll's
+    // hold; each takes haproxy two descriptors, of the 20,000 it may have
+    // here.
+    let balancer = (options.stations > 1).then(|| {
+        let room = (2 * n + 1024).min(9000);
+        Middlebox::haproxy_round_robin_for(&listens, 120, room, "  option http-no-delay\n")
+    });
     thread::sleep(SETTLE);
-    let baseline = station.proc.rss();
+    let baseline = stations.rss();
 
-    let cpu_at_start = station.proc.cpu_seconds();
-    let url = format!("http://127.0.0.1:{listen}/");
+    let cpu_at_start = stations.cpu_seconds();
+    let url = format!("http://{}/", balancer.as_ref().map_or(listens[0], |b| b.addr));
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // The shards' traffic starts when this file appears; they wait for it
     // as long as the fleet may take to get there.
@@ -451,22 +513,22 @@ fn simulate(options: &Options) -> Result<(), String> {
         let name = format!("shard {from}");
         shards.push(Proc::spawn(&name, Side::Device, &mut command, tx.clone())?);
     }
-    let first = wait_connected(&station, n, started)?;
-    let per_handshake = (station.proc.cpu_seconds() - cpu_at_start) / n as f64;
+    let first = wait_connected(&stations, n, started)?;
+    let per_handshake = (stations.cpu_seconds() - cpu_at_start) / n as f64;
     thread::sleep(SETTLE);
-    let cpu_before = station.proc.cpu_seconds();
+    let cpu_before = stations.cpu_seconds();
     let idle_started = Instant::now();
     thread::sleep(options.idle);
-    let cpu = station.proc.cpu_seconds() - cpu_before;
+    let cpu = stations.cpu_seconds() - cpu_before;
     let idle = idle_started.elapsed().as_secs_f64();
-    let connected = metric(station.status, "postern_devices_connected").unwrap_or(0.0);
-    let rss = station.proc.rss();
+    let connected = stations.connected().unwrap_or(0);
+    let rss = stations.rss();
     let per_device = rss.saturating_sub(baseline) as f64 / 1024.0 / n as f64;
     let mut report = String::new();
     let _ = writeln!(
         report,
         "| {n} | {} | {:.1} | {:.1} | {per_device:.1} | {:.2} | {:.0} | {:.0} |",
-        options.carrier,
+        options.label(),
         baseline as f64 / 1048576.0,
         rss as f64 / 1048576.0,
         cpu / idle * 100.0,
@@ -489,22 +551,29 @@ fn simulate(options: &Options) -> Result<(), String> {
     );
     let traffic = match options.traffic {
         Some(every) => {
-            let figures = measure_traffic(&station, &shard_lines, &go, every, options.idle)?;
+            let figures = measure_traffic(&stations, &shard_lines, &go, every, options.idle)?;
             figures.row(options, baseline, cpu / idle)
         }
         None => String::new(),
     };
     let mut back = String::from("-");
     if options.restart {
-        drop(station);
+        // Alone, the station is killed and started again; in a cluster the
+        // first is killed for good and the others take its devices.
+        drop(stations.0.remove(0));
         let killed = Instant::now();
-        let station = start_station(&postern, &config, status)?;
-        let returned = wait_connected(&station, n, killed)?;
+        if stations.0.is_empty() {
+            let (config, status) = &configs[0];
+            stations.0.push(start_station(&postern, config, *status)?);
+        }
+        let returned = wait_connected(&stations, n, killed)?;
         back = format!("{:.1}", returned.as_secs_f64());
-        let connected = metric(station.status, "postern_devices_connected").unwrap_or(0.0);
+        let connected = stations.connected().unwrap_or(0);
         eprintln!(
-            "restart: {connected} of {n} devices back {:.1} s after the station was killed",
-            returned.as_secs_f64()
+            "restart: {connected} of {n} devices back {:.1} s after a station was killed \
+             ({} left)",
+            returned.as_secs_f64(),
+            stations.0.len()
         );
     }
     drop(shards);
@@ -545,7 +614,7 @@ struct TrafficFigures {
 /// connection and send once, then measures the station over `window` as
 /// the idle figures were measured.
 fn measure_traffic(
-    station: &Station,
+    stations: &Stations,
     lines: &mpsc::Receiver<String>,
     go: &std::path::Path,
     every: Duration,
@@ -556,12 +625,12 @@ fn measure_traffic(
     // Each device's first message goes within `every`.
     thread::sleep(every + SETTLE);
     let warm_up = RoundTrips::take(lines);
-    let cpu_before = station.proc.cpu_seconds();
+    let cpu_before = stations.cpu_seconds();
     let started = Instant::now();
     thread::sleep(window);
-    let cpu = station.proc.cpu_seconds() - cpu_before;
+    let cpu = stations.cpu_seconds() - cpu_before;
     let window = started.elapsed().as_secs_f64();
-    let rss = station.proc.rss();
+    let rss = stations.rss();
     let trips = RoundTrips::take(lines);
     let failed = warm_up.failed + trips.failed;
     let tried = warm_up.tried() + trips.tried();
@@ -597,7 +666,7 @@ impl TrafficFigures {
             "| {} | {} | {} | {rate:.1} | {p50:.2} | {p99:.2} | {} of {} | {:.1} | \
              {per_device:.1} | {:.2} | {per_message:.0} |",
             options.devices,
-            options.carrier,
+            options.label(),
             self.every.as_secs_f64(),
             self.failed,
             self.tried,

@@ -368,13 +368,13 @@ impl Middlebox {
     pub(crate) fn haproxy(stations: &[SocketAddr]) -> Middlebox {
         let t = SHORT_TIMEOUT_SECS;
         let backend = "  cookie SRV insert indirect nocache\n";
-        Self::haproxy_serving(stations, t, "", backend, |i| format!("cookie s{i}"))
+        Self::haproxy_serving(stations, t, 256, "", backend, |i| format!("cookie s{i}"))
     }
 
     /// haproxy in `mode http` with its default options and `timeout_secs`
     /// timeouts in front of one station.
     pub(crate) fn haproxy_plain(station: SocketAddr, timeout_secs: u64) -> Middlebox {
-        Self::haproxy_serving(&[station], timeout_secs, "", "", |_| String::new())
+        Self::haproxy_serving(&[station], timeout_secs, 256, "", "", |_| String::new())
     }
 
     /// haproxy balancing round-robin over `stations` with no stickiness at
@@ -382,9 +382,20 @@ impl Middlebox {
     /// request may reach any station. A health check every half second
     /// takes a dead station out, and a request it refused is sent to another.
     pub(crate) fn haproxy_round_robin(stations: &[SocketAddr], timeout_secs: u64) -> Middlebox {
-        let defaults = "  option redispatch\n  retries 2\n";
+        Self::haproxy_round_robin_for(stations, timeout_secs, 256, "")
+    }
+
+    /// As [`Middlebox::haproxy_round_robin`], for `maxconn` connections
+    /// at once (a fleet's), with `defaults` lines added.
+    pub(crate) fn haproxy_round_robin_for(
+        stations: &[SocketAddr],
+        timeout_secs: u64,
+        maxconn: usize,
+        defaults: &str,
+    ) -> Middlebox {
+        let defaults = format!("  option redispatch\n  retries 2\n{defaults}");
         let check = |_| "check inter 500ms fall 1 rise 1".to_owned();
-        Self::haproxy_serving(stations, timeout_secs, defaults, "", check)
+        Self::haproxy_serving(stations, timeout_secs, maxconn, &defaults, "", check)
     }
 
     /// haproxy sending every session's `hello` to `hello` and its other
@@ -396,15 +407,17 @@ impl Middlebox {
         // As README.md asks of haproxy in front of stations: without it,
         // haproxy holds the stream carrier's small writes back.
         let defaults = "  option http-no-delay\n";
-        Self::haproxy_serving(&[hello, rest], 60, defaults, backend, |_| String::new())
+        Self::haproxy_serving(&[hello, rest], 60, 256, defaults, backend, |_| String::new())
     }
 
     /// haproxy in `mode http` over `stations` with `timeout_secs` client and
-    /// server timeouts, the lines `defaults` and `backend` added to those
-    /// sections, and `server(i)` after each server's address.
+    /// server timeouts, `maxconn` connections at once, the lines `defaults`
+    /// and `backend` added to those sections, and `server(i)` after each
+    /// server's address.
     fn haproxy_serving(
         stations: &[SocketAddr],
         timeout_secs: u64,
+        maxconn: usize,
         defaults: &str,
         backend: &str,
         server: impl Fn(usize) -> String,
@@ -413,7 +426,7 @@ impl Middlebox {
         let port = free_port();
         let t = timeout_secs;
         let mut conf = format!(
-            "global\n  maxconn 256\n\
+            "global\n  maxconn {maxconn}\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client {t}s\n\
                timeout server {t}s\n  timeout http-request {t}s\n{defaults}\
              frontend carrier\n  bind 127.0.0.1:{port}\n  default_backend stations\n\

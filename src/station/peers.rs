@@ -31,7 +31,6 @@ use super::expose::{self, Client};
 use super::requests::Outcome;
 use super::requests::{deadline, refuse_log, BODY_TIMEOUT};
 use super::{live_session, lock, Live, Shared};
-use crate::admission::Slot;
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
 use crate::carrier::link::Link;
@@ -189,7 +188,6 @@ pub(super) async fn forward(
     head: &RequestHead,
     client: SocketAddr,
     holder: SocketAddr,
-    slot: &mut Slot,
 ) -> Result<Outcome, HttpError> {
     // Stream lanes live long and carry one request each; polls and pushes
     // come one after another and reuse a kept connection.
@@ -249,10 +247,6 @@ pub(super) async fn forward(
     // A holder that took the request and hangs must not keep this task,
     // and the agent's connection, for ever.
     let response = deadline(answer_within(head), from.read_response(false)).await?;
-    if response.status == 200 {
-        // The holder found an authentic packet in the request.
-        slot.promote();
-    }
     let body = match response.body {
         BodyKind::Chunked if head.minor_version == 0 => BodyKind::UntilClose,
         kind => kind,

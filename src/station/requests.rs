@@ -258,7 +258,14 @@ async fn elsewhere(
     if let (Some(registry), Via::Agent) = (&shared.registry, via) {
         if let Ok(Some(holder)) = registry.session_holder(&session).await {
             if holder != registry.me() {
-                return peers::forward(shared, conn, head, peer, holder, slot).await;
+                // A session the cluster holds is a device's, not a
+                // stranger's: its held polls, passed on for as long as
+                // their hold, must not fill the strangers' bound (a fleet
+                // behind a balancer without stickiness was refused 503
+                // for minutes after a failover). The holder still checks
+                // every packet, and max_connections bounds these.
+                slot.promote();
+                return peers::forward(shared, conn, head, peer, holder).await;
             }
         }
     }

@@ -165,11 +165,7 @@ impl Egress {
             });
         }
         match (sent, offered) {
-            (Some(Scheme::Basic), offered) if offered.per_connection() => {
-                *lock(&self.scheme) = offered;
-                Ok(offered)
-            }
-            (None, _) => {
+            (Some(Scheme::Basic), Scheme::Ntlm | Scheme::Negotiate) | (None, _) => {
                 *lock(&self.scheme) = offered;
                 Ok(offered)
             }

@@ -16,33 +16,21 @@
 //! with the first authentic record they open, so neither side seals with
 //! keys the other may lack. Old keys keep opening what was sealed before.
 
-use std::any::Any;
 use std::collections::HashMap;
-use std::io::{IoSlice, IoSliceMut, Read as _, Write as _};
-use std::net::Shutdown;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use async_io::Async;
 use event_listener::Event as Notify;
-use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::future;
 use smol::channel;
 
 use crate::carrier::auto::Seen;
 use crate::core::frame::MAX_PACKET;
 use crate::core::session::{Lane, Limits, Session};
-use crate::core::streams::{Event, Read, Received, Side, StreamError, StreamId};
+use crate::core::streams::{Event, Side, StreamError, StreamId, Streams};
 use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
-
-/// Bytes one socket read moves into a stream at most: the whole send
-/// buffer, so a fast local writer costs few system calls.
-const SOCKET_READ: usize = crate::core::streams::SEND_BUFFER;
-
-/// A TCP pump direction that moved less than this between two waits is
-/// carrying messages, not a bulk transfer: it lets its stream's small
-/// buffer go while it waits (a busy one keeps it, rather than reallocate
-/// at every wait).
-const SMALL_BURST: usize = 4 * 1024;
+use crate::endpoint::PumpError;
 
 /// A stream the peer opened, waiting for the driver to connect it.
 #[derive(Debug)]
@@ -562,41 +550,32 @@ impl Tunnel {
         self.lock().wakers.get(&id).cloned()
     }
 
-    /// Carries bytes between `socket` and stream `id` both ways, with
-    /// half-close, until both directions finish or either side resets.
-    /// `socket` is a TCP socket or anything shaped like one: clones share
-    /// one connection, and `close` ends our writing half (for TCP a
-    /// `shutdown(Write)`), which is what the peer's finish turns into.
-    ///
-    /// A TCP socket (`smol::net::TcpStream`) takes the in-place path: its
-    /// bytes go straight between the kernel and the stream's rings, with no
-    /// staging buffer and no copy; anything else (a serial line) goes
-    /// through a staging buffer of [`SOCKET_READ`] bytes each way.
-    pub async fn pump<S>(&self, id: StreamId, socket: S)
+    /// Carries stream `id` with `directions`, an endpoint's two pump
+    /// directions given the stream's waker (see [`crate::endpoint`]),
+    /// until both finish or the stream is gone; an endpoint's error resets
+    /// the stream with it as the reason.
+    pub async fn pump_with<F>(&self, id: StreamId, directions: impl FnOnce(Arc<Notify>) -> F)
     where
-        S: AsyncRead + AsyncWrite + Clone + Unpin + 'static,
+        F: Future<Output = Result<(), PumpError>>,
     {
         let Some(waker) = self.waker(id) else { return };
         let both = async {
-            let moved = match (&socket as &dyn Any).downcast_ref::<smol::net::TcpStream>() {
-                Some(tcp) => {
-                    let tcp: Arc<Async<std::net::TcpStream>> = tcp.clone().into();
-                    let up = self.tcp_to_stream(id, &tcp, &waker);
-                    let down = self.stream_to_tcp(id, &tcp, &waker);
-                    future::try_zip(up, down).await
-                }
-                None => {
-                    let up = self.socket_to_stream(id, socket.clone(), &waker);
-                    let down = self.stream_to_socket(id, socket, &waker);
-                    future::try_zip(up, down).await
-                }
-            };
-            if let Err(reason) = moved {
-                self.reset(id, &reason);
+            if let Err(e) = directions(waker.clone()).await {
+                self.reset(id, &e.to_string());
             }
         };
         future::or(both, self.gone(id, &waker)).await;
         self.lock().wakers.remove(&id);
+    }
+
+    /// Runs `f` on the session's streams and the tunnel's counters, then
+    /// routes the events it caused: how pumps move bytes in and out.
+    pub(crate) fn with_streams<R>(&self, f: impl FnOnce(&mut Streams, &mut Stats) -> R) -> R {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let result = f(state.session.streams(), &mut state.stats);
+        self.settle(state);
+        result
     }
 
     /// Resolves when stream `id` no longer exists in the session.
@@ -612,199 +591,6 @@ impl Tunnel {
             listener.await;
         }
     }
-
-    /// Reads `socket` straight into the stream's send buffer (no staging
-    /// buffer, no copy), up to [`SOCKET_READ`] bytes a call.
-    async fn tcp_to_stream(
-        &self,
-        id: StreamId,
-        socket: &Async<std::net::TcpStream>,
-        waker: &Notify,
-    ) -> Result<(), String> {
-        let mut burst = 0;
-        loop {
-            let listener = waker.listen();
-            // Called again after each wait for readability; the lock is held
-            // only across one non-blocking read.
-            let step = socket.read_with(|mut socket| {
-                let mut state = self.lock();
-                let streams = state.session.streams();
-                let (first, second) = match streams.send_space(id, SOCKET_READ) {
-                    Ok(space) => space,
-                    // Reset while we waited: the gone() branch ends the pump.
-                    Err(_) => return Ok(Step::Gone),
-                };
-                if first.is_empty() {
-                    return Ok(Step::Full);
-                }
-                let read =
-                    socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)]);
-                let n = match read {
-                    Ok(n) => n,
-                    Err(e) => {
-                        if std::mem::take(&mut burst) < SMALL_BURST {
-                            streams.idle(id, true);
-                        }
-                        return Err(e);
-                    }
-                };
-                burst += n;
-                let step = if n == 0 {
-                    let _ = streams.finish(id);
-                    Step::End
-                } else {
-                    if streams.commit_send(id, n).is_ok() {
-                        state.stats.stream_out += n as u64;
-                    }
-                    Step::Moved
-                };
-                self.settle(&mut state);
-                Ok(step)
-            });
-            match step.await.map_err(|e| format!("local read failed: {e}"))? {
-                Step::Moved => {}
-                Step::Full => listener.await,
-                Step::End | Step::Gone => return Ok(()),
-            }
-        }
-    }
-
-    /// Writes the stream's received bytes straight from its receive buffer
-    /// to `socket`, then half-closes the socket at the peer's FIN.
-    async fn stream_to_tcp(
-        &self,
-        id: StreamId,
-        socket: &Async<std::net::TcpStream>,
-        waker: &Notify,
-    ) -> Result<(), String> {
-        let mut burst = 0;
-        loop {
-            let listener = waker.listen();
-            let step = socket.write_with(|mut socket| {
-                let mut state = self.lock();
-                let streams = state.session.streams();
-                let step = match streams.received(id) {
-                    Ok(Received::Data(first, second)) => {
-                        let n =
-                            socket.write_vectored(&[IoSlice::new(first), IoSlice::new(second)])?;
-                        if streams.consume(id, n).is_ok() {
-                            state.stats.stream_in += n as u64;
-                        }
-                        burst += n;
-                        Step::Moved
-                    }
-                    Ok(Received::Fin) => Step::End,
-                    Ok(Received::Blocked) => {
-                        if std::mem::take(&mut burst) < SMALL_BURST {
-                            streams.idle(id, false);
-                        }
-                        Step::Full
-                    }
-                    Err(_) => Step::Gone,
-                };
-                self.settle(&mut state);
-                Ok(step)
-            });
-            match step.await.map_err(|e| format!("local write failed: {e}"))? {
-                Step::Moved => {}
-                Step::Full => listener.await,
-                Step::End => {
-                    let _ = socket.get_ref().shutdown(Shutdown::Write);
-                    return Ok(());
-                }
-                Step::Gone => return Ok(()),
-            }
-        }
-    }
-
-    /// Like [`Tunnel::tcp_to_stream`] for any byte stream, through a
-    /// staging buffer.
-    async fn socket_to_stream(
-        &self,
-        id: StreamId,
-        mut socket: impl AsyncRead + Unpin,
-        waker: &Notify,
-    ) -> Result<(), String> {
-        let mut buf = vec![0u8; SOCKET_READ];
-        loop {
-            let n = socket.read(&mut buf).await.map_err(|e| format!("local read failed: {e}"))?;
-            if n == 0 {
-                let mut state = self.lock();
-                let _ = state.session.streams().finish(id);
-                self.settle(&mut state);
-                return Ok(());
-            }
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                let listener = waker.listen();
-                let written = {
-                    let mut state = self.lock();
-                    let written = state.session.streams().write(id, rest);
-                    if let Ok(k) = written {
-                        state.stats.stream_out += k as u64;
-                    }
-                    self.settle(&mut state);
-                    written
-                };
-                match written {
-                    Ok(0) => listener.await,
-                    Ok(k) => rest = &rest[k..],
-                    // Reset while we read: the gone() branch ends the pump.
-                    Err(_) => return Ok(()),
-                }
-            }
-        }
-    }
-
-    /// Like [`Tunnel::stream_to_tcp`] for any byte stream, through a
-    /// staging buffer.
-    async fn stream_to_socket(
-        &self,
-        id: StreamId,
-        mut socket: impl AsyncWrite + Unpin,
-        waker: &Notify,
-    ) -> Result<(), String> {
-        let mut buf = vec![0u8; SOCKET_READ];
-        loop {
-            let listener = waker.listen();
-            let read = {
-                let mut state = self.lock();
-                let read = state.session.streams().read(id, &mut buf);
-                if let Ok(Read::Data(n)) = read {
-                    state.stats.stream_in += n as u64;
-                }
-                self.settle(&mut state);
-                read
-            };
-            match read {
-                Ok(Read::Data(n)) => {
-                    socket
-                        .write_all(&buf[..n])
-                        .await
-                        .map_err(|e| format!("local write failed: {e}"))?;
-                }
-                Ok(Read::Fin) => {
-                    let _ = socket.close().await;
-                    return Ok(());
-                }
-                Ok(Read::Blocked) => listener.await,
-                Err(_) => return Ok(()),
-            }
-        }
-    }
-}
-
-/// What one non-blocking pass of a pump direction did.
-enum Step {
-    /// Bytes moved between the socket and the stream.
-    Moved,
-    /// Nothing to move until the stream wakes us: its send buffer is full,
-    /// or nothing was received yet.
-    Full,
-    /// This direction is over: the socket's EOF, or the peer's FIN.
-    End,
-    /// The stream is gone (reset or session closed).
-    Gone,
 }
 
 /// How often a drain looks whether the streams have ended.

@@ -37,6 +37,7 @@ use crate::config::{AgentConfig, CarrierKind, Service};
 use crate::core::session::Limits;
 use crate::core::streams::{Side, MAX_STREAMS};
 use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
+use crate::endpoint;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
 use crate::tunnel::{self, Incoming, Tunnel};
@@ -281,7 +282,7 @@ async fn carry_local(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr, t
     match tunnel.open(&target) {
         Ok(id) => {
             log::debug!("{peer} -> {target}: stream {id}");
-            tunnel.pump(id, socket).await;
+            endpoint::tcp::pump(&tunnel, id, socket).await;
         }
         Err(e) => log::warn!("{peer} -> {target}: {e}; closing the connection"),
     }
@@ -659,7 +660,7 @@ async fn open_service(shared: Arc<Shared>, tunnel: Arc<Tunnel>, stream: Incoming
         Ok(socket) => {
             let _ = socket.set_nodelay(true);
             log::debug!("service {service} ({address}): {who}");
-            tunnel.pump(id, socket).await;
+            endpoint::tcp::pump(&tunnel, id, socket).await;
         }
         Err(e) => {
             log::warn!("service {service} ({address}) for {who}: {e}");

@@ -35,7 +35,7 @@ use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite};
 use super::{Shared, SESSION_WAIT};
 use crate::config::{FlowControl, Parity, SerialConfig};
 use crate::core::streams::StreamId;
-use crate::endpoint::serial::SerialPort;
+use crate::endpoint::{self, serial::SerialPort};
 use crate::tunnel::Tunnel;
 
 /// Bytes a line keeps while no stream takes them. 64 KiB is 5.7 s of a
@@ -318,7 +318,7 @@ pub(super) async fn carry_line(shared: Arc<Shared>, line: Arc<Line>, target: Str
         let started = Instant::now();
         let link = LineLink::new(line.clone(), generation);
         let counts = link.counts.clone();
-        tunnel.pump(id, link).await;
+        endpoint::staged::pump(&tunnel, id, link).await;
         line.detach();
         let (sent, answered) = (counts.sent.load(Ordering::Relaxed), counts.answered());
         if !answered && started.elapsed() < QUICK_END {
@@ -401,7 +401,7 @@ pub(super) async fn serve_console(
         line.set_port(None);
         future::pending::<()>().await;
     };
-    future::or(tunnel.pump(id, link), read).await;
+    future::or(endpoint::staged::pump(tunnel, id, link), read).await;
     log::info!("service {service}: {who} released serial {}", config.path);
     drop(claim);
 }
@@ -423,7 +423,7 @@ impl LinkCounts {
     }
 }
 
-/// One stream's use of a line, shaped like a socket for [`Tunnel::pump`]:
+/// One stream's use of a line, shaped like a socket for [`endpoint::staged::pump`]:
 /// reads take from the backlog, writes go to the port, and `close` (the
 /// far end finished) ends reading too, so the stream completes and the
 /// bytes still waiting go to the next one. Fails once the port it started

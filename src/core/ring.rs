@@ -49,6 +49,12 @@ impl Ring {
         self.len
     }
 
+    /// Bytes allocated, held or not.
+    #[cfg(test)]
+    pub fn allocated(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -111,6 +117,12 @@ impl Ring {
         assert!(n <= self.len, "consume of more than is held");
         self.len -= n;
         self.head = if self.len == 0 { 0 } else { (self.head + n) % self.buf.len() };
+        self.release_if_drained();
+    }
+
+    /// Gives the allocation back if the ring is empty and either was asked
+    /// to ([`Ring::release_when_drained`]) or holds a large one.
+    fn release_if_drained(&mut self) {
         if self.len == 0 && (self.shed || self.buf.len() > Self::KEEP.min(self.limit)) {
             self.buf = Box::default();
             self.shed = false;
@@ -125,7 +137,7 @@ impl Ring {
     pub fn release_when_drained(&mut self) {
         if self.buf.len() <= Self::FIRST {
             self.shed = true;
-            self.consume(0);
+            self.release_if_drained();
         }
     }
 

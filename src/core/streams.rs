@@ -33,6 +33,22 @@ pub const SEND_BUFFER: usize = 128 * 1024;
 /// Growth is room from the same budgets as the receive windows.
 pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
+/// Bytes moved between two waits of a driver below which a stream is
+/// carrying messages, and lets its small buffers go while it waits
+/// ([`Streams::waits`]).
+pub const SMALL_BURST: usize = 4 * 1024;
+
+/// One of a stream's two buffers, as the driver sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    /// Filled from the local socket, drained into packets: waits when the
+    /// local socket has nothing to read.
+    Send,
+    /// Filled from the peer, drained into the local socket: waits when
+    /// nothing has come from the peer.
+    Receive,
+}
+
 /// Concurrent streams per session, each side counted together. Bounds the
 /// memory a peer can pin to about `MAX_STREAMS * (SEND_BUFFER + STREAM_WINDOW)`
 /// plus the session's window budget.
@@ -345,15 +361,20 @@ impl Streams {
         Ok(stream.send_buf.free_mut(max))
     }
 
-    /// The driver waits on stream `id` after moving only a small message:
-    /// a small buffer is let go once it drains (an open stream that idles
-    /// between messages holds none). `send` says which: the
-    /// send buffer (the local socket has nothing to read) or the receive
-    /// buffer (nothing has come from the peer).
-    pub fn idle(&mut self, id: StreamId, send: bool) {
+    /// The driver waits on stream `id`'s `buffer` after moving `moved`
+    /// bytes through it since its last wait. Less than [`SMALL_BURST`] is
+    /// a message, not a bulk transfer: the buffer is let go once it drains
+    /// (an open stream that idles between messages holds none), while a
+    /// busy one keeps it rather than reallocate at every wait.
+    pub fn waits(&mut self, id: StreamId, buffer: Buffer, moved: usize) {
+        if moved >= SMALL_BURST {
+            return;
+        }
         if let Some(stream) = self.streams.get_mut(&id) {
-            let ring = if send { &mut stream.send_buf } else { &mut stream.recv_buf };
-            ring.release_when_drained();
+            match buffer {
+                Buffer::Send => stream.send_buf.release_when_drained(),
+                Buffer::Receive => stream.recv_buf.release_when_drained(),
+            }
         }
     }
 
@@ -794,6 +815,40 @@ mod tests {
         assert_eq!(agent.read(id, &mut buf).unwrap(), Read::Data(5));
         assert_eq!(agent.read(id, &mut buf).unwrap(), Read::Fin);
         assert_eq!(agent.len(), 0);
+    }
+
+    #[test]
+    fn a_stream_waiting_between_messages_lets_its_buffers_go_and_a_busy_one_keeps_them() {
+        let mut agent = Streams::new(Side::Agent, Budget::unlimited());
+        let mut station = Streams::new(Side::Station, Budget::unlimited());
+        let id = agent.open("collector").unwrap();
+        let held = |s: &Streams, buffer: Buffer| {
+            let stream = &s.streams[&id];
+            match buffer {
+                Buffer::Send => stream.send_buf.allocated(),
+                Buffer::Receive => stream.recv_buf.allocated(),
+            }
+        };
+        let mut buf = [0u8; 16 * 1024];
+        // A request: the agent's buffer goes once the bytes are sent, the
+        // station's once they are read and the station waits for more.
+        assert_eq!(agent.write(id, b"request").unwrap(), 7);
+        agent.waits(id, Buffer::Send, 7);
+        assert_eq!(held(&agent, Buffer::Send), Ring::FIRST, "kept while it holds bytes");
+        deliver(&mut agent, &mut station);
+        assert_eq!(held(&agent, Buffer::Send), 0);
+        assert_eq!(station.read(id, &mut buf).unwrap(), Read::Data(7));
+        assert_eq!(station.read(id, &mut buf).unwrap(), Read::Blocked);
+        station.waits(id, Buffer::Receive, 7);
+        assert_eq!(held(&station, Buffer::Receive), 0);
+        // A bulk transfer: a wait after SMALL_BURST or more keeps both.
+        assert_eq!(agent.write(id, &buf[..SMALL_BURST]).unwrap(), SMALL_BURST);
+        deliver(&mut agent, &mut station);
+        agent.waits(id, Buffer::Send, SMALL_BURST);
+        assert_eq!(station.read(id, &mut buf).unwrap(), Read::Data(SMALL_BURST));
+        station.waits(id, Buffer::Receive, SMALL_BURST);
+        assert_eq!(held(&agent, Buffer::Send), Ring::FIRST);
+        assert_eq!(held(&station, Buffer::Receive), Ring::FIRST);
     }
 
     #[test]

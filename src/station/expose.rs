@@ -25,6 +25,7 @@ use smol::net::{TcpListener, TcpStream};
 use super::status::StreamRefusal;
 use super::{live_session, lock, peers, Error, Live, Shared};
 use crate::config::StationConfig;
+use crate::endpoint;
 use crate::task::Scope;
 
 /// How long a reverse client's device has to show it is alive (any
@@ -248,7 +249,7 @@ pub(super) fn carry(shared: &Shared, live: &Arc<Live>, client: Client) {
             future::pending::<()>().await;
         };
         let pumped = async {
-            session.tunnel.pump(id, socket).await;
+            endpoint::tcp::pump(&session.tunnel, id, socket).await;
             true
         };
         let gave_up = async {

@@ -32,6 +32,7 @@ use crate::config::StationConfig;
 use crate::core::session::Limits;
 use crate::core::window::Budget;
 use crate::crypto::{self, CryptoError, Responder, SessionId};
+use crate::endpoint;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
 use crate::tunnel::{self, Incoming, Tunnel};
@@ -698,7 +699,7 @@ async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
             let _ = socket.set_nodelay(true);
             log::debug!("device {}: stream {id} to {name} ({address})", live.name);
             counters.streams_opened.fetch_add(1, Ordering::Relaxed);
-            live.tunnel.pump(id, socket).await;
+            endpoint::tcp::pump(&live.tunnel, id, socket).await;
         }
         Err((refusal, e)) => {
             log::warn!("device {}: target {name} ({address}): {e}", live.name);

@@ -1239,7 +1239,7 @@ fn check_agent(raw: RawAgent, file: &str, base: &Path) -> Result<AgentConfig, Co
     let poll_hold = whole_seconds(
         "poll_hold",
         raw.poll_hold,
-        crate::carrier::POLL_WAIT.min(third),
+        crate::carrier::poll::POLL_WAIT.min(third),
         range,
         file,
     )?;
@@ -1975,7 +1975,7 @@ console = {{ serial = "/dev/ttyUSB0", baud = 115200 }}
         let agent = AgentConfig::parse(&head, "a.toml").unwrap();
         assert_eq!(
             (agent.keepalive, agent.poll_hold),
-            (DEFAULT_KEEPALIVE, crate::carrier::POLL_WAIT)
+            (DEFAULT_KEEPALIVE, crate::carrier::poll::POLL_WAIT)
         );
         // A short session_timeout alone shortens the defaults with it.
         let agent = AgentConfig::parse(&format!("{head}session_timeout = 12\n"), "a.toml").unwrap();

@@ -191,7 +191,7 @@ impl Lab {
             carrier,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             keepalive: DEFAULT_KEEPALIVE,
-            poll_hold: carrier::POLL_WAIT,
+            poll_hold: carrier::poll::POLL_WAIT,
             stream_retry: carrier::auto::STREAM_RETRY,
             forwards: vec![Forward {
                 source: ForwardSource::Listen(loopback),

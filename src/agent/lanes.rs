@@ -30,9 +30,11 @@ use super::depth::{Depth, PIPELINE};
 use super::Shared;
 use crate::carrier::auto::{self, Judge, Retry, Verdict};
 use crate::carrier::conn::HttpConn;
-use crate::carrier::http::{self, BodyKind, HttpError};
+use crate::carrier::http::{BodyKind, HttpError};
 use crate::carrier::link::Link;
-use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
+use crate::carrier::poll::{self, POLL_BODY_MAX};
+use crate::carrier::stream::{LongBody, STREAM_CHUNK};
+use crate::carrier::{Verb, ACK_BODY_MAX};
 use crate::config::CarrierKind;
 use crate::core::session::Lane;
 use crate::crypto::{RecordReader, SessionId, MAX_RECORD};
@@ -411,7 +413,8 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     let mut writer = conn.get_ref().clone();
     let mut out = Vec::with_capacity(STREAM_CHUNK + MAX_RECORD + 64);
     let path = client.path(&ctx.session, Verb::Up, None);
-    client.head(&mut out, &path, BodyKind::Chunked);
+    let body = LongBody::new(true);
+    client.head(&mut out, &path, body.kind());
     writer.write_all(&out).await.map_err(HttpError::Io)?;
     // A TLS link holds ciphertext until flushed (carrier/link.rs).
     writer.flush().await.map_err(HttpError::Io)?;
@@ -423,10 +426,8 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     let sending = async {
         loop {
             out.clear();
-            let chunk = http::open_chunk(&mut out);
-            match ctx.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await {
+            match body.records(&ctx.tunnel, lane, &mut out).await {
                 Ok(()) => {
-                    http::close_chunk(&mut out, chunk);
                     writer.write_all(&out).await.map_err(HttpError::Io)?;
                     writer.flush().await.map_err(HttpError::Io)?;
                     sent_any.store(true, Ordering::Relaxed);
@@ -546,7 +547,7 @@ async fn poller(
             // station to send again from what we acknowledged.
             let gap = ctx.tunnel.gap_since().is_some_and(|since| since.elapsed() > GAP_PATIENCE);
             let continues = polls.started.swap(true, Ordering::Relaxed) && !gap;
-            let query = carrier::poll_query(hold, continues);
+            let query = poll::poll_query(hold, continues);
             let path = client.path(&ctx.session, Verb::Poll, Some(&query));
             let sent = Instant::now();
             let mut got = 0;
@@ -658,7 +659,7 @@ async fn pusher(
         let mut deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
         let pushed = client
-            .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, DOWN_BODY_MAX, &mut deliver)
+            .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, ACK_BODY_MAX, &mut deliver)
             .await;
         if let Err(e) = pushed {
             ctx.shared.shape.failed(n, &e);

@@ -10,13 +10,13 @@
 //! | `hello` | Noise message 1           | Noise message 2                        | both   |
 //! | `down`  | sealed ack (proves owner) | chunked, sealed packets, long-lived    | stream |
 //! | `up`    | chunked sealed packets    | empty, when the body ends              | stream |
-//! | `poll`  | sealed ack                | sealed packets, held up to [`POLL_WAIT`] | poll |
+//! | `poll`  | sealed ack                | sealed packets, held up to [`poll::POLL_WAIT`] | poll |
 //! | `push`  | sealed packets            | sealed ack                             | poll   |
 //! | `rekey` | [`rekey_body`]: Noise message 1 and a sealed ack (current keys) | Noise message 2 | both |
 //!
 //! The poll shape pipelines: an agent keeps several pushes, and while data
 //! comes several polls, in flight, each on its own connection (see
-//! [`poll_continues`]); the session below reorders what they carry.
+//! [`poll::poll_continues`]); the session below reorders what they carry.
 //!
 //! Bodies are sequences of records (see [`crate::crypto::RecordReader`]),
 //! independent of chunk boundaries, so a proxy may rechunk freely.
@@ -27,6 +27,8 @@ pub mod conn;
 pub mod harness;
 pub mod http;
 pub mod link;
+pub mod poll;
+pub mod stream;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -34,21 +36,9 @@ use std::time::Duration;
 
 use crate::crypto::{SessionId, SESSION_ID_LEN};
 
-/// How long the station holds a poll request waiting for data unless the
-/// agent asks otherwise (the default of its `poll_hold`). Under the 30 s
-/// and 60 s idle timeouts common in proxies and load balancers.
-pub const POLL_WAIT: Duration = Duration::from_secs(20);
-
-/// Largest body of a poll-shape request or response, under nginx's default
-/// 1 MiB `client_max_body_size` with room for the records' overhead.
-pub const POLL_BODY_MAX: usize = 512 * 1024;
-
-/// Largest body a `down` request may carry: a few sealed acks.
-pub const DOWN_BODY_MAX: u64 = 4096;
-
-/// Sealed bytes gathered into one chunk of a stream-shape body; one write
-/// syscall per this many bytes.
-pub const STREAM_CHUNK: usize = 256 * 1024;
+/// Largest body of a message that carries only acks (a `down` request, a
+/// push's answer): a few sealed ones.
+pub const ACK_BODY_MAX: u64 = 4096;
 
 /// Protocol marker in every carrier path; a new wire format gets a new one.
 const PATH_MARKER: &str = "p1";
@@ -57,15 +47,6 @@ const PATH_MARKER: &str = "p1";
 /// the agent can tell the station's 410 ("no such session") from a proxy's
 /// or load balancer's page. Proxies pass unknown fields through.
 pub const STATION_MARK: (&str, &str) = ("X-Postern", "station");
-
-/// Query parameter of a poll request: the longest the agent wants it held,
-/// in seconds (its `poll_hold`, shortened on paths that cut requests).
-const POLL_WAIT_PARAM: &str = "w";
-
-/// The longest a station holds a poll request, whatever the agent asks: an
-/// hour, the longest `keepalive` (a held request is the session's sign of
-/// life on a poll carrier, so holding one longer would starve liveness).
-pub const MAX_POLL_WAIT: Duration = Duration::from_secs(3600);
 
 /// Query parameter of a hello request: the agent's keepalive interval in
 /// seconds, which the station then uses for the session too, so a metered
@@ -90,7 +71,7 @@ pub fn hello_keepalive(target: &str) -> Option<Duration> {
 }
 
 /// The whole seconds query parameter `name` of `target` gives, if any.
-fn query_secs(target: &str, name: &str) -> Option<u64> {
+pub(super) fn query_secs(target: &str, name: &str) -> Option<u64> {
     target
         .split_once('?')
         .map(|(_, query)| query)
@@ -98,37 +79,6 @@ fn query_secs(target: &str, name: &str) -> Option<u64> {
         .flat_map(|query| query.split('&'))
         .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
         .and_then(|secs| secs.parse::<u64>().ok())
-}
-
-/// Query parameter (`c=1`) of a poll request that goes on beside the
-/// agent's other polls in flight: the station answers it from where its
-/// sending is. Without it (the first poll after a failed one, or an agent
-/// that does not pipeline) the station sends again from the first packet
-/// the agent has not acknowledged, and older held polls end.
-const POLL_CONTINUE_PARAM: &str = "c";
-
-/// The query of a poll request asking for `wait` (whole seconds, at least
-/// 1), going on beside the polls in flight if `continues`.
-pub fn poll_query(wait: Duration, continues: bool) -> String {
-    let wait = wait.as_secs().max(1);
-    if continues {
-        format!("{POLL_WAIT_PARAM}={wait}&{POLL_CONTINUE_PARAM}=1")
-    } else {
-        format!("{POLL_WAIT_PARAM}={wait}")
-    }
-}
-
-/// Whether the poll request with target `target` goes on beside the polls
-/// in flight rather than starting the station's sending again.
-pub fn poll_continues(target: &str) -> bool {
-    query_secs(target, POLL_CONTINUE_PARAM) == Some(1)
-}
-
-/// How long to hold the poll request with target `target`: what it asks
-/// for ([`POLL_WAIT`] if nothing), never more than [`MAX_POLL_WAIT`].
-pub fn poll_wait(target: &str) -> Duration {
-    let asked = query_secs(target, POLL_WAIT_PARAM);
-    asked.map_or(POLL_WAIT, |secs| Duration::from_secs(secs).min(MAX_POLL_WAIT))
 }
 
 /// What a carrier request asks for.
@@ -255,33 +205,6 @@ mod tests {
         assert_eq!(hello_keepalive("/p1/x/hello?k=0"), None);
         assert_eq!(hello_keepalive("/p1/x/hello?k=3601"), None);
         assert_eq!(hello_keepalive("/p1/x/hello?k=x"), None);
-    }
-
-    #[test]
-    fn poll_wait_is_asked_for_and_capped() {
-        assert_eq!(poll_wait("/p1/x/poll"), POLL_WAIT);
-        assert_eq!(
-            poll_wait(&format!("/p1/x/poll?{}", poll_query(Duration::from_secs(3), false))),
-            Duration::from_secs(3)
-        );
-        assert_eq!(poll_wait("/p1/x/poll?a=b&w=0"), Duration::ZERO);
-        assert_eq!(poll_wait("/p1/x/poll?w=300"), Duration::from_secs(300));
-        assert_eq!(poll_wait("/p1/x/poll?w=99999"), MAX_POLL_WAIT);
-        assert_eq!(poll_wait("/p1/x/poll?w=-1"), POLL_WAIT);
-        assert_eq!(poll_query(Duration::from_millis(10), false), "w=1");
-    }
-
-    #[test]
-    fn a_poll_continues_only_when_it_says_so() {
-        let continued = format!("/p1/x/poll?{}", poll_query(Duration::from_secs(20), true));
-        assert_eq!(continued, "/p1/x/poll?w=20&c=1");
-        assert!(poll_continues(&continued));
-        assert_eq!(poll_wait(&continued), Duration::from_secs(20));
-        for target in
-            ["/p1/x/poll", "/p1/x/poll?w=20", "/p1/x/poll?c=0", "/p1/x/poll?c=", "/p1/x/poll?cc=1"]
-        {
-            assert!(!poll_continues(target), "{target}");
-        }
     }
 
     #[test]

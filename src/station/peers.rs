@@ -285,7 +285,7 @@ pub(super) async fn forward(
 /// request: a poll's hold and then as long as any body may take to read.
 fn answer_within(head: &RequestHead) -> Duration {
     match carrier::parse_path(&head.target) {
-        Some((_, Verb::Poll)) => carrier::poll_wait(&head.target) + BODY_TIMEOUT,
+        Some((_, Verb::Poll)) => carrier::poll::poll_wait(&head.target) + BODY_TIMEOUT,
         _ => BODY_TIMEOUT,
     }
 }

@@ -23,9 +23,11 @@ use super::status::{HandshakeRefusal, LiveStatus, Shape};
 use super::{confirm, drive_session, lock, log_unknown_key, log_unlogged_refusals, Live, Shared};
 use crate::admission::Slot;
 use crate::carrier::conn::{HttpConn, MIN_READ_BUF_BYTES};
-use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, LAST_CHUNK};
+use crate::carrier::http::{self, BodyKind, HttpError, RequestHead};
 use crate::carrier::link::Link;
-use crate::carrier::{self, Verb, DOWN_BODY_MAX, POLL_BODY_MAX, STREAM_CHUNK};
+use crate::carrier::poll::{self, POLL_BODY_MAX};
+use crate::carrier::stream::LongBody;
+use crate::carrier::{self, Verb, ACK_BODY_MAX};
 use crate::core::session::{Lane, Limits};
 use crate::core::streams::Side;
 use crate::crypto::{RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
@@ -47,7 +49,7 @@ pub(super) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A downlink write shorter than this (a few records: keepalives, acks, an
 /// interactive stream's bytes) lets its buffer go before the lane waits for
 /// more, as an idle device's does, maybe for hours; a longer one keeps it
-/// for the next chunk, which grows it to [`STREAM_CHUNK`] while busy.
+/// for the next chunk, which grows it to [`carrier::stream::STREAM_CHUNK`] while busy.
 const BUSY_DOWN_WRITE: usize = 4096;
 
 /// Header fields of every carrier reply.
@@ -521,7 +523,7 @@ async fn rekey(
     peer: SocketAddr,
 ) -> Result<Outcome, HttpError> {
     let (shared, live) = (req.shared, req.live);
-    let max = (MAX_HANDSHAKE + 2) as u64 + DOWN_BODY_MAX;
+    let max = (MAX_HANDSHAKE + 2) as u64 + ACK_BODY_MAX;
     let body = read_body(conn, req.head, max, req.body_timeout()).await?;
     let Some((msg, proof)) = carrier::split_rekey_body(&body) else {
         return Ok(refuse(400, "a rekey body without its handshake message"));
@@ -577,7 +579,7 @@ async fn rekey(
 
 async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, HttpError> {
     let (head, live) = (req.head, req.live);
-    if let Err(refused) = req.receive_body(conn, DOWN_BODY_MAX, Shape::Stream).await? {
+    if let Err(refused) = req.receive_body(conn, ACK_BODY_MAX, Shape::Stream).await? {
         return Ok(refused);
     }
     // Nothing more is read on this connection: its read buffer goes.
@@ -585,54 +587,30 @@ async fn down(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     let lane = live.tunnel.begin_lane(Lane::Data);
     // An HTTP/1.0 hop (nginx's default upstream protocol) cannot take a
     // chunked response; the body then ends when the connection closes.
-    let chunked = head.minor_version >= 1;
-    let body = if chunked { BodyKind::Chunked } else { BodyKind::UntilClose };
+    let body = LongBody::new(head.minor_version >= 1);
     // Grows to a chunk when the downlink is busy, goes when it idles.
     let mut out = Vec::new();
     // nginx streams a response that asks for it; other buffering proxies
     // are found out by the agent, which then switches to poll.
     let [first, second, third] = REPLY_HEADERS;
     let headers = [first, second, third, ("X-Accel-Buffering", "no")];
-    http::write_response_head(&mut out, 200, "OK", &headers, body, false);
-    // A record at once, so the agent can tell a streaming path from one
-    // that holds back the response.
-    let mut first = true;
+    http::write_response_head(&mut out, 200, "OK", &headers, body.kind(), false);
+    body.ack(&live.tunnel, &mut out);
     loop {
-        let frame_at = out.len();
-        if chunked {
-            http::open_chunk(&mut out);
-        }
-        let sent = if first {
-            first = false;
-            live.tunnel.seal_ack(&mut out);
-            Ok(())
+        conn.write_all(&out).await?;
+        if out.len() < BUSY_DOWN_WRITE {
+            // Idle: wait holding no buffer (only the next size line).
+            out = Vec::new();
         } else {
-            live.tunnel.transmit(lane, &mut out, STREAM_CHUNK).await
-        };
-        match sent {
-            Ok(()) => {
-                if chunked {
-                    http::close_chunk(&mut out, frame_at);
-                }
-                conn.write_all(&out).await?;
-                if out.len() < BUSY_DOWN_WRITE {
-                    // Idle: wait holding no buffer (only the next size line).
-                    out = Vec::new();
-                } else {
-                    out.clear();
-                }
+            out.clear();
+        }
+        if let Err(end) = body.records(&live.tunnel, lane, &mut out).await {
+            if let LaneEnd::Closed(reason) = &end {
+                log::debug!("device {}: downlink ends: {reason}", live.name);
             }
-            Err(end) => {
-                if let LaneEnd::Closed(reason) = &end {
-                    log::debug!("device {}: downlink ends: {reason}", live.name);
-                }
-                out.truncate(frame_at);
-                if chunked {
-                    out.extend_from_slice(LAST_CHUNK);
-                }
-                conn.write_all(&out).await?;
-                return Ok(Outcome::Close);
-            }
+            body.end(&mut out);
+            conn.write_all(&out).await?;
+            return Ok(Outcome::Close);
         }
     }
 }
@@ -674,13 +652,13 @@ async fn poll(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     if let Err(refused) = req.receive_body(conn, POLL_BODY_MAX as u64, Shape::Poll).await? {
         return Ok(refused);
     }
-    let lane = if carrier::poll_continues(&head.target) {
+    let lane = if poll::poll_continues(&head.target) {
         live.tunnel.join_lane(Lane::Sequenced)
     } else {
         live.tunnel.begin_lane(Lane::Sequenced)
     };
     let mut out = reply_buffer(0);
-    let hold = carrier::poll_wait(&head.target);
+    let hold = poll::poll_wait(&head.target);
     // Nothing is read while the poll is held, maybe for minutes.
     conn.release();
     let wait = async {

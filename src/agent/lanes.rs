@@ -215,11 +215,16 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             let since = lock(&shape.why).take().unwrap_or_default();
             log::info!("carrier auto: trying the stream lanes again (on poll because {since})");
         }
-        let started = Instant::now();
+        let (started, acked) = (Instant::now(), ctx.tunnel.acked());
         let verdict = run_stream(&ctx).await;
         if started.elapsed() >= LANES_PROVEN {
             backoff.reset();
             lock(&shape.retry).passed();
+        } else if ctx.tunnel.acked() > acked {
+            // They carried packets before they ended: a path that cuts now
+            // and then (or mangles a record) costs a short pause each time,
+            // not one that grows into a stall.
+            backoff.reset();
         }
         let delay = backoff.delay();
         let Some(verdict) = verdict else { return };
@@ -314,7 +319,7 @@ async fn lane_loop(ctx: LaneCtx, verb: Verb, watch: Option<Arc<Watch>>) {
     while ctx.tunnel.closed().is_none() {
         let result = match (verb, &watch) {
             (Verb::Down, Some(watch)) => down_lane(&ctx, watch, &mut backoff).await,
-            (Verb::Up, Some(watch)) => up_lane(&ctx, watch).await,
+            (Verb::Up, Some(watch)) => up_lane(&ctx, watch, &mut backoff).await,
             (Verb::Poll, _) => poll_lane(&ctx, &mut backoff).await,
             _ => push_lane(&ctx, &mut backoff).await,
         };
@@ -407,7 +412,7 @@ async fn read_downlink(
 /// Stream shape, agent to station: one long chunked request. The station
 /// answers only when the body ends, which we never do, so any answer (or
 /// the connection closing) is the path cutting the lane.
-async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
+async fn up_lane(ctx: &LaneCtx, watch: &Watch, backoff: &mut Backoff) -> Result<(), CarrierError> {
     let client = &ctx.shared.client;
     let mut conn = client.connect().await?;
     let mut writer = conn.get_ref().clone();
@@ -419,6 +424,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
     // A TLS link holds ciphertext until flushed (carrier/link.rs).
     writer.flush().await.map_err(HttpError::Io)?;
     let lane = ctx.tunnel.begin_lane(Lane::Data);
+    let acked = ctx.tunnel.acked();
     // Whether a chunk went out: a lane cut after that is the path's doing
     // (a proxy that resets request bodies past a size, as squid's
     // request_body_max_size does), counted like a cut downlink.
@@ -449,6 +455,11 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch) -> Result<(), CarrierError> {
         Err(answer)
     };
     let ended = future::or(sending, answered).await;
+    if ctx.tunnel.acked() > acked {
+        // The lane carried packets the station acknowledged: it worked, as
+        // a downlink that delivered did, and the next one starts soon.
+        backoff.reset();
+    }
     let gone = matches!(ended, Err(CarrierError::SessionGone));
     let is_auto = ctx.shared.carrier == CarrierKind::Auto;
     if is_auto

@@ -26,10 +26,12 @@ use futures_lite::future;
 use smol::channel;
 
 use crate::carrier::auto::Seen;
+use crate::core::connection::{Accepted, Connection};
+pub use crate::core::connection::{Closed, LaneEnd, LaneToken, Stats};
 use crate::core::frame::MAX_PACKET;
-use crate::core::session::{Lane, Limits, Session};
+use crate::core::session::{Lane, Limits};
 use crate::core::streams::{Event, Side, StreamError, StreamId, Streams};
-use crate::crypto::{BadRecord, RecordReader, ReplayWindow, Transport};
+use crate::crypto::{BadRecord, RecordReader, Transport};
 use crate::endpoint::PumpError;
 
 /// A stream the peer opened, waiting for the driver to connect it.
@@ -49,114 +51,10 @@ pub enum BadBody {
     Rejected(usize),
 }
 
-/// Why a session is over.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("session closed: {0}")]
-pub struct Closed(pub String);
-
-/// Why a lane may send no more.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LaneEnd {
-    #[error(transparent)]
-    Closed(#[from] Closed),
-    /// A newer lane took over sending; this one must stop so the two never
-    /// interleave sequence numbers.
-    #[error("a newer carrier connection took over")]
-    Superseded,
-}
-
-/// The right to send sequenced packets, held by one carrier lane at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaneToken {
-    generation: u64,
-    kind: Lane,
-}
-
-/// Counters for reports and logs.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Stats {
-    /// Plaintext packet bytes sent and received.
-    pub sent: u64,
-    pub received: u64,
-    /// Records that failed authentication or were replays.
-    pub rejected: u64,
-    /// Stream bytes taken from local sockets, to go to the peer.
-    pub stream_out: u64,
-    /// Stream bytes from the peer handed to local sockets.
-    pub stream_in: u64,
-    /// Packets sent again after a carrier connection was lost.
-    pub resent: u64,
-    /// Streams the peer opened past the limit of open streams, refused.
-    pub streams_refused: u64,
-}
-
-/// Session keys and the replay window of the records they open.
-struct Keyed {
-    transport: Arc<Transport>,
-    replay: ReplayWindow,
-}
-
-impl Keyed {
-    fn new(transport: Transport) -> Keyed {
-        Keyed { transport: Arc::new(transport), replay: ReplayWindow::default() }
-    }
-}
-
-/// Which keys opened a record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Opener {
-    Current,
-    Offered,
-    Previous,
-}
-
-/// The keys of a session: one set seals, up to three open.
-struct Keys {
-    /// Seals everything sent; opens what the peer sealed with it.
-    current: Keyed,
-    /// Keys a renewal handshake made that the peer has not used yet
-    /// (station side): they become current once a record opens with them.
-    offered: Option<Keyed>,
-    /// The keys before the last renewal: they open records the peer sealed
-    /// before it moved, until the next renewal.
-    previous: Option<Keyed>,
-}
-
-impl Keys {
-    fn get(&mut self, which: Opener) -> Option<&mut Keyed> {
-        match which {
-            Opener::Current => Some(&mut self.current),
-            Opener::Offered => self.offered.as_mut(),
-            Opener::Previous => self.previous.as_mut(),
-        }
-    }
-
-    /// Makes `new` the sealing keys; the current ones keep opening.
-    fn advance(&mut self, new: Keyed) {
-        let old = std::mem::replace(&mut self.current, new);
-        self.previous = Some(old);
-    }
-
-    /// The transports that open records now, in the order to try them.
-    fn openers(&self) -> [(Opener, Option<Arc<Transport>>); 3] {
-        let arc = |k: &Option<Keyed>| k.as_ref().map(|k| k.transport.clone());
-        [
-            (Opener::Current, Some(self.current.transport.clone())),
-            (Opener::Offered, arc(&self.offered)),
-            (Opener::Previous, arc(&self.previous)),
-        ]
-    }
-}
-
 struct State {
-    session: Session,
-    keys: Keys,
+    conn: Connection,
     wakers: HashMap<StreamId, Arc<Notify>>,
     incoming: channel::Sender<Incoming>,
-    closed: Option<String>,
-    stats: Stats,
-    /// Generation of the lane that may send sequenced packets now.
-    lane: u64,
 }
 
 pub struct Tunnel {
@@ -176,13 +74,9 @@ impl Tunnel {
     ) -> (Arc<Tunnel>, channel::Receiver<Incoming>) {
         let (tx, rx) = channel::unbounded();
         let state = State {
-            session: Session::new(side, Instant::now(), limits),
-            keys: Keys { current: Keyed::new(transport), offered: None, previous: None },
+            conn: Connection::new(side, transport, Instant::now(), limits),
             wakers: HashMap::new(),
             incoming: tx,
-            closed: None,
-            stats: Stats::default(),
-            lane: 0,
         };
         let tunnel =
             Tunnel { state: Mutex::new(state), transmit: Notify::new(), timer: Notify::new() };
@@ -196,78 +90,74 @@ impl Tunnel {
     }
 
     pub fn stats(&self) -> Stats {
-        let mut state = self.lock();
-        Stats {
-            resent: state.session.resent_packets(),
-            streams_refused: state.session.streams().refused_total(),
-            ..state.stats
-        }
+        self.lock().conn.stats()
     }
 
     /// How long the session lives without hearing from the peer: a carrier
     /// lane may be silent that long (keepalives come well within it).
     pub fn idle_timeout(&self) -> Duration {
-        self.lock().session.limits().idle_timeout
+        self.lock().conn.session().limits().idle_timeout
     }
 
     /// When the peer was last heard from (an authentic packet).
     pub fn last_heard(&self) -> Instant {
-        self.lock().session.last_received()
+        self.lock().conn.session().last_received()
     }
 
     /// How many of our packets the peer has acknowledged.
     pub fn acked(&self) -> u64 {
-        self.lock().session.acked()
+        self.lock().conn.session().acked()
     }
 
     /// What the session shows of the path now, taken at one moment.
     pub fn seen(&self) -> Seen {
         let state = self.lock();
         Seen {
-            acked: state.session.acked(),
-            stalled_since: state.session.stalled_since(),
-            round_trips: state.session.rtt().span(),
+            acked: state.conn.session().acked(),
+            stalled_since: state.conn.session().stalled_since(),
+            round_trips: state.conn.session().rtt().span(),
         }
     }
 
     /// Starts counting round trips afresh: new lanes may take another path.
     pub fn restart_round_trips(&self) {
-        self.lock().session.rtt_mut().restart_span();
+        self.lock().conn.session_mut().rtt_mut().restart_span();
     }
 
     /// Sends a packet that the peer must acknowledge, to prove the path.
     pub fn probe(&self) {
         let mut state = self.lock();
-        state.session.probe();
+        state.conn.session_mut().probe();
         self.settle(&mut state);
     }
 
     pub fn closed(&self) -> Option<String> {
-        self.lock().closed.clone()
+        self.lock().conn.closed().map(|closed| closed.0.clone())
     }
 
     pub fn stream_count(&self) -> usize {
-        self.lock().session.streams().len()
+        self.lock().conn.session_mut().streams().len()
     }
 
     /// Ends the session, telling the peer why (a Close frame); the peer
     /// then ends it at its side.
     pub fn close(&self, reason: &str) {
         let mut state = self.lock();
-        state.session.close(reason);
+        state.conn.session_mut().close(reason);
         self.settle(&mut state);
     }
 
     /// Everything queued has been sent and acknowledged by the peer.
     pub fn all_delivered(&self) -> bool {
         let mut state = self.lock();
-        state.session.unacked_bytes() == 0 && !state.session.streams().has_output()
+        state.conn.session().unacked_bytes() == 0
+            && !state.conn.session_mut().streams().has_output()
     }
 
     /// Ends the session here without telling the peer.
     pub fn end(&self, reason: &str) {
         let mut state = self.lock();
-        state.session.end(reason);
+        state.conn.session_mut().end(reason);
         self.settle(&mut state);
     }
 
@@ -279,7 +169,7 @@ impl Tunnel {
     /// task slept until the idle deadline and no further keepalive went out
     /// on an idle session (the stream carrier's downlink then looked dead).
     fn rearm(&self, state: &State, before: Option<Instant>) {
-        if state.session.poll_timeout() < before || before.is_none() {
+        if state.conn.session().poll_timeout() < before || before.is_none() {
             self.timer.notify(1);
         }
     }
@@ -287,7 +177,7 @@ impl Tunnel {
     /// Routes the core's events to whoever waits on them. Call after every
     /// operation on the session, with the lock held.
     fn settle(&self, state: &mut State) {
-        while let Some(event) = state.session.poll_event() {
+        while let Some(event) = state.conn.poll_event() {
             match event {
                 Event::Opened { id, name } => {
                     state.wakers.insert(id, Arc::new(Notify::new()));
@@ -307,7 +197,6 @@ impl Tunnel {
                 }
                 Event::Closed { reason } => {
                     log::info!("session closed: {reason}");
-                    state.closed = Some(reason);
                     state.incoming.close();
                     for waker in state.wakers.values() {
                         waker.notify(usize::MAX);
@@ -331,38 +220,22 @@ impl Tunnel {
     ) -> Result<usize, BadBody> {
         let mut authentic = 0;
         let mut rejected = 0;
-        let mut openers = self.lock().keys.openers();
+        let mut openers = self.lock().conn.openers();
         reader.feed(body, |counter, ciphertext| {
-            let opened = openers.iter().find_map(|(which, transport)| {
-                let transport = transport.as_ref()?;
-                transport.open(counter, ciphertext, scratch).ok().map(|_| (*which, transport))
-            });
+            let opened = openers.open(counter, ciphertext, scratch);
             let mut state = self.lock();
-            let fresh = opened.is_some_and(|(which, transport)| {
-                // A renewal may have moved the keys since `openers` was
-                // taken: the window is the one of the keys that opened it.
-                state.keys.get(which).is_some_and(|keyed| {
-                    Arc::ptr_eq(&keyed.transport, transport) && keyed.replay.accept(counter)
-                })
-            });
-            if !fresh {
-                state.stats.rejected += 1;
-                rejected += 1;
-                return;
-            }
-            if opened.is_some_and(|(which, _)| which == Opener::Offered) {
-                // The peer sealed with the offered keys: it has them.
-                if let Some(offered) = state.keys.offered.take() {
-                    state.keys.advance(offered);
+            let before = state.conn.session().poll_timeout();
+            match state.conn.accept(Instant::now(), opened, counter, scratch) {
+                Ok(accepted) => {
+                    authentic += 1;
+                    if accepted == Accepted::KeysMoved {
+                        openers = state.conn.openers();
+                    }
                 }
-                openers = state.keys.openers();
-            }
-            authentic += 1;
-            state.stats.received += scratch.len() as u64;
-            let before = state.session.poll_timeout();
-            if let Err(e) = state.session.handle_packet(Instant::now(), scratch) {
-                log::error!("peer broke the protocol, ending the session: {e}");
-                state.session.end(&e.to_string());
+                Err(_) => {
+                    rejected += 1;
+                    return;
+                }
             }
             self.rearm(&state, before);
             self.settle(&mut state);
@@ -377,10 +250,9 @@ impl Tunnel {
     /// packet, and any older lane stops.
     pub fn begin_lane(&self, kind: Lane) -> LaneToken {
         let mut state = self.lock();
-        state.lane += 1;
-        state.session.restart_transmit();
+        let lane = state.conn.begin_lane(kind);
         self.settle(&mut state);
-        LaneToken { generation: state.lane, kind }
+        lane
     }
 
     /// Another request of the lane sending now: it goes on from where that
@@ -388,17 +260,16 @@ impl Tunnel {
     /// carrier pipelines them; the peer reorders). Before any lane began,
     /// it begins one.
     pub fn join_lane(&self, kind: Lane) -> LaneToken {
-        let generation = self.lock().lane;
-        if generation == 0 {
-            return self.begin_lane(kind);
-        }
-        LaneToken { generation, kind }
+        let mut state = self.lock();
+        let lane = state.conn.join_lane(kind);
+        self.settle(&mut state);
+        lane
     }
 
     /// Since when packets from the peer have waited past a gap that
     /// nothing fills, if any wait.
     pub fn gap_since(&self) -> Option<Instant> {
-        self.lock().session.gap_since()
+        self.lock().conn.session().gap_since()
     }
 
     /// Waits until the session has something for `lane`, then appends
@@ -441,20 +312,13 @@ impl Tunnel {
         while out.len() - start < max {
             let transport = {
                 let mut state = self.lock();
-                if let Some(reason) = &state.closed {
-                    return Err(Closed(reason.clone()).into());
-                }
-                if state.lane != lane.generation {
-                    return Err(LaneEnd::Superseded);
-                }
-                let before = state.session.poll_timeout();
-                if !state.session.poll_transmit(Instant::now(), lane.kind, plain) {
+                let before = state.conn.session().poll_timeout();
+                let Some(transport) = state.conn.poll_transmit(Instant::now(), lane, plain)? else {
                     break;
-                }
+                };
                 self.rearm(&state, before);
-                state.stats.sent += plain.len() as u64;
                 self.settle(&mut state);
-                state.keys.current.transport.clone()
+                transport
             };
             transport.seal(plain, out);
         }
@@ -472,10 +336,10 @@ impl Tunnel {
         let mut plain = Vec::new();
         let transport = {
             let mut state = self.lock();
-            let before = state.session.poll_timeout();
-            state.session.write_ack(Instant::now(), &mut plain);
+            let before = state.conn.session().poll_timeout();
+            let transport = state.conn.write_ack(Instant::now(), &mut plain);
             self.rearm(&state, before);
-            state.keys.current.transport.clone()
+            transport
         };
         transport.seal(&plain, out);
     }
@@ -483,16 +347,14 @@ impl Tunnel {
     /// Agent side of a key renewal: `transport` seals from now on; the keys
     /// before it keep opening what the station sealed before it moved.
     pub fn rekey(&self, transport: Transport) {
-        let mut state = self.lock();
-        state.keys.offered = None;
-        state.keys.advance(Keyed::new(transport));
+        self.lock().conn.rekey(transport);
     }
 
     /// Station side of a key renewal: `transport` becomes the sealing keys
     /// once a record sealed with it arrives. A later offer replaces this one
     /// (the agent asked again because it never got the answer).
     pub fn offer_keys(&self, transport: Transport) {
-        self.lock().keys.offered = Some(Keyed::new(transport));
+        self.lock().conn.offer_keys(transport);
     }
 
     /// Serves the session's deadlines until it closes. The owner of the
@@ -502,12 +364,12 @@ impl Tunnel {
             let listener = self.timer.listen();
             let deadline = {
                 let mut state = self.lock();
-                state.session.handle_timeout(Instant::now());
+                state.conn.session_mut().handle_timeout(Instant::now());
                 self.settle(&mut state);
-                if let Some(reason) = &state.closed {
-                    return reason.clone();
+                if let Some(closed) = state.conn.closed() {
+                    return closed.0.clone();
                 }
-                state.session.poll_timeout()
+                state.conn.session().poll_timeout()
             };
             match deadline {
                 Some(at) => {
@@ -527,10 +389,10 @@ impl Tunnel {
     /// Opens a stream to the peer's target or service `name`.
     pub fn open(&self, name: &str) -> Result<StreamId, StreamError> {
         let mut state = self.lock();
-        if state.closed.is_some() {
+        if state.conn.closed().is_some() {
             return Err(StreamError::Closed(0));
         }
-        let id = state.session.streams().open(name)?;
+        let id = state.conn.session_mut().streams().open(name)?;
         state.wakers.insert(id, Arc::new(Notify::new()));
         self.settle(&mut state);
         Ok(id)
@@ -539,7 +401,7 @@ impl Tunnel {
     /// Ends stream `id` on both sides; `reason` goes to the peer's log.
     pub fn reset(&self, id: StreamId, reason: &str) {
         let mut state = self.lock();
-        state.session.streams().reset(id, reason);
+        state.conn.session_mut().streams().reset(id, reason);
         if let Some(waker) = state.wakers.get(&id) {
             waker.notify(usize::MAX);
         }
@@ -573,7 +435,8 @@ impl Tunnel {
     pub(crate) fn with_streams<R>(&self, f: impl FnOnce(&mut Streams, &mut Stats) -> R) -> R {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let result = f(state.session.streams(), &mut state.stats);
+        let (streams, stats) = state.conn.streams_and_stats();
+        let result = f(streams, stats);
         self.settle(state);
         result
     }
@@ -584,7 +447,8 @@ impl Tunnel {
             let listener = waker.listen();
             {
                 let mut state = self.lock();
-                if state.closed.is_some() || !state.session.streams().contains(id) {
+                if state.conn.closed().is_some() || !state.conn.session_mut().streams().contains(id)
+                {
                     return;
                 }
             }

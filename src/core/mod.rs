@@ -1,6 +1,7 @@
 //! The protocol core: no sockets, no executor, no clock. Time comes in as a
 //! parameter, so tests drive it with simulated time over in-memory links.
 
+pub mod connection;
 pub mod frame;
 pub mod ring;
 pub mod rtt;

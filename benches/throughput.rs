@@ -19,7 +19,10 @@
 //!          *-tls          ... agent ══https══▶ station terminating TLS (a test CA's certificate)
 //!          *-nginx-tls    ... agent ══https══▶ nginx terminating TLS, set as README.md says ══▶ station
 //!          wstunnel-wss   wstunnel over wss:// (its built-in certificate, unverified by its client)
-//!          *-rtt          with 20 ms of round trip on the hop that crosses the firewall
+//!          *-rtt          with 20 ms of round trip on the hop that crosses the firewall:
+//!                         by default a real TCP path through two network namespaces
+//!                         joined by TUN devices (`--path tun`, support/path.rs), else
+//!                         a delaying TCP relay on loopback (`--path relay`)
 //! ```
 //!
 //! "up" is agent to station (device to server), "down" the other way; the
@@ -57,6 +60,7 @@ use postern::keys::PrivateKey;
 #[path = "../tests/middleboxes/mod.rs"]
 mod middleboxes;
 mod support;
+use support::path::{DelayedHop, Hop, PathKind, DELAY_BUFFER, MTU, RATE_QUEUE};
 use support::*;
 mod common {
     pub(crate) use super::support::{refused_addr, TempDir};
@@ -137,6 +141,15 @@ Usage: throughput [--mib N] [--repeat N] [--only NAME,...] [--tests NAME,...] ..
                    connections of the -many tests (default 16)
   --rate-mbit N    also limit that hop to N Mbit/s each way, behind a
                    bounded queue (256 KiB, a router's buffer)
+  --path tun|relay what that hop is. tun: a real TCP path, two network
+                   namespaces joined by TUN devices whose packets the driver
+                   delays (and, with --rate-mbit, queues and drops when the
+                   queue is full), so TCP meets the round trip, slow start
+                   and losses; needs root, /dev/net/tun and ip. relay: a TCP
+                   relay on loopback that delays bytes; TCP's own flow
+                   control then sees only loopback, which flatters routes
+                   that rely on it (direct, rathole). Default: tun where it
+                   can be set up, else relay (saying why on stderr)
   --devices N      idle agents for the station memory test, 0 to skip (default 200)
   --no-memory      skip the idle memory and station memory tests
   --postern PATH   the postern binary (default: the one cargo built with this driver)
@@ -181,6 +194,8 @@ struct Options {
     rtt_bytes: u64,
     /// Bytes per second the delayed hop carries each way, if limited.
     rate: Option<f64>,
+    /// What the delayed hop is; `None` until chosen after parsing.
+    path: Option<PathKind>,
     devices: usize,
     memory: bool,
     doc: Option<PathBuf>,
@@ -210,6 +225,7 @@ impl Options {
             rtt: Duration::from_millis(20),
             rtt_bytes: 16 * MIB,
             rate: None,
+            path: None,
             devices: 200,
             memory: true,
             doc: None,
@@ -273,6 +289,12 @@ impl Options {
                 "--rate-mbit" => {
                     options.rate = Some(number::<f64>(&arg, value()?)?.max(0.1) * 1e6 / 8.0);
                 }
+                "--path" => {
+                    let text = value()?;
+                    options.path = Some(
+                        PathKind::named(&text).ok_or(format!("--path {text:?}: tun or relay"))?,
+                    );
+                }
                 "--devices" => options.devices = number::<usize>(&arg, value()?)?,
                 "--no-memory" => options.memory = false,
                 "--pause" => {
@@ -289,6 +311,12 @@ impl Options {
                 }
                 other => return Err(format!("unknown argument {other:?}")),
             }
+        }
+        if options.path.is_none() && options.routes.iter().any(|r| r.delayed()) {
+            options.path = Some(PathKind::default_here().unwrap_or_else(|why| {
+                eprintln!("throughput: the -rtt routes use --path relay: no TUN path here ({why})");
+                PathKind::Relay
+            }));
         }
         if options.baseline.is_some() {
             for route in Route::BASELINES {
@@ -366,7 +394,8 @@ enum Route {
     PollBaseline,
     /// The routes again with `--rtt` of latency on the hop that crosses the
     /// firewall (client to target, htc to hts, agent to station), added by
-    /// a [`DelayProxy`] in this driver: what round trips cost each carrier.
+    /// a [`DelayedHop`] in this driver (`--path`): what round trips cost
+    /// each carrier.
     DirectRtt,
     HttptunnelRtt,
     RatholeTcpRtt,
@@ -523,7 +552,11 @@ impl Route {
     /// Starts the route's processes; the returned entries lead to `targets`.
     fn start(self, targets: &Targets, options: &Options) -> Result<Running, String> {
         let baseline = || options.baseline.as_deref().ok_or("no --baseline binary given");
-        let delay = self.delayed().then_some(Hop { one_way: options.rtt / 2, rate: options.rate });
+        let delay = self.delayed().then_some(Hop {
+            one_way: options.rtt / 2,
+            rate: options.rate,
+            path: options.path.unwrap_or(PathKind::Relay),
+        });
         fn postern<'a>(
             binary: &'a Path,
             carrier: &'a str,
@@ -538,7 +571,7 @@ impl Route {
                 let mut proxies = Vec::new();
                 let mut entry = |target: SocketAddr| match delay {
                     Some(delay) => {
-                        let proxy = DelayProxy::start(target, delay)?;
+                        let proxy = DelayedHop::start(target, delay)?;
                         let addr = proxy.addr;
                         proxies.push(proxy);
                         Ok::<_, String>(addr)
@@ -1414,7 +1447,7 @@ impl Postern<'_> {
         let mut station_addr =
             parse_addr(&rest).ok_or(format!("no address in station log line {rest:?}"))?;
         if let Some(delay) = self.delay {
-            let proxy = DelayProxy::start(station_addr, delay)?;
+            let proxy = DelayedHop::start(station_addr, delay)?;
             station_addr = proxy.addr;
             keep.push(Box::new(proxy));
         }
@@ -1553,7 +1586,7 @@ fn start_httptunnel(
         wait_listening(hts_port, &hts)?;
         let mut hts_addr = SocketAddr::from(([127, 0, 0, 1], hts_port));
         if let Some(delay) = delay {
-            let proxy = DelayProxy::start(hts_addr, delay)?;
+            let proxy = DelayedHop::start(hts_addr, delay)?;
             hts_addr = proxy.addr;
             proxies.push(proxy);
         }
@@ -1589,7 +1622,7 @@ fn start_rathole(
     // The client reaches the server's control port, and opens its data
     // channels, through the relay when the route has one.
     let relay = delay
-        .map(|hop| DelayProxy::start(SocketAddr::from(([127, 0, 0, 1], control)), hop))
+        .map(|hop| DelayedHop::start(SocketAddr::from(([127, 0, 0, 1], control)), hop))
         .transpose()?;
     let remote = relay.as_ref().map_or(SocketAddr::from(([127, 0, 0, 1], control)), |r| r.addr);
     let key = PrivateKey::generate();
@@ -2159,23 +2192,47 @@ impl Report<'_> {
             o.repeat,
         );
         if o.routes.iter().any(|r| r.delayed()) {
-            let limit = match o.rate {
-                Some(rate) => format!(
-                    ", at most {:.0} Mbit/s each way behind a {} KiB queue",
+            let path = o.path.unwrap_or(PathKind::Relay);
+            let rate = o.rate.map(|rate| {
+                format!(
+                    ", at most {:.0} Mbit/s each way behind a {} KiB {}queue",
                     rate * 8.0 / 1e6,
-                    RATE_QUEUE >> 10
+                    RATE_QUEUE >> 10,
+                    if path == PathKind::Tun { "drop-tail " } else { "" }
+                )
+            });
+            let hop = match path {
+                PathKind::Tun => format!(
+                    "over a real TCP path (`--path tun`): two network namespaces joined by TUN \
+                     devices, the bench driver holding each packet {} ms each way (MTU {MTU}{}), \
+                     so the TCP connection that crosses it ({}, split at both ends like a \
+                     satellite link's proxy) meets the round trip, slow start, its congestion \
+                     window and losses",
+                    o.rtt.as_millis() / 2,
+                    rate.unwrap_or_default(),
+                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                        .map_or("congestion control unknown".to_owned(), |cc| cc.trim().to_owned())
                 ),
-                None => format!(" (up to {} MiB in flight per direction)", DELAY_BUFFER >> 20),
+                PathKind::Relay => format!(
+                    "with a relay in the bench driver (`--path relay`) that holds each byte {} ms \
+                     each way{}; each side's TCP connection to it is on loopback, so routes whose \
+                     only flow control is TCP's (direct, rathole) fill its buffer at loopback \
+                     speed and never meet slow start or a congestion window, which flatters \
+                     them beside postern",
+                    o.rtt.as_millis() / 2,
+                    rate.unwrap_or(format!(
+                        " (up to {} MiB in flight per direction)",
+                        DELAY_BUFFER >> 20
+                    ))
+                ),
             };
             let _ = writeln!(
                 out,
                 "Rows \"with RTT\" add {} ms of round trip on the hop that crosses the \
-                 firewall (client–target, htc–hts, client–server, agent–station) with a relay \
-                 in the bench driver that holds each byte {} ms each way{limit}, and move {} MiB \
-                 per transfer (split over the connections of the many-stream tests); their \
+                 firewall (client–target, htc–hts, client–server, agent–station) {hop}, and move \
+                 {} MiB per transfer (split over the connections of the many-stream tests); their \
                  ratios are to the direct, httptunnel and rathole rows with the same delay.",
                 o.rtt.as_millis(),
-                o.rtt.as_millis() / 2,
                 o.rtt_bytes / MIB
             );
         }
@@ -2411,112 +2468,4 @@ fn write_sections(doc: &Path, sections: &[(&str, String)]) -> Result<(), String>
         };
     }
     std::fs::write(doc, text).map_err(|e| format!("{}: {e}", doc.display()))
-}
-
-/// Bytes a [`DelayProxy`] holds per direction with no rate limit: about
-/// what a TCP window lets a sender have in flight on such a path.
-const DELAY_BUFFER: usize = 4 << 20;
-
-/// Bytes waiting for a rate-limited hop, as in a router's buffer: a
-/// sender that outruns the rate fills it and then waits.
-const RATE_QUEUE: usize = 256 << 10;
-
-/// What the relayed hop does to bytes: hold them `one_way` each way, and
-/// at `rate` bytes per second, move no faster.
-#[derive(Debug, Clone, Copy)]
-struct Hop {
-    one_way: Duration,
-    rate: Option<f64>,
-}
-
-/// A TCP relay that delivers every byte `one_way` after it arrived, each
-/// way, and no faster than the hop's rate: latency (and a bottleneck) on
-/// one hop of a route, without touching the machine's network settings
-/// (netem on loopback would slow every other user of it). Each side's TCP
-/// connection to it is on loopback, so a tunnel whose flow control is its
-/// transport's (rathole's TCP) sees the relay's buffer, not the round
-/// trip, while one with its own end-to-end credit (postern) sees both.
-struct DelayProxy {
-    addr: SocketAddr,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl DelayProxy {
-    fn start(upstream: SocketAddr, hop: Hop) -> Result<DelayProxy, String> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                if stopped.load(std::sync::atomic::Ordering::Acquire) {
-                    return;
-                }
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(upstream) else { continue };
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else { continue };
-                    Self::relay(from, to, hop);
-                }
-            }
-        });
-        Ok(DelayProxy { addr, stop })
-    }
-
-    /// Moves bytes from `from` to `to` as the hop would; ends with a half-close.
-    fn relay(mut from: TcpStream, mut to: TcpStream, hop: Hop) {
-        let _ = from.set_nodelay(true);
-        let _ = to.set_nodelay(true);
-        // The channel bound is the relay's buffer: bytes on the wire plus,
-        // with a rate, the queue in front of it. Chunks are small enough
-        // that the bound is close to exact.
-        const CHUNK: usize = 16 << 10;
-        let buffer = match hop.rate {
-            Some(rate) => (rate * hop.one_way.as_secs_f64()) as usize + RATE_QUEUE,
-            None => DELAY_BUFFER,
-        };
-        let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>((buffer / CHUNK).max(2));
-        thread::spawn(move || {
-            let mut buf = vec![0u8; CHUNK];
-            // When the hop's line is free again (rate-limited hops only).
-            let mut line_free = Instant::now();
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let now = Instant::now();
-                        let sent = match hop.rate {
-                            Some(rate) => {
-                                line_free =
-                                    line_free.max(now) + Duration::from_secs_f64(n as f64 / rate);
-                                line_free
-                            }
-                            None => now,
-                        };
-                        if tx.send((sent + hop.one_way, buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            // Dropping the sender tells the writer the stream ended.
-        });
-        thread::spawn(move || {
-            while let Ok((due, bytes)) = rx.recv() {
-                thread::sleep(due.saturating_duration_since(Instant::now()));
-                if to.write_all(&bytes).is_err() {
-                    return;
-                }
-            }
-            let _ = to.shutdown(Shutdown::Write);
-        });
-    }
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
-    }
 }

@@ -1,6 +1,7 @@
 //! What the benchmark drivers share: their processes (killed on drop, CPU
 //! time and memory read from /proc), temp dirs, and reading what a process
-//! logs and what a station's /metrics says.
+//! logs and what a station's /metrics says; and (path.rs) the delayed hop
+//! of the -rtt routes.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+pub(crate) mod path;
 
 /// Longest a process may take to report its listening port.
 pub(crate) const START_LIMIT: Duration = Duration::from_secs(20);

@@ -27,8 +27,9 @@ use smol::channel;
 
 use crate::carrier::auto::Seen;
 use crate::core::connection::{Accepted, Connection};
-pub use crate::core::connection::{Closed, LaneEnd, LaneToken, Stats};
+pub use crate::core::connection::{LaneEnd, LaneToken, Stats};
 use crate::core::frame::MAX_PACKET;
+pub use crate::core::session::{CloseReason, Ending};
 use crate::core::session::{Lane, Limits};
 use crate::core::streams::{Event, Side, StreamError, StreamId, Streams};
 use crate::crypto::{BadRecord, RecordReader, Transport};
@@ -131,8 +132,8 @@ impl Tunnel {
         self.settle(&mut state);
     }
 
-    pub fn closed(&self) -> Option<String> {
-        self.lock().conn.closed().map(|closed| closed.0.clone())
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.lock().conn.closed().cloned()
     }
 
     pub fn stream_count(&self) -> usize {
@@ -141,7 +142,7 @@ impl Tunnel {
 
     /// Ends the session, telling the peer why (a Close frame); the peer
     /// then ends it at its side.
-    pub fn close(&self, reason: &str) {
+    pub fn close(&self, reason: Ending) {
         let mut state = self.lock();
         state.conn.session_mut().close(reason);
         self.settle(&mut state);
@@ -155,9 +156,9 @@ impl Tunnel {
     }
 
     /// Ends the session here without telling the peer.
-    pub fn end(&self, reason: &str) {
+    pub fn end(&self, reason: Ending) {
         let mut state = self.lock();
-        state.conn.session_mut().end(reason);
+        state.conn.session_mut().end(reason.into());
         self.settle(&mut state);
     }
 
@@ -359,7 +360,7 @@ impl Tunnel {
 
     /// Serves the session's deadlines until it closes. The owner of the
     /// tunnel runs this; it returns the reason the session ended.
-    pub async fn run_timers(&self) -> String {
+    pub async fn run_timers(&self) -> CloseReason {
         loop {
             let listener = self.timer.listen();
             let deadline = {
@@ -367,7 +368,7 @@ impl Tunnel {
                 state.conn.session_mut().handle_timeout(Instant::now());
                 self.settle(&mut state);
                 if let Some(closed) = state.conn.closed() {
-                    return closed.0.clone();
+                    return closed.clone();
                 }
                 state.conn.session().poll_timeout()
             };
@@ -466,7 +467,11 @@ const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A graceful end for `tunnels`: their open streams get up to `limit` to
 /// finish, then each session is closed with `reason` for its peer.
-pub async fn close_after_drain(tunnels: &[Arc<Tunnel>], limit: std::time::Duration, reason: &str) {
+pub async fn close_after_drain(
+    tunnels: &[Arc<Tunnel>],
+    limit: std::time::Duration,
+    reason: Ending,
+) {
     let open = || -> usize { tunnels.iter().map(|t| t.stream_count()).sum() };
     let deadline = Instant::now() + limit;
     if open() > 0 {

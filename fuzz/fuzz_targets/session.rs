@@ -25,7 +25,7 @@ use postern::core::frame::{
     MAX_PACKET,
 };
 use postern::core::ring::Ring;
-use postern::core::session::{Lane, Limits, Session};
+use postern::core::session::{CloseReason, Ending, Lane, Limits, Session};
 use postern::core::streams::{Event, Read, Side, MAX_STREAMS};
 
 /// Live heap bytes allocated from Rust, for the memory bound.
@@ -302,7 +302,7 @@ impl Harness {
                     assert!(next > self.now, "poll_timeout {next:?} not after {:?}", self.now);
                 }
             }
-            Op::Close => self.session.close("fuzz"),
+            Op::Close => self.session.close(Ending::AgentStopping),
         }
     }
 
@@ -403,7 +403,7 @@ impl Harness {
         match self.session.handle_packet(self.now, packet) {
             Ok(()) => {}
             // What the tunnel does with a protocol violation.
-            Err(error) => self.session.end(&error.to_string()),
+            Err(error) => self.session.end(CloseReason::PeerBroke(error)),
         }
         if !taken {
             return;

@@ -39,7 +39,7 @@ use crate::config::CarrierKind;
 use crate::core::session::Lane;
 use crate::crypto::{RecordReader, SessionId, MAX_RECORD};
 use crate::task::Scope;
-use crate::tunnel::{LaneEnd, LaneToken, Tunnel};
+use crate::tunnel::{Ending, LaneEnd, LaneToken, Tunnel};
 
 /// How often the supervisor looks at the stream lanes: often while it
 /// judges a new path (a first command waits for the verdict), then rarely
@@ -325,7 +325,7 @@ async fn lane_loop(ctx: LaneCtx, verb: Verb, watch: Option<Arc<Watch>>) {
         };
         match result {
             Err(CarrierError::SessionGone) => {
-                ctx.tunnel.end(&CarrierError::SessionGone.to_string());
+                ctx.tunnel.end(Ending::UnknownToStation);
                 return;
             }
             Err(e) => {

@@ -40,7 +40,7 @@ use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
 use crate::endpoint;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
-use crate::tunnel::{self, Incoming, Tunnel};
+use crate::tunnel::{self, CloseReason, Ending, Incoming, Tunnel};
 use client::{Backoff, CarrierError, Client, Who, REPLY_TIMEOUT};
 
 /// Retry delays while the station sees another agent with our key: tens
@@ -409,7 +409,7 @@ impl Handle {
         let shared = &self.0;
         shared.draining.store(true, Ordering::Release);
         if let Some(tunnel) = shared.tunnel() {
-            tunnel::close_after_drain(&[tunnel], limit, "the agent is stopping").await;
+            tunnel::close_after_drain(&[tunnel], limit, Ending::AgentStopping).await;
         }
     }
 }
@@ -614,7 +614,7 @@ async fn run_session(
     tunnel: &Arc<Tunnel>,
     session: SessionId,
     incoming: smol::channel::Receiver<Incoming>,
-) -> String {
+) -> CloseReason {
     let scope = Scope::new();
     scope.spawn(lanes::carry(shared.clone(), tunnel.clone(), session));
     let services = {

@@ -120,7 +120,7 @@ mod tests {
             station.probe();
             block_on(body.records(&station, lane, &mut out)).expect("the lane may send");
             // A lane that may send no more adds nothing, not even a frame.
-            station.end("test over");
+            station.end(crate::tunnel::Ending::StationStopped);
             let written = out.clone();
             assert!(block_on(body.records(&station, lane, &mut out)).is_err());
             assert_eq!(out, written);

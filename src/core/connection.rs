@@ -23,20 +23,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::session::{Lane, Limits, Session};
+use super::session::{CloseReason, Lane, Limits, Session};
 use super::streams::{Event, Side, Streams};
 use crate::crypto::{CryptoError, ReplayWindow, Transport};
-
-/// Why a session is over.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("session closed: {0}")]
-pub struct Closed(pub String);
 
 /// Why a lane may send no more.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LaneEnd {
-    #[error(transparent)]
-    Closed(#[from] Closed),
+    #[error("session closed: {0}")]
+    Closed(#[from] CloseReason),
     /// A newer lane took over sending; this one must stop so the two never
     /// interleave sequence numbers.
     #[error("a newer carrier connection took over")]
@@ -155,7 +150,7 @@ pub struct Connection {
     /// Generation of the lane that may send sequenced packets now; 0
     /// before the first.
     lane: u64,
-    closed: Option<Closed>,
+    closed: Option<CloseReason>,
     stats: Stats,
 }
 
@@ -182,7 +177,7 @@ impl Connection {
 
     /// Why the session is over, once it is (seen through
     /// [`Connection::poll_event`]).
-    pub fn closed(&self) -> Option<&Closed> {
+    pub fn closed(&self) -> Option<&CloseReason> {
         self.closed.as_ref()
     }
 
@@ -252,7 +247,7 @@ impl Connection {
         }
         self.stats.received += packet.len() as u64;
         if let Err(e) = self.session.handle_packet(now, packet) {
-            self.session.end(&format!("the peer broke the protocol: {e}"));
+            self.session.end(CloseReason::PeerBroke(e));
         }
         Ok(accepted)
     }
@@ -323,7 +318,7 @@ impl Connection {
     pub fn poll_event(&mut self) -> Option<Event> {
         let event = self.session.poll_event()?;
         if let Event::Closed { reason } = &event {
-            self.closed = Some(Closed(reason.clone()));
+            self.closed = Some(reason.clone());
         }
         Some(event)
     }
@@ -332,6 +327,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::session::Ending;
     use crate::core::streams::{Read, StreamId};
     use crate::crypto::{session_pair, RecordReader};
 
@@ -460,9 +456,9 @@ mod tests {
         let now = Instant::now();
         let (mut agent, _) = pair(now);
         let lane = agent.begin_lane(Lane::Data);
-        agent.session_mut().end("the device started a new session");
+        agent.session_mut().end(Ending::NewSession.into());
         while agent.poll_event().is_some() {}
-        let closed = Closed("the device started a new session".into());
+        let closed = CloseReason::Here(Ending::NewSession);
         assert_eq!(agent.closed(), Some(&closed));
         let mut plain = Vec::new();
         assert_eq!(agent.poll_transmit(now, lane, &mut plain).err(), Some(LaneEnd::Closed(closed)));

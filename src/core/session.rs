@@ -104,6 +104,46 @@ pub enum PeerError {
     AckFromFuture { ack: u64, sent: u64 },
 }
 
+/// Why a session ended. The text is what logs say and, for an end at this
+/// side, what the Close frame tells the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    /// Nothing authentic came from the peer for this long.
+    #[error("no packet from the peer for {} s", .0.as_secs())]
+    Silent(Duration),
+    /// The peer closed it, saying why.
+    #[error("peer closed the session: {0}")]
+    ByPeer(String),
+    /// The peer sent what the protocol forbids: it runs different or
+    /// broken code.
+    #[error("the peer broke the protocol: {0}")]
+    PeerBroke(PeerError),
+    /// Ended at this side.
+    #[error(transparent)]
+    Here(#[from] Ending),
+}
+
+/// Why this side ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Ending {
+    #[error("the agent is stopping")]
+    AgentStopping,
+    #[error("the station is stopping")]
+    StationStopping,
+    /// The station stopped at once (no drain): its sessions end unannounced.
+    #[error("station stopping")]
+    StationStopped,
+    #[error("the device started a new session")]
+    NewSession,
+    #[error("the key of its session was removed from the station's config")]
+    KeyRemoved,
+    #[error("the device was removed from the station's config")]
+    DeviceRemoved,
+    /// The station answered that it does not know the session.
+    #[error("the station does not know this session (it restarted or timed it out)")]
+    UnknownToStation,
+}
+
 /// Which packets a lane may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
@@ -494,8 +534,7 @@ impl Session {
             return;
         }
         if self.deadline(Timer::Idle).is_some_and(|t| t <= now) {
-            let secs = self.limits.idle_timeout.as_secs();
-            self.end(&format!("no packet from the peer for {secs} s"));
+            self.end(CloseReason::Silent(self.limits.idle_timeout));
             return;
         }
         // Ack and keepalive deadlines are served by the next poll_transmit;
@@ -510,14 +549,14 @@ impl Session {
     }
 
     /// Ends the session here and queues a Close frame for the peer.
-    pub fn close(&mut self, reason: &str) {
+    pub fn close(&mut self, reason: Ending) {
         if !self.closed {
-            self.streams.close(reason);
+            self.streams.close(&reason.to_string());
         }
     }
 
     /// Ends the session at once, without telling the peer.
-    pub fn end(&mut self, reason: &str) {
+    pub fn end(&mut self, reason: CloseReason) {
         if !self.closed {
             self.closed = true;
             self.streams.clear(reason);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub use super::frame::StreamId;
 use super::frame::{self, encode_frame, Frame, FRAME_OVERHEAD, MAX_NAME, MAX_REASON};
 use super::ring::Ring;
+use super::session::CloseReason;
 pub use super::window::STREAM_WINDOW;
 use super::window::{self, Budget, Change, MAX_STREAM_WINDOW, SESSION_BUDGET};
 
@@ -73,7 +74,7 @@ pub enum Event {
     /// Stream `id` is gone; reading and writing it fail from now on.
     Reset { id: StreamId, reason: String },
     /// The session ended; every stream is gone.
-    Closed { reason: String },
+    Closed { reason: CloseReason },
 }
 
 /// A stream operation the local side asked for could not be done.
@@ -464,14 +465,14 @@ impl Streams {
     }
 
     /// Drops every stream (the session ended) and tells the driver.
-    pub fn clear(&mut self, reason: &str) {
+    pub fn clear(&mut self, reason: CloseReason) {
         let loans: u64 = self.streams.values().map(Stream::loan).sum();
         self.repay(loans);
         self.streams.clear();
         self.ready.clear();
         self.control.clear();
         self.refusals = 0;
-        self.events.push_back(Event::Closed { reason: reason.to_owned() });
+        self.events.push_back(Event::Closed { reason });
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -529,7 +530,7 @@ impl Streams {
             }
             Frame::Close { reason } => {
                 self.peer_closed = true;
-                self.clear(&format!("peer closed the session: {reason}"));
+                self.clear(CloseReason::ByPeer(reason.to_owned()));
             }
         }
         Ok(())

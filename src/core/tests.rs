@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::session::{Lane, Limits, Session};
+use super::session::{CloseReason, Lane, Limits, Session};
 use super::streams::{Event, Read, Side, StreamId};
 
 /// Deterministic xorshift, so a failing seed can be replayed.
@@ -225,7 +225,7 @@ fn idle_session_times_out_and_keepalives_prevent_it() {
     assert!(station.session.is_closed());
     assert_eq!(
         station.session.poll_event(),
-        Some(Event::Closed { reason: "no packet from the peer for 300 s".into() })
+        Some(Event::Closed { reason: CloseReason::Silent(Duration::from_secs(300)) })
     );
     assert!(station.session.poll_timeout().is_none());
 }

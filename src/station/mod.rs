@@ -35,7 +35,7 @@ use crate::crypto::{self, CryptoError, Responder, SessionId};
 use crate::endpoint;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::task::Scope;
-use crate::tunnel::{self, Incoming, Tunnel};
+use crate::tunnel::{self, Ending, Incoming, Tunnel};
 
 mod expose;
 mod peers;
@@ -551,9 +551,9 @@ impl Handle {
             .collect();
         for live in gone {
             let why = if new.devices.contains_key(&live.name) {
-                "the key of its session was removed from the station's config"
+                Ending::KeyRemoved
             } else {
-                "the device was removed from the station's config"
+                Ending::DeviceRemoved
             };
             log::info!("device {}: session {} ends: {why}", live.name, carrier::short(&live.id));
             live.tunnel.end(why);
@@ -581,7 +581,7 @@ impl Handle {
         // Draining: no session starts from here on, so these are all.
         let tunnels: Vec<Arc<Tunnel>> =
             lock(&shared.sessions).values().map(|live| live.tunnel.clone()).collect();
-        tunnel::close_after_drain(&tunnels, limit, "the station is stopping").await;
+        tunnel::close_after_drain(&tunnels, limit, Ending::StationStopping).await;
     }
 }
 
@@ -608,7 +608,7 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.scope.stop();
         for live in lock(&self.0.sessions).drain().map(|(_, live)| live) {
-            live.tunnel.end("station stopping");
+            live.tunnel.end(Ending::StationStopped);
             live.scope.stop();
         }
     }
@@ -760,6 +760,6 @@ fn confirm(shared: &Shared, live: &Arc<Live>) {
                 live.peer
             );
         }
-        old.tunnel.end("the device started a new session");
+        old.tunnel.end(Ending::NewSession);
     }
 }

@@ -129,16 +129,14 @@ impl Ring {
         }
     }
 
-    /// A ring of at most [`Ring::FIRST`] gives its allocation back now if
-    /// it is empty, else when it drains; the next byte takes a new one.
-    /// For a stream that waits between small messages, not for a busy
-    /// one, which would reallocate at each drain (growing past
-    /// [`Ring::FIRST`] forgets the request).
+    /// Gives the allocation back now if the ring is empty, else when it
+    /// drains; the next byte takes a new one of [`Ring::FIRST`]. For a
+    /// stream that waits between small messages (after a bulk transfer
+    /// too), not for a busy one, which would reallocate at each drain:
+    /// growing forgets the request, as more than a message is arriving.
     pub fn release_when_drained(&mut self) {
-        if self.buf.len() <= Self::FIRST {
-            self.shed = true;
-            self.release_if_drained();
-        }
+        self.shed = true;
+        self.release_if_drained();
     }
 
     /// Appends as much of `bytes` as there is room for; returns how much.
@@ -179,7 +177,7 @@ impl Ring {
         bigger[first.len()..self.len].copy_from_slice(second);
         self.buf = bigger;
         self.head = 0;
-        self.shed &= size <= Self::FIRST;
+        self.shed = false;
     }
 }
 
@@ -302,16 +300,21 @@ mod tests {
         assert_eq!(ring.free_mut(usize::MAX).0.len(), Ring::FIRST);
         ring.release_when_drained();
         assert_eq!(ring.buf.len(), 0);
-        // A ring that grows past FIRST forgets the request, and keeps its
-        // buffer for the next burst.
+        // A ring that grows forgets the request, and keeps its buffer for
+        // the next burst; asked again once it waits, it lets even a grown
+        // buffer go.
         ring.push(&[8; 10]);
         ring.release_when_drained();
         assert_eq!(ring.push(&[8; 3 * Ring::FIRST]), 3 * Ring::FIRST);
         ring.consume(3 * Ring::FIRST + 10);
-        ring.release_when_drained();
         assert_eq!(ring.buf.len(), 4 * Ring::FIRST);
         // An emptied ring starts again at its beginning, so a read gets
         // the whole allocation as one slice.
         assert_eq!(ring.free_mut(usize::MAX).0.len(), 4 * Ring::FIRST);
+        ring.push(&[8; 10]);
+        ring.release_when_drained();
+        assert_eq!(ring.buf.len(), 4 * Ring::FIRST, "kept while it holds bytes");
+        ring.consume(10);
+        assert_eq!(ring.buf.len(), 0);
     }
 }

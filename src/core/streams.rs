@@ -379,6 +379,12 @@ impl Streams {
         }
     }
 
+    /// Bytes allocated for stream `id`'s send and receive buffers.
+    #[cfg(test)]
+    pub fn allocated(&self, id: StreamId) -> (usize, usize) {
+        self.streams.get(&id).map_or((0, 0), |s| (s.send_buf.allocated(), s.recv_buf.allocated()))
+    }
+
     /// The first `n` bytes of what [`Streams::send_space`] gave were filled.
     pub fn commit_send(&mut self, id: StreamId, n: usize) -> Result<(), StreamError> {
         let stream = self.streams.get_mut(&id).ok_or(StreamError::Closed(id))?;
@@ -824,10 +830,10 @@ mod tests {
         let mut station = Streams::new(Side::Station, Budget::unlimited());
         let id = agent.open("collector").unwrap();
         let held = |s: &Streams, buffer: Buffer| {
-            let stream = &s.streams[&id];
+            let (send, receive) = s.allocated(id);
             match buffer {
-                Buffer::Send => stream.send_buf.allocated(),
-                Buffer::Receive => stream.recv_buf.allocated(),
+                Buffer::Send => send,
+                Buffer::Receive => receive,
             }
         };
         let mut buf = [0u8; 16 * 1024];

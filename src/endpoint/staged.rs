@@ -109,3 +109,152 @@ async fn stream_to_socket(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use futures_lite::future::{self, block_on};
+
+    use super::*;
+    use crate::core::session::{Lane, Limits};
+    use crate::core::streams::Side;
+    use crate::crypto::{session_pair, RecordReader};
+    use crate::tunnel::LaneToken;
+
+    /// One direction of an in-memory byte pipe.
+    #[derive(Default)]
+    struct Flow {
+        bytes: VecDeque<u8>,
+        closed: bool,
+        reader: Option<Waker>,
+    }
+
+    /// One end of an in-memory pipe, shared by its clones as a socket is.
+    #[derive(Clone)]
+    struct End {
+        inbound: Arc<Mutex<Flow>>,
+        outbound: Arc<Mutex<Flow>>,
+    }
+
+    fn pipe() -> (End, End) {
+        let (a, b): (Arc<Mutex<Flow>>, Arc<Mutex<Flow>>) = Default::default();
+        (End { inbound: a.clone(), outbound: b.clone() }, End { inbound: b, outbound: a })
+    }
+
+    impl AsyncRead for End {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut flow = self.inbound.lock().unwrap();
+            if flow.bytes.is_empty() && !flow.closed {
+                flow.reader = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = buf.len().min(flow.bytes.len());
+            for (slot, byte) in buf.iter_mut().zip(flow.bytes.drain(..n)) {
+                *slot = byte;
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for End {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut flow = self.outbound.lock().unwrap();
+            flow.bytes.extend(buf);
+            if let Some(reader) = flow.reader.take() {
+                reader.wake();
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut flow = self.outbound.lock().unwrap();
+            flow.closed = true;
+            if let Some(reader) = flow.reader.take() {
+                reader.wake();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Moves what `from`'s lane has now into `to`; whether anything moved.
+    fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> bool {
+        let mut body = Vec::new();
+        from.transmit_now(lane, &mut body, 1 << 20).expect("the session is open");
+        to.receive(&body, &mut RecordReader::default(), &mut Vec::new()).expect("authentic");
+        !body.is_empty()
+    }
+
+    /// A line's bytes cross both ways through a staged pump, the peer's
+    /// finish closes the line's writing half, and a stream waiting
+    /// between messages holds no buffer at this side.
+    #[test]
+    fn a_line_carried_through_a_staged_pump_keeps_every_byte_and_the_half_close() {
+        let (agent_keys, station_keys) = session_pair();
+        let (agent, _) = Tunnel::new(Side::Agent, agent_keys, Limits::default());
+        let (station, opened) = Tunnel::new(Side::Station, station_keys, Limits::default());
+        let (up, down) = (agent.begin_lane(Lane::Data), station.begin_lane(Lane::Data));
+        let id = agent.open("console").expect("open");
+        let (line, device) = pipe();
+        let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut app = device;
+
+        let test = async {
+            // The station's side reads everything the line sent: a bulk
+            // transfer, then a message.
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 8192];
+            for message in [&request[..], b"status?\n"] {
+                app.write_all(message).await.unwrap();
+                got.clear();
+                while got.len() < message.len() {
+                    carry(&agent, up, &station);
+                    carry(&station, down, &agent);
+                    while let Ok(Read::Data(n)) =
+                        station.with_streams(|streams, _| streams.read(id, &mut buf))
+                    {
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    future::yield_now().await;
+                }
+                assert_eq!(got, message);
+            }
+            assert_eq!(opened.try_recv().expect("opened at the station").name, "console");
+            // The pump waits on the line after a message: no buffer held.
+            assert_eq!(agent.with_streams(|streams, _| streams.allocated(id)), (0, 0));
+
+            // The answer, then the station's finish: the line reads it all, then EOF.
+            station.with_streams(|streams, _| {
+                assert_eq!(streams.write(id, b"ok\n").unwrap(), 3);
+                streams.finish(id).unwrap();
+            });
+            carry(&station, down, &agent);
+            let mut answer = Vec::new();
+            app.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, b"ok\n");
+        };
+        block_on(future::or(
+            async {
+                pump(&agent, id, line).await;
+                panic!("the pump ended before the test");
+            },
+            test,
+        ));
+    }
+}

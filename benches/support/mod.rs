@@ -6,14 +6,18 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 pub(crate) mod path;
+// The tests' temp dirs and free ports: tests/middleboxes takes them from
+// `crate::common`, which each bench points here.
+#[path = "../../tests/common/scratch.rs"]
+mod scratch;
+
+pub(crate) use scratch::{refused_addr, TempDir};
 
 /// Longest a process may take to report its listening port.
 pub(crate) const START_LIMIT: Duration = Duration::from_secs(20);
@@ -155,42 +159,6 @@ pub(crate) fn clock_ticks() -> f64 {
     })
 }
 
-/// A directory removed on drop; the interface of the tests' `TempDir`,
-/// which tests/middleboxes/mod.rs uses.
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(label: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "postern-bench-{}-{label}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        TempDir(path)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes `text` to `name` in this dir and returns the full path.
-    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Waits for stderr lines containing each of `markers` (in any order) and
 /// returns what follows each marker.
 pub(crate) fn wait_for_lines(
@@ -250,13 +218,6 @@ pub(crate) fn metric(status: SocketAddr, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-}
-
-/// A loopback address nothing listens on right now (a free port); the
-/// interface of the tests' `refused_addr`, which tests/middleboxes uses.
-pub(crate) fn refused_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
-    listener.local_addr().expect("a bound listener has an address")
 }
 
 pub(crate) fn free_port() -> Result<u16, String> {

@@ -13,23 +13,29 @@
 //! when their [`TempDir`] drops, listeners closed when their [`Server`] drops.
 //!
 //! Each suite uses a different subset of these helpers. [`pty`] adds
-//! pseudo-terminal pairs for the serial suites.
+//! pseudo-terminal pairs for the serial suites; [`scratch`] the temp dirs
+//! and free ports, which the benchmarks share.
 #![allow(dead_code)]
 
 pub(crate) mod pty;
+mod scratch;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub(crate) use postern::demo::{Digest, Pattern};
 use postern::keys::{PrivateKey, PublicKey};
+
+// Temp dirs and free ports, which the benches share (not every suite uses
+// both).
+#[allow(unused_imports)]
+pub(crate) use scratch::{refused_addr, TempDir};
 
 /// The binary under test, built by cargo for the integration tests.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_postern");
@@ -58,47 +64,6 @@ pub(crate) fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> 
     while !done() {
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         thread::sleep(Duration::from_millis(10));
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Temp dirs.
-
-/// A fresh directory under the system temp dir, removed on drop.
-pub(crate) struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub(crate) fn new(label: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "postern-test-{label}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Writes `text` to `name` in this dir and returns the full path.
-    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.path.join(name);
-        std::fs::write(&path, text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -746,13 +711,6 @@ impl Drop for Server {
         // Wake the accept loop so it sees the flag and closes the listener.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
-}
-
-/// An address where nothing listens: connecting is refused.
-pub(crate) fn refused_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
-    listener.local_addr().expect("a bound listener has an address")
-    // Dropped here: the port is closed; nothing else binds it this soon.
 }
 
 // ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 //! Their settings are the stock ones except where a test says otherwise;
 //! timeouts are shortened (a few seconds) so that "idle for longer than the
 //! middlebox's timeouts" fits in a test. The benchmark driver
-//! (benches/throughput.rs) includes this file too and starts squid and nginx
+//! (benches/throughput/) includes this file too and starts squid and nginx
 //! with their stock timeouts (`squid_with`, `nginx_with`).
 #![allow(dead_code)]
 

@@ -434,11 +434,24 @@ impl Tunnel {
     /// Runs `f` on the session's streams and the tunnel's counters, then
     /// routes the events it caused: how pumps move bytes in and out.
     pub(crate) fn with_streams<R>(&self, f: impl FnOnce(&mut Streams, &mut Stats) -> R) -> R {
+        self.with_streams_if(|streams, stats| (f(streams, stats), true))
+    }
+
+    /// As [`Tunnel::with_streams`], routing events only when `f` says it
+    /// changed something: a pump's pass that found nothing to move wakes
+    /// no lane (on every message of an interactive stream, that would be
+    /// a spurious wakeup of each lane waiting to send).
+    pub(crate) fn with_streams_if<R>(
+        &self,
+        f: impl FnOnce(&mut Streams, &mut Stats) -> (R, bool),
+    ) -> R {
         let mut guard = self.lock();
         let state = &mut *guard;
         let (streams, stats) = state.conn.streams_and_stats();
-        let result = f(streams, stats);
-        self.settle(state);
+        let (result, changed) = f(streams, stats);
+        if changed {
+            self.settle(state);
+        }
         result
     }
 

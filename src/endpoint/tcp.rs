@@ -53,14 +53,14 @@ async fn socket_to_stream(
         // Called again after each wait for readability; the session's lock
         // is held only across one non-blocking read.
         let step = socket.read_with(|mut socket| {
-            tunnel.with_streams(|streams, stats| {
+            tunnel.with_streams_if(|streams, stats| {
                 let (first, second) = match streams.send_space(id, SOCKET_READ) {
                     Ok(space) => space,
                     // Reset while we waited: the pump's watch on the stream ends it.
-                    Err(_) => return Ok(Step::Gone),
+                    Err(_) => return (Ok(Step::Gone), false),
                 };
                 if first.is_empty() {
-                    return Ok(Step::Full);
+                    return (Ok(Step::Full), false);
                 }
                 let read =
                     socket.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)]);
@@ -69,18 +69,18 @@ async fn socket_to_stream(
                     Err(e) => {
                         // WouldBlock: read_with waits for readability.
                         streams.waits(id, Buffer::Send, std::mem::take(&mut burst));
-                        return Err(e);
+                        return (Err(e), false);
                     }
                 };
                 burst += n;
                 if n == 0 {
                     let _ = streams.finish(id);
-                    return Ok(Step::End);
+                    return (Ok(Step::End), true);
                 }
                 if streams.commit_send(id, n).is_ok() {
                     stats.stream_out += n as u64;
                 }
-                Ok(Step::Moved)
+                (Ok(Step::Moved), true)
             })
         });
         match step.await.map_err(PumpError::Read)? {

@@ -1,20 +1,17 @@
-//! A live session: the sans-I/O core under a lock, its keys, and the
+//! A live session: the sans-I/O [`Connection`] under a lock, and the
 //! wakeups that connect it to carrier tasks and stream tasks.
 //!
 //! ```text
-//!  carrier reader ─records─▶ receive() ─open─▶ Session::handle_packet ─events─▶ stream wakeups
-//!  carrier writer ◀─records─ transmit() ◀─seal─ Session::poll_transmit ◀─ pump (socket ⇄ stream)
+//!  carrier reader ─records─▶ receive() ─open─▶ Connection::accept ─events─▶ stream wakeups
+//!  carrier writer ◀─records─ transmit() ◀─seal─ Connection::poll_transmit ◀─ endpoint pumps
 //!                          timer task ─▶ Session::handle_timeout
 //! ```
 //!
 //! Encryption and decryption run outside the lock, so a carrier writer
-//! sealing a packet never blocks a socket feeding its stream.
-//!
-//! A session's keys can be renewed while it runs (a device or station key
-//! rotation): the agent seals with new keys at once ([`Tunnel::rekey`]);
-//! the station is offered them ([`Tunnel::offer_keys`]) and moves to them
-//! with the first authentic record they open, so neither side seals with
-//! keys the other may lack. Old keys keep opening what was sealed before.
+//! sealing a packet never blocks a socket feeding its stream. Key renewal,
+//! replay windows and which lane may send are the connection's
+//! (core/connection.rs); this module only takes the lock, seals and
+//! opens, and wakes whoever waits.
 
 use std::collections::HashMap;
 use std::future::Future;

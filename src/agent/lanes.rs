@@ -34,7 +34,7 @@ use crate::carrier::http::{BodyKind, HttpError};
 use crate::carrier::link::Link;
 use crate::carrier::poll::{self, POLL_BODY_MAX};
 use crate::carrier::stream::{LongBody, STREAM_CHUNK};
-use crate::carrier::{Verb, ACK_BODY_MAX};
+use crate::carrier::Verb;
 use crate::config::CarrierKind;
 use crate::core::session::Lane;
 use crate::crypto::{RecordReader, SessionId, MAX_RECORD};
@@ -75,6 +75,40 @@ struct LaneCtx {
     shared: Arc<Shared>,
     tunnel: Arc<Tunnel>,
     session: SessionId,
+    lost: Arc<LostReply>,
+}
+
+/// A push failed, so its answer, which may have carried packets of the
+/// station, may be lost: the held poll gives way to one that asks the
+/// station to send again from what we acknowledged, rather than leaving
+/// the gap to [`GAP_PATIENCE`].
+#[derive(Default)]
+struct LostReply {
+    lost: AtomicBool,
+    event: event_listener::Event,
+}
+
+impl LostReply {
+    fn set(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+        self.event.notify(usize::MAX);
+    }
+
+    /// Resolves once a push's answer was lost.
+    async fn wait(&self) {
+        loop {
+            let listener = self.event.listen();
+            if self.lost.load(Ordering::Relaxed) {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Whether one was lost since the last call.
+    fn take(&self) -> bool {
+        self.lost.swap(false, Ordering::Relaxed)
+    }
 }
 
 /// The carrier shape of one agent, shared by its successive sessions.
@@ -181,7 +215,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Carries the session over HTTP until it closes, in the configured shape.
 pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: SessionId) {
-    let ctx = LaneCtx { shared, tunnel, session };
+    let ctx = LaneCtx { shared, tunnel, session, lost: Arc::default() };
     let shape = &ctx.shared.shape;
     // Rebuilding stream lanes backs off too: a path that refuses them at
     // once must not make the agent knock every second.
@@ -538,25 +572,46 @@ async fn poller(
     }
     let client = &ctx.shared.client;
     let max_reply = (POLL_BODY_MAX + MAX_RECORD) as u64;
+    let mut conn = None;
+    let mut reader = RecordReader::default();
+    let mut scratch = Vec::new();
     while ctx.tunnel.closed().is_none() {
         if n > 0 {
             let listener = polls.woken.listen();
             if !polls.busy.load(Ordering::Relaxed) {
-                listener.await;
+                // The connection outlives a lull of EXTRA_IDLE (a new one
+                // costs the path's handshake and TCP's slow start, several
+                // round trips of a busy lane), not longer: an idle agent
+                // keeps one.
+                if conn.is_none() {
+                    listener.await;
+                } else {
+                    let lull = async {
+                        smol::Timer::after(EXTRA_IDLE).await;
+                        true
+                    };
+                    let woken = async {
+                        listener.await;
+                        false
+                    };
+                    if future::or(woken, lull).await {
+                        conn = None;
+                        (reader, scratch) = Default::default();
+                    }
+                }
                 continue;
             }
         }
-        let mut conn = None;
-        let mut reader = RecordReader::default();
-        let mut scratch = Vec::new();
         loop {
             let mut proof = Vec::new();
             ctx.tunnel.seal_ack(&mut proof);
             let hold = if n == 0 { ctx.shared.shape.poll_wait() } else { POLL_WAIT_MIN };
             // A gap the polls in flight do not fill came from a reply lost
-            // on the way (a failed poll restarts the lane anyway): ask the
-            // station to send again from what we acknowledged.
-            let gap = ctx.tunnel.gap_since().is_some_and(|since| since.elapsed() > GAP_PATIENCE);
+            // on the way (a failed poll restarts the lane anyway, a failed
+            // push says so): ask the station to send again from what we
+            // acknowledged.
+            let gap = ctx.tunnel.gap_since().is_some_and(|since| since.elapsed() > GAP_PATIENCE)
+                || (n == 0 && ctx.lost.take());
             let continues = polls.started.swap(true, Ordering::Relaxed) && !gap;
             let query = poll::poll_query(hold, continues);
             let path = client.path(&ctx.session, Verb::Poll, Some(&query));
@@ -566,9 +621,29 @@ async fn poller(
                 got += bytes.len();
                 receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop)
             };
-            let exchanged = client
-                .exchange(&mut conn, &path, &proof, hold + REPLY_TIMEOUT, max_reply, &mut deliver)
-                .await;
+            let exchange = client.exchange(
+                &mut conn,
+                &path,
+                &proof,
+                hold + REPLY_TIMEOUT,
+                max_reply,
+                &mut deliver,
+            );
+            let lost = async {
+                if n > 0 {
+                    return future::pending().await;
+                }
+                ctx.lost.wait().await;
+                None
+            };
+            let exchanged = future::or(async { Some(exchange.await) }, lost).await;
+            let Some(exchanged) = exchanged else {
+                // Given up for a poll that asks for a resend: this one's
+                // connection may still get its answer, so it goes.
+                conn = None;
+                reader = RecordReader::default();
+                continue;
+            };
             if let Err(e) = exchanged {
                 if n == 0 {
                     shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
@@ -646,6 +721,8 @@ async fn pusher(
     let mut scratch = Vec::new();
     let mut body = Vec::new();
     let path = client.path(&ctx.session, Verb::Push, None);
+    // The station answers with what it has to send, as to a poll.
+    let max_reply = (POLL_BODY_MAX + MAX_RECORD) as u64;
     loop {
         body.clear();
         let sealed = loop {
@@ -669,10 +746,10 @@ async fn pusher(
         }
         let mut deliver =
             |bytes: &[u8]| receive(&ctx.tunnel, bytes, &mut reader, &mut scratch).map(drop);
-        let pushed = client
-            .exchange(&mut conn, &path, &body, REPLY_TIMEOUT, ACK_BODY_MAX, &mut deliver)
-            .await;
+        let pushed =
+            client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, max_reply, &mut deliver).await;
         if let Err(e) = pushed {
+            ctx.lost.set();
             ctx.shared.shape.failed(n, &e);
             return Err(e);
         }

@@ -11,12 +11,15 @@
 //! | `down`  | sealed ack (proves owner) | chunked, sealed packets, long-lived    | stream |
 //! | `up`    | chunked sealed packets    | empty, when the body ends              | stream |
 //! | `poll`  | sealed ack                | sealed packets, held up to [`poll::POLL_WAIT`] | poll |
-//! | `push`  | sealed packets            | sealed ack                             | poll   |
+//! | `push`  | sealed packets            | sealed packets the station has now, else a sealed ack | poll |
 //! | `rekey` | [`rekey_body`]: Noise message 1 and a sealed ack (current keys) | Noise message 2 | both |
 //!
 //! The poll shape pipelines: an agent keeps several pushes, and while data
 //! comes several polls, in flight, each on its own connection (see
 //! [`poll::poll_continues`]); the session below reorders what they carry.
+//! A push's answer carries packets too (credit for the agent's uploads
+//! comes back a round trip sooner than on the next poll); an agent whose
+//! push failed asks for a resend with its next poll.
 //!
 //! Bodies are sequences of records (see [`crate::crypto::RecordReader`]),
 //! independent of chunk boundaries, so a proxy may rechunk freely.
@@ -36,8 +39,8 @@ use std::time::Duration;
 
 use crate::crypto::{SessionId, SESSION_ID_LEN};
 
-/// Largest body of a message that carries only acks (a `down` request, a
-/// push's answer): a few sealed ones.
+/// Largest body of a message that carries only acks (a `down` request):
+/// a few sealed ones.
 pub const ACK_BODY_MAX: u64 = 4096;
 
 /// Protocol marker in every carrier path; a new wire format gets a new one.

@@ -679,9 +679,18 @@ async fn push(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome
     if let Err(refused) = req.receive_body(conn, max, Shape::Poll).await? {
         return Ok(refused);
     }
-    let mut out = Vec::new();
-    live.tunnel.seal_ack(&mut out);
-    respond(conn, head.keep_alive, &out).await
+    // The answer carries what the session has to send now, not just an
+    // ack: credit for the agent's uploads (which would otherwise wait a
+    // round trip for the next poll) and downlink packets, beside the polls.
+    // The agent reorders them with its polls' replies, and asks for a
+    // resend from its acknowledged point when a push fails.
+    let lane = live.tunnel.join_lane(Lane::Sequenced);
+    let mut out = reply_buffer(0);
+    let _ = live.tunnel.transmit_now(lane, &mut out, POLL_BODY_MAX);
+    if out.len() == HEAD_ROOM {
+        live.tunnel.seal_ack(&mut out);
+    }
+    respond_in_place(conn, head.keep_alive, out).await
 }
 
 #[cfg(test)]

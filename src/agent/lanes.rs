@@ -513,7 +513,7 @@ async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
     let (polls, answered) = (Polls::default(), AtomicBool::new(false));
     let pollers =
         (0..PIPELINE).map(|n| Box::pin(poller(ctx, &polls, &answered, n)) as LaneFuture<'_>);
-    pipelined(pollers.collect(), &answered, backoff).await
+    pipelined(&ctx.tunnel, pollers.collect(), &answered, backoff).await
 }
 
 /// One of a lane's requests in flight together, on connections of their own.
@@ -524,10 +524,15 @@ type LaneFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CarrierEr
 /// carried). If any was `answered` meanwhile, the path works: the lane's
 /// backoff starts over.
 async fn pipelined(
+    tunnel: &Tunnel,
     mut requests: Vec<LaneFuture<'_>>,
     answered: &AtomicBool,
     backoff: &mut Backoff,
 ) -> Result<(), CarrierError> {
+    // What the session got through while the lane ran: records from the
+    // station, acks of ours.
+    let progress = || (tunnel.stats().received, tunnel.acked());
+    let before = progress();
     let ended = future::poll_fn(|cx| {
         requests
             .iter_mut()
@@ -538,7 +543,10 @@ async fn pipelined(
             .map_or(Poll::Pending, Poll::Ready)
     })
     .await;
-    if answered.load(Ordering::Relaxed) {
+    // A lane whose request failed after packets got through worked: on a
+    // path that mangles a record now and then, no request may end whole,
+    // and a growing backoff would stall a flow that moves.
+    if answered.load(Ordering::Relaxed) || progress() != before {
         backoff.reset();
     }
     ended
@@ -700,7 +708,7 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
     let answered = AtomicBool::new(false);
     let pushers =
         (0..PIPELINE).map(|n| Box::pin(pusher(ctx, &answered, lane, n)) as LaneFuture<'_>);
-    pipelined(pushers.collect(), &answered, backoff).await
+    pipelined(&ctx.tunnel, pushers.collect(), &answered, backoff).await
 }
 
 /// One push request after another, each as soon as the session has

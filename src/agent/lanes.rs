@@ -249,15 +249,13 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             let since = lock(&shape.why).take().unwrap_or_default();
             log::info!("carrier auto: trying the stream lanes again (on poll because {since})");
         }
-        let (started, acked) = (Instant::now(), ctx.tunnel.acked());
+        let started = Instant::now();
+        let through = Through::start(&ctx.tunnel, Direction::Acked);
         let verdict = run_stream(&ctx).await;
         if started.elapsed() >= LANES_PROVEN {
             backoff.reset();
             lock(&shape.retry).passed();
-        } else if ctx.tunnel.acked() > acked {
-            // They carried packets before they ended: a path that cuts now
-            // and then (or mangles a record) costs a short pause each time,
-            // not one that grows into a stall.
+        } else if through.moved() {
             backoff.reset();
         }
         let delay = backoff.delay();
@@ -458,7 +456,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch, backoff: &mut Backoff) -> Result<
     // A TLS link holds ciphertext until flushed (carrier/link.rs).
     writer.flush().await.map_err(HttpError::Io)?;
     let lane = ctx.tunnel.begin_lane(Lane::Data);
-    let acked = ctx.tunnel.acked();
+    let through = Through::start(&ctx.tunnel, Direction::Acked);
     // Whether a chunk went out: a lane cut after that is the path's doing
     // (a proxy that resets request bodies past a size, as squid's
     // request_body_max_size does), counted like a cut downlink.
@@ -489,9 +487,7 @@ async fn up_lane(ctx: &LaneCtx, watch: &Watch, backoff: &mut Backoff) -> Result<
         Err(answer)
     };
     let ended = future::or(sending, answered).await;
-    if ctx.tunnel.acked() > acked {
-        // The lane carried packets the station acknowledged: it worked, as
-        // a downlink that delivered did, and the next one starts soon.
+    if through.moved() {
         backoff.reset();
     }
     let gone = matches!(ended, Err(CarrierError::SessionGone));
@@ -513,7 +509,8 @@ async fn poll_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
     let (polls, answered) = (Polls::default(), AtomicBool::new(false));
     let pollers =
         (0..PIPELINE).map(|n| Box::pin(poller(ctx, &polls, &answered, n)) as LaneFuture<'_>);
-    pipelined(&ctx.tunnel, pollers.collect(), &answered, backoff).await
+    let through = Through::start(&ctx.tunnel, Direction::Received);
+    pipelined(through, pollers.collect(), &answered, backoff).await
 }
 
 /// One of a lane's requests in flight together, on connections of their own.
@@ -524,15 +521,11 @@ type LaneFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CarrierEr
 /// carried). If any was `answered` meanwhile, the path works: the lane's
 /// backoff starts over.
 async fn pipelined(
-    tunnel: &Tunnel,
+    through: Through<'_>,
     mut requests: Vec<LaneFuture<'_>>,
     answered: &AtomicBool,
     backoff: &mut Backoff,
 ) -> Result<(), CarrierError> {
-    // What the session got through while the lane ran: records from the
-    // station, acks of ours.
-    let progress = || (tunnel.stats().received, tunnel.acked());
-    let before = progress();
     let ended = future::poll_fn(|cx| {
         requests
             .iter_mut()
@@ -546,10 +539,47 @@ async fn pipelined(
     // A lane whose request failed after packets got through worked: on a
     // path that mangles a record now and then, no request may end whole,
     // and a growing backoff would stall a flow that moves.
-    if answered.load(Ordering::Relaxed) || progress() != before {
+    if answered.load(Ordering::Relaxed) || through.moved() {
         backoff.reset();
     }
     ended
+}
+
+/// The direction a lane carries, as the session counts it.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Records from the station (a downlink or poll lane).
+    Received,
+    /// Our packets the station acknowledged (an uplink or push lane).
+    Acked,
+}
+
+/// Whether packets got through a lane's direction since it started. A
+/// lane that moved some before it failed worked: on a path that cuts or
+/// mangles now and then, no request may end whole, and a growing backoff
+/// would stall a flow that moves. Counted on the lane's own direction,
+/// so a lane refused outright still backs off while the other moves.
+struct Through<'a> {
+    tunnel: &'a Tunnel,
+    direction: Direction,
+    at_start: u64,
+}
+
+impl<'a> Through<'a> {
+    fn start(tunnel: &'a Tunnel, direction: Direction) -> Through<'a> {
+        Through { tunnel, direction, at_start: Self::count(tunnel, direction) }
+    }
+
+    fn count(tunnel: &Tunnel, direction: Direction) -> u64 {
+        match direction {
+            Direction::Received => tunnel.stats().received,
+            Direction::Acked => tunnel.acked(),
+        }
+    }
+
+    fn moved(&self) -> bool {
+        Self::count(self.tunnel, self.direction) > self.at_start
+    }
 }
 
 /// What the pollers of one lane share.
@@ -708,7 +738,8 @@ async fn push_lane(ctx: &LaneCtx, backoff: &mut Backoff) -> Result<(), CarrierEr
     let answered = AtomicBool::new(false);
     let pushers =
         (0..PIPELINE).map(|n| Box::pin(pusher(ctx, &answered, lane, n)) as LaneFuture<'_>);
-    pipelined(&ctx.tunnel, pushers.collect(), &answered, backoff).await
+    let through = Through::start(&ctx.tunnel, Direction::Acked);
+    pipelined(through, pushers.collect(), &answered, backoff).await
 }
 
 /// One push request after another, each as soon as the session has

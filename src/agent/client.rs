@@ -45,7 +45,7 @@ const MAX_COOKIE_BYTES: usize = 512;
 /// Reconnect delays: a step doubling from the first, each delay the step
 /// scaled by a random factor in [0.5, 1.5) so a fleet does not return in
 /// step; the step stops at two thirds of the last, so no delay reaches it.
-const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+pub(super) const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_LAST: Duration = Duration::from_secs(30);
 
 /// Why one carrier request failed.

@@ -171,16 +171,16 @@ impl ShapeMemory {
         }
     }
 
-    /// Whether request `n` (0 the first) of a poll-shape lane may go now.
-    fn in_depth(&self, n: usize) -> bool {
-        n < lock(&self.depth).allowed(Instant::now())
+    /// Whether request `n` (0 the first) of a poll-shape lane may go at `now`.
+    fn in_depth(&self, n: usize, now: Instant) -> bool {
+        n < lock(&self.depth).allowed(now)
     }
 
     /// Request `n` of a poll-shape lane failed with `error`: a refusal by
     /// a box on the path (its 403, 429 or 503 page; not a cut, a timeout
     /// or a refused connection, which a restarting station gives too) past
     /// the first request lowers how many go at once.
-    fn failed(&self, n: usize, error: &CarrierError) {
+    fn failed(&self, n: usize, error: &CarrierError, now: Instant) {
         let refusal = matches!(
             error,
             CarrierError::Status { who, status: 403 | 429 | 503, .. } if *who != Who::Station
@@ -188,7 +188,7 @@ impl ShapeMemory {
         if !refusal {
             return;
         }
-        if let Some((depth, hold)) = lock(&self.depth).refused(n, Instant::now()) {
+        if let Some((depth, hold)) = lock(&self.depth).refused(n, now) {
             log::warn!(
                 "the path refused request {} of a lane's requests in flight ({error}): keeping \
                  {depth} in flight per lane for {} (a proxy's limit of connections per client?)",
@@ -594,6 +594,37 @@ struct Polls {
     woken: event_listener::Event,
 }
 
+/// What an extra poller does after a reply.
+#[derive(Debug, PartialEq)]
+enum After {
+    PollAgain,
+    /// Rest until replies come full again.
+    Rest,
+}
+
+impl Polls {
+    /// Whether the next poll goes on where the station's sending stands
+    /// (the first poll of a lane, or one that asks to fill a `gap`, starts
+    /// it again from what we acknowledged).
+    fn continues(&self, gap: bool) -> bool {
+        self.started.swap(true, Ordering::Relaxed) && !gap
+    }
+
+    /// Poller `n` got a reply of `got` bytes: a full one wakes the extra
+    /// pollers; one that brings less sends an extra poller to rest.
+    fn replied(&self, n: usize, got: usize) -> After {
+        let full = got >= BUSY_REPLY;
+        if full && !self.busy.swap(true, Ordering::Relaxed) {
+            self.woken.notify(usize::MAX);
+        }
+        if n > 0 && !full {
+            self.busy.store(false, Ordering::Relaxed);
+            return After::Rest;
+        }
+        After::PollAgain
+    }
+}
+
 /// One poll request after another. Poller 0 always has one held at the
 /// station (for `poll_hold`); the others poll only while replies come full,
 /// each asking for the shortest hold, and stop (letting their connection
@@ -605,7 +636,7 @@ async fn poller(
     answered: &AtomicBool,
     n: usize,
 ) -> Result<(), CarrierError> {
-    if !ctx.shared.shape.in_depth(n) {
+    if !ctx.shared.shape.in_depth(n, Instant::now()) {
         return future::pending().await;
     }
     let client = &ctx.shared.client;
@@ -650,7 +681,7 @@ async fn poller(
             // acknowledged.
             let gap = ctx.tunnel.gap_since().is_some_and(|since| since.elapsed() > GAP_PATIENCE)
                 || (n == 0 && ctx.lost.take());
-            let continues = polls.started.swap(true, Ordering::Relaxed) && !gap;
+            let continues = polls.continues(gap);
             let query = poll::poll_query(hold, continues);
             let path = client.path(&ctx.session, Verb::Poll, Some(&query));
             let sent = Instant::now();
@@ -686,16 +717,11 @@ async fn poller(
                 if n == 0 {
                     shorten_poll_hold(ctx, &e, sent.elapsed(), hold);
                 }
-                ctx.shared.shape.failed(n, &e);
+                ctx.shared.shape.failed(n, &e, Instant::now());
                 return Err(e);
             }
             answered.store(true, Ordering::Relaxed);
-            let full = got >= BUSY_REPLY;
-            if full && !polls.busy.swap(true, Ordering::Relaxed) {
-                polls.woken.notify(usize::MAX);
-            }
-            if n > 0 && got < BUSY_REPLY {
-                polls.busy.store(false, Ordering::Relaxed);
+            if polls.replied(n, got) == After::Rest {
                 break;
             }
             if ctx.tunnel.closed().is_some() {
@@ -709,6 +735,21 @@ async fn poller(
 /// A path that cuts held requests (a proxy's or balancer's timeout shorter
 /// than our hold) makes every poll fail; ask for shorter holds from now on.
 fn shorten_poll_hold(ctx: &LaneCtx, error: &CarrierError, waited: Duration, hold: Duration) {
+    if let Some(shorter) = hold_after_cut(error, waited, hold) {
+        log::warn!(
+            "a poll request was cut after {:.0} s ({error}); holding polls for {} s from now on",
+            waited.as_secs_f32(),
+            shorter.as_secs()
+        );
+        ctx.shared.shape.poll_wait.store(shorter.as_secs(), Ordering::Relaxed);
+    }
+}
+
+/// The hold to ask for after a poll held for `hold` failed with `error`
+/// once it `waited`: two thirds of the wait if the path cut it (a gateway's
+/// or a proxy's timeout, or the connection dropped, while the station still
+/// held it), `None` to keep the hold.
+fn hold_after_cut(error: &CarrierError, waited: Duration, hold: Duration) -> Option<Duration> {
     let cut_by_path = match error {
         CarrierError::Status { status, .. } => matches!(status, 408 | 502 | 503 | 504),
         CarrierError::Http(e) => {
@@ -717,17 +758,10 @@ fn shorten_poll_hold(ctx: &LaneCtx, error: &CarrierError, waited: Duration, hold
         _ => false,
     };
     if !cut_by_path || waited < POLL_CUT_MIN || waited > hold + Duration::from_secs(1) {
-        return;
+        return None;
     }
     let shorter = Duration::from_secs((waited.as_secs() * 2 / 3).max(POLL_WAIT_MIN.as_secs()));
-    if shorter < hold {
-        log::warn!(
-            "a poll request was cut after {:.0} s ({error}); holding polls for {} s from now on",
-            waited.as_secs_f32(),
-            shorter.as_secs()
-        );
-        ctx.shared.shape.poll_wait.store(shorter.as_secs(), Ordering::Relaxed);
-    }
+    (shorter < hold).then_some(shorter)
 }
 
 /// Poll shape, agent to station: a request whenever there is data, up to
@@ -751,7 +785,7 @@ async fn pusher(
     lane: LaneToken,
     n: usize,
 ) -> Result<(), CarrierError> {
-    if !ctx.shared.shape.in_depth(n) {
+    if !ctx.shared.shape.in_depth(n, Instant::now()) {
         return future::pending().await;
     }
     let client = &ctx.shared.client;
@@ -789,9 +823,166 @@ async fn pusher(
             client.exchange(&mut conn, &path, &body, REPLY_TIMEOUT, max_reply, &mut deliver).await;
         if let Err(e) = pushed {
             ctx.lost.set();
-            ctx.shared.shape.failed(n, &e);
+            ctx.shared.shape.failed(n, &e, Instant::now());
             return Err(e);
         }
         answered.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::client::BACKOFF_FIRST;
+    use crate::tunnel::testing::{carry, deliver, pair};
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn refused_by(who: Who, status: u16) -> CarrierError {
+        CarrierError::Status { who, status, reason: "No".into() }
+    }
+
+    #[test]
+    fn a_box_refusing_extra_requests_lowers_the_depth_and_a_station_does_not() {
+        let now = Instant::now();
+        let shape = ShapeMemory::new(60 * SEC, 60 * SEC);
+        assert!(shape.in_depth(PIPELINE - 1, now));
+        assert!(!shape.in_depth(PIPELINE, now));
+        // A restarting station refuses too, and a cut is no limit.
+        shape.failed(3, &refused_by(Who::Station, 503), now);
+        shape.failed(3, &CarrierError::Http(HttpError::UnexpectedEof), now);
+        assert!(shape.in_depth(3, now));
+        shape.failed(3, &refused_by(Who::Proxy, 429), now);
+        assert!(shape.in_depth(2, now));
+        assert!(!shape.in_depth(3, now));
+        shape.failed(1, &refused_by(Who::InFront, 403), now);
+        assert!(!shape.in_depth(1, now));
+        // The first request failing is the path failing, not a limit.
+        shape.failed(0, &refused_by(Who::Proxy, 503), now);
+        assert!(shape.in_depth(0, now));
+        assert!(shape.in_depth(PIPELINE - 1, now + 60 * SEC));
+    }
+
+    #[test]
+    fn status_lines_say_the_shape_auto_is_on() {
+        let now = Instant::now();
+        let shape = ShapeMemory::new(60 * SEC, 60 * SEC);
+        assert_eq!(shape.describe(CarrierKind::Auto), "auto (stream)");
+        assert_eq!(shape.lanes(CarrierKind::Auto), "up + down");
+        assert_eq!(shape.describe(CarrierKind::Poll), "poll");
+        assert_eq!(shape.lanes(CarrierKind::Poll), "push + poll");
+        lock(&shape.retry).fell_back(now);
+        assert!(shape.on_poll());
+        assert_eq!(shape.describe(CarrierKind::Auto), "auto (poll)");
+        assert_eq!(shape.lanes(CarrierKind::Auto), "push + poll");
+        assert_eq!(shape.describe(CarrierKind::Stream), "stream");
+        assert_eq!(shape.lanes(CarrierKind::Stream), "up + down");
+    }
+
+    #[test]
+    fn a_path_that_cuts_held_polls_gets_shorter_holds() {
+        let hold = 60 * SEC;
+        let gateway = refused_by(Who::InFront, 504);
+        // A 30 s proxy timeout: two thirds of it from now on.
+        assert_eq!(hold_after_cut(&gateway, 30 * SEC, hold), Some(20 * SEC));
+        let cut = CarrierError::Http(HttpError::UnexpectedEof);
+        assert_eq!(hold_after_cut(&cut, 45 * SEC, hold), Some(30 * SEC));
+        // Never below the shortest hold, never longer than the hold.
+        assert_eq!(hold_after_cut(&gateway, 2 * SEC, 30 * SEC), Some(POLL_WAIT_MIN));
+        assert_eq!(hold_after_cut(&gateway, 2 * SEC, POLL_WAIT_MIN), None);
+        // Failing at once is a failure, past the hold the station answered
+        // late, and a refusal is no cut.
+        assert_eq!(hold_after_cut(&gateway, SEC, hold), None);
+        assert_eq!(hold_after_cut(&gateway, hold + 2 * SEC, hold), None);
+        assert_eq!(hold_after_cut(&refused_by(Who::Proxy, 403), 30 * SEC, hold), None);
+        assert_eq!(hold_after_cut(&CarrierError::SessionGone, 30 * SEC, hold), None);
+    }
+
+    #[test]
+    fn extra_pollers_poll_while_replies_come_full_and_rest_at_the_first_short_one() {
+        let polls = Polls::default();
+        assert!(!polls.continues(false), "a lane's first poll starts the sending");
+        assert!(polls.continues(false));
+        assert!(!polls.continues(true), "a gap asks for a resend");
+        let woken = polls.woken.listen();
+        assert_eq!(polls.replied(0, BUSY_REPLY - 1), After::PollAgain);
+        assert!(!polls.busy.load(Ordering::Relaxed));
+        assert_eq!(polls.replied(0, BUSY_REPLY), After::PollAgain);
+        assert!(polls.busy.load(Ordering::Relaxed));
+        future::block_on(woken);
+        assert_eq!(polls.replied(3, BUSY_REPLY), After::PollAgain);
+        assert_eq!(polls.replied(3, 10), After::Rest);
+        assert!(!polls.busy.load(Ordering::Relaxed));
+        // The held poll never rests.
+        assert_eq!(polls.replied(0, 0), After::PollAgain);
+    }
+
+    #[test]
+    fn a_lost_push_answer_is_told_once() {
+        let lost = LostReply::default();
+        assert!(!lost.take());
+        lost.set();
+        future::block_on(lost.wait());
+        assert!(lost.take());
+        assert!(!lost.take());
+    }
+
+    #[test]
+    fn a_lane_counts_what_got_through_its_own_direction() {
+        let (agent, up, station, _opened) = pair();
+        let down = station.begin_lane(Lane::Data);
+        let received = Through::start(&agent, Direction::Received);
+        let acked = Through::start(&agent, Direction::Acked);
+        station.probe();
+        assert!(matches!(carry(&station, down, &agent).1, Ok(n) if n > 0));
+        assert!(received.moved());
+        assert!(!acked.moved(), "the station's packets are no acknowledgement of ours");
+        agent.open("s").expect("open");
+        assert!(matches!(carry(&agent, up, &station).1, Ok(n) if n > 0));
+        assert!(!acked.moved());
+        let mut ack = Vec::new();
+        station.seal_ack(&mut ack);
+        assert!(matches!(deliver(&ack, &agent), Ok(n) if n > 0));
+        assert!(acked.moved());
+    }
+
+    /// Requests that end at once, so no lane waits on anything.
+    fn requests<'a>(results: Vec<Option<Result<(), CarrierError>>>) -> Vec<LaneFuture<'a>> {
+        results
+            .into_iter()
+            .map(|result| {
+                Box::pin(async move {
+                    match result {
+                        Some(result) => result,
+                        None => future::pending().await,
+                    }
+                }) as LaneFuture<'a>
+            })
+            .collect()
+    }
+
+    /// Whether the backoff's next delay is a first one.
+    fn starts_over(backoff: &mut Backoff) -> bool {
+        backoff.delay() < BACKOFF_FIRST * 3 / 2
+    }
+
+    #[test]
+    fn a_pipelined_lane_starts_its_backoff_over_only_if_it_got_through() {
+        let (agent, _, _, _opened) = pair();
+        let failed = || Some(Err(CarrierError::Http(HttpError::UnexpectedEof)));
+        let run = |answered: bool, backoff: &mut Backoff| {
+            let answered = AtomicBool::new(answered);
+            let through = Through::start(&agent, Direction::Received);
+            future::block_on(pipelined(through, requests(vec![None, failed()]), &answered, backoff))
+        };
+        let mut backoff = Backoff::new();
+        for _ in 0..4 {
+            backoff.delay();
+        }
+        let ended = run(false, &mut backoff);
+        assert!(matches!(ended, Err(CarrierError::Http(HttpError::UnexpectedEof))));
+        assert!(!starts_over(&mut backoff), "refused outright: the backoff grows on");
+        let _ = run(true, &mut backoff);
+        assert!(starts_over(&mut backoff), "answered before it failed: starts over");
     }
 }

@@ -22,7 +22,6 @@ pub mod core;
 pub mod crypto;
 #[cfg(all(feature = "agent", feature = "station"))]
 pub mod demo;
-#[cfg(feature = "agent")]
 pub mod endpoint;
 pub mod keys;
 pub mod logger;

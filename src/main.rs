@@ -221,6 +221,61 @@ enum Command {
 /// A command line that cannot be run, with the reason to print.
 struct Usage(String);
 
+/// Why a command failed, printed as `postern: <it>`.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot write {what} to stdout: {source}")]
+    Stdout { what: &'static str, source: std::io::Error },
+    #[error("{} exists; genkey never replaces a key (remove the file first)", .0.display())]
+    KeyFileExists(PathBuf),
+    #[error("cannot create {}: {source}", path.display())]
+    CreateKeyFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot write the new key to {}: {source}", path.display())]
+    WriteKeyFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot read a private key from stdin: {0}")]
+    ReadStdin(std::io::Error),
+    #[error("stdin is not a private key: {0}")]
+    NotAKey(postern::keys::KeyError),
+    #[error(
+        "{} names no status listener; add status = \"127.0.0.1:9091\" and restart the program \
+         to ask it",
+        .0.display()
+    )]
+    NoStatusListener(PathBuf),
+    #[error(
+        "{}: status = \"{addr}\" takes a port the system picks at start; name a fixed port to \
+         ask the program with postern status",
+        path.display()
+    )]
+    StatusPortPicked { path: PathBuf, addr: std::net::SocketAddr },
+    #[error(transparent)]
+    Status(#[from] postern::status::FetchError),
+    #[cfg(any(feature = "agent", feature = "station"))]
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[cfg(feature = "station")]
+    #[error(transparent)]
+    Station(#[from] postern::station::Error),
+    #[cfg(feature = "agent")]
+    #[error(transparent)]
+    Agent(#[from] postern::agent::Error),
+    #[cfg(all(feature = "agent", feature = "station"))]
+    #[error(transparent)]
+    Demo(#[from] postern::demo::DemoError),
+    #[cfg(all(feature = "agent", feature = "station"))]
+    #[error("the bytes that came back differ from the bytes sent")]
+    DemoDiffers,
+    /// A command this build left out (a device's build has no station).
+    #[cfg(not(all(feature = "agent", feature = "station")))]
+    #[error("this build has no {0} (built without the `{0}` feature)")]
+    NotBuilt(&'static str),
+    #[cfg(not(all(feature = "agent", feature = "station")))]
+    #[error("the demo needs both the `agent` and `station` features")]
+    NoDemo,
+}
+
 impl From<lexopt::Error> for Usage {
     fn from(e: lexopt::Error) -> Self {
         Usage(e.to_string())
@@ -359,12 +414,12 @@ fn parse_args() -> Result<Option<(Command, LevelFilter)>, Usage> {
 
 /// Writes `line` to stdout: a key lost to a full disk or a closed pipe is
 /// an error to report, not a panic (println! panics).
-fn print_line(line: &str, what: &str) -> Result<(), String> {
+fn print_line(line: &str, what: &'static str) -> Result<(), Failure> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")
         .and_then(|()| out.flush())
-        .map_err(|e| format!("cannot write {what} to stdout: {e}"))
+        .map_err(|source| Failure::Stdout { what, source })
 }
 
 /// `wg genkey`'s warning: a private key printed into a file others can
@@ -383,27 +438,24 @@ fn warn_if_world_readable(out: &impl std::os::fd::AsFd) {
 /// Writes a new key to a new file only its owner can read. A file that
 /// could not be written whole is removed: an empty or cut key file would
 /// be found later, as a confusing config error.
-fn write_key(path: &std::path::Path, key: &PrivateKey) -> Result<(), String> {
+fn write_key(path: &std::path::Path, key: &PrivateKey) -> Result<(), Failure> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(
-            |e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => format!(
-                    "{} exists; genkey never replaces a key (remove the file first)",
-                    path.display()
-                ),
-                _ => format!("cannot create {}: {e}", path.display()),
+            |source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => Failure::KeyFileExists(path.to_owned()),
+                _ => Failure::CreateKeyFile { path: path.to_owned(), source },
             },
         )?;
     let written = writeln!(file, "{}", key.to_base64()).and_then(|()| file.sync_all());
-    written.map_err(|e| {
+    written.map_err(|source| {
         let _ = std::fs::remove_file(path);
-        format!("cannot write the new key to {}: {e}", path.display())
+        Failure::WriteKeyFile { path: path.to_owned(), source }
     })
 }
 
-fn run(command: Command) -> Result<(), String> {
+fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Genkey(None) => {
             warn_if_world_readable(&std::io::stdout());
@@ -413,15 +465,11 @@ fn run(command: Command) -> Result<(), String> {
         Command::Pubkey => {
             let mut text = String::new();
             // A key is 44 characters; read a little more to say "too long".
-            std::io::stdin()
-                .take(4096)
-                .read_to_string(&mut text)
-                .map_err(|e| format!("cannot read a private key from stdin: {e}"))?;
-            let key = PrivateKey::from_base64(&text)
-                .map_err(|e| format!("stdin is not a private key: {e}"))?;
+            std::io::stdin().take(4096).read_to_string(&mut text).map_err(Failure::ReadStdin)?;
+            let key = PrivateKey::from_base64(&text).map_err(Failure::NotAKey)?;
             print_line(&key.public_key().to_base64(), "the public key")
         }
-        Command::Check(path) => match config::load_any(&path).map_err(|e| e.to_string())? {
+        Command::Check(path) => match config::load_any(&path)? {
             config::AnyConfig::Station(station) => {
                 println!(
                     "{}: station config OK ({} devices, {} targets)",
@@ -432,7 +480,7 @@ fn run(command: Command) -> Result<(), String> {
                 Ok(())
             }
             config::AnyConfig::Agent(agent) => {
-                let route = match config::agent_proxy(&agent).map_err(|e| e.to_string())? {
+                let route = match config::agent_proxy(&agent)? {
                     Some(proxy) => format!("through proxy {}:{}", proxy.host, proxy.port),
                     None => "direct".to_owned(),
                 };
@@ -456,24 +504,16 @@ fn run(command: Command) -> Result<(), String> {
 const MAX_STATUS_BYTES: u64 = 16 << 20;
 
 /// Prints the summary of the running program whose config is `path`.
-fn status(path: &std::path::Path) -> Result<(), String> {
-    let addr = match config::load_any(path).map_err(|e| e.to_string())? {
+fn status(path: &std::path::Path) -> Result<(), Failure> {
+    let addr = match config::load_any(path)? {
         config::AnyConfig::Station(station) => station.status,
         config::AnyConfig::Agent(agent) => agent.status,
     };
     let Some(mut addr) = addr else {
-        return Err(format!(
-            "{} names no status listener; add status = \"127.0.0.1:9091\" and restart the \
-             program to ask it",
-            path.display()
-        ));
+        return Err(Failure::NoStatusListener(path.to_owned()));
     };
     if addr.port() == 0 {
-        return Err(format!(
-            "{}: status = \"{addr}\" takes a port the system picks at start; name a fixed port \
-             to ask the program with postern status",
-            path.display()
-        ));
+        return Err(Failure::StatusPortPicked { path: path.to_owned(), addr });
     }
     // Listening on every address includes loopback.
     if addr.ip().is_unspecified() {
@@ -502,12 +542,12 @@ fn run_on_executor<T: Send + 'static>(
 }
 
 #[cfg(feature = "station")]
-fn station(path: PathBuf) -> Result<(), String> {
+fn station(path: PathBuf) -> Result<(), Failure> {
     use async_signal::Signal;
-    let config = config::StationConfig::load(&path).map_err(|e| e.to_string())?;
+    let config = config::StationConfig::load(&path)?;
     let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
     run_on_executor(async move {
-        let station = postern::station::Station::bind(config).await.map_err(|e| e.to_string())?;
+        let station = postern::station::Station::bind(config).await?;
         let handle = station.handle();
         let notifier = postern::notify::Notifier::from_env();
         notifier.ready();
@@ -522,10 +562,10 @@ fn station(path: PathBuf) -> Result<(), String> {
                 notifier.reloading();
                 log::info!("SIGHUP: reloading {}", path.display());
                 let reloaded = match config::StationConfig::load(&path) {
-                    Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
+                    Ok(config) => handle.reload(config).await.map_err(Failure::from),
                     Err(e) => {
                         handle.reload_failed();
-                        Err(e.to_string())
+                        Err(e.into())
                     }
                 };
                 log_reload(reloaded);
@@ -539,7 +579,7 @@ fn station(path: PathBuf) -> Result<(), String> {
 
 /// The log lines of a SIGHUP: what changed, or why nothing did.
 #[cfg(any(feature = "agent", feature = "station"))]
-fn log_reload(reloaded: Result<Vec<String>, String>) {
+fn log_reload(reloaded: Result<Vec<String>, Failure>) {
     match reloaded {
         Ok(changes) if changes.is_empty() => log::info!("reloaded: nothing changed"),
         Ok(changes) => {
@@ -557,24 +597,23 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Catches `which` from now on (SIGHUP would otherwise end the process).
 #[cfg(any(feature = "agent", feature = "station"))]
-fn signals(which: &[async_signal::Signal]) -> Result<async_signal::Signals, String> {
-    async_signal::Signals::new(which.iter().copied())
-        .map_err(|e| format!("cannot install signal handlers: {e}"))
+fn signals(which: &[async_signal::Signal]) -> Result<async_signal::Signals, Failure> {
+    async_signal::Signals::new(which.iter().copied()).map_err(Failure::Signals)
 }
 
 #[cfg(not(feature = "station"))]
-fn station(_: PathBuf) -> Result<(), String> {
-    Err("this build has no station (built without the `station` feature)".into())
+fn station(_: PathBuf) -> Result<(), Failure> {
+    Err(Failure::NotBuilt("station"))
 }
 
 #[cfg(feature = "agent")]
-fn agent(path: PathBuf) -> Result<(), String> {
-    let mut config = config::AgentConfig::load(&path).map_err(|e| e.to_string())?;
-    config.proxy = config::agent_proxy(&config).map_err(|e| e.to_string())?;
+fn agent(path: PathBuf) -> Result<(), Failure> {
+    let mut config = config::AgentConfig::load(&path)?;
+    config.proxy = config::agent_proxy(&config)?;
     use async_signal::Signal;
     let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
     run_on_executor(async move {
-        let agent = postern::agent::Agent::bind(config).await.map_err(|e| e.to_string())?;
+        let agent = postern::agent::Agent::bind(config).await?;
         let handle = agent.handle();
         let notifier = postern::notify::Notifier::from_env();
         notifier.ready();
@@ -583,15 +622,15 @@ fn agent(path: PathBuf) -> Result<(), String> {
                 if signal == Signal::Hup {
                     notifier.reloading();
                     log::info!("SIGHUP: reloading {}", path.display());
-                    let loaded = config::AgentConfig::load(&path).map_err(|e| e.to_string());
-                    let reloaded = match loaded.and_then(|mut config| {
-                        config.proxy = config::agent_proxy(&config).map_err(|e| e.to_string())?;
+                    let loaded = config::AgentConfig::load(&path).and_then(|mut config| {
+                        config.proxy = config::agent_proxy(&config)?;
                         Ok(config)
-                    }) {
-                        Ok(config) => handle.reload(config).await.map_err(|e| e.to_string()),
+                    });
+                    let reloaded = match loaded {
+                        Ok(config) => handle.reload(config).await.map_err(Failure::from),
                         Err(e) => {
                             handle.reload_failed();
-                            Err(e)
+                            Err(e.into())
                         }
                     };
                     log_reload(reloaded);
@@ -610,24 +649,24 @@ fn agent(path: PathBuf) -> Result<(), String> {
 }
 
 #[cfg(not(feature = "agent"))]
-fn agent(_: PathBuf) -> Result<(), String> {
-    Err("this build has no agent (built without the `agent` feature)".into())
+fn agent(_: PathBuf) -> Result<(), Failure> {
+    Err(Failure::NotBuilt("agent"))
 }
 
 #[cfg(all(feature = "agent", feature = "station"))]
-fn demo(once: bool, carrier: CarrierKind, bytes: Option<u64>) -> Result<(), String> {
+fn demo(once: bool, carrier: CarrierKind, bytes: Option<u64>) -> Result<(), Failure> {
     use postern::demo::{Lab, DEFAULT_BYTES};
     let bytes = bytes.unwrap_or(DEFAULT_BYTES);
     smol::block_on(async {
-        let lab = Lab::start(carrier).await.map_err(|e| e.to_string())?;
+        let lab = Lab::start(carrier).await?;
         println!(
             "station on {}, agent forwarding {} to the echo target; sending {} bytes...",
             lab.station, lab.forward, bytes
         );
-        let report = lab.round_trip(bytes).await.map_err(|e| e.to_string())?;
+        let report = lab.round_trip(bytes).await?;
         println!("{report}");
         if !report.verified() {
-            return Err("the bytes that came back differ from the bytes sent".into());
+            return Err(Failure::DemoDiffers);
         }
         if once {
             return Ok(());
@@ -642,6 +681,6 @@ fn demo(once: bool, carrier: CarrierKind, bytes: Option<u64>) -> Result<(), Stri
 }
 
 #[cfg(not(all(feature = "agent", feature = "station")))]
-fn demo(_: bool, _: CarrierKind, _: Option<u64>) -> Result<(), String> {
-    Err("the demo needs both the `agent` and `station` features".into())
+fn demo(_: bool, _: CarrierKind, _: Option<u64>) -> Result<(), Failure> {
+    Err(Failure::NoDemo)
 }

@@ -132,25 +132,37 @@ async fn answer(socket: TcpStream, render: &(dyn Fn(Page) -> Option<String> + Se
     let _ = conn.write_all(&out).await;
 }
 
+/// Why `postern status` got no summary.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach the status listener at {addr}: {source}")]
+    Unreachable { addr: SocketAddr, source: std::io::Error },
+    #[error("status listener at {addr}: {source}")]
+    Io { addr: SocketAddr, source: std::io::Error },
+    #[error("status listener at {addr}: no HTTP answer")]
+    NotHttp { addr: SocketAddr },
+    #[error("status listener at {addr} answered {status:?} for {path}")]
+    Refused { addr: SocketAddr, status: String, path: String },
+}
+
 /// Fetches `path` from a status listener at `addr`: what `postern status`
 /// prints. The answer is read up to `limit` bytes.
-pub fn fetch(addr: SocketAddr, path: &str, limit: u64) -> Result<String, String> {
+pub fn fetch(addr: SocketAddr, path: &str, limit: u64) -> Result<String, FetchError> {
     use std::io::{Read as _, Write as _};
     let mut socket = std::net::TcpStream::connect_timeout(&addr, HEAD_TIMEOUT)
-        .map_err(|e| format!("cannot reach the status listener at {addr}: {e}"))?;
-    let io = |e: std::io::Error| format!("status listener at {addr}: {e}");
+        .map_err(|source| FetchError::Unreachable { addr, source })?;
+    let io = |source| FetchError::Io { addr, source };
     socket.set_read_timeout(Some(HEAD_TIMEOUT)).map_err(io)?;
     write!(socket, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
         .map_err(io)?;
     let mut answer = Vec::new();
     socket.take(limit).read_to_end(&mut answer).map_err(io)?;
     let answer = String::from_utf8_lossy(&answer);
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("status listener at {addr}: no HTTP answer"))?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or(FetchError::NotHttp { addr })?;
     let status = head.lines().next().unwrap_or("");
     if !status.starts_with("HTTP/1.1 200 ") {
-        return Err(format!("status listener at {addr} answered {status:?} for {path}"));
+        let (status, path) = (status.to_owned(), path.to_owned());
+        return Err(FetchError::Refused { addr, status, path });
     }
     Ok(body.to_owned())
 }
@@ -251,6 +263,8 @@ pub(crate) fn ago(s: u64) -> String {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Millis(pub(crate) u64);
 
+// A station-only build shows Millis but makes none of these.
+#[cfg_attr(not(feature = "agent"), allow(dead_code))]
 impl Millis {
     /// Since the unix epoch.
     pub(crate) fn unix(at: SystemTime) -> Millis {

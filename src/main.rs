@@ -8,6 +8,10 @@ use futures_lite::{future, StreamExt};
 use lexopt::prelude::*;
 use log::LevelFilter;
 
+#[cfg(feature = "agent")]
+use postern::config::AgentConfig;
+#[cfg(feature = "station")]
+use postern::config::StationConfig;
 use postern::config::{self, CarrierKind};
 use postern::keys::PrivateKey;
 
@@ -543,38 +547,102 @@ fn run_on_executor<T: Send + 'static>(
 
 #[cfg(feature = "station")]
 fn station(path: PathBuf) -> Result<(), Failure> {
-    use async_signal::Signal;
-    let config = config::StationConfig::load(&path)?;
-    let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
+    let config = postern::station::Handle::load_checked(&path)?;
+    let mut signals = signals()?;
     run_on_executor(async move {
         let station = postern::station::Station::bind(config).await?;
         let handle = station.handle();
-        let notifier = postern::notify::Notifier::from_env();
-        notifier.ready();
-        let control = async {
-            while let Some(Ok(signal)) = signals.next().await {
-                if signal != Signal::Hup {
-                    log::info!("{signal:?}: stopping");
-                    notifier.stopping();
-                    handle.drain(DRAIN_LIMIT).await;
-                    return;
-                }
-                notifier.reloading();
-                log::info!("SIGHUP: reloading {}", path.display());
-                let reloaded = match config::StationConfig::load(&path) {
-                    Ok(config) => handle.reload(config).await.map_err(Failure::from),
-                    Err(e) => {
-                        handle.reload_failed();
-                        Err(e.into())
-                    }
-                };
-                log_reload(reloaded);
-                notifier.ready();
-            }
-        };
-        future::or(future::or(station.run(), notifier.keep_watchdog()), control).await;
+        serve(station.run(), &handle, &path, &mut signals).await;
         Ok(())
     })
+}
+
+/// What a running agent or station does on a signal.
+#[cfg(any(feature = "agent", feature = "station"))]
+trait Controlled {
+    type Config;
+    /// Reads and checks the config file at `path`.
+    fn load_checked(path: &std::path::Path) -> Result<Self::Config, Failure>;
+    fn reload(
+        &self,
+        config: Self::Config,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, Failure>> + Send;
+    /// A reload's config was refused: counted for the operator.
+    fn reload_failed(&self);
+    fn drain(&self, limit: std::time::Duration) -> impl std::future::Future<Output = ()> + Send;
+}
+
+#[cfg(feature = "station")]
+impl Controlled for postern::station::Handle {
+    type Config = StationConfig;
+    fn load_checked(path: &std::path::Path) -> Result<StationConfig, Failure> {
+        Ok(StationConfig::load(path)?)
+    }
+    async fn reload(&self, config: StationConfig) -> Result<Vec<String>, Failure> {
+        Ok(postern::station::Handle::reload(self, config).await?)
+    }
+    fn reload_failed(&self) {
+        postern::station::Handle::reload_failed(self);
+    }
+    async fn drain(&self, limit: std::time::Duration) {
+        postern::station::Handle::drain(self, limit).await;
+    }
+}
+
+#[cfg(feature = "agent")]
+impl Controlled for postern::agent::Handle {
+    type Config = AgentConfig;
+    /// The proxy from the environment is part of the config.
+    fn load_checked(path: &std::path::Path) -> Result<AgentConfig, Failure> {
+        let mut config = AgentConfig::load(path)?;
+        config.proxy = config::agent_proxy(&config)?;
+        Ok(config)
+    }
+    async fn reload(&self, config: AgentConfig) -> Result<Vec<String>, Failure> {
+        Ok(postern::agent::Handle::reload(self, config).await?)
+    }
+    fn reload_failed(&self) {
+        postern::agent::Handle::reload_failed(self);
+    }
+    async fn drain(&self, limit: std::time::Duration) {
+        postern::agent::Handle::drain(self, limit).await;
+    }
+}
+
+/// Runs `program` until SIGTERM or SIGINT drains it, reloading its config
+/// from `path` on SIGHUP, and tells systemd each step.
+#[cfg(any(feature = "agent", feature = "station"))]
+async fn serve<H: Controlled>(
+    program: impl std::future::Future<Output = ()>,
+    handle: &H,
+    path: &std::path::Path,
+    signals: &mut async_signal::Signals,
+) {
+    use async_signal::Signal;
+    let notifier = postern::notify::Notifier::from_env();
+    notifier.ready();
+    let control = async {
+        while let Some(Ok(signal)) = signals.next().await {
+            if signal != Signal::Hup {
+                log::info!("{signal:?}: stopping");
+                notifier.stopping();
+                handle.drain(DRAIN_LIMIT).await;
+                return;
+            }
+            notifier.reloading();
+            log::info!("SIGHUP: reloading {}", path.display());
+            let reloaded = match H::load_checked(path) {
+                Ok(config) => handle.reload(config).await,
+                Err(e) => {
+                    handle.reload_failed();
+                    Err(e)
+                }
+            };
+            log_reload(reloaded);
+            notifier.ready();
+        }
+    };
+    future::or(future::or(program, notifier.keep_watchdog()), control).await;
 }
 
 /// The log lines of a SIGHUP: what changed, or why nothing did.
@@ -595,10 +663,12 @@ fn log_reload(reloaded: Result<Vec<String>, Failure>) {
 #[cfg(any(feature = "agent", feature = "station"))]
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Catches `which` from now on (SIGHUP would otherwise end the process).
+/// Catches the signals [`serve`] obeys from now on (SIGHUP would
+/// otherwise end the process).
 #[cfg(any(feature = "agent", feature = "station"))]
-fn signals(which: &[async_signal::Signal]) -> Result<async_signal::Signals, Failure> {
-    async_signal::Signals::new(which.iter().copied()).map_err(Failure::Signals)
+fn signals() -> Result<async_signal::Signals, Failure> {
+    use async_signal::Signal;
+    async_signal::Signals::new([Signal::Hup, Signal::Term, Signal::Int]).map_err(Failure::Signals)
 }
 
 #[cfg(not(feature = "station"))]
@@ -608,42 +678,12 @@ fn station(_: PathBuf) -> Result<(), Failure> {
 
 #[cfg(feature = "agent")]
 fn agent(path: PathBuf) -> Result<(), Failure> {
-    let mut config = config::AgentConfig::load(&path)?;
-    config.proxy = config::agent_proxy(&config)?;
-    use async_signal::Signal;
-    let mut signals = signals(&[Signal::Hup, Signal::Term, Signal::Int])?;
+    let config = postern::agent::Handle::load_checked(&path)?;
+    let mut signals = signals()?;
     run_on_executor(async move {
         let agent = postern::agent::Agent::bind(config).await?;
         let handle = agent.handle();
-        let notifier = postern::notify::Notifier::from_env();
-        notifier.ready();
-        let control = async {
-            while let Some(Ok(signal)) = signals.next().await {
-                if signal == Signal::Hup {
-                    notifier.reloading();
-                    log::info!("SIGHUP: reloading {}", path.display());
-                    let loaded = config::AgentConfig::load(&path).and_then(|mut config| {
-                        config.proxy = config::agent_proxy(&config)?;
-                        Ok(config)
-                    });
-                    let reloaded = match loaded {
-                        Ok(config) => handle.reload(config).await.map_err(Failure::from),
-                        Err(e) => {
-                            handle.reload_failed();
-                            Err(e.into())
-                        }
-                    };
-                    log_reload(reloaded);
-                    notifier.ready();
-                    continue;
-                }
-                log::info!("{signal:?}: stopping");
-                notifier.stopping();
-                handle.drain(DRAIN_LIMIT).await;
-                return;
-            }
-        };
-        future::or(future::or(agent.run(), notifier.keep_watchdog()), control).await;
+        serve(agent.run(), &handle, &path, &mut signals).await;
         Ok(())
     })
 }

@@ -63,6 +63,16 @@ pub struct Tunnel {
     timer: Notify,
 }
 
+/// The time a tunnel's session runs on: the system's, or in unit tests the
+/// simulated time of the test's thread ([`testing::set_now`]).
+fn now() -> Instant {
+    #[cfg(test)]
+    if let Some(now) = testing::SIM_NOW.with(std::cell::Cell::get) {
+        return now;
+    }
+    Instant::now()
+}
+
 impl Tunnel {
     /// A session on fresh keys; the receiver yields streams the peer opens.
     pub fn new(
@@ -72,7 +82,7 @@ impl Tunnel {
     ) -> (Arc<Tunnel>, channel::Receiver<Incoming>) {
         let (tx, rx) = channel::unbounded();
         let state = State {
-            conn: Connection::new(side, transport, Instant::now(), limits),
+            conn: Connection::new(side, transport, now(), limits),
             wakers: HashMap::new(),
             incoming: tx,
         };
@@ -223,7 +233,7 @@ impl Tunnel {
             let opened = openers.open(counter, ciphertext, scratch);
             let mut state = self.lock();
             let before = state.conn.session().poll_timeout();
-            match state.conn.accept(Instant::now(), opened, counter, scratch) {
+            match state.conn.accept(now(), opened, counter, scratch) {
                 Ok(accepted) => {
                     authentic += 1;
                     if accepted == Accepted::KeysMoved {
@@ -311,7 +321,7 @@ impl Tunnel {
             let transport = {
                 let mut state = self.lock();
                 let before = state.conn.session().poll_timeout();
-                let Some(transport) = state.conn.poll_transmit(Instant::now(), lane, plain)? else {
+                let Some(transport) = state.conn.poll_transmit(now(), lane, plain)? else {
                     break;
                 };
                 self.rearm(&state, before);
@@ -335,7 +345,7 @@ impl Tunnel {
         let transport = {
             let mut state = self.lock();
             let before = state.conn.session().poll_timeout();
-            let transport = state.conn.write_ack(Instant::now(), &mut plain);
+            let transport = state.conn.write_ack(now(), &mut plain);
             self.rearm(&state, before);
             transport
         };
@@ -360,17 +370,9 @@ impl Tunnel {
     pub async fn run_timers(&self) -> CloseReason {
         loop {
             let listener = self.timer.listen();
-            let deadline = {
-                let mut state = self.lock();
-                state.conn.session_mut().handle_timeout(Instant::now());
-                self.settle(&mut state);
-                if let Some(closed) = state.conn.closed() {
-                    return closed.clone();
-                }
-                state.conn.session().poll_timeout()
-            };
-            match deadline {
-                Some(at) => {
+            match self.on_timer() {
+                Err(closed) => return closed,
+                Ok(Some(at)) => {
                     future::or(
                         async {
                             smol::Timer::at(at).await;
@@ -379,8 +381,20 @@ impl Tunnel {
                     )
                     .await
                 }
-                None => listener.await,
+                Ok(None) => listener.await,
             }
+        }
+    }
+
+    /// Runs what is due of the session's timers: when they are due next,
+    /// or why the session closed.
+    fn on_timer(&self) -> Result<Option<Instant>, CloseReason> {
+        let mut state = self.lock();
+        state.conn.session_mut().handle_timeout(now());
+        self.settle(&mut state);
+        match state.conn.closed() {
+            Some(closed) => Err(closed.clone()),
+            None => Ok(state.conn.session().poll_timeout()),
         }
     }
 
@@ -509,6 +523,16 @@ pub(crate) mod testing {
     use super::*;
     use crate::crypto::session_pair;
 
+    thread_local! {
+        pub(super) static SIM_NOW: std::cell::Cell<Option<Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    /// From now on the tunnels of this thread see `now` as the time.
+    pub(crate) fn set_now(now: Instant) {
+        SIM_NOW.with(|sim| sim.set(Some(now)));
+    }
+
     /// Moves what `from` has to send into `to`, as one carrier body.
     pub(crate) fn carry(
         from: &Tunnel,
@@ -589,46 +613,38 @@ mod tests {
     /// An idle session keeps sending keepalives on its lane, one a period:
     /// the timer task must learn of each new keepalive deadline. (It once
     /// slept to the idle deadline after the first, and the stream carrier's
-    /// downlink fell silent until the agent cut it.) Real time, with a
-    /// keepalive period of milliseconds.
+    /// downlink fell silent until the agent cut it.) Simulated time; the
+    /// timer task is played as run_timers runs it: asleep until the
+    /// deadline on_timer gave, unless the tunnel wakes it sooner.
     #[test]
     fn an_idle_session_keeps_sending_keepalives() {
+        let start = Instant::now();
+        testing::set_now(start);
         let (_, station_keys) = session_pair();
-        let period = Duration::from_millis(40);
+        let period = Duration::from_secs(15);
         let limits = Limits { keepalive: period, ..Limits::default() };
         let (station, _) = Tunnel::new(Side::Station, station_keys, limits);
         let lane = station.begin_lane(Lane::Data);
-        let watched = period * 15;
-        let sent = smol::block_on(async {
-            let end = Instant::now() + watched;
-            let timers = async {
-                station.run_timers().await;
-                0
-            };
-            let lane_sends = async {
-                let mut sends = 0;
-                let mut out = Vec::new();
-                loop {
-                    out.clear();
-                    let sent = future::or(
-                        async { station.transmit(lane, &mut out, 1 << 20).await.is_ok() },
-                        async {
-                            smol::Timer::at(end).await;
-                            false
-                        },
-                    )
-                    .await;
-                    if !sent {
-                        return sends;
-                    }
-                    sends += 1;
+        let watched = start + period * 10;
+        let mut sent = Vec::new();
+        let mut out = Vec::new();
+        let mut woken = station.timer.listen();
+        let mut asleep_until = station.on_timer().expect("open");
+        loop {
+            out.clear();
+            if station.transmit_now(lane, &mut out, 1 << 20).expect("open") {
+                sent.push(now().duration_since(start).as_secs());
+            }
+            if future::block_on(future::poll_once(&mut woken)).is_none() {
+                match asleep_until {
+                    Some(at) if at <= watched => testing::set_now(at),
+                    _ => break,
                 }
-            };
-            future::or(timers, lane_sends).await
-        });
-        // 15 periods: at least half of the 15 keepalives, whatever the
-        // scheduling on a busy machine; the bug sent one.
-        assert!(sent >= 7, "{sent} keepalives in {watched:?} with a period of {period:?}");
+            }
+            woken = station.timer.listen();
+            asleep_until = station.on_timer().expect("open");
+        }
+        assert_eq!(sent, [15, 30, 45, 60, 75, 90, 105, 120, 135, 150]);
     }
 
     #[test]

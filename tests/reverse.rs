@@ -233,3 +233,52 @@ fn reverse_client_of_a_dead_agent_is_closed_after_a_bound() {
     station
         .wait_log(&[&format!("device {DEVICE} did not answer within 10 s (is its agent down?)")]);
 }
+
+/// A reload that moves an expose address between `127.0.0.1:P` and
+/// `0.0.0.0:P` binds the new one in place of the old (both at once is
+/// refused by the system), and each way the service answers byte-exact;
+/// an address another program holds is refused and the old one serves
+/// on. The one test that binds the wildcard address, for a moment: the
+/// defect it guards needs it.
+#[test]
+fn an_expose_moved_between_loopback_and_every_address_of_its_port_is_bound_in_place() {
+    let dir = TempDir::new("reverse-move");
+    let service = Server::echo();
+    let keys = Keys::new();
+    let port = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        free.local_addr().expect("an address").port()
+    };
+    let table = |addr: &str| format!("[devices.expose]\n\"{addr}\" = \"modbus\"\n");
+    let loopback = format!("127.0.0.1:{port}");
+    let every = format!("0.0.0.0:{port}");
+    let (station, station_addr) = start_exposing(&dir, &keys, &table(&loopback));
+    assert_eq!(exposed(&station, "modbus").port(), port);
+    let services = format!("[services]\nmodbus = \"{}\"\n", service.addr);
+    let _agent = start_device(&dir, &station, station_addr, &keys, &services);
+    let client: SocketAddr = loopback.parse().expect("an address");
+    assert_eq!(echo_round_trip(client, 1, 1 << 20), Received::expected(1, 1 << 20));
+
+    let reload = |expose: &str| {
+        dir.write("station.toml", &(keys.station_toml(&[], DEVICE, &[]) + &table(expose)));
+        station.signal("HUP");
+    };
+    for (seed, (from, to)) in [(&loopback, &every), (&every, &loopback)].into_iter().enumerate() {
+        reload(to);
+        station.wait_log(&[&format!("no longer exposing {from}: {to} takes its port")]);
+        station.wait_log(&[&format!("exposing service \"modbus\" of device {DEVICE} on {to}")]);
+        let len = 1 << 20;
+        let seed = seed as u64 + 2;
+        assert_eq!(echo_round_trip(client, seed, len), Received::expected(seed, len), "on {to}");
+    }
+    assert_eq!(station.stderr.count("reload refused"), 0);
+
+    let busy = std::net::TcpListener::bind("127.0.0.3:0").expect("bind a port to take");
+    let taken = busy.local_addr().expect("an address").to_string();
+    reload(&taken);
+    station.wait_log(&[
+        "reload refused, the running config stays: ",
+        &format!("cannot expose service \"modbus\" on {taken}: "),
+    ]);
+    assert_eq!(echo_round_trip(client, 9, 1 << 20), Received::expected(9, 1 << 20), "kept");
+}

@@ -11,7 +11,9 @@
 //! Listeners are kept by their configured address. A reload keeps a
 //! listener whose address stays (pointing it at the new device and
 //! service), binds new addresses before anything else changes, and stops
-//! the listeners of addresses gone from the config.
+//! the listeners of addresses gone from the config. A new address whose
+//! port a leaving one holds (`127.0.0.1:P` becoming `0.0.0.0:P`) is bound
+//! in its place: the leaving listener stops first.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,6 +37,12 @@ pub(super) const DEVICE_ANSWER_LIMIT: Duration = Duration::from_secs(10);
 
 /// How often the device's liveness is looked at meanwhile.
 const DEVICE_ANSWER_POLL: Duration = Duration::from_millis(100);
+
+/// How long a new listener waits for the port of the leaving ones it
+/// replaces: they close once their accept loop sees its scope stopped,
+/// at once on an idle executor.
+const HANDOVER: Duration = Duration::from_secs(1);
+const HANDOVER_STEP: Duration = Duration::from_millis(10);
 
 /// What one listener serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +85,8 @@ pub(super) struct Exposes(Mutex<HashMap<SocketAddr, Running>>);
 
 struct Running {
     spec: Arc<RwLock<ExposeSpec>>,
-    /// Owns the accept loop; dropping it closes the listener.
-    _scope: Scope,
+    /// Owns the accept loop; stopping or dropping it closes the listener.
+    scope: Scope,
 }
 
 impl Exposes {
@@ -92,23 +100,70 @@ impl Exposes {
     }
 
     /// Binds the addresses of `specs` not served yet. Fails, binding
-    /// nothing, if one cannot be bound.
+    /// nothing, if one cannot be bound. Listeners that `specs` drops and
+    /// that hold a port a new address needs are stopped first; only then
+    /// can a failure leave one stopped (another program took the port in
+    /// the moment between), which the log says.
     pub(super) async fn bind_new(&self, specs: &[ExposeSpec]) -> Result<Vec<Bound>, Error> {
         let mut bound = Vec::new();
         for spec in specs {
             if lock(&self.0).contains_key(&spec.addr) {
                 continue;
             }
-            // Port 0 binds an ephemeral port; the accept loop logs the one chosen.
-            let listener = TcpListener::bind(spec.addr).await.map_err(|source| Error::Expose {
+            let failed = |source| Error::Expose {
                 addr: spec.addr,
                 device: spec.device_name.clone(),
                 service: spec.service.clone(),
                 source,
-            })?;
+            };
+            // Port 0 binds an ephemeral port; the accept loop logs the one chosen.
+            let listener = match TcpListener::bind(spec.addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    self.bind_in_place(spec.addr, specs).await.ok_or(e).map_err(failed)?
+                }
+                bound => bound.map_err(failed)?,
+            };
             bound.push(Bound { spec: spec.clone(), listener });
         }
         Ok(bound)
+    }
+
+    /// Binds `addr` in place of the running listeners on its port that
+    /// `specs` drops, if there are any: stops them, then binds within
+    /// [`HANDOVER`].
+    async fn bind_in_place(&self, addr: SocketAddr, specs: &[ExposeSpec]) -> Option<TcpListener> {
+        let leaving: Vec<Running> = {
+            let mut running = lock(&self.0);
+            let holders: Vec<SocketAddr> = running
+                .keys()
+                .filter(|old| old.port() == addr.port() && !specs.iter().any(|s| s.addr == **old))
+                .copied()
+                .collect();
+            holders
+                .iter()
+                .filter_map(|old| {
+                    log::info!("no longer exposing {old}: {addr} takes its port");
+                    running.remove(old)
+                })
+                .collect()
+        };
+        if leaving.is_empty() {
+            return None;
+        }
+        for run in &leaving {
+            run.scope.stop();
+        }
+        let until = Instant::now() + HANDOVER;
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => return Some(listener),
+                Err(e) if Instant::now() >= until => {
+                    log::error!("cannot bind {addr} in place of the listeners it replaces: {e}");
+                    return None;
+                }
+                Err(_) => smol::Timer::after(HANDOVER_STEP).await,
+            };
+        }
     }
 
     /// Serves `specs`: starts the `bound` listeners, points kept ones at
@@ -136,7 +191,7 @@ impl Exposes {
             let spec = Arc::new(RwLock::new(spec));
             let scope = Scope::new();
             scope.spawn(accept_exposed(shared.clone(), listener, spec.clone()));
-            running.insert(addr, Running { spec, _scope: scope });
+            running.insert(addr, Running { spec, scope });
         }
     }
 }

@@ -18,6 +18,8 @@ pub mod admission;
 pub mod agent;
 pub mod carrier;
 pub mod config;
+#[cfg(any(feature = "agent", feature = "station"))]
+pub mod connect;
 pub mod core;
 pub mod crypto;
 #[cfg(all(feature = "agent", feature = "station"))]

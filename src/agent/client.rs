@@ -14,19 +14,14 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures_lite::future;
-use smol::net::TcpStream;
-
 use super::egress::{Egress, EgressError};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, ResponseHead};
 use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, STATION_MARK};
 use crate::config::{AgentTls, ProxyUrl, StationUrl};
+use crate::connect::{connect, ConnectError, CONNECT_TIMEOUT};
 use crate::crypto::{self, SessionId};
-
-/// Time to open a TCP connection to the station or proxy.
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Time for a reply to a request that the station answers at once.
 pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -232,19 +227,10 @@ impl Client {
             None => ("station", self.station.host.as_str(), self.station.port),
         };
         let addr = format!("{host}:{port}");
-        let connect = async {
-            TcpStream::connect((host, port)).await.map_err(|source| CarrierError::Connect {
-                what,
-                addr: addr.clone(),
-                source,
-            })
-        };
-        let timeout = async {
-            smol::Timer::after(CONNECT_TIMEOUT).await;
-            Err(CarrierError::ConnectTimeout { what, addr: addr.clone() })
-        };
-        let socket = future::or(connect, timeout).await?;
-        let _ = socket.set_nodelay(true);
+        let socket = connect((host, port), CONNECT_TIMEOUT).await.map_err(|e| match e {
+            ConnectError::Failed(source) => CarrierError::Connect { what, addr, source },
+            ConnectError::NoAnswer(_) => CarrierError::ConnectTimeout { what, addr },
+        })?;
         self.egress.over(socket).await
     }
 

@@ -34,6 +34,7 @@ use smol::net::{TcpListener, TcpStream};
 
 use crate::carrier::{self, Verb};
 use crate::config::{AgentConfig, CarrierKind, Service};
+use crate::connect::{connect, CONNECT_TIMEOUT};
 use crate::core::session::Limits;
 use crate::core::streams::{Side, MAX_STREAMS};
 use crate::crypto::{self, SessionId, MAX_HANDSHAKE};
@@ -656,9 +657,8 @@ async fn open_service(shared: Arc<Shared>, tunnel: Arc<Tunnel>, stream: Incoming
             return;
         }
     };
-    match TcpStream::connect(address.as_str()).await {
+    match connect(address.as_str(), CONNECT_TIMEOUT).await {
         Ok(socket) => {
-            let _ = socket.set_nodelay(true);
             log::debug!("service {service} ({address}): {who}");
             endpoint::tcp::pump(&tunnel, id, socket).await;
         }

@@ -24,11 +24,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::{future, AsyncWriteExt};
-use smol::net::{TcpListener, TcpStream};
+use smol::net::TcpListener;
 
 use crate::admission::{CloneWatch, Full, HandshakeBudget, RejectLog, Slots, MAX_STRANGERS};
 use crate::carrier::{self, http};
 use crate::config::StationConfig;
+use crate::connect::{connect, ConnectError, CONNECT_TIMEOUT};
 use crate::core::session::Limits;
 use crate::core::window::Budget;
 use crate::crypto::{self, CryptoError, Responder, SessionId};
@@ -53,9 +54,6 @@ pub use status::{
     Snapshot,
 };
 use status::{Counters, HandshakeRefusal, LiveStatus, StreamRefusal, Totals};
-
-/// Time a target has to accept a connection before the stream is refused.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the unlogged refusals of the last minute are counted in the log.
 const REFUSAL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -684,26 +682,18 @@ async fn open_target(shared: Arc<Shared>, live: Arc<Live>, stream: Incoming) {
         live.tunnel.reset(id, &format!("target {name:?} is not allowed for this device"));
         return;
     };
-    let connect = async {
-        TcpStream::connect(address.as_str())
-            .await
-            .map_err(|e| (StreamRefusal::ConnectFailed, e.to_string()))
-    };
-    let timeout = async {
-        smol::Timer::after(CONNECT_TIMEOUT).await;
-        let why = format!("no answer within {} s", CONNECT_TIMEOUT.as_secs());
-        Err((StreamRefusal::ConnectTimeout, why))
-    };
-    match future::or(connect, timeout).await {
+    match connect(address.as_str(), CONNECT_TIMEOUT).await {
         Ok(socket) => {
-            let _ = socket.set_nodelay(true);
             log::debug!("device {}: stream {id} to {name} ({address})", live.name);
             counters.streams_opened.fetch_add(1, Ordering::Relaxed);
             endpoint::tcp::pump(&live.tunnel, id, socket).await;
         }
-        Err((refusal, e)) => {
+        Err(e) => {
             log::warn!("device {}: target {name} ({address}): {e}", live.name);
-            counters.stream_refused(refusal);
+            counters.stream_refused(match e {
+                ConnectError::Failed(_) => StreamRefusal::ConnectFailed,
+                ConnectError::NoAnswer(_) => StreamRefusal::ConnectTimeout,
+            });
             live.tunnel.reset(id, &format!("target {name}: {e}"));
         }
     }

@@ -35,6 +35,7 @@ use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{self, BodyKind, HttpError, RequestHead, CHUNK_END, LAST_CHUNK};
 use crate::carrier::link::Link;
 use crate::carrier::{self, Verb, STATION_MARK};
+use crate::connect::ConnectError;
 use crate::keys::PrivateKey;
 
 /// The header that vouches for a request from another station.
@@ -173,11 +174,10 @@ impl Pool {
 }
 
 async fn connect(station: SocketAddr) -> std::io::Result<TcpStream> {
-    let timed_out = || std::io::ErrorKind::TimedOut.into();
-    let socket =
-        crate::task::within(CONNECT_TIMEOUT, timed_out, TcpStream::connect(station)).await?;
-    let _ = socket.set_nodelay(true);
-    Ok(socket)
+    crate::connect::connect(station, CONNECT_TIMEOUT).await.map_err(|e| match e {
+        ConnectError::Failed(e) => e,
+        ConnectError::NoAnswer(_) => std::io::ErrorKind::TimedOut.into(),
+    })
 }
 
 /// Passes the carrier request `head` (its body still unread on `conn`) to

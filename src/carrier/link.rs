@@ -5,7 +5,8 @@
 //! ```text
 //!  HttpConn<Link> ─▶ Link::Plain(tcp)                      http://
 //!                 ├▶ Link::Client(TLS client over tcp)     agent, https:// (maybe inside CONNECT)
-//!                 └▶ Link::Server(TLS server over tcp)     station, tls_cert_file
+//!                 ├▶ Link::Server(TLS server over tcp)     station, tls_cert_file
+//!                 └▶ Link::Memory(in-memory pipe)          unit tests and fuzz targets only
 //! ```
 //!
 //! One enum rather than a generic parameter, so the agent's and station's
@@ -38,13 +39,25 @@ pub enum Link {
     Client(Arc<Mutex<futures_rustls::client::TlsStream<TcpStream>>>),
     #[cfg(all(feature = "tls", feature = "station"))]
     Server(Arc<Mutex<futures_rustls::server::TlsStream<TcpStream>>>),
+    /// A test's in-memory connection, so that what runs over a link (the
+    /// station's requests) is tested without sockets. Never shipped.
+    #[cfg(any(test, feature = "fuzzing"))]
+    Memory(super::harness::End),
 }
 
 impl Link {
     /// Whether TLS runs on this connection.
     #[must_use]
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Link::Plain(_))
+        match self {
+            Link::Plain(_) => false,
+            #[cfg(feature = "tls")]
+            Link::Client(_) => true,
+            #[cfg(all(feature = "tls", feature = "station"))]
+            Link::Server(_) => true,
+            #[cfg(any(test, feature = "fuzzing"))]
+            Link::Memory(_) => false,
+        }
     }
 }
 
@@ -54,6 +67,8 @@ macro_rules! each {
     ($link:expr, $stream:ident => $call:expr) => {
         match $link {
             Link::Plain($stream) => $call,
+            #[cfg(any(test, feature = "fuzzing"))]
+            Link::Memory($stream) => $call,
             #[cfg(feature = "tls")]
             Link::Client(shared) => {
                 let $stream = &mut *shared.lock().unwrap_or_else(|p| p.into_inner());

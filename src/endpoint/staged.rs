@@ -112,86 +112,14 @@ async fn stream_to_socket(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::io;
-    use std::pin::Pin;
-    use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll, Waker};
-
     use futures_lite::future::{self, block_on};
 
     use super::*;
+    use crate::carrier::harness::pipe;
     use crate::core::session::{Lane, Limits};
     use crate::core::streams::Side;
     use crate::crypto::{session_pair, RecordReader};
     use crate::tunnel::LaneToken;
-
-    /// One direction of an in-memory byte pipe.
-    #[derive(Default)]
-    struct Flow {
-        bytes: VecDeque<u8>,
-        closed: bool,
-        reader: Option<Waker>,
-    }
-
-    /// One end of an in-memory pipe, shared by its clones as a socket is.
-    #[derive(Clone)]
-    struct End {
-        inbound: Arc<Mutex<Flow>>,
-        outbound: Arc<Mutex<Flow>>,
-    }
-
-    fn pipe() -> (End, End) {
-        let (a, b): (Arc<Mutex<Flow>>, Arc<Mutex<Flow>>) = Default::default();
-        (End { inbound: a.clone(), outbound: b.clone() }, End { inbound: b, outbound: a })
-    }
-
-    impl AsyncRead for End {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            let mut flow = self.inbound.lock().unwrap();
-            if flow.bytes.is_empty() && !flow.closed {
-                flow.reader = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            let n = buf.len().min(flow.bytes.len());
-            for (slot, byte) in buf.iter_mut().zip(flow.bytes.drain(..n)) {
-                *slot = byte;
-            }
-            Poll::Ready(Ok(n))
-        }
-    }
-
-    impl AsyncWrite for End {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let mut flow = self.outbound.lock().unwrap();
-            flow.bytes.extend(buf);
-            if let Some(reader) = flow.reader.take() {
-                reader.wake();
-            }
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            let mut flow = self.outbound.lock().unwrap();
-            flow.closed = true;
-            if let Some(reader) = flow.reader.take() {
-                reader.wake();
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
 
     /// Moves what `from`'s lane has now into `to`; whether anything moved.
     fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> bool {

@@ -91,6 +91,14 @@ impl Exposes {
         })
     }
 
+    /// As if a listener for `spec` ran, without binding one: what the
+    /// tests of a station's other parts need of its reverse listeners.
+    #[cfg(test)]
+    pub(super) fn pretend(&self, spec: ExposeSpec) {
+        let running = Running { spec: Arc::new(RwLock::new(spec.clone())), _scope: Scope::new() };
+        lock(&self.0).insert(spec.addr, running);
+    }
+
     /// Binds the addresses of `specs` not served yet. Fails, binding
     /// nothing, if one cannot be bound.
     pub(super) async fn bind_new(&self, specs: &[ExposeSpec]) -> Result<Vec<Bound>, Error> {

@@ -30,11 +30,12 @@ pub(super) fn client() -> SocketAddr {
 /// The device [`station`] knows.
 pub(super) const DEVICE: &str = "pump-17";
 
-/// The config of a station that knows [`DEVICE`], with `extra` appended.
-pub(super) fn config(key: &PrivateKey, extra: &str) -> StationConfig {
+/// The config of a station that knows [`DEVICE`], with `settings` among
+/// its top-level ones.
+pub(super) fn config(key: &PrivateKey, settings: &str) -> StationConfig {
     let text = format!(
-        "listen = \"127.0.0.1:8080\"\nprivate_key = \"{}\"\n\n[[devices]]\nname = \"{DEVICE}\"\n\
-         public_key = \"{}\"\n{extra}",
+        "listen = \"127.0.0.1:8080\"\nprivate_key = \"{}\"\n{settings}\n[[devices]]\n\
+         name = \"{DEVICE}\"\npublic_key = \"{}\"\n",
         key.to_base64(),
         PrivateKey::generate().public_key().to_base64()
     );

@@ -49,6 +49,19 @@ pub(super) struct Holder {
     pub session: String,
 }
 
+impl Holder {
+    /// The device record's value when `station` holds `session`.
+    fn record(station: SocketAddr, session: &SessionId) -> String {
+        format!("{station} {}", carrier::hex(session))
+    }
+
+    /// A device record's value, as [`Holder::record`] writes it.
+    fn parse(record: &str) -> Option<Holder> {
+        let (station, session) = record.split_once(' ')?;
+        Some(Holder { station: station.parse().ok()?, session: session.to_owned() })
+    }
+}
+
 /// A session this station holds, for [`Registry::renew`].
 pub(super) struct Held {
     pub session: SessionId,
@@ -106,7 +119,7 @@ impl Registry {
     pub(super) async fn claim(&self, session: &SessionId, device: &str) {
         let (ttl, me) = (self.ttl.as_secs().to_string(), self.me.to_string());
         let (session_key, device_key) = (session_key(session), device_key(device));
-        let holder = format!("{me} {}", carrier::hex(session));
+        let holder = Holder::record(self.me, session);
         let _ = self
             .run(&[
                 &["SET", &session_key, &me, "EX", &ttl],
@@ -118,7 +131,7 @@ impl Registry {
     /// Removes the records of a session that ended here.
     pub(super) async fn release(&self, session: &SessionId, device: &str) {
         let me = self.me.to_string();
-        let holder = format!("{me} {}", carrier::hex(session));
+        let holder = Holder::record(self.me, session);
         let _ = self
             .run(&[
                 &["EVAL", RELEASE, "1", &session_key(session), &me],
@@ -139,10 +152,7 @@ impl Registry {
     /// The station holding `device`'s newest session, if the registry knows one.
     pub(super) async fn device_holder(&self, device: &str) -> Result<Option<Holder>, StoreError> {
         let reply = self.run(&[&["GET", &device_key(device)]]).await?;
-        Ok(reply.first().and_then(Reply::text).and_then(|text| {
-            let (station, session) = text.split_once(' ')?;
-            Some(Holder { station: station.parse().ok()?, session: session.to_owned() })
-        }))
+        Ok(reply.first().and_then(Reply::text).as_deref().and_then(Holder::parse))
     }
 
     /// Writes the records of every session held here again, for another
@@ -152,7 +162,7 @@ impl Registry {
         let keys: Vec<(String, String, String, bool)> = held
             .iter()
             .map(|h| {
-                let holder = format!("{me} {}", carrier::hex(&h.session));
+                let holder = Holder::record(self.me, &h.session);
                 (session_key(&h.session), device_key(&h.device), holder, h.active)
             })
             .collect();
@@ -260,4 +270,37 @@ fn session_key(session: &SessionId) -> String {
 
 fn device_key(device: &str) -> String {
     format!("postern:device:{device}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_keyed_by_session_hex_and_device_name() {
+        let mut session = [0u8; 16];
+        session[0] = 0xab;
+        session[15] = 0x01;
+        assert_eq!(session_key(&session), "postern:session:ab000000000000000000000000000001");
+        assert_eq!(device_key("pump-17"), "postern:device:pump-17");
+    }
+
+    #[test]
+    fn a_device_record_names_its_station_and_session() {
+        let holder = Holder::parse("10.0.0.2:7001 ab01").expect("a record");
+        assert_eq!(holder.station, "10.0.0.2:7001".parse().unwrap());
+        assert_eq!(holder.session, "ab01");
+        let v6 = Holder::parse("[2001:db8::2]:7001 ab01").expect("a record");
+        assert_eq!(v6.station, "[2001:db8::2]:7001".parse().unwrap());
+        // What a claim writes is what is read back.
+        let me: SocketAddr = "192.0.2.1:7001".parse().unwrap();
+        let session = [7; 16];
+        let written = Holder::record(me, &session);
+        assert_eq!(written, "192.0.2.1:7001 07070707070707070707070707070707");
+        let read = Holder::parse(&written).expect("a record");
+        assert_eq!(read, Holder { station: me, session: carrier::hex(&session) });
+        for broken in ["", "10.0.0.2:7001", "station-b:7001 ab01", "10.0.0.2 ab01"] {
+            assert_eq!(Holder::parse(broken), None, "{broken:?}");
+        }
+    }
 }

@@ -502,32 +502,44 @@ pub async fn close_after_drain(
     }
 }
 
+/// The unit tests' two ends of a session, here and for the pumps' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::crypto::session_pair;
-    use std::time::Duration;
 
     /// Moves what `from` has to send into `to`, as one carrier body.
-    fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> (Vec<u8>, Result<usize, BadBody>) {
+    pub(crate) fn carry(
+        from: &Tunnel,
+        lane: LaneToken,
+        to: &Tunnel,
+    ) -> (Vec<u8>, Result<usize, BadBody>) {
         let mut body = Vec::new();
         from.transmit_now(lane, &mut body, 1 << 20).expect("the session is open");
         let received = to.receive(&body, &mut RecordReader::default(), &mut Vec::new());
         (body, received)
     }
 
-    fn deliver(body: &[u8], to: &Tunnel) -> Result<usize, BadBody> {
-        to.receive(body, &mut RecordReader::default(), &mut Vec::new())
-    }
-
     /// An agent's and a station's tunnel on one session's keys, with the
     /// agent's sending lane and the station's receiver of opened streams.
-    fn pair() -> (Arc<Tunnel>, LaneToken, Arc<Tunnel>, channel::Receiver<Incoming>) {
+    pub(crate) fn pair() -> (Arc<Tunnel>, LaneToken, Arc<Tunnel>, channel::Receiver<Incoming>) {
         let (agent_keys, station_keys) = session_pair();
         let (agent, _) = Tunnel::new(Side::Agent, agent_keys, Limits::default());
         let (station, opened) = Tunnel::new(Side::Station, station_keys, Limits::default());
         let up = agent.begin_lane(Lane::Data);
         (agent, up, station, opened)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{carry, pair};
+    use super::*;
+    use crate::crypto::session_pair;
+    use std::time::Duration;
+
+    fn deliver(body: &[u8], to: &Tunnel) -> Result<usize, BadBody> {
+        to.receive(body, &mut RecordReader::default(), &mut Vec::new())
     }
 
     #[test]

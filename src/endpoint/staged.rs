@@ -116,28 +116,16 @@ mod tests {
 
     use super::*;
     use crate::carrier::harness::pipe;
-    use crate::core::session::{Lane, Limits};
-    use crate::core::streams::Side;
-    use crate::crypto::{session_pair, RecordReader};
-    use crate::tunnel::LaneToken;
-
-    /// Moves what `from`'s lane has now into `to`; whether anything moved.
-    fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> bool {
-        let mut body = Vec::new();
-        from.transmit_now(lane, &mut body, 1 << 20).expect("the session is open");
-        to.receive(&body, &mut RecordReader::default(), &mut Vec::new()).expect("authentic");
-        !body.is_empty()
-    }
+    use crate::core::session::Lane;
+    use crate::tunnel::testing::{carry, pair};
 
     /// A line's bytes cross both ways through a staged pump, the peer's
     /// finish closes the line's writing half, and a stream waiting
     /// between messages holds no buffer at this side.
     #[test]
     fn a_line_carried_through_a_staged_pump_keeps_every_byte_and_the_half_close() {
-        let (agent_keys, station_keys) = session_pair();
-        let (agent, _) = Tunnel::new(Side::Agent, agent_keys, Limits::default());
-        let (station, opened) = Tunnel::new(Side::Station, station_keys, Limits::default());
-        let (up, down) = (agent.begin_lane(Lane::Data), station.begin_lane(Lane::Data));
+        let (agent, up, station, opened) = pair();
+        let down = station.begin_lane(Lane::Data);
         let id = agent.open("console").expect("open");
         let (line, device) = pipe();
         let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
@@ -152,8 +140,8 @@ mod tests {
                 app.write_all(message).await.unwrap();
                 got.clear();
                 while got.len() < message.len() {
-                    carry(&agent, up, &station);
-                    carry(&station, down, &agent);
+                    carry(&agent, up, &station).1.expect("authentic");
+                    carry(&station, down, &agent).1.expect("authentic");
                     while let Ok(Read::Data(n)) =
                         station.with_streams(|streams, _| streams.read(id, &mut buf))
                     {
@@ -172,7 +160,7 @@ mod tests {
                 assert_eq!(streams.write(id, b"ok\n").unwrap(), 3);
                 streams.finish(id).unwrap();
             });
-            carry(&station, down, &agent);
+            carry(&station, down, &agent).1.expect("authentic");
             let mut answer = Vec::new();
             app.read_to_end(&mut answer).await.unwrap();
             assert_eq!(answer, b"ok\n");

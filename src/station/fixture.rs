@@ -11,9 +11,10 @@ use futures_lite::AsyncWriteExt;
 
 use super::expose::Exposes;
 use super::requests::{serve_link, Via};
+use super::resp::{Dial, Resp};
 use super::tls::ListenerTls;
 use super::{lock, Live, Shared};
-use crate::carrier::harness::pipe;
+use crate::carrier::harness::{pipe, End};
 use crate::carrier::link::Link;
 use crate::config::StationConfig;
 use crate::core::session::Limits;
@@ -83,4 +84,24 @@ pub(super) fn exchange(shared: &Arc<Shared>, via: Via, request: &[u8]) -> Vec<u8
 /// The refusals counted so far, by reason.
 pub(super) fn refusals(shared: &Shared) -> BTreeMap<&'static str, u64> {
     lock(&shared.counters.rejected).clone()
+}
+
+/// A test's store is reached only over the pipe it scripted: no other
+/// connection can be made.
+impl Dial for End {
+    async fn dial(_: &str) -> std::io::Result<End> {
+        Err(std::io::ErrorKind::ConnectionRefused.into())
+    }
+}
+
+/// A connection to a store that answers with `replies`, whatever it is
+/// sent, then closes; and the store's end, which holds what was sent.
+pub(super) fn scripted_store(replies: &[u8]) -> (Resp<End>, End) {
+    let (client, store) = pipe();
+    block_on(async {
+        let mut answering = store.clone();
+        answering.write_all(replies).await.expect("the pipe takes everything");
+        answering.close().await.expect("the pipe closes");
+    });
+    (Resp::over(client), store)
 }

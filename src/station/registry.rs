@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 
 use super::lock;
-use super::resp::{Reply, Resp, StoreError};
+use super::resp::{Dial, Reply, Resp, StoreError};
 use crate::carrier;
 use crate::config::StoreAddr;
 use crate::crypto::SessionId;
@@ -76,20 +76,21 @@ enum Health {
     Down { retry_at: Instant },
 }
 
-pub(super) struct Registry {
+/// The registry, over TCP to the store, or in the tests over a pipe.
+pub(super) struct Registry<S = smol::net::TcpStream> {
     store: StoreAddr,
     /// This station, as the other stations reach it.
     me: SocketAddr,
     ttl: Duration,
-    conn: smol::lock::Mutex<Option<Resp>>,
+    conn: smol::lock::Mutex<Option<Resp<S>>>,
     health: Mutex<Health>,
     /// Notified when the store is back after an outage, so that every
     /// record is written again at once.
     rejoined: Event,
 }
 
-impl Registry {
-    pub(super) fn new(store: StoreAddr, me: SocketAddr, ttl: Duration) -> Registry {
+impl<S: Dial> Registry<S> {
+    pub(super) fn new(store: StoreAddr, me: SocketAddr, ttl: Duration) -> Self {
         Registry {
             store,
             me,
@@ -274,7 +275,170 @@ fn device_key(device: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use futures_lite::future::{block_on, poll_once};
+
     use super::*;
+    use crate::carrier::harness::End;
+    use crate::station::fixture::scripted_store;
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    fn me() -> SocketAddr {
+        "192.0.2.1:7001".parse().unwrap()
+    }
+
+    /// A registry connected to a store that answers with `replies`; and
+    /// the store's end of the connection.
+    fn connected(replies: &[u8]) -> (Registry<End>, End) {
+        let store = StoreAddr { host_port: "store:6379".into(), password: None, db: 0 };
+        let registry = Registry::new(store, me(), TTL);
+        let (resp, store) = scripted_store(replies);
+        *registry.conn.try_lock().expect("no call runs yet") = Some(resp);
+        (registry, store)
+    }
+
+    /// The commands a store received, each as its parts (RESP arrays of
+    /// bulk strings, as `resp::encode` writes them).
+    fn commands(sent: &[u8]) -> Vec<Vec<String>> {
+        let text = String::from_utf8(sent.to_vec()).expect("the registry sends text");
+        let mut lines = text.split("\r\n");
+        let mut commands = Vec::new();
+        while let Some(count) = lines.next().and_then(|l| l.strip_prefix('*')) {
+            let parts = (0..count.parse().expect("a count"))
+                .map(|_| {
+                    let len: usize = lines
+                        .next()
+                        .and_then(|l| l.strip_prefix('$'))
+                        .expect("a length")
+                        .parse()
+                        .expect("a number");
+                    let part = lines.next().expect("a part").to_owned();
+                    assert_eq!(part.len(), len);
+                    part
+                })
+                .collect();
+            commands.push(parts);
+        }
+        commands
+    }
+
+    fn owned(commands: &[&[&str]]) -> Vec<Vec<String>> {
+        commands.iter().map(|c| c.iter().map(|p| p.to_string()).collect()).collect()
+    }
+
+    const SESSION: SessionId = [0xab; 16];
+    const SESSION_HEX: &str = "abababababababababababababababab";
+
+    #[test]
+    fn a_claim_writes_both_records_for_the_records_life() {
+        let (registry, store) = connected(b"+OK\r\n+OK\r\n");
+        block_on(registry.claim(&SESSION, "pump-17"));
+        let holder = format!("192.0.2.1:7001 {SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["SET", &format!("postern:session:{SESSION_HEX}"), "192.0.2.1:7001", "EX", "30"],
+                &["SET", "postern:device:pump-17", &holder, "EX", "30"],
+            ])
+        );
+        assert!(registry.is_up());
+    }
+
+    #[test]
+    fn a_release_removes_only_the_records_that_still_name_this_station() {
+        let (registry, store) = connected(b":1\r\n:0\r\n");
+        block_on(registry.release(&SESSION, "pump-17"));
+        let holder = format!("192.0.2.1:7001 {SESSION_HEX}");
+        let session_key = format!("postern:session:{SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["EVAL", RELEASE, "1", &session_key, "192.0.2.1:7001"],
+                &["EVAL", RELEASE, "1", "postern:device:pump-17", &holder],
+            ])
+        );
+    }
+
+    #[test]
+    fn holders_are_read_from_the_records_and_a_missing_one_is_none() {
+        let (registry, store) = connected(b"$13\r\n10.0.0.2:7001\r\n$-1\r\n$6\r\nnot me\r\n");
+        let held = block_on(registry.session_holder(&SESSION)).expect("an answer");
+        assert_eq!(held, Some("10.0.0.2:7001".parse().unwrap()));
+        assert_eq!(block_on(registry.session_holder(&SESSION)).expect("an answer"), None);
+        assert_eq!(block_on(registry.device_holder("pump-17")).expect("an answer"), None);
+        let session_key = format!("postern:session:{SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["GET", &session_key],
+                &["GET", &session_key],
+                &["GET", "postern:device:pump-17"]
+            ])
+        );
+        let record = format!("10.0.0.2:7001 {SESSION_HEX}");
+        let reply = format!("${}\r\n{record}\r\n", record.len());
+        let (registry, _) = connected(reply.as_bytes());
+        let holder = block_on(registry.device_holder("pump-17")).expect("an answer");
+        let want =
+            Holder { station: "10.0.0.2:7001".parse().unwrap(), session: SESSION_HEX.into() };
+        assert_eq!(holder, Some(want));
+    }
+
+    /// Every held session's record is renewed; its device's only if the
+    /// session is heard from, and only where the record still names it.
+    #[test]
+    fn a_renewal_writes_every_session_and_the_devices_of_active_ones() {
+        let (registry, store) = connected(b"+OK\r\n:1\r\n+OK\r\n");
+        let quiet = [0x01; 16];
+        let held = [
+            Held { session: SESSION, device: "pump-17".into(), active: true },
+            Held { session: quiet, device: "gate-2".into(), active: false },
+        ];
+        block_on(registry.renew(&held));
+        let holder = format!("192.0.2.1:7001 {SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["SET", &format!("postern:session:{SESSION_HEX}"), "192.0.2.1:7001", "EX", "30"],
+                &["EVAL", KEEP, "1", "postern:device:pump-17", &holder, "30"],
+                &["SET", &session_key(&quiet), "192.0.2.1:7001", "EX", "30"],
+            ])
+        );
+        // Nothing held: the store is still asked after, so its state is known.
+        let (registry, store) = connected(b"+PONG\r\n");
+        block_on(registry.renew(&[]));
+        assert_eq!(commands(&store.received()), owned(&[&["PING"]]));
+    }
+
+    /// A store that fails a call is rested: calls fail at once, without a
+    /// connection, until the retry is due; the store's return wakes the
+    /// renewals so every record is written again.
+    #[test]
+    fn a_failing_store_is_rested_and_its_return_wakes_the_renewals() {
+        let (registry, store) =
+            connected(b"-READONLY You can't write against a read only replica.\r\n");
+        block_on(registry.claim(&SESSION, "pump-17"));
+        assert!(!registry.is_up());
+        assert_eq!(commands(&store.received()).len(), 2);
+        let resting = block_on(registry.session_holder(&SESSION));
+        assert!(matches!(resting, Err(StoreError::Unavailable)), "{resting:?}");
+        assert!(registry.conn.try_lock().expect("no call runs").is_none(), "the connection went");
+
+        // The retry is due, the store answers again.
+        *lock(&registry.health) = Health::Down { retry_at: Instant::now() };
+        let (resp, store) = scripted_store(b"+PONG\r\n");
+        *registry.conn.try_lock().expect("no call runs") = Some(resp);
+        let rejoined = registry.rejoined.listen();
+        block_on(registry.renew(&[]));
+        assert_eq!(commands(&store.received()), owned(&[&["PING"]]));
+        assert!(registry.is_up());
+        assert!(block_on(poll_once(rejoined)).is_some(), "the renewals were woken");
+        // The retry is due and the store is away still: tried, and failed
+        // with what the connect met.
+        *lock(&registry.health) = Health::Down { retry_at: Instant::now() };
+        let failed = block_on(registry.session_holder(&SESSION));
+        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+    }
 
     #[test]
     fn records_are_keyed_by_session_hex_and_device_name() {

@@ -118,3 +118,37 @@ impl AsyncWrite for Link {
         each!(self.get_mut(), s => Pin::new(s).poll_close(cx))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_lite::future::block_on;
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::carrier::harness::pipe;
+
+    /// A link's clones are one connection, as a socket's are: what one
+    /// writes the peer reads once, and closing one ends the writing half.
+    #[test]
+    fn a_links_clones_share_one_connection() {
+        let (near, far) = pipe();
+        let link = Link::Memory(near);
+        assert!(!link.is_tls());
+        let (mut writer, mut reader) = (link.clone(), link);
+        block_on(async {
+            writer.write_all(b"request").await.expect("written");
+            let mut far = far;
+            let mut got = [0; 7];
+            far.read_exact(&mut got).await.expect("read");
+            assert_eq!(&got, b"request");
+            far.write_all(b"answer").await.expect("written");
+            far.close().await.expect("closed");
+            let mut answer = Vec::new();
+            reader.read_to_end(&mut answer).await.expect("read to the end");
+            assert_eq!(answer, b"answer");
+            writer.close().await.expect("closed");
+            assert!(far.peer_closed());
+            assert_eq!(far.read(&mut got).await.expect("EOF"), 0);
+        });
+    }
+}

@@ -868,4 +868,32 @@ mod tests {
         assert_eq!(answer, http::error_response(503));
         assert_eq!(shared.counters.bad_handshakes.load(Ordering::Relaxed), 1);
     }
+
+    fn chunked(session: &SessionId, verb: Verb, body: &[u8]) -> Vec<u8> {
+        let target = carrier::path("/", session, verb);
+        let mut out = request("POST", &target, "Transfer-Encoding: chunked\r\n", b"");
+        http::write_chunk_header(&mut out, body.len());
+        out.extend_from_slice(body);
+        out.extend_from_slice(http::CHUNK_END);
+        out.extend_from_slice(http::LAST_CHUNK);
+        out
+    }
+
+    /// An uplink's records reach the session and the whole body is
+    /// answered with an empty 200; records that do not open are refused.
+    #[test]
+    fn an_uplink_is_taken_whole_and_one_with_forged_records_refused() {
+        let shared = station();
+        let (id, live, agent) = session(&shared);
+        let mut ack = Vec::new();
+        agent.seal_ack(&mut ack);
+        let answer = read_answer(&exchange(&shared, Via::Agent, &chunked(&id, Verb::Up, &ack)));
+        assert_eq!((answer.head.status, answer.head.body), (200, BodyKind::Length(0)));
+        assert_eq!(answer.head.header("X-Postern"), Some(&b"station"[..]));
+        assert!(live.confirmed.load(Ordering::Acquire));
+        // The same records again: a replay the session's window refuses.
+        let answer = exchange(&shared, Via::Agent, &chunked(&id, Verb::Up, &ack));
+        assert_eq!(answer, http::error_response(400));
+        assert_eq!(refusals(&shared), [("malformed", 1)].into());
+    }
 }

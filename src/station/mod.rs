@@ -168,15 +168,17 @@ struct Live {
 }
 
 impl Live {
-    /// A session just made with `key`, not confirmed yet.
+    /// A session just made with `key`, not confirmed yet, in the `Arc` it
+    /// lives in: made outside it and moved in, this and [`Shared::new`]'s
+    /// value cost the station binary 384 bytes.
     fn new(
         id: SessionId,
         key: PublicKey,
         name: String,
         tunnel: Arc<Tunnel>,
         peer: SocketAddr,
-    ) -> Live {
-        Live {
+    ) -> Arc<Live> {
+        Arc::new(Live {
             id,
             key: Mutex::new(key),
             name,
@@ -185,7 +187,7 @@ impl Live {
             confirmed: AtomicBool::new(false),
             status: LiveStatus::new(),
             peer,
-        }
+        })
     }
 
     /// What this session has carried so far.
@@ -238,14 +240,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     /// The station's state for `config`, apart from its listeners: what
     /// a station is before it binds, and what the request tests drive.
+    /// In its `Arc`, as [`Live::new`].
     fn new(
         config: &StationConfig,
         limits: Limits,
         exposes: Exposes,
         tls: tls::ListenerTls,
         registry: Option<Registry>,
-    ) -> Shared {
-        Shared {
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
             started_with: Fixed::of(config),
             exposes,
             draining: AtomicBool::new(false),
@@ -264,7 +267,7 @@ impl Shared {
             tls,
             registry,
             peer_pool: peers::Pool::default(),
-        }
+        })
     }
 
     /// The roster now; a reload swaps it, and holders of the old one finish
@@ -379,7 +382,7 @@ impl Station {
             None => (None, None),
         };
         let shared = Shared::new(&config, limits, exposes, tls, registry);
-        Ok(Station { listener, shared: Arc::new(shared), exposes: bound, status, peers })
+        Ok(Station { listener, shared, exposes: bound, status, peers })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -722,6 +722,13 @@ mod tests {
         request("POST", &carrier::path("/", session, verb), &length, body)
     }
 
+    /// A packet the agent seals now: what proves a request.
+    fn sealed_ack(agent: &Tunnel) -> Vec<u8> {
+        let mut packet = Vec::new();
+        agent.seal_ack(&mut packet);
+        packet
+    }
+
     /// An answer as the agent reads it.
     struct Answer {
         head: ResponseHead,
@@ -789,8 +796,7 @@ mod tests {
         let (id, live, agent) = session(&shared);
         let answer = exchange(&shared, Via::Agent, &post(&id, Verb::Push, b"not a packet"));
         assert_eq!(answer, http::error_response(403));
-        let mut ack = Vec::new();
-        agent.seal_ack(&mut ack);
+        let ack = sealed_ack(&agent);
         // One bit changed on the way.
         let mut tampered = ack.clone();
         *tampered.last_mut().expect("a sealed packet") ^= 1;
@@ -811,8 +817,7 @@ mod tests {
     fn an_authentic_push_is_answered_with_packets_and_the_connection_kept() {
         let shared = station();
         let (id, live, agent) = session(&shared);
-        let mut ack = Vec::new();
-        agent.seal_ack(&mut ack);
+        let ack = sealed_ack(&agent);
         let mut requests = post(&id, Verb::Push, &ack);
         requests.extend(request("GET", "/", "", b""));
         let answer = exchange(&shared, Via::Agent, &requests);
@@ -892,8 +897,7 @@ mod tests {
     fn an_uplink_is_taken_whole_and_one_with_forged_records_refused() {
         let shared = station();
         let (id, live, agent) = session(&shared);
-        let mut ack = Vec::new();
-        agent.seal_ack(&mut ack);
+        let ack = sealed_ack(&agent);
         let answer = read_answer(&exchange(&shared, Via::Agent, &chunked(&id, Verb::Up, &ack)));
         assert_eq!((answer.head.status, answer.head.body), (200, BodyKind::Length(0)));
         assert_eq!(answer.head.header("X-Postern"), Some(&b"station"[..]));

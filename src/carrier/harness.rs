@@ -1,13 +1,16 @@
 //! Test doubles shared by the unit tests and the fuzz targets (fuzz/), so
 //! both drive the HTTP layer the same way: an in-memory peer that hands
-//! out bytes in chosen pieces, and chunked decoding in pieces with its
-//! contract checked on every call. Built only for tests and with the
-//! `fuzzing` feature, never into a shipped binary; it panics on purpose.
+//! out bytes in chosen pieces, an in-memory pipe that stands in for a
+//! socket (a carrier connection's [`super::link::Link::Memory`], a pump's
+//! local end), and chunked decoding in pieces with its contract checked on
+//! every call. Built only for tests and with the `fuzzing` feature, never
+//! into a shipped binary; it panics on purpose.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 
@@ -94,6 +97,133 @@ impl AsyncWrite for Peer {
     }
 
     fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One direction of an in-memory pipe.
+#[derive(Default)]
+struct Flow {
+    bytes: VecDeque<u8>,
+    closed: bool,
+    reset: bool,
+    reader: Option<Waker>,
+}
+
+impl Flow {
+    fn wake(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.wake();
+        }
+    }
+}
+
+/// The two directions as one end sees them. Dropped with the end's last
+/// clone, which then closes its writing half, as closing a socket's last
+/// descriptor sends its FIN.
+struct Ends {
+    inbound: Arc<Mutex<Flow>>,
+    outbound: Arc<Mutex<Flow>>,
+}
+
+impl Drop for Ends {
+    fn drop(&mut self) {
+        let mut flow = self.outbound.lock().unwrap();
+        flow.closed = true;
+        flow.wake();
+    }
+}
+
+/// One end of an in-memory byte pipe, shared by its clones as a socket
+/// is: writes never block, a read waits for bytes, `close` ends this
+/// end's writing half (the other end then reads EOF after what is
+/// buffered), and [`End::reset`] fails both ends as a peer's RST does.
+#[derive(Clone)]
+pub struct End(Arc<Ends>);
+
+/// A connected pair of in-memory ends.
+pub fn pipe() -> (End, End) {
+    let (a, b): (Arc<Mutex<Flow>>, Arc<Mutex<Flow>>) = Default::default();
+    let one = Ends { inbound: a.clone(), outbound: b.clone() };
+    (End(Arc::new(one)), End(Arc::new(Ends { inbound: b, outbound: a })))
+}
+
+impl End {
+    /// What has arrived at this end and is not read yet, taken without
+    /// waiting: what a test asserts once the other side is done.
+    pub fn received(&self) -> Vec<u8> {
+        self.0.inbound.lock().unwrap().bytes.drain(..).collect()
+    }
+
+    /// Whether the other end closed its writing half.
+    pub fn peer_closed(&self) -> bool {
+        self.0.inbound.lock().unwrap().closed
+    }
+
+    /// Breaks the connection: every later read and write at either end
+    /// fails with `ConnectionReset`, and bytes in flight are lost.
+    pub fn reset(&self) {
+        for flow in [&self.0.inbound, &self.0.outbound] {
+            let mut flow = flow.lock().unwrap();
+            flow.reset = true;
+            flow.bytes.clear();
+            flow.wake();
+        }
+    }
+}
+
+fn reset_error() -> io::Error {
+    io::ErrorKind::ConnectionReset.into()
+}
+
+impl AsyncRead for End {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut flow = self.0.inbound.lock().unwrap();
+        if flow.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if flow.bytes.is_empty() && !flow.closed {
+            flow.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = buf.len().min(flow.bytes.len());
+        for (slot, byte) in buf.iter_mut().zip(flow.bytes.drain(..n)) {
+            *slot = byte;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncWrite for End {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut flow = self.0.outbound.lock().unwrap();
+        if flow.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if flow.closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        flow.bytes.extend(buf);
+        flow.wake();
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut flow = self.0.outbound.lock().unwrap();
+        flow.closed = true;
+        flow.wake();
         Poll::Ready(Ok(()))
     }
 }

@@ -5,7 +5,8 @@
 //! ```text
 //!  HttpConn<Link> ─▶ Link::Plain(tcp)                      http://
 //!                 ├▶ Link::Client(TLS client over tcp)     agent, https:// (maybe inside CONNECT)
-//!                 └▶ Link::Server(TLS server over tcp)     station, tls_cert_file
+//!                 ├▶ Link::Server(TLS server over tcp)     station, tls_cert_file
+//!                 └▶ Link::Memory(in-memory pipe)          unit tests and fuzz targets only
 //! ```
 //!
 //! One enum rather than a generic parameter, so the agent's and station's
@@ -38,13 +39,25 @@ pub enum Link {
     Client(Arc<Mutex<futures_rustls::client::TlsStream<TcpStream>>>),
     #[cfg(all(feature = "tls", feature = "station"))]
     Server(Arc<Mutex<futures_rustls::server::TlsStream<TcpStream>>>),
+    /// A test's in-memory connection, so that what runs over a link (the
+    /// station's requests) is tested without sockets. Never shipped.
+    #[cfg(any(test, feature = "fuzzing"))]
+    Memory(super::harness::End),
 }
 
 impl Link {
     /// Whether TLS runs on this connection.
     #[must_use]
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Link::Plain(_))
+        match self {
+            Link::Plain(_) => false,
+            #[cfg(feature = "tls")]
+            Link::Client(_) => true,
+            #[cfg(all(feature = "tls", feature = "station"))]
+            Link::Server(_) => true,
+            #[cfg(any(test, feature = "fuzzing"))]
+            Link::Memory(_) => false,
+        }
     }
 }
 
@@ -54,6 +67,8 @@ macro_rules! each {
     ($link:expr, $stream:ident => $call:expr) => {
         match $link {
             Link::Plain($stream) => $call,
+            #[cfg(any(test, feature = "fuzzing"))]
+            Link::Memory($stream) => $call,
             #[cfg(feature = "tls")]
             Link::Client(shared) => {
                 let $stream = &mut *shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,5 +116,39 @@ impl AsyncWrite for Link {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each!(self.get_mut(), s => Pin::new(s).poll_close(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_lite::future::block_on;
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::carrier::harness::pipe;
+
+    /// A link's clones are one connection, as a socket's are: what one
+    /// writes the peer reads once, and closing one ends the writing half.
+    #[test]
+    fn a_links_clones_share_one_connection() {
+        let (near, far) = pipe();
+        let link = Link::Memory(near);
+        assert!(!link.is_tls());
+        let (mut writer, mut reader) = (link.clone(), link);
+        block_on(async {
+            writer.write_all(b"request").await.expect("written");
+            let mut far = far;
+            let mut got = [0; 7];
+            far.read_exact(&mut got).await.expect("read");
+            assert_eq!(&got, b"request");
+            far.write_all(b"answer").await.expect("written");
+            far.close().await.expect("closed");
+            let mut answer = Vec::new();
+            reader.read_to_end(&mut answer).await.expect("read to the end");
+            assert_eq!(answer, b"answer");
+            writer.close().await.expect("closed");
+            assert!(far.peer_closed());
+            assert_eq!(far.read(&mut got).await.expect("EOF"), 0);
+        });
     }
 }

@@ -112,104 +112,20 @@ async fn stream_to_socket(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::io;
-    use std::pin::Pin;
-    use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll, Waker};
-
     use futures_lite::future::{self, block_on};
 
     use super::*;
-    use crate::core::session::{Lane, Limits};
-    use crate::core::streams::Side;
-    use crate::crypto::{session_pair, RecordReader};
-    use crate::tunnel::LaneToken;
-
-    /// One direction of an in-memory byte pipe.
-    #[derive(Default)]
-    struct Flow {
-        bytes: VecDeque<u8>,
-        closed: bool,
-        reader: Option<Waker>,
-    }
-
-    /// One end of an in-memory pipe, shared by its clones as a socket is.
-    #[derive(Clone)]
-    struct End {
-        inbound: Arc<Mutex<Flow>>,
-        outbound: Arc<Mutex<Flow>>,
-    }
-
-    fn pipe() -> (End, End) {
-        let (a, b): (Arc<Mutex<Flow>>, Arc<Mutex<Flow>>) = Default::default();
-        (End { inbound: a.clone(), outbound: b.clone() }, End { inbound: b, outbound: a })
-    }
-
-    impl AsyncRead for End {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            let mut flow = self.inbound.lock().unwrap();
-            if flow.bytes.is_empty() && !flow.closed {
-                flow.reader = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            let n = buf.len().min(flow.bytes.len());
-            for (slot, byte) in buf.iter_mut().zip(flow.bytes.drain(..n)) {
-                *slot = byte;
-            }
-            Poll::Ready(Ok(n))
-        }
-    }
-
-    impl AsyncWrite for End {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let mut flow = self.outbound.lock().unwrap();
-            flow.bytes.extend(buf);
-            if let Some(reader) = flow.reader.take() {
-                reader.wake();
-            }
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            let mut flow = self.outbound.lock().unwrap();
-            flow.closed = true;
-            if let Some(reader) = flow.reader.take() {
-                reader.wake();
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// Moves what `from`'s lane has now into `to`; whether anything moved.
-    fn carry(from: &Tunnel, lane: LaneToken, to: &Tunnel) -> bool {
-        let mut body = Vec::new();
-        from.transmit_now(lane, &mut body, 1 << 20).expect("the session is open");
-        to.receive(&body, &mut RecordReader::default(), &mut Vec::new()).expect("authentic");
-        !body.is_empty()
-    }
+    use crate::carrier::harness::pipe;
+    use crate::core::session::Lane;
+    use crate::tunnel::testing::{carry, pair};
 
     /// A line's bytes cross both ways through a staged pump, the peer's
     /// finish closes the line's writing half, and a stream waiting
     /// between messages holds no buffer at this side.
     #[test]
     fn a_line_carried_through_a_staged_pump_keeps_every_byte_and_the_half_close() {
-        let (agent_keys, station_keys) = session_pair();
-        let (agent, _) = Tunnel::new(Side::Agent, agent_keys, Limits::default());
-        let (station, opened) = Tunnel::new(Side::Station, station_keys, Limits::default());
-        let (up, down) = (agent.begin_lane(Lane::Data), station.begin_lane(Lane::Data));
+        let (agent, up, station, opened) = pair();
+        let down = station.begin_lane(Lane::Data);
         let id = agent.open("console").expect("open");
         let (line, device) = pipe();
         let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
@@ -224,8 +140,8 @@ mod tests {
                 app.write_all(message).await.unwrap();
                 got.clear();
                 while got.len() < message.len() {
-                    carry(&agent, up, &station);
-                    carry(&station, down, &agent);
+                    carry(&agent, up, &station).1.expect("authentic");
+                    carry(&station, down, &agent).1.expect("authentic");
                     while let Ok(Read::Data(n)) =
                         station.with_streams(|streams, _| streams.read(id, &mut buf))
                     {
@@ -244,7 +160,7 @@ mod tests {
                 assert_eq!(streams.write(id, b"ok\n").unwrap(), 3);
                 streams.finish(id).unwrap();
             });
-            carry(&station, down, &agent);
+            carry(&station, down, &agent).1.expect("authentic");
             let mut answer = Vec::new();
             app.read_to_end(&mut answer).await.unwrap();
             assert_eq!(answer, b"ok\n");

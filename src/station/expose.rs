@@ -99,6 +99,14 @@ impl Exposes {
         })
     }
 
+    /// As if a listener for `spec` ran, without binding one: what the
+    /// tests of a station's other parts need of its reverse listeners.
+    #[cfg(test)]
+    pub(super) fn pretend(&self, spec: ExposeSpec) {
+        let running = Running { spec: Arc::new(RwLock::new(spec.clone())), _scope: Scope::new() };
+        lock(&self.0).insert(spec.addr, running);
+    }
+
     /// Binds the addresses of `specs` not served yet. Fails, binding
     /// nothing, if one cannot be bound. Listeners that `specs` drops and
     /// that hold a port a new address needs are stopped first; only then
@@ -323,4 +331,70 @@ pub(super) fn carry(shared: &Shared, live: &Arc<Live>, client: Client) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::station::fixture::station;
+
+    fn spec(addr: &str, device: &str, service: &str) -> ExposeSpec {
+        ExposeSpec {
+            addr: addr.parse().expect("an address"),
+            device_name: device.to_owned(),
+            service: service.to_owned(),
+        }
+    }
+
+    #[test]
+    fn specs_are_every_exposed_address_of_every_device_in_order() {
+        let key = || PrivateKey::generate().public_key().to_base64();
+        let text = format!(
+            "listen = \"127.0.0.1:8080\"\nprivate_key = \"{}\"\n\
+             [[devices]]\nname = \"pump-17\"\npublic_key = \"{}\"\n\
+             [devices.expose]\n\"127.0.0.1:15021\" = \"console\"\n\"127.0.0.1:15020\" = \"modbus\"\n\
+             [[devices]]\nname = \"gate-2\"\npublic_key = \"{}\"\n\
+             [[devices]]\nname = \"meter-9\"\npublic_key = \"{}\"\n\
+             [devices.expose]\n\"0.0.0.0:0\" = \"modbus\"\n",
+            PrivateKey::generate().to_base64(),
+            key(),
+            key(),
+            key()
+        );
+        let config = StationConfig::parse(&text, "station.toml").expect("a valid config");
+        assert_eq!(
+            specs(&config),
+            [
+                spec("127.0.0.1:15020", "pump-17", "modbus"),
+                spec("127.0.0.1:15021", "pump-17", "console"),
+                spec("0.0.0.0:0", "meter-9", "modbus"),
+            ]
+        );
+    }
+
+    /// A reload points a kept listener at its new device and service and
+    /// stops one whose address is gone; what is served follows at once.
+    #[test]
+    fn what_the_listeners_serve_follows_a_reload() {
+        let shared = station();
+        let exposes = &shared.exposes;
+        assert!(!exposes.serves("pump-17", "modbus"));
+        exposes.pretend(spec("127.0.0.1:15020", "pump-17", "modbus"));
+        exposes.pretend(spec("127.0.0.1:15021", "pump-17", "console"));
+        assert!(exposes.serves("pump-17", "modbus"));
+        assert!(exposes.serves("pump-17", "console"));
+        assert!(!exposes.serves("pump-17", "ssh"));
+        assert!(!exposes.serves("meter-9", "modbus"));
+
+        let specs = [spec("127.0.0.1:15020", "meter-9", "modbus")];
+        // Nothing new to bind: the one address kept is running already.
+        let bound = future::block_on(exposes.bind_new(&specs)).expect("nothing to bind");
+        assert!(bound.is_empty());
+        exposes.apply(&shared, &specs, bound);
+        assert!(exposes.serves("meter-9", "modbus"));
+        assert!(!exposes.serves("pump-17", "modbus"));
+        assert!(!exposes.serves("pump-17", "console"));
+        assert_eq!(lock(&exposes.0).keys().collect::<Vec<_>>(), [&specs[0].addr]);
+    }
 }

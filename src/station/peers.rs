@@ -81,8 +81,13 @@ fn unix_secs() -> u64 {
 
 /// The [`PEER_HEADER`] value for a request from this station.
 fn vouch(shared: &Shared, method: &str, target: &str) -> String {
-    let key = peer_key(&shared.keys().current);
-    let secs = unix_secs();
+    vouch_at(&shared.keys().current, unix_secs(), method, target)
+}
+
+/// The [`PEER_HEADER`] value for a request made at `secs` by a station
+/// with key `station`.
+fn vouch_at(station: &PrivateKey, secs: u64, method: &str, target: &str) -> String {
+    let key = peer_key(station);
     format!("{secs} {}", carrier::hex(&mac(&key, secs, method, target).finalize().into_bytes()))
 }
 
@@ -483,4 +488,216 @@ fn accept_relayed(
     live_session(shared, device).ok_or_else(|| {
         (404, format!("device {device} is offline here (relayed by station {from})"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::carrier::poll::{poll_query, POLL_WAIT};
+    use crate::station::expose::ExposeSpec;
+    use crate::station::fixture::{
+        client, config, exchange, session, station, station_for, DEVICE,
+    };
+    use crate::station::requests::Via;
+
+    fn head(method: &str, target: &str, fields: &str) -> RequestHead {
+        let text = format!("{method} {target} HTTP/1.1\r\nHost: station\r\n{fields}\r\n");
+        let (head, _) = http::parse_request(text.as_bytes()).expect("a head").expect("complete");
+        head
+    }
+
+    fn vouched(value: &str, method: &str, target: &str) -> RequestHead {
+        head(method, target, &format!("{PEER_HEADER}: {value}\r\n"))
+    }
+
+    fn poll_target() -> String {
+        carrier::path("/", &[1; 16], Verb::Poll)
+    }
+
+    const FORGED: &str =
+        "an X-Postern-Peer MAC that no key of this station made (not a station of this cluster)";
+    const MALFORMED: &str = "a malformed X-Postern-Peer field";
+
+    #[test]
+    fn a_request_vouched_for_by_a_station_of_the_cluster_is_admitted_for_its_client() {
+        let shared = station();
+        let target = poll_target();
+        let value = vouch(&shared, "POST", &target);
+        assert_eq!(admit(&shared, &vouched(&value, "POST", &target), client()), Ok(client()));
+        let relayed = format!("{PEER_HEADER}: {value}\r\n{CLIENT_HEADER}: 198.51.100.4:5000\r\n");
+        let for_client = head("POST", &target, &relayed);
+        let relayed_for = "198.51.100.4:5000".parse().unwrap();
+        assert_eq!(admit(&shared, &for_client, client()), Ok(relayed_for));
+        // A client field that is no address leaves the connection's own.
+        let relayed = format!("{PEER_HEADER}: {value}\r\n{CLIENT_HEADER}: somewhere\r\n");
+        assert_eq!(admit(&shared, &head("POST", &target, &relayed), client()), Ok(client()));
+    }
+
+    #[test]
+    fn a_vouch_for_another_request_or_from_another_cluster_is_refused() {
+        let shared = station();
+        let target = poll_target();
+        let value = vouch(&shared, "POST", &target);
+        let push = carrier::path("/", &[1; 16], Verb::Push);
+        assert_eq!(admit(&shared, &vouched(&value, "GET", &target), client()), Err(FORGED));
+        assert_eq!(admit(&shared, &vouched(&value, "POST", &push), client()), Err(FORGED));
+        let elsewhere = station();
+        assert_eq!(admit(&elsewhere, &vouched(&value, "POST", &target), client()), Err(FORGED));
+        // While the station's key is replaced, either key vouches.
+        let next = PrivateKey::generate();
+        let current = shared.keys().current.clone();
+        let setting = format!("next_private_key = \"{}\"", next.to_base64());
+        let rotating = station_for(&config(&current, &setting));
+        let by_next = vouch_at(&next, unix_secs(), "POST", &target);
+        assert_eq!(admit(&rotating, &vouched(&by_next, "POST", &target), client()), Ok(client()));
+        assert_eq!(admit(&rotating, &vouched(&value, "POST", &target), client()), Ok(client()));
+        assert_eq!(admit(&shared, &vouched(&by_next, "POST", &target), client()), Err(FORGED));
+    }
+
+    #[test]
+    fn a_vouch_made_more_than_the_clock_skew_away_is_refused() {
+        let shared = station();
+        let key = shared.keys().current.clone();
+        let target = poll_target();
+        let now = unix_secs();
+        // Two seconds inside and outside the bound: the clock may tick
+        // between here and the check.
+        for (secs, admitted) in [
+            (now - CLOCK_SKEW + 2, true),
+            (now + CLOCK_SKEW - 2, true),
+            (now - CLOCK_SKEW - 2, false),
+            (now + CLOCK_SKEW + 2, false),
+            (0, false),
+        ] {
+            let value = vouch_at(&key, secs, "POST", &target);
+            let got = admit(&shared, &vouched(&value, "POST", &target), client());
+            let want = match admitted {
+                true => Ok(client()),
+                false => Err("an X-Postern-Peer time more than 60 s off (replayed, or the stations' clocks differ)"),
+            };
+            assert_eq!(got, want, "{secs} at {now}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_malformed_vouch_is_refused_with_what_is_wrong() {
+        let shared = station();
+        let target = poll_target();
+        assert_eq!(
+            admit(&shared, &head("POST", &target, ""), client()),
+            Err("no X-Postern-Peer field")
+        );
+        let now = unix_secs();
+        for value in [
+            "".to_owned(),
+            "12345".to_owned(),
+            format!("{now}"),
+            format!("-{now} 00"),
+            format!("{now} 0"),
+            format!("{now} zz"),
+            format!("{now} 0g"),
+        ] {
+            let got = admit(&shared, &vouched(&value, "POST", &target), client());
+            assert_eq!(got, Err(MALFORMED), "{value:?}");
+        }
+        // Well-formed, but no MAC of ours: one of the wrong length, or none.
+        for value in [format!("{now} 00ff"), format!("{now} {}", "00".repeat(32))] {
+            let got = admit(&shared, &vouched(&value, "POST", &target), client());
+            assert_eq!(got, Err(FORGED), "{value:?}");
+        }
+        // Values the HTTP parser would not pass on as they are.
+        let raw = |value: Vec<u8>| {
+            let mut head = head("POST", &target, "");
+            head.headers.push((PEER_HEADER.to_owned(), value));
+            admit(&shared, &head, client())
+        };
+        assert_eq!(raw(format!("{now} ").into_bytes()), Err(FORGED));
+        assert_eq!(raw(b"\xff\xfe 00".to_vec()), Err(MALFORMED));
+    }
+
+    #[test]
+    fn unhex_takes_pairs_of_hex_digits_only() {
+        assert_eq!(unhex(""), Some(vec![]));
+        assert_eq!(unhex("00ff7A"), Some(vec![0x00, 0xff, 0x7a]));
+        assert_eq!(unhex("0"), None);
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("g0"), None);
+        assert_eq!(unhex(" 0"), None);
+        // Two bytes of one character: not split inside it.
+        assert_eq!(unhex("é"), None);
+        assert_eq!(unhex(&carrier::hex(&[1, 2, 254])), Some(vec![1, 2, 254]));
+    }
+
+    #[test]
+    fn the_holder_has_a_polls_hold_more_than_other_requests_to_answer() {
+        let poll = |query: &str| head("POST", &format!("{}?{query}", poll_target()), "");
+        assert_eq!(answer_within(&poll("w=50")), Duration::from_secs(50) + BODY_TIMEOUT);
+        let asked = poll_query(Duration::from_secs(5), true);
+        assert_eq!(answer_within(&poll(&asked)), Duration::from_secs(5) + BODY_TIMEOUT);
+        assert_eq!(answer_within(&head("POST", &poll_target(), "")), POLL_WAIT + BODY_TIMEOUT);
+        let push = carrier::path("/", &[1; 16], Verb::Push);
+        assert_eq!(answer_within(&head("POST", &push, "")), BODY_TIMEOUT);
+        assert_eq!(answer_within(&head("POST", "/", "")), BODY_TIMEOUT);
+    }
+
+    /// The peer listener serves only what another station vouched for,
+    /// and serves it as its own listener would.
+    #[test]
+    fn the_peer_listener_refuses_the_unvouched_and_serves_the_vouched() {
+        let shared = station();
+        let target = carrier::path("/", &[1; 16], Verb::Down);
+        let plain = format!("POST {target} HTTP/1.1\r\nHost: station\r\nContent-Length: 0\r\n\r\n");
+        let answer = exchange(&shared, Via::Peer, plain.as_bytes());
+        assert_eq!(answer, http::error_response(403));
+        let value = vouch(&shared, "POST", &target);
+        let request = format!(
+            "POST {target} HTTP/1.1\r\nHost: station\r\n{PEER_HEADER}: {value}\r\nContent-Length: 0\r\n\r\n"
+        );
+        let answer = exchange(&shared, Via::Peer, request.as_bytes());
+        assert_eq!(answer, http::error_response(410));
+    }
+
+    fn relayed_expose(shared: &Shared, fields: &str) -> Vec<u8> {
+        let value = vouch(shared, "POST", EXPOSE_PATH);
+        format!(
+            "POST {EXPOSE_PATH} HTTP/1.1\r\nHost: station\r\n{PEER_HEADER}: {value}\r\n{fields}\
+             Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// A relayed reverse client gets only what this station would let in
+    /// itself; each refusal is its own status.
+    #[test]
+    fn a_relayed_reverse_client_is_refused_what_the_station_does_not_serve() {
+        let shared = station();
+        let fields = format!("{DEVICE_HEADER}: {DEVICE}\r\n{SERVICE_HEADER}: modbus\r\n");
+        let answer = exchange(&shared, Via::Peer, &relayed_expose(&shared, ""));
+        assert_eq!(answer, http::error_response(400));
+        let answer = exchange(&shared, Via::Peer, &relayed_expose(&shared, &fields));
+        assert_eq!(answer, http::error_response(403));
+
+        let spec = ExposeSpec {
+            addr: "127.0.0.1:15020".parse().unwrap(),
+            device_name: DEVICE.to_owned(),
+            service: "modbus".to_owned(),
+        };
+        shared.exposes.pretend(spec);
+        assert_eq!(
+            accept_relayed(&shared, DEVICE, "console", client()).map(drop).unwrap_err().0,
+            403
+        );
+        let offline = accept_relayed(&shared, DEVICE, "modbus", client()).map(drop);
+        let why = format!("device {DEVICE} is offline here (relayed by station {})", client());
+        assert_eq!(offline, Err((404, why)));
+        let answer = exchange(&shared, Via::Peer, &relayed_expose(&shared, &fields));
+        assert_eq!(answer, http::error_response(404));
+
+        let (_, live, _) = session(&shared);
+        let found = accept_relayed(&shared, DEVICE, "modbus", client()).expect("served here");
+        assert!(Arc::ptr_eq(&found, &live));
+        shared.draining.store(true, std::sync::atomic::Ordering::Release);
+        let stopping = accept_relayed(&shared, DEVICE, "modbus", client()).map(drop);
+        assert_eq!(stopping, Err((503, "the station is stopping".to_owned())));
+    }
 }

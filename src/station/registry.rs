@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 
 use super::lock;
-use super::resp::{Reply, Resp, StoreError};
+use super::resp::{Dial, Reply, Resp, StoreError};
 use crate::carrier;
 use crate::config::StoreAddr;
 use crate::crypto::SessionId;
@@ -49,6 +49,19 @@ pub(super) struct Holder {
     pub session: String,
 }
 
+impl Holder {
+    /// The device record's value when `station` holds `session`.
+    fn record(station: SocketAddr, session: &SessionId) -> String {
+        format!("{station} {}", carrier::hex(session))
+    }
+
+    /// A device record's value, as [`Holder::record`] writes it.
+    fn parse(record: &str) -> Option<Holder> {
+        let (station, session) = record.split_once(' ')?;
+        Some(Holder { station: station.parse().ok()?, session: session.to_owned() })
+    }
+}
+
 /// A session this station holds, for [`Registry::renew`].
 pub(super) struct Held {
     pub session: SessionId,
@@ -63,20 +76,21 @@ enum Health {
     Down { retry_at: Instant },
 }
 
-pub(super) struct Registry {
+/// The registry, over TCP to the store, or in the tests over a pipe.
+pub(super) struct Registry<S = smol::net::TcpStream> {
     store: StoreAddr,
     /// This station, as the other stations reach it.
     me: SocketAddr,
     ttl: Duration,
-    conn: smol::lock::Mutex<Option<Resp>>,
+    conn: smol::lock::Mutex<Option<Resp<S>>>,
     health: Mutex<Health>,
     /// Notified when the store is back after an outage, so that every
     /// record is written again at once.
     rejoined: Event,
 }
 
-impl Registry {
-    pub(super) fn new(store: StoreAddr, me: SocketAddr, ttl: Duration) -> Registry {
+impl<S: Dial> Registry<S> {
+    pub(super) fn new(store: StoreAddr, me: SocketAddr, ttl: Duration) -> Self {
         Registry {
             store,
             me,
@@ -106,7 +120,7 @@ impl Registry {
     pub(super) async fn claim(&self, session: &SessionId, device: &str) {
         let (ttl, me) = (self.ttl.as_secs().to_string(), self.me.to_string());
         let (session_key, device_key) = (session_key(session), device_key(device));
-        let holder = format!("{me} {}", carrier::hex(session));
+        let holder = Holder::record(self.me, session);
         let _ = self
             .run(&[
                 &["SET", &session_key, &me, "EX", &ttl],
@@ -118,7 +132,7 @@ impl Registry {
     /// Removes the records of a session that ended here.
     pub(super) async fn release(&self, session: &SessionId, device: &str) {
         let me = self.me.to_string();
-        let holder = format!("{me} {}", carrier::hex(session));
+        let holder = Holder::record(self.me, session);
         let _ = self
             .run(&[
                 &["EVAL", RELEASE, "1", &session_key(session), &me],
@@ -139,10 +153,7 @@ impl Registry {
     /// The station holding `device`'s newest session, if the registry knows one.
     pub(super) async fn device_holder(&self, device: &str) -> Result<Option<Holder>, StoreError> {
         let reply = self.run(&[&["GET", &device_key(device)]]).await?;
-        Ok(reply.first().and_then(Reply::text).and_then(|text| {
-            let (station, session) = text.split_once(' ')?;
-            Some(Holder { station: station.parse().ok()?, session: session.to_owned() })
-        }))
+        Ok(reply.first().and_then(Reply::text).as_deref().and_then(Holder::parse))
     }
 
     /// Writes the records of every session held here again, for another
@@ -152,7 +163,7 @@ impl Registry {
         let keys: Vec<(String, String, String, bool)> = held
             .iter()
             .map(|h| {
-                let holder = format!("{me} {}", carrier::hex(&h.session));
+                let holder = Holder::record(self.me, &h.session);
                 (session_key(&h.session), device_key(&h.device), holder, h.active)
             })
             .collect();
@@ -260,4 +271,200 @@ fn session_key(session: &SessionId) -> String {
 
 fn device_key(device: &str) -> String {
     format!("postern:device:{device}")
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_lite::future::{block_on, poll_once};
+
+    use super::*;
+    use crate::carrier::harness::End;
+    use crate::station::fixture::scripted_store;
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    fn me() -> SocketAddr {
+        "192.0.2.1:7001".parse().unwrap()
+    }
+
+    /// A registry connected to a store that answers with `replies`; and
+    /// the store's end of the connection.
+    fn connected(replies: &[u8]) -> (Registry<End>, End) {
+        let store = StoreAddr { host_port: "store:6379".into(), password: None, db: 0 };
+        let registry = Registry::new(store, me(), TTL);
+        let (resp, store) = scripted_store(replies);
+        *registry.conn.try_lock().expect("no call runs yet") = Some(resp);
+        (registry, store)
+    }
+
+    /// The commands a store received, each as its parts (RESP arrays of
+    /// bulk strings, as `resp::encode` writes them).
+    fn commands(sent: &[u8]) -> Vec<Vec<String>> {
+        let text = String::from_utf8(sent.to_vec()).expect("the registry sends text");
+        let mut lines = text.split("\r\n");
+        let mut commands = Vec::new();
+        while let Some(count) = lines.next().and_then(|l| l.strip_prefix('*')) {
+            let parts = (0..count.parse().expect("a count"))
+                .map(|_| {
+                    let len: usize = lines
+                        .next()
+                        .and_then(|l| l.strip_prefix('$'))
+                        .expect("a length")
+                        .parse()
+                        .expect("a number");
+                    let part = lines.next().expect("a part").to_owned();
+                    assert_eq!(part.len(), len);
+                    part
+                })
+                .collect();
+            commands.push(parts);
+        }
+        commands
+    }
+
+    fn owned(commands: &[&[&str]]) -> Vec<Vec<String>> {
+        commands.iter().map(|c| c.iter().map(|p| p.to_string()).collect()).collect()
+    }
+
+    const SESSION: SessionId = [0xab; 16];
+    const SESSION_HEX: &str = "abababababababababababababababab";
+
+    #[test]
+    fn a_claim_writes_both_records_for_the_records_life() {
+        let (registry, store) = connected(b"+OK\r\n+OK\r\n");
+        block_on(registry.claim(&SESSION, "pump-17"));
+        let holder = format!("192.0.2.1:7001 {SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["SET", &format!("postern:session:{SESSION_HEX}"), "192.0.2.1:7001", "EX", "30"],
+                &["SET", "postern:device:pump-17", &holder, "EX", "30"],
+            ])
+        );
+        assert!(registry.is_up());
+    }
+
+    #[test]
+    fn a_release_removes_only_the_records_that_still_name_this_station() {
+        let (registry, store) = connected(b":1\r\n:0\r\n");
+        block_on(registry.release(&SESSION, "pump-17"));
+        let holder = format!("192.0.2.1:7001 {SESSION_HEX}");
+        let session_key = format!("postern:session:{SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["EVAL", RELEASE, "1", &session_key, "192.0.2.1:7001"],
+                &["EVAL", RELEASE, "1", "postern:device:pump-17", &holder],
+            ])
+        );
+    }
+
+    #[test]
+    fn holders_are_read_from_the_records_and_a_missing_one_is_none() {
+        let (registry, store) = connected(b"$13\r\n10.0.0.2:7001\r\n$-1\r\n$6\r\nnot me\r\n");
+        let held = block_on(registry.session_holder(&SESSION)).expect("an answer");
+        assert_eq!(held, Some("10.0.0.2:7001".parse().unwrap()));
+        assert_eq!(block_on(registry.session_holder(&SESSION)).expect("an answer"), None);
+        assert_eq!(block_on(registry.device_holder("pump-17")).expect("an answer"), None);
+        let session_key = format!("postern:session:{SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["GET", &session_key],
+                &["GET", &session_key],
+                &["GET", "postern:device:pump-17"]
+            ])
+        );
+        let record = format!("10.0.0.2:7001 {SESSION_HEX}");
+        let reply = format!("${}\r\n{record}\r\n", record.len());
+        let (registry, _) = connected(reply.as_bytes());
+        let holder = block_on(registry.device_holder("pump-17")).expect("an answer");
+        let want =
+            Holder { station: "10.0.0.2:7001".parse().unwrap(), session: SESSION_HEX.into() };
+        assert_eq!(holder, Some(want));
+    }
+
+    /// Every held session's record is renewed; its device's only if the
+    /// session is heard from, and only where the record still names it.
+    #[test]
+    fn a_renewal_writes_every_session_and_the_devices_of_active_ones() {
+        let (registry, store) = connected(b"+OK\r\n:1\r\n+OK\r\n");
+        let quiet = [0x01; 16];
+        let held = [
+            Held { session: SESSION, device: "pump-17".into(), active: true },
+            Held { session: quiet, device: "gate-2".into(), active: false },
+        ];
+        block_on(registry.renew(&held));
+        let holder = format!("192.0.2.1:7001 {SESSION_HEX}");
+        assert_eq!(
+            commands(&store.received()),
+            owned(&[
+                &["SET", &format!("postern:session:{SESSION_HEX}"), "192.0.2.1:7001", "EX", "30"],
+                &["EVAL", KEEP, "1", "postern:device:pump-17", &holder, "30"],
+                &["SET", &session_key(&quiet), "192.0.2.1:7001", "EX", "30"],
+            ])
+        );
+        // Nothing held: the store is still asked after, so its state is known.
+        let (registry, store) = connected(b"+PONG\r\n");
+        block_on(registry.renew(&[]));
+        assert_eq!(commands(&store.received()), owned(&[&["PING"]]));
+    }
+
+    /// A store that fails a call is rested: calls fail at once, without a
+    /// connection, until the retry is due; the store's return wakes the
+    /// renewals so every record is written again.
+    #[test]
+    fn a_failing_store_is_rested_and_its_return_wakes_the_renewals() {
+        let (registry, store) =
+            connected(b"-READONLY You can't write against a read only replica.\r\n");
+        block_on(registry.claim(&SESSION, "pump-17"));
+        assert!(!registry.is_up());
+        assert_eq!(commands(&store.received()).len(), 2);
+        let resting = block_on(registry.session_holder(&SESSION));
+        assert!(matches!(resting, Err(StoreError::Unavailable)), "{resting:?}");
+        assert!(registry.conn.try_lock().expect("no call runs").is_none(), "the connection went");
+
+        // The retry is due, the store answers again.
+        *lock(&registry.health) = Health::Down { retry_at: Instant::now() };
+        let (resp, store) = scripted_store(b"+PONG\r\n");
+        *registry.conn.try_lock().expect("no call runs") = Some(resp);
+        let rejoined = registry.rejoined.listen();
+        block_on(registry.renew(&[]));
+        assert_eq!(commands(&store.received()), owned(&[&["PING"]]));
+        assert!(registry.is_up());
+        assert!(block_on(poll_once(rejoined)).is_some(), "the renewals were woken");
+        // The retry is due and the store is away still: tried, and failed
+        // with what the connect met.
+        *lock(&registry.health) = Health::Down { retry_at: Instant::now() };
+        let failed = block_on(registry.session_holder(&SESSION));
+        assert!(matches!(failed, Err(StoreError::Io(_))), "{failed:?}");
+    }
+
+    #[test]
+    fn records_are_keyed_by_session_hex_and_device_name() {
+        let mut session = [0u8; 16];
+        session[0] = 0xab;
+        session[15] = 0x01;
+        assert_eq!(session_key(&session), "postern:session:ab000000000000000000000000000001");
+        assert_eq!(device_key("pump-17"), "postern:device:pump-17");
+    }
+
+    #[test]
+    fn a_device_record_names_its_station_and_session() {
+        let holder = Holder::parse("10.0.0.2:7001 ab01").expect("a record");
+        assert_eq!(holder.station, "10.0.0.2:7001".parse().unwrap());
+        assert_eq!(holder.session, "ab01");
+        let v6 = Holder::parse("[2001:db8::2]:7001 ab01").expect("a record");
+        assert_eq!(v6.station, "[2001:db8::2]:7001".parse().unwrap());
+        // What a claim writes is what is read back.
+        let me: SocketAddr = "192.0.2.1:7001".parse().unwrap();
+        let session = [7; 16];
+        let written = Holder::record(me, &session);
+        assert_eq!(written, "192.0.2.1:7001 07070707070707070707070707070707");
+        let read = Holder::parse(&written).expect("a record");
+        assert_eq!(read, Holder { station: me, session: carrier::hex(&session) });
+        for broken in ["", "10.0.0.2:7001", "station-b:7001 ab01", "10.0.0.2 ab01"] {
+            assert_eq!(Holder::parse(broken), None, "{broken:?}");
+        }
+    }
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use futures_lite::AsyncBufReadExt;
+use futures_lite::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use smol::net::TcpStream;
 
 /// Longest reply line or bulk string taken from the store: the registry's
@@ -57,21 +57,42 @@ pub(super) enum StoreError {
     Unavailable,
 }
 
-/// A connection to the store.
-pub(super) struct Resp {
-    io: BufReader<TcpStream>,
+/// How a connection to the store is made: TCP, or in the tests a pipe
+/// they script the store's side of.
+pub(super) trait Dial: AsyncRead + AsyncWrite + Unpin + Sized {
+    /// Connects to `addr` ("host:port").
+    fn dial(addr: &str) -> impl std::future::Future<Output = std::io::Result<Self>> + Send;
 }
 
-impl Resp {
-    /// Connects to `addr` ("host:port"), authenticating with `password` if given.
-    pub(super) async fn connect(addr: &str, password: Option<&str>) -> Result<Resp, StoreError> {
-        let socket = within(async { Ok(TcpStream::connect(addr).await?) }).await?;
+impl Dial for TcpStream {
+    async fn dial(addr: &str) -> std::io::Result<TcpStream> {
+        let socket = TcpStream::connect(addr).await?;
         let _ = socket.set_nodelay(true);
-        let mut resp = Resp { io: BufReader::new(socket) };
+        Ok(socket)
+    }
+}
+
+/// A connection to the store.
+pub(super) struct Resp<S = TcpStream> {
+    io: BufReader<S>,
+}
+
+impl<S: Dial> Resp<S> {
+    /// Connects to `addr` ("host:port"), authenticating with `password` if given.
+    pub(super) async fn connect(addr: &str, password: Option<&str>) -> Result<Self, StoreError> {
+        let socket = within(async { Ok(S::dial(addr).await?) }).await?;
+        let mut resp = Resp::over(socket);
         if let Some(password) = password {
             resp.run(&[&["AUTH", password]]).await?;
         }
         Ok(resp)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Resp<S> {
+    /// The store's protocol over a connection made already.
+    pub(super) fn over(io: S) -> Self {
+        Resp { io: BufReader::new(io) }
     }
 
     /// Sends `commands` in one write and reads their replies, in order. An
@@ -175,81 +196,72 @@ async fn within<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smol::net::TcpListener;
-
-    /// A fake store that answers every connection with `replies` once it
-    /// has read `expect` bytes, and reports what it read.
-    async fn fake(replies: &'static [u8], expect: usize) -> (String, smol::Task<Vec<u8>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let task = smol::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
-            let mut got = vec![0; expect];
-            socket.read_exact(&mut got).await.expect("read the commands");
-            socket.write_all(replies).await.expect("reply");
-            got
-        });
-        (addr, task)
-    }
+    use crate::station::fixture::scripted_store;
 
     #[test]
     fn pipelined_commands_are_encoded_and_their_replies_read_in_order() {
-        smol::block_on(async {
-            let sent = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv1\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n\
-                         *2\r\n$3\r\nGET\r\n$4\r\nnone\r\n*2\r\n$3\r\nDEL\r\n$1\r\nk\r\n";
-            let (addr, store) = fake(b"+OK\r\n$2\r\nv1\r\n$-1\r\n:1\r\n", sent.len()).await;
-            let mut resp = Resp::connect(&addr, None).await.expect("connect");
-            let replies = resp
-                .run(&[&["SET", "k", "v1"], &["GET", "k"], &["GET", "none"], &["DEL", "k"]])
-                .await
-                .expect("replies");
-            assert_eq!(store.await, sent.to_vec());
-            assert_eq!(
-                replies,
-                vec![
-                    Reply::Status("OK".into()),
-                    Reply::Bulk(Some(b"v1".to_vec())),
-                    Reply::Bulk(None),
-                    Reply::Integer(1)
-                ]
-            );
-        });
+        let (mut resp, store) = scripted_store(b"+OK\r\n$2\r\nv1\r\n$-1\r\n:1\r\n");
+        let replies = smol::block_on(resp.run(&[
+            &["SET", "k", "v1"],
+            &["GET", "k"],
+            &["GET", "none"],
+            &["DEL", "k"],
+        ]))
+        .expect("replies");
+        assert_eq!(
+            store.received(),
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv1\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n\
+              *2\r\n$3\r\nGET\r\n$4\r\nnone\r\n*2\r\n$3\r\nDEL\r\n$1\r\nk\r\n"
+        );
+        assert_eq!(
+            replies,
+            vec![
+                Reply::Status("OK".into()),
+                Reply::Bulk(Some(b"v1".to_vec())),
+                Reply::Bulk(None),
+                Reply::Integer(1)
+            ]
+        );
     }
 
     #[test]
     fn an_error_reply_fails_the_call_after_every_reply_is_read() {
-        smol::block_on(async {
-            let sent = b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n";
-            let (addr, store) =
-                fake(b"-NOAUTH Authentication required.\r\n+PONG\r\n", sent.len()).await;
-            let mut resp = Resp::connect(&addr, None).await.expect("connect");
-            let err = resp.run(&[&["PING"], &["PING"]]).await.expect_err("refused");
-            store.await;
-            assert_eq!(err.to_string(), "the store refused: NOAUTH Authentication required.");
-        });
+        let (mut resp, store) =
+            scripted_store(b"-NOAUTH Authentication required.\r\n+PONG\r\n+PONG\r\n");
+        let err = smol::block_on(resp.run(&[&["PING"], &["PING"]])).expect_err("refused");
+        assert_eq!(err.to_string(), "the store refused: NOAUTH Authentication required.");
+        assert_eq!(store.received(), b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n");
+        // Both replies were read: the next call reads its own.
+        let replies = smol::block_on(resp.run(&[&["PING"]])).expect("its own reply");
+        assert_eq!(replies, [Reply::Status("PONG".into())]);
     }
 
     #[test]
     fn replies_longer_than_the_registry_writes_are_refused_unread() {
-        smol::block_on(async {
-            let sent = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
-            let (addr, store) = fake(b"$999999999\r\n", sent.len()).await;
-            let mut resp = Resp::connect(&addr, None).await.expect("connect");
-            let err = resp.run(&[&["GET", "k"]]).await.expect_err("too long");
-            store.await;
-            assert_eq!(
-                err.to_string(),
-                "not a Redis reply: a value longer than the registry writes"
-            );
-            // A line that never ends stops at the bound too.
-            let (addr, store) = fake(&[b'+'; 10_000], sent.len()).await;
-            let mut resp = Resp::connect(&addr, None).await.expect("connect");
-            let err = resp.run(&[&["GET", "k"]]).await.expect_err("too long");
-            store.await;
-            assert_eq!(
-                err.to_string(),
-                "not a Redis reply: a reply line too long or without its end"
-            );
-        });
+        let (mut resp, _) = scripted_store(b"$999999999\r\n");
+        let err = smol::block_on(resp.run(&[&["GET", "k"]])).expect_err("too long");
+        assert_eq!(err.to_string(), "not a Redis reply: a value longer than the registry writes");
+        // A line that never ends stops at the bound too.
+        let (mut resp, _) = scripted_store(&[b'+'; 10_000]);
+        let err = smol::block_on(resp.run(&[&["GET", "k"]])).expect_err("too long");
+        assert_eq!(err.to_string(), "not a Redis reply: a reply line too long or without its end");
+    }
+
+    #[test]
+    fn replies_cut_short_or_of_other_kinds_are_errors_not_hangs() {
+        for (reply, error) in [
+            (&b""[..], "unexpected end of file"),
+            (b"+OK", "unexpected end of file"),
+            (b"$5\r\nab", "unexpected end of file"),
+            (b"$2\r\nabcd\r\n", "not a Redis reply: bulk string without its line end"),
+            (b":x\r\n", "not a Redis reply: integer"),
+            (b"*1\r\n:1\r\n", "not a Redis reply: a reply type the registry does not ask for"),
+            (b"+OK\n", "not a Redis reply: a reply line too long or without its end"),
+            (b"\r\n", "not a Redis reply: a reply line too long or without its end"),
+        ] {
+            let (mut resp, _) = scripted_store(reply);
+            let err = smol::block_on(resp.run(&[&["GET", "k"]])).expect_err("not a reply");
+            assert_eq!(err.to_string(), error, "{:?}", String::from_utf8_lossy(reply));
+        }
     }
 }

@@ -103,7 +103,7 @@ impl Exposes {
     /// tests of a station's other parts need of its reverse listeners.
     #[cfg(test)]
     pub(super) fn pretend(&self, spec: ExposeSpec) {
-        let running = Running { spec: Arc::new(RwLock::new(spec.clone())), _scope: Scope::new() };
+        let running = Running { spec: Arc::new(RwLock::new(spec.clone())), scope: Scope::new() };
         lock(&self.0).insert(spec.addr, running);
     }
 

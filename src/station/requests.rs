@@ -642,7 +642,10 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, 
             wait = idle;
             let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
                 Ok(n) => n,
-                Err(e) => return Ok(refuse(400, &e.to_string())),
+                // As the other carrier requests refuse theirs.
+                Err(e) => {
+                    return Ok(refuse(403, &format!("{e} (changed on the way, or replayed)")))
+                }
             };
             if authentic > 0 {
                 req.proven(Shape::Stream);
@@ -892,7 +895,8 @@ mod tests {
     }
 
     /// An uplink's records reach the session and the whole body is
-    /// answered with an empty 200; records that do not open are refused.
+    /// answered with an empty 200; records that do not open are refused
+    /// as push, poll and down refuse them.
     #[test]
     fn an_uplink_is_taken_whole_and_one_with_forged_records_refused() {
         let shared = station();
@@ -904,7 +908,7 @@ mod tests {
         assert!(live.confirmed.load(Ordering::Acquire));
         // The same records again: a replay the session's window refuses.
         let answer = exchange(&shared, Via::Agent, &chunked(&id, Verb::Up, &ack));
-        assert_eq!(answer, http::error_response(400));
-        assert_eq!(refusals(&shared), [("malformed", 1)].into());
+        assert_eq!(answer, http::error_response(403));
+        assert_eq!(refusals(&shared), [("not_authentic", 1)].into());
     }
 }

@@ -28,7 +28,7 @@ use futures_lite::{future, AsyncWriteExt};
 use super::client::{deadline, Backoff, CarrierError, Who, REPLY_TIMEOUT};
 use super::depth::{Depth, PIPELINE};
 use super::Shared;
-use crate::carrier::auto::{self, Judge, Retry, Verdict};
+use crate::carrier::auto::{self, Judge, Retry, Sighting, Verdict};
 use crate::carrier::conn::HttpConn;
 use crate::carrier::http::{BodyKind, HttpError};
 use crate::carrier::link::Link;
@@ -114,7 +114,7 @@ impl LostReply {
 /// The carrier shape of one agent, shared by its successive sessions.
 pub(super) struct ShapeMemory {
     /// What `auto` saw when it fell back, for `postern status`.
-    why: Mutex<Option<String>>,
+    why: Mutex<Option<Sighting>>,
     /// Seconds a poll request may be held: `poll_hold`, shorter once a
     /// path cut held requests.
     poll_wait: AtomicU64,
@@ -160,7 +160,7 @@ impl ShapeMemory {
 
     /// Why `auto` uses poll, once it fell back.
     pub(super) fn why(&self) -> Option<String> {
-        lock(&self.why).clone()
+        lock(&self.why).as_ref().map(Sighting::to_string)
     }
 
     /// The lanes the shape in use runs.
@@ -246,7 +246,7 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
             }
             // Dropping the poll lanes loses nothing: the session resends.
             drop(lanes);
-            let since = lock(&shape.why).take().unwrap_or_default();
+            let since = lock(&shape.why).take().map(|why| why.to_string()).unwrap_or_default();
             log::info!("carrier auto: trying the stream lanes again (on poll because {since})");
         }
         let started = Instant::now();
@@ -268,7 +268,7 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
                     auto::spoken(wait)
                 );
                 ctx.shared.record.error(format!("carrier auto: {what}"));
-                *lock(&shape.why) = Some(what.to_string());
+                *lock(&shape.why) = Some(what);
                 continue;
             }
             Verdict::PathBuffers(what) => {
@@ -278,12 +278,12 @@ pub(super) async fn carry(shared: Arc<Shared>, tunnel: Arc<Tunnel>, session: Ses
                 );
                 ctx.shared.record.error(format!("carrier stream: {what}"));
             }
-            Verdict::Dead(what) => {
+            dead @ Verdict::Dead(_) => {
                 log::warn!(
-                    "stream lanes: {what}; reconnecting them in {:.1} s",
+                    "stream lanes: {dead}; reconnecting them in {:.1} s",
                     delay.as_secs_f32()
                 );
-                ctx.shared.record.error(format!("stream lanes: {what}"));
+                ctx.shared.record.error(format!("stream lanes: {dead}"));
             }
         }
         smol::Timer::after(delay).await;

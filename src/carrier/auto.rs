@@ -92,13 +92,82 @@ pub struct Seen {
     pub round_trips: Span,
 }
 
-/// Why the stream lanes should be taken down.
+/// Why the stream lanes should be taken down. Shown as the log line's
+/// account of what the lanes saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// The path holds back or cuts streamed bodies: `auto` moves to poll.
-    PathBuffers(String),
-    /// The lanes were proven but went silent: make them again.
-    Dead(String),
+    PathBuffers(Sighting),
+    /// The lanes were proven but the station acknowledged nothing for this
+    /// long: make them again.
+    Dead(Duration),
+}
+
+/// What the stream lanes saw of a path that does not pass them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sighting {
+    /// The path answered the streamed uplink itself, with this status line.
+    AnsweredUplink(String),
+    /// Nothing of a streamed downlink arrived within this long of asking.
+    DownlinkHeld(Duration),
+    /// The station acknowledged nothing of a streamed uplink within this long.
+    UplinkHeld(Duration),
+    /// No round trip of `samples` took less than `least`, where a whole
+    /// request (the hello) took `hello`: the path holds small writes back.
+    HeldBack { least: Duration, samples: u32, hello: Duration },
+    /// The path cut a streamed lane `count` times within [`CUT_WINDOW`].
+    Cut { lane: Lane, count: usize },
+}
+
+/// A limit as the log lines give it: seconds with one decimal.
+fn seconds(limit: Duration) -> String {
+    format!("{:.1} s", limit.as_secs_f32())
+}
+
+impl std::fmt::Display for Sighting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sighting::AnsweredUplink(answer) => {
+                write!(f, "the path answered the streamed uplink with {answer}")
+            }
+            Sighting::DownlinkHeld(limit) => write!(
+                f,
+                "nothing of the streamed downlink arrived within {} of asking for it (the path \
+                 buffers responses)",
+                seconds(*limit)
+            ),
+            Sighting::UplinkHeld(limit) => write!(
+                f,
+                "the station acknowledged nothing sent on the streamed uplink within {} (the path \
+                 buffers request bodies)",
+                seconds(*limit)
+            ),
+            Sighting::HeldBack { least, samples, hello } => write!(
+                f,
+                "no round trip on the stream lanes took less than {} ms ({samples} samples) where \
+                 a whole request took {} ms (the path holds small writes back)",
+                least.as_millis(),
+                hello.as_millis()
+            ),
+            Sighting::Cut { lane, count } => write!(
+                f,
+                "the path cut the streamed {} {count} times within {} minutes",
+                lane.as_str(),
+                CUT_WINDOW.as_secs() / 60
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::PathBuffers(sighting) => sighting.fmt(f),
+            Verdict::Dead(limit) => {
+                write!(f, "no acknowledgement from the station for {}", seconds(*limit))
+            }
+        }
+    }
 }
 
 /// What one set of stream lanes has shown of the path.
@@ -183,17 +252,15 @@ impl Judge {
         self.hello.is_some() && seen.round_trips.samples < DELAY_SAMPLES
     }
 
-    /// Why the path holds the lanes' bytes back, if their round trips say so.
-    fn held_back(&self, round_trips: Span) -> Option<String> {
+    /// Whether the path holds the lanes' bytes back, by their round trips.
+    fn held_back(&self, round_trips: Span) -> Option<Sighting> {
         let (hello, least) = (self.hello?, round_trips.least?);
         let bound = (hello * DELAY_TIMES).max(hello + DELAY_SLACK);
-        (round_trips.samples >= DELAY_SAMPLES && least > bound).then(|| {
-            format!(
-                "no round trip on the stream lanes took less than {} ms ({} samples) where a whole request took {} ms (the path holds small writes back)",
-                least.as_millis(),
-                round_trips.samples,
-                hello.as_millis()
-            )
+        let samples = round_trips.samples;
+        (samples >= DELAY_SAMPLES && least > bound).then_some(Sighting::HeldBack {
+            least,
+            samples,
+            hello,
         })
     }
 
@@ -210,47 +277,31 @@ impl Judge {
     /// The verdict at `now`, given what the session has `seen`.
     pub fn verdict(&mut self, now: Instant, seen: &Seen) -> Option<Verdict> {
         let Seen { acked, stalled_since, round_trips } = *seen;
-        let seconds = |limit: Duration| format!("{:.1} s", limit.as_secs_f32());
         if let Some(answer) = self.refused.take() {
-            return Some(Verdict::PathBuffers(format!(
-                "the path answered the streamed uplink with {answer}"
-            )));
+            return Some(Verdict::PathBuffers(Sighting::AnsweredUplink(answer)));
         }
         let down_limit = if self.down_proven { PROBE_TIMEOUT } else { self.first };
         let waited = |since: Instant| now.saturating_duration_since(since);
         if self.down_asked.is_some_and(|at| !self.down_flowing && waited(at) >= down_limit) {
-            return Some(Verdict::PathBuffers(format!(
-                "nothing of the streamed downlink arrived within {} of asking for it (the path buffers responses)",
-                seconds(down_limit)
-            )));
+            return Some(Verdict::PathBuffers(Sighting::DownlinkHeld(down_limit)));
         }
         let up_proven = acked != self.acked_at_start;
         let up_limit = if up_proven { PROBE_TIMEOUT } else { self.first };
         if self.down_flowing && stalled_since.is_some_and(|since| waited(since) >= up_limit) {
             return Some(if up_proven {
-                Verdict::Dead(format!(
-                    "no acknowledgement from the station for {}",
-                    seconds(up_limit)
-                ))
+                Verdict::Dead(up_limit)
             } else {
-                Verdict::PathBuffers(format!(
-                    "the station acknowledged nothing sent on the streamed uplink within {} (the path buffers request bodies)",
-                    seconds(up_limit)
-                ))
+                Verdict::PathBuffers(Sighting::UplinkHeld(up_limit))
             });
         }
-        if let Some(why) = self.held_back(round_trips) {
-            return Some(Verdict::PathBuffers(why));
+        if let Some(sighting) = self.held_back(round_trips) {
+            return Some(Verdict::PathBuffers(sighting));
         }
         self.prune(now);
         for lane in [Lane::Down, Lane::Up] {
             let count = self.cuts.iter().filter(|(_, cut)| *cut == lane).count();
             if count >= CUTS_TO_FALL_BACK {
-                return Some(Verdict::PathBuffers(format!(
-                    "the path cut the streamed {} {count} times within {} minutes",
-                    lane.as_str(),
-                    CUT_WINDOW.as_secs() / 60
-                )));
+                return Some(Verdict::PathBuffers(Sighting::Cut { lane, count }));
             }
         }
         None
@@ -401,12 +452,7 @@ mod tests {
         sim.seen.stalled_since = Some(sim.now);
         let (at, verdict) = sim.run(PROBE_TIMEOUT).expect("a verdict");
         assert_eq!(at, FIRST_JUDGEMENT_MIN);
-        assert_eq!(
-            verdict,
-            Verdict::PathBuffers(
-                "nothing of the streamed downlink arrived within 1.5 s of asking for it (the path buffers responses)".into()
-            )
-        );
+        assert_eq!(verdict, Verdict::PathBuffers(Sighting::DownlinkHeld(FIRST_JUDGEMENT_MIN)));
     }
 
     #[test]
@@ -419,10 +465,7 @@ mod tests {
         sim.seen.stalled_since = Some(sim.now);
         let (at, verdict) = sim.run(PROBE_TIMEOUT).expect("a verdict");
         assert_eq!(at, ms(2800));
-        assert!(
-            matches!(&verdict, Verdict::PathBuffers(why) if why.contains("within 2.8 s")),
-            "{verdict:?}"
-        );
+        assert_eq!(verdict, Verdict::PathBuffers(Sighting::UplinkHeld(ms(2800))));
     }
 
     #[test]
@@ -434,7 +477,7 @@ mod tests {
         sim.seen.stalled_since = Some(sim.now);
         let (at, verdict) = sim.run(2 * PROBE_TIMEOUT).expect("a verdict");
         assert_eq!(at, PROBE_TIMEOUT);
-        assert_eq!(verdict, Verdict::Dead("no acknowledgement from the station for 10.0 s".into()));
+        assert_eq!(verdict, Verdict::Dead(PROBE_TIMEOUT));
         // A new downlink on a proven path also gets the full time.
         let mut sim = Sim::new(Some(ms(2)));
         sim.judge.down_asked(sim.now);
@@ -456,9 +499,7 @@ mod tests {
                 sim.judge.cut(sim.now, lane);
             }
             let verdict = sim.advance(ms(100)).expect("a verdict");
-            let expected =
-                format!("the path cut the streamed {} 3 times within 10 minutes", lane.as_str());
-            assert_eq!(verdict, Verdict::PathBuffers(expected));
+            assert_eq!(verdict, Verdict::PathBuffers(Sighting::Cut { lane, count: 3 }));
         }
     }
 
@@ -489,9 +530,7 @@ mod tests {
         sim.judge.refused("413 Content Too Large".into());
         assert_eq!(
             sim.advance(ms(1)),
-            Some(Verdict::PathBuffers(
-                "the path answered the streamed uplink with 413 Content Too Large".into()
-            ))
+            Some(Verdict::PathBuffers(Sighting::AnsweredUplink("413 Content Too Large".into())))
         );
         assert_eq!(sim.advance(ms(1)), None);
     }
@@ -505,12 +544,47 @@ mod tests {
         assert_eq!(sim.round_trip(ms(410)), None);
         assert_eq!(sim.round_trip(ms(402)), None);
         let verdict = sim.round_trip(ms(405)).expect("a verdict at the third");
-        assert_eq!(
-            verdict,
-            Verdict::PathBuffers(
-                "no round trip on the stream lanes took less than 402 ms (3 samples) where a whole request took 3 ms (the path holds small writes back)".into()
-            )
-        );
+        let least = ms(402);
+        let held_back = Sighting::HeldBack { least, samples: 3, hello: ms(3) };
+        assert_eq!(verdict, Verdict::PathBuffers(held_back));
+    }
+
+    /// The log lines operators (and the integration tests) read.
+    #[test]
+    fn verdicts_read_as_what_the_lanes_saw() {
+        let lines = [
+            (Verdict::Dead(PROBE_TIMEOUT), "no acknowledgement from the station for 10.0 s"),
+            (
+                Verdict::PathBuffers(Sighting::DownlinkHeld(ms(1500))),
+                "nothing of the streamed downlink arrived within 1.5 s of asking for it (the path \
+                 buffers responses)",
+            ),
+            (
+                Verdict::PathBuffers(Sighting::UplinkHeld(ms(2800))),
+                "the station acknowledged nothing sent on the streamed uplink within 2.8 s (the \
+                 path buffers request bodies)",
+            ),
+            (
+                Verdict::PathBuffers(Sighting::HeldBack {
+                    least: ms(402),
+                    samples: 3,
+                    hello: ms(3),
+                }),
+                "no round trip on the stream lanes took less than 402 ms (3 samples) where a \
+                 whole request took 3 ms (the path holds small writes back)",
+            ),
+            (
+                Verdict::PathBuffers(Sighting::Cut { lane: Lane::Up, count: 3 }),
+                "the path cut the streamed uplink 3 times within 10 minutes",
+            ),
+            (
+                Verdict::PathBuffers(Sighting::AnsweredUplink("413 Content Too Large".into())),
+                "the path answered the streamed uplink with 413 Content Too Large",
+            ),
+        ];
+        for (verdict, line) in lines {
+            assert_eq!(verdict.to_string(), line);
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub mod tls;
 
 use std::time::Duration;
 
-use crate::crypto::{SessionId, SESSION_ID_LEN};
+use crate::crypto::SessionId;
 
 /// Largest body of a message that carries only acks (a `down` request):
 /// a few sealed ones.
@@ -144,7 +144,7 @@ pub fn parse_path(target: &str) -> Option<(SessionId, Verb)> {
     let path = target.split(['?', '#']).next()?;
     let mut segments = path.rsplit('/');
     let verb = Verb::parse(segments.next()?)?;
-    let session = unhex(segments.next()?)?;
+    let session = unhex(segments.next()?)?.try_into().ok()?;
     (segments.next()? == PATH_MARKER).then_some((session, verb))
 }
 
@@ -158,20 +158,33 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<SessionId> {
-    if text.len() != 2 * SESSION_ID_LEN || !text.is_ascii() {
+/// The bytes `text` spells in hex, two digits each, either case; `None`
+/// for anything else. Checked digit by digit: `from_str_radix` alone would
+/// take `+f` for 0x0f, a second spelling of a session's path.
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let mut out = [0u8; SESSION_ID_LEN];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::SESSION_ID_LEN;
+
+    #[test]
+    fn hex_is_pairs_of_digits_only() {
+        assert_eq!(unhex(""), Some(vec![]));
+        assert_eq!(unhex("00ff7A"), Some(vec![0x00, 0xff, 0x7a]));
+        for bad in ["0", "abc", "g0", " 0", "+f", "-0", "é"] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+        let sid = [0x0f; SESSION_ID_LEN];
+        let p = path("/", &sid, Verb::Push);
+        assert_eq!(parse_path(&p), Some((sid, Verb::Push)));
+        assert_eq!(parse_path(&p.replace("0f0f", "+f0f")), None, "a second spelling");
+    }
 
     #[test]
     fn paths_round_trip_under_any_prefix() {

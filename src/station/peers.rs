@@ -107,7 +107,7 @@ pub(super) fn admit(
             "an X-Postern-Peer time more than 60 s off (replayed, or the stations' clocks differ)",
         );
     }
-    let tag = unhex(tag).ok_or("a malformed X-Postern-Peer field")?;
+    let tag = carrier::unhex(tag).ok_or("a malformed X-Postern-Peer field")?;
     let keys = shared.keys();
     let authentic = std::iter::once(&keys.current).chain(&keys.next).any(|key| {
         mac(&peer_key(key), secs, &head.method, &head.target).verify_slice(&tag).is_ok()
@@ -117,13 +117,6 @@ pub(super) fn admit(
     }
     let client = head.header(CLIENT_HEADER).and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
     Ok(client.unwrap_or(from))
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
 /// Idle connections kept per station: enough for the forwarded polls and
@@ -613,19 +606,6 @@ mod tests {
         };
         assert_eq!(raw(format!("{now} ").into_bytes()), Err(FORGED));
         assert_eq!(raw(b"\xff\xfe 00".to_vec()), Err(MALFORMED));
-    }
-
-    #[test]
-    fn unhex_takes_pairs_of_hex_digits_only() {
-        assert_eq!(unhex(""), Some(vec![]));
-        assert_eq!(unhex("00ff7A"), Some(vec![0x00, 0xff, 0x7a]));
-        assert_eq!(unhex("0"), None);
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("g0"), None);
-        assert_eq!(unhex(" 0"), None);
-        // Two bytes of one character: not split inside it.
-        assert_eq!(unhex("é"), None);
-        assert_eq!(unhex(&carrier::hex(&[1, 2, 254])), Some(vec![1, 2, 254]));
     }
 
     #[test]

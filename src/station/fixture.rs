@@ -11,7 +11,7 @@ use futures_lite::AsyncWriteExt;
 
 use super::expose::Exposes;
 use super::requests::{serve, Via};
-use super::resp::{Dial, Resp};
+use super::resp::{Dial, Resp, StoreError};
 use super::tls::ListenerTls;
 use super::{lock, Live, Shared};
 use crate::carrier::harness::{pipe, End};
@@ -90,8 +90,8 @@ pub(super) fn refusals(shared: &Shared) -> BTreeMap<&'static str, u64> {
 /// A test's store is reached only over the pipe it scripted: no other
 /// connection can be made.
 impl Dial for End {
-    async fn dial(_: &str) -> std::io::Result<End> {
-        Err(std::io::ErrorKind::ConnectionRefused.into())
+    async fn dial(_: &str) -> Result<End, StoreError> {
+        Err(StoreError::Io(std::io::ErrorKind::ConnectionRefused.into()))
     }
 }
 

@@ -11,6 +11,8 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use futures_lite::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use smol::net::TcpStream;
 
+use crate::connect::{connect, ConnectError};
+
 /// Longest reply line or bulk string taken from the store: the registry's
 /// values are station addresses and session ids, far shorter.
 const MAX_REPLY_BYTES: usize = 4096;
@@ -60,15 +62,16 @@ pub(super) enum StoreError {
 /// How a connection to the store is made: TCP, or in the tests a pipe
 /// they script the store's side of.
 pub(super) trait Dial: AsyncRead + AsyncWrite + Unpin + Sized {
-    /// Connects to `addr` ("host:port").
-    fn dial(addr: &str) -> impl std::future::Future<Output = std::io::Result<Self>> + Send;
+    /// Connects to `addr` ("host:port") within [`STORE_TIMEOUT`].
+    fn dial(addr: &str) -> impl std::future::Future<Output = Result<Self, StoreError>> + Send;
 }
 
 impl Dial for TcpStream {
-    async fn dial(addr: &str) -> std::io::Result<TcpStream> {
-        let socket = TcpStream::connect(addr).await?;
-        let _ = socket.set_nodelay(true);
-        Ok(socket)
+    async fn dial(addr: &str) -> Result<TcpStream, StoreError> {
+        connect(addr, STORE_TIMEOUT).await.map_err(|e| match e {
+            ConnectError::Failed(e) => StoreError::Io(e),
+            ConnectError::NoAnswer(_) => StoreError::Timeout,
+        })
     }
 }
 
@@ -80,7 +83,7 @@ pub(super) struct Resp<S = TcpStream> {
 impl<S: Dial> Resp<S> {
     /// Connects to `addr` ("host:port"), authenticating with `password` if given.
     pub(super) async fn connect(addr: &str, password: Option<&str>) -> Result<Self, StoreError> {
-        let socket = within(async { Ok(S::dial(addr).await?) }).await?;
+        let socket = S::dial(addr).await?;
         let mut resp = Resp::over(socket);
         if let Some(password) = password {
             resp.run(&[&["AUTH", password]]).await?;

@@ -536,9 +536,7 @@ async fn pipelined(
             .map_or(Poll::Pending, Poll::Ready)
     })
     .await;
-    // A lane whose request failed after packets got through worked: on a
-    // path that mangles a record now and then, no request may end whole,
-    // and a growing backoff would stall a flow that moves.
+    // A request that failed after packets got through worked too (Through).
     if answered.load(Ordering::Relaxed) || through.moved() {
         backoff.reset();
     }

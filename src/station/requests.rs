@@ -31,7 +31,7 @@ use crate::carrier::{self, Verb, ACK_BODY_MAX};
 use crate::core::session::{Lane, Limits};
 use crate::core::streams::Side;
 use crate::crypto::{RecordReader, SessionId, MAX_HANDSHAKE, MAX_RECORD};
-use crate::tunnel::{LaneEnd, Tunnel};
+use crate::tunnel::{BadBody, LaneEnd, Tunnel};
 
 /// Time a client has to send a complete request head once it connected or
 /// finished its previous request. Agents send at once; 10 s is generous.
@@ -297,6 +297,12 @@ fn refuse(status: u16, reason: &str) -> Outcome {
     Outcome::Refuse(status, Some(reason.to_owned()))
 }
 
+/// The refusal of a body whose records do not open, whichever request
+/// carried it.
+fn not_authentic(e: &BadBody) -> Outcome {
+    refuse(403, &format!("{e} (changed on the way, or replayed)"))
+}
+
 /// What the handlers of a known session's requests work with.
 struct Request<'a> {
     shared: &'a Arc<Shared>,
@@ -350,7 +356,7 @@ impl Request<'_> {
                 Ok(())
             }
             Ok(()) => Err(refuse(403, "no authentic packet in the body")),
-            Err(e) => Err(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
+            Err(e) => Err(not_authentic(&e)),
         })
     }
 
@@ -542,7 +548,7 @@ async fn rekey(
         // the status stays what the lanes use.
         Ok(n) if n > 0 && reader.is_clean() => req.slot.promote(),
         Ok(_) => return Ok(refuse(403, "no authentic packet in the rekey body")),
-        Err(e) => return Ok(refuse(403, &format!("{e} (changed on the way, or replayed)"))),
+        Err(e) => return Ok(not_authentic(&e)),
     }
     if let Some(busy) = rationed(shared) {
         return Ok(busy);
@@ -642,10 +648,7 @@ async fn up(mut req: Request<'_>, conn: &mut HttpConn<Link>) -> Result<Outcome, 
             wait = idle;
             let authentic = match live.tunnel.receive(bytes, &mut reader, &mut scratch) {
                 Ok(n) => n,
-                // As the other carrier requests refuse theirs.
-                Err(e) => {
-                    return Ok(refuse(403, &format!("{e} (changed on the way, or replayed)")))
-                }
+                Err(e) => return Ok(not_authentic(&e)),
             };
             if authentic > 0 {
                 req.proven(Shape::Stream);
